@@ -1,0 +1,3 @@
+from ptlab.train import main
+
+main()

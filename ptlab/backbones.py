@@ -1,0 +1,266 @@
+"""Frozen backbones behind one small interface, one class per family.
+
+Each family decides where the prompt goes and how a batch becomes a loss or verbalizer scores:
+- seq2seq (T5): prompt before the encoder input; the decoder scores the target tokens.
+- causal (LLaMA): [prompt][source, left-padded][target]; logits only at the target positions.
+- encoder (BERT): [CLS][prompt][rest]; a trainable linear head over pooled states.
+The trainer only calls `loss`, `score` and `generate`; the prompt method supplies the prompt.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptlab.config import BackboneConfig, ConfigError
+from ptlab.data import Example
+from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.model_loading import load_model_and_tokenizer
+
+Batch = Dict[str, torch.Tensor]
+
+
+def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
+    width = max(len(seq) for seq in sequences)
+    rows = [[value] * (width - len(seq)) + seq if left else seq + [value] * (width - len(seq)) for seq in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+class Backbone(nn.Module):
+    """A frozen pretrained model plus the family's rules for placing a prompt."""
+
+    family: str
+    pad_source_left = False
+
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int):
+        super().__init__()
+        self.cfg = cfg
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_source_length = max_source_length
+        self.model.requires_grad_(False)
+        if hasattr(self.model.config, "use_cache"):
+            self.model.config.use_cache = False
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.verbalizers = list(verbalizers)
+        self.choice_ids = [self.tokenize_target(text) for text in self.verbalizers]
+
+    # --- what the rest of ptlab needs to know ------------------------------------------------
+    @property
+    def hidden_size(self) -> int:
+        return self.model.get_input_embeddings().weight.shape[1]
+
+    def prompt_context(self, seed: int) -> PromptContext:
+        return PromptContext(
+            input_embeddings=self.model.get_input_embeddings().weight,
+            tokenizer=self.tokenizer,
+            label_texts=self.verbalizers,
+            special_token_ids=list(self.tokenizer.all_special_ids),
+            seed=seed,
+        )
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
+        super().train(mode)
+        self.model.train(mode and self.cfg.dropout)
+        return self
+
+    # --- tokenization and batching ---------------------------------------------------------
+    def tokenize_sources(self, texts: List[str]) -> List[List[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=self.max_source_length)["input_ids"]
+
+    def tokenize_target(self, text: str) -> List[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def collate(self, examples: List[Example]) -> Batch:
+        source = [example.source_ids for example in examples]
+        source_ids = pad(source, self.pad_id, left=self.pad_source_left)
+        mask = pad([[1] * len(ids) for ids in source], 0, left=self.pad_source_left)
+        labels = torch.tensor([example.label for example in examples], dtype=torch.long)
+        targets = pad([self.choice_ids[example.label] for example in examples], -100)
+        return {"source_ids": source_ids, "source_mask": mask, "labels": labels, "target_ids": targets}
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def prompt_and_source(self, method: PromptMethod, batch: Batch):
+        source_embeds = self.embed(batch["source_ids"])
+        prompt = method(source_embeds, batch["source_mask"]).to(source_embeds.dtype)
+        return prompt, source_embeds
+
+    # --- the family-specific part ----------------------------------------------------------
+    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        """`[B, C]` scores of each verbalizer (sum of target-token log-probabilities)."""
+        raise NotImplementedError
+
+    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
+        raise ConfigError(f"trainer.eval_mode=generate is not available for the {self.family} family")
+
+    def choice_targets(self, batch_size: int, device) -> torch.Tensor:
+        """`[B*C, L]` verbalizer token ids, example-major, padded with -100."""
+        return pad(self.choice_ids, -100).to(device).repeat(batch_size, 1)
+
+
+def target_logprob_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over each row of log p(target token), ignoring -100 positions."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    valid = targets != -100
+    picked = logprobs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * valid).sum(-1)
+
+
+class Seq2SeqBackbone(Backbone):
+    family = "seq2seq"
+
+    def encoder_inputs(self, method: PromptMethod, batch: Batch):
+        prompt, source_embeds = self.prompt_and_source(method, batch)
+        ones = batch["source_mask"].new_ones(prompt.shape[:2])
+        return torch.cat([prompt, source_embeds], 1), torch.cat([ones, batch["source_mask"]], 1)
+
+    def target_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        inputs_embeds, mask = self.encoder_inputs(method, batch)
+        return self.decode_logits(inputs_embeds, mask, batch["target_ids"])
+
+    def decode_logits(self, inputs_embeds, mask, targets, encoded=None) -> torch.Tensor:
+        """Decoder logits for `targets` (teacher forcing); the loss is computed by the caller."""
+        decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=targets)
+        encoder_outputs = None if encoded is None else (encoded,)
+        return self.model(
+            inputs_embeds=None if encoded is not None else inputs_embeds,
+            encoder_outputs=encoder_outputs,
+            attention_mask=mask,
+            decoder_input_ids=decoder_input_ids,
+        ).logits
+
+    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        logits = self.target_logits(method, batch)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
+
+    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        """Encode once, then decode every verbalizer against the shared encoder states."""
+        inputs_embeds, mask = self.encoder_inputs(method, batch)
+        encoded = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        num_choices = len(self.choice_ids)
+        targets = self.choice_targets(len(encoded), encoded.device)
+        logits = self.decode_logits(
+            None, mask.repeat_interleave(num_choices, 0), targets, encoded=encoded.repeat_interleave(num_choices, 0)
+        )
+        return target_logprob_sums(logits, targets).view(len(encoded), num_choices)
+
+    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
+        inputs_embeds, mask = self.encoder_inputs(method, batch)
+        output = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens)
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+class CausalBackbone(Backbone):
+    family = "causal"
+    pad_source_left = True  # so every source ends at the same position and targets follow it
+
+    def tokenize_target(self, text: str) -> List[int]:
+        ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+
+    def target_logits_from(self, prompt: torch.Tensor, source_embeds: torch.Tensor, source_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Logits at the positions that predict `targets` only: the full-vocabulary projection is
+        computed for L target tokens instead of the whole sequence."""
+        target_mask = (targets != -100).long()
+        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
+        inputs_embeds = torch.cat([prompt, source_embeds, target_embeds], 1)
+        mask = torch.cat([source_mask.new_ones(prompt.shape[:2]), source_mask, target_mask], 1)
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        hidden = self.model.base_model(
+            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids
+        ).last_hidden_state
+        start = prompt.shape[1] + source_embeds.shape[1] - 1
+        return self.model.get_output_embeddings()(hidden[:, start : start + targets.shape[1]])
+
+    def target_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        prompt, source_embeds = self.prompt_and_source(method, batch)
+        return self.target_logits_from(prompt, source_embeds, batch["source_mask"], batch["target_ids"])
+
+    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        logits = self.target_logits(method, batch)
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
+
+    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        prompt, source_embeds = self.prompt_and_source(method, batch)
+        num_choices = len(self.choice_ids)
+        targets = self.choice_targets(len(prompt), prompt.device)
+        logits = self.target_logits_from(
+            prompt.repeat_interleave(num_choices, 0),
+            source_embeds.repeat_interleave(num_choices, 0),
+            batch["source_mask"].repeat_interleave(num_choices, 0),
+            targets,
+        )
+        return target_logprob_sums(logits, targets).view(len(prompt), num_choices)
+
+    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
+        prompt, source_embeds = self.prompt_and_source(method, batch)
+        mask = torch.cat([batch["source_mask"].new_ones(prompt.shape[:2]), batch["source_mask"]], 1)
+        output = self.model.generate(
+            inputs_embeds=torch.cat([prompt, source_embeds], 1),
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.pad_id,
+        )
+        return self.tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+class EncoderBackbone(Backbone):
+    """Encoders have no LM head here, so classes are read off a trainable linear head."""
+
+    family = "encoder"
+
+    def __init__(self, cfg, model, tokenizer, verbalizers, max_source_length, head_seed: int = 0):
+        super().__init__(cfg, model, tokenizer, verbalizers, max_source_length)
+        with torch.random.fork_rng():
+            torch.manual_seed(head_seed)
+            self.head = nn.Linear(self.hidden_size, len(self.verbalizers))
+
+    def tokenize_target(self, text: str) -> List[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def class_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        prompt, source_embeds = self.prompt_and_source(method, batch)
+        source_mask = batch["source_mask"]
+        keep_first = int(self.tokenizer.cls_token_id is not None and bool((batch["source_ids"][:, 0] == self.tokenizer.cls_token_id).all()))
+        ones = source_mask.new_ones(prompt.shape[:2])
+        inputs_embeds = torch.cat([source_embeds[:, :keep_first], prompt, source_embeds[:, keep_first:]], 1)
+        mask = torch.cat([source_mask[:, :keep_first], ones, source_mask[:, keep_first:]], 1)
+        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        if self.cfg.head_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return self.head(pooled.to(self.head.weight.dtype))
+
+    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.class_logits(method, batch).float(), batch["labels"])
+
+    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        return torch.log_softmax(self.class_logits(method, batch).float(), dim=-1)
+
+
+FAMILIES = {cls.family: cls for cls in (Seq2SeqBackbone, CausalBackbone, EncoderBackbone)}
+
+
+def build_backbone(cfg: BackboneConfig, verbalizers: List[str], max_source_length: int, seed: int) -> Backbone:
+    """Load, freeze and wrap the configured backbone."""
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ConfigError(f"backbone {cfg.name!r}: its tokenizer has neither a pad nor an eos token")
+    family_cls = FAMILIES[cfg.family]
+    extra = {"head_seed": seed} if family_cls is EncoderBackbone else {}
+    return family_cls(cfg, model, tokenizer, verbalizers, max_source_length, **extra)
+
+
+def trainable_parameters(*modules: Optional[nn.Module]) -> List[nn.Parameter]:
+    return [p for module in modules if module is not None for p in module.parameters() if p.requires_grad]

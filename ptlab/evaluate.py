@@ -1,0 +1,54 @@
+"""Evaluation: rank classification (default) or generation + exact match, then task metrics."""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from ptlab.backbones import Backbone
+from ptlab.config import TaskConfig
+from ptlab.data import Example, chunks
+from ptlab.methods.base import PromptMethod
+from ptlab.metrics import compute_metrics
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def predict(backbone: Backbone, method: PromptMethod, batch, mode: str, max_new_tokens: int) -> List[int]:
+    """Class indices: the best-scoring verbalizer, or the generated text's exact match (-1: none)."""
+    if mode == "rank":
+        return backbone.score(method, batch).argmax(-1).tolist()
+    lookup = {text.strip(): index for index, text in enumerate(backbone.verbalizers)}
+    return [lookup.get(text.strip(), -1) for text in backbone.generate(method, batch, max_new_tokens)]
+
+
+@torch.no_grad()
+def evaluate(
+    backbone: Backbone,
+    method: PromptMethod,
+    examples: List[Example],
+    task: TaskConfig,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    mode: str = "rank",
+    max_new_tokens: int = 8,
+) -> Dict[str, float]:
+    """The task's metrics on `examples`; leaves the modules in eval mode (the caller restores)."""
+    backbone.eval()
+    method.eval()
+    preds: List[int] = []
+    for group in chunks(examples, batch_size):
+        with autocast():
+            preds += predict(backbone, method, to_device(backbone.collate(group), device), mode, max_new_tokens)
+    return compute_metrics(
+        list(task.metrics),
+        preds,
+        [example.label for example in examples],
+        list(task.verbalizers),
+        groups=[example.group for example in examples],
+        target_values=[example.target_value for example in examples],
+    )

@@ -1,0 +1,67 @@
+"""The interface every prompt method implements, and the backbone facts it is built from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class PromptContext:
+    """What a method may know about the frozen backbone and the task when it is built."""
+
+    input_embeddings: torch.Tensor  # [V, d], the frozen token embedding matrix
+    tokenizer: object
+    label_texts: List[str]  # the task's verbalizers, for label initialisation
+    special_token_ids: List[int]
+    seed: int = 0
+
+    @property
+    def hidden_size(self) -> int:
+        return self.input_embeddings.shape[1]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.input_embeddings.shape[0]
+
+
+class PromptMethod(nn.Module):
+    """Maps a batch's frozen input embeddings to the `[B, n, d]` block of prompt embeddings.
+
+    Subclasses hold only trainable parameters (and frozen buffers); `state_dict` of the module
+    is what a checkpoint saves. The backbone prepends the returned block to its input.
+    """
+
+    num_tokens: int
+
+    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        """An auxiliary loss added to the task loss (e.g. a router's balancing loss)."""
+        return None
+
+    def eval_stats(self) -> Dict[str, float]:
+        """Statistics gathered since the last call, logged with each evaluation."""
+        return {}
+
+
+
+def sample_token_ids(context: PromptContext, count: int, top: Optional[int], seed: int) -> torch.Tensor:
+    """`count` distinct non-special token ids, drawn from the first `top` ids (or all) with `seed`.
+
+    SentencePiece vocabularies (T5) order ids by frequency, so `top=5000` draws from the 5,000
+    most frequent tokens as Lester et al. (2021) do.
+    """
+    limit = context.vocab_size if top is None else min(top, context.vocab_size)
+    candidates = torch.ones(limit, dtype=torch.bool)
+    special = [i for i in context.special_token_ids if i < limit]
+    candidates[special] = False
+    pool = candidates.nonzero().squeeze(1)
+    generator = torch.Generator().manual_seed(seed)
+    if count <= len(pool):
+        return pool[torch.randperm(len(pool), generator=generator)[:count]]
+    return pool[torch.randint(len(pool), (count,), generator=generator)]

@@ -1,0 +1,106 @@
+"""Task metrics computed from predicted and gold class indices (GLUE / SuperGLUE definitions)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+
+def accuracy(preds: np.ndarray, labels: np.ndarray, **_) -> float:
+    return float((preds == labels).mean())
+
+
+def _f1(preds: np.ndarray, labels: np.ndarray, positive: int) -> float:
+    tp = float(((preds == positive) & (labels == positive)).sum())
+    fp = float(((preds == positive) & (labels != positive)).sum())
+    fn = float(((preds != positive) & (labels == positive)).sum())
+    return 0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def f1(preds: np.ndarray, labels: np.ndarray, **_) -> float:
+    """Binary F1 of class 1 (MRPC, QQP)."""
+    return _f1(preds, labels, positive=1)
+
+
+def macro_f1(preds: np.ndarray, labels: np.ndarray, num_classes: int, **_) -> float:
+    """Unweighted mean of per-class F1 (CB)."""
+    return float(np.mean([_f1(preds, labels, c) for c in range(num_classes)]))
+
+
+def mcc(preds: np.ndarray, labels: np.ndarray, **_) -> float:
+    """Matthews correlation for binary labels (CoLA); 0 when a margin is empty."""
+    tp = float(((preds == 1) & (labels == 1)).sum())
+    tn = float(((preds == 0) & (labels == 0)).sum())
+    fp = float(((preds == 1) & (labels == 0)).sum())
+    fn = float(((preds == 0) & (labels == 1)).sum())
+    denom = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+    return 0.0 if denom == 0 else float((tp * tn - fp * fn) / denom)
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float:
+    if x.std() == 0 or y.std() == 0:
+        return 0.0
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share the mean of their positions), as Spearman's rho needs."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values), dtype=float)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def pearson(pred_values: np.ndarray, target_values: np.ndarray, **_) -> float:
+    return _pearson(pred_values, target_values)
+
+
+def spearman(pred_values: np.ndarray, target_values: np.ndarray, **_) -> float:
+    return _pearson(_ranks(pred_values), _ranks(target_values))
+
+
+def multirc_f1a(preds: np.ndarray, labels: np.ndarray, **_) -> float:
+    """F1 over all answer options (MultiRC's F1a)."""
+    return _f1(preds, labels, positive=1)
+
+
+def multirc_em(preds: np.ndarray, labels: np.ndarray, groups: Sequence[str], **_) -> float:
+    """Fraction of questions whose answer options are all labelled correctly."""
+    correct: Dict[str, bool] = defaultdict(lambda: True)
+    for pred, label, group in zip(preds, labels, groups):
+        correct[group] &= bool(pred == label)
+    return float(np.mean(list(correct.values())))
+
+
+METRICS: Dict[str, Callable[..., float]] = {
+    "acc": accuracy,
+    "f1": f1,
+    "macro_f1": macro_f1,
+    "mcc": mcc,
+    "pearson": pearson,
+    "spearman": spearman,
+    "f1a": multirc_f1a,
+    "em": multirc_em,
+}
+
+
+def compute_metrics(
+    names: List[str],
+    preds: Sequence[int],
+    labels: Sequence[int],
+    verbalizers: List[str],
+    groups: Optional[Sequence[str]] = None,
+    target_values: Optional[Sequence[float]] = None,
+) -> Dict[str, float]:
+    """All requested metrics; regression metrics read the predicted verbalizer as a number."""
+    preds_arr, labels_arr = np.asarray(preds), np.asarray(labels)
+    extra = {"num_classes": len(verbalizers), "groups": groups}
+    if target_values is not None and target_values[0] is not None:
+        numeric = np.array([float(v) for v in verbalizers])
+        extra["pred_values"] = numeric[np.clip(preds_arr, 0, len(numeric) - 1)]
+        extra["target_values"] = np.asarray(target_values, dtype=float)
+    return {name: METRICS[name](preds=preds_arr, labels=labels_arr, **extra) for name in names}

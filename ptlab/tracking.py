@@ -1,0 +1,108 @@
+"""Where metrics go: `metrics.jsonl` and `summary.json` in the run folder always, W&B optionally.
+
+W&B is a guest: any failure of it is logged as a warning and training goes on.
+Without an API key W&B runs offline (a folder that `wandb sync` uploads later).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ptlab.config import LoggerConfig
+
+log = logging.getLogger(__name__)
+
+
+def has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(cfg: LoggerConfig) -> str:
+    return cfg.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
+
+
+def run_name(overrides: List[str], limit: int = 128) -> Optional[str]:
+    """A W&B run name from the run's command-line overrides, seeds left out (they are grouped)."""
+    kept = [item for item in overrides if not item.lstrip("+~").startswith(("seed=", "hydra.", "logger."))]
+    return ",".join(kept)[:limit] or None
+
+
+class Tracker:
+    """Appends events to metrics.jsonl and mirrors them to W&B when `logger=wandb`."""
+
+    def __init__(self, run_dir: Path, cfg: LoggerConfig, wandb_init: Optional[Dict[str, Any]] = None):
+        self.run_dir = run_dir
+        self.metrics_file = run_dir / "metrics.jsonl"
+        self.wandb_run = None
+        if cfg.name == "wandb" and wandb_init is not None:
+            self._start_wandb(cfg, wandb_init)
+
+    def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
+        try:
+            import wandb
+
+            os.environ.setdefault("WANDB_START_METHOD", "thread")  # W&B hangs under Hydra otherwise
+            self.wandb_run = wandb.init(
+                project=cfg.project,
+                entity=cfg.entity,
+                mode=wandb_mode(cfg),
+                dir=str(self.run_dir),
+                reinit="finish_previous",  # multirun: never reuse the previous job's run
+                tags=[tag[:64] for tag in init.pop("tags", [])],
+                **init,
+            )
+            self.wandb_run.define_metric("step")
+            for prefix in ("train", "validation", "test", "best", "router"):
+                self.wandb_run.define_metric(f"{prefix}/*", step_metric="step")
+        except Exception as error:  # never let W&B kill training
+            log.warning("W&B disabled for this run: %s", error)
+            self.wandb_run = None
+
+    def _wandb(self, call: str, *args, **kwargs) -> None:
+        if self.wandb_run is None:
+            return
+        try:
+            getattr(self.wandb_run, call)(*args, **kwargs)
+        except Exception as error:
+            log.warning("W&B %s failed (%s); continuing without it", call, error)
+            self.wandb_run = None
+
+    def log(self, step: int, split: str, values: Dict[str, Any]) -> None:
+        record = {"step": step, "split": split, **values}
+        with open(self.metrics_file, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self._wandb("log", {"step": step, **{f"{split}/{k}": v for k, v in values.items()}})
+
+    def truncate_after(self, step: int) -> None:
+        """Drop events logged after `step`: a resumed run replays them from its checkpoint."""
+        if not self.metrics_file.exists():
+            return
+        lines = self.metrics_file.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+
+    def summary(self, values: Dict[str, Any]) -> None:
+        tmp = self.run_dir / "summary.json.tmp"
+        tmp.write_text(json.dumps(values, indent=2, default=str))
+        tmp.replace(self.run_dir / "summary.json")
+        if self.wandb_run is not None:
+            flat = {f"{k}/{kk}": vv for k, v in values.items() if isinstance(v, dict) for kk, vv in v.items()}
+            flat.update({k: v for k, v in values.items() if not isinstance(v, dict)})
+            try:
+                self.wandb_run.summary.update(flat)
+            except Exception as error:
+                log.warning("W&B summary failed: %s", error)
+
+    def finish(self) -> None:
+        self._wandb("finish")
+        self.wandb_run = None

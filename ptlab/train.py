@@ -1,0 +1,139 @@
+"""The entrypoint: compose config -> build backbone, method, data, tracker -> train -> summarise.
+
+`ptlab-train` and `python -m ptlab.train` are the same command. `run(cfg)` is a plain function
+returning the best validation score, so tests and Optuna sweeps can call it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from ptlab.backbones import build_backbone
+from ptlab.config import Config, ConfigError, register_configs, to_object
+from ptlab.data import load_raw_splits, majority_fraction, split_rows, tokenize_splits
+from ptlab.methods import build_method
+from ptlab.tracking import Tracker, run_name
+from ptlab.trainer import Trainer, seed_everything
+
+log = logging.getLogger("ptlab")
+
+register_configs()
+# the config tree lives at the repository root (an editable install: `pip install -e .`)
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def hydra_facts() -> Dict[str, Any]:
+    """Run folder, sweep name and overrides from Hydra, when Hydra launched us."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    return {
+        "run_dir": Path(hydra_cfg.runtime.output_dir),
+        "group": Path(hydra_cfg.sweep.dir).name if multirun else None,
+        "overrides": list(hydra_cfg.overrides.task),
+    }
+
+
+def setup_hardware(config: Config) -> None:
+    if config.hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("hardware=gpu but no CUDA device is visible: use hardware=cpu")
+    if config.hardware.num_threads:
+        torch.set_num_threads(config.hardware.num_threads)
+    if config.hardware.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
+    """Train one configuration; returns the best validation value of the task's main metric."""
+    config = to_object(cfg)
+    facts = hydra_facts()
+    run_dir = Path(run_dir or facts.get("run_dir") or "outputs/runs/unnamed")
+    if isinstance(config.trainer.resume, str):
+        run_dir = Path(config.trainer.resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_hardware(config)
+    seed_everything(config.seed)
+    started = time.perf_counter()
+
+    raw = load_raw_splits(config.task, config.data)  # data errors surface before the model loads
+    rows = split_rows(raw, config.task, config.data, config.seed)
+    backbone = build_backbone(config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed)
+    method = build_method(config.method, backbone.prompt_context(config.seed))
+    data = tokenize_splits(rows, config.task, backbone.tokenize_sources)
+    load_seconds = time.perf_counter() - started
+
+    prompt_config = {
+        "method": OmegaConf.to_container(cfg.method, resolve=True),
+        "backbone": config.backbone.name,
+        "task": config.task.name,
+        "family": config.backbone.family,
+        "hidden_size": backbone.hidden_size,
+        "num_prompt_tokens": method.num_tokens,
+        "verbalizers": list(config.task.verbalizers),
+    }
+    tracker = Tracker(
+        run_dir,
+        config.logger,
+        wandb_init={
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "group": config.logger.group or facts.get("group"),
+            "job_type": config.method.name,
+            "name": run_name(facts.get("overrides", [])),
+            "tags": [config.method.name, config.backbone.name, config.task.name, *config.logger.tags],
+        },
+    )
+    try:
+        trainer = Trainer(
+            backbone, method, data, config.task, config.trainer, config.hardware, tracker, run_dir, config.seed, prompt_config
+        )
+        if config.trainer.resume:
+            trainer.resume(run_dir)
+        log.info(
+            "%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
+            config.method.name, config.backbone.name, config.task.name, trainer.num_trainable, trainer.total_steps, run_dir,
+        )
+        summary = trainer.fit()
+        summary.update(
+            method=config.method.name,
+            backbone=config.backbone.name,
+            task=config.task.name,
+            seed=config.seed,
+            majority_class=majority_fraction(data["validation"]),
+            load_seconds=load_seconds,
+            wall_seconds=time.perf_counter() - started,
+        )
+        tracker.summary(summary)
+    finally:
+        tracker.finish()
+    best = summary["best"][config.task.main_metric]
+    log.info("best validation %s = %.4f (step %s); summary: %s", config.task.main_metric, best, summary["best"]["step"], run_dir / "summary.json")
+    return best
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)
+    except ConfigError as error:
+        print(f"ptlab: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
