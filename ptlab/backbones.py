@@ -25,7 +25,10 @@ Batch = Dict[str, torch.Tensor]
 
 def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
     width = max(len(seq) for seq in sequences)
-    rows = [[value] * (width - len(seq)) + seq if left else seq + [value] * (width - len(seq)) for seq in sequences]
+    rows = [
+        [value] * (width - len(seq)) + seq if left else seq + [value] * (width - len(seq))
+        for seq in sequences
+    ]
     return torch.tensor(rows, dtype=torch.long)
 
 
@@ -35,7 +38,9 @@ class Backbone(nn.Module):
     family: str
     pad_source_left = False
 
-    def __init__(self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int):
+    def __init__(
+        self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int
+    ):
         super().__init__()
         self.cfg = cfg
         self.model = model
@@ -62,7 +67,7 @@ class Backbone(nn.Module):
             seed=seed,
         )
 
-    def train(self, mode: bool = True) -> "Backbone":
+    def train(self, mode: bool = True) -> Backbone:
         """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
         super().train(mode)
         self.model.train(mode and self.cfg.dropout)
@@ -149,13 +154,18 @@ class Seq2SeqBackbone(Backbone):
         num_choices = len(self.choice_ids)
         targets = self.choice_targets(len(encoded), encoded.device)
         logits = self.decode_logits(
-            None, mask.repeat_interleave(num_choices, 0), targets, encoded=encoded.repeat_interleave(num_choices, 0)
+            None,
+            mask.repeat_interleave(num_choices, 0),
+            targets,
+            encoded=encoded.repeat_interleave(num_choices, 0),
         )
         return target_logprob_sums(logits, targets).view(len(encoded), num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
         inputs_embeds, mask = self.encoder_inputs(method, batch)
-        output = self.model.generate(inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens)
+        output = self.model.generate(
+            inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
+        )
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
@@ -167,7 +177,13 @@ class CausalBackbone(Backbone):
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
 
-    def target_logits_from(self, prompt: torch.Tensor, source_embeds: torch.Tensor, source_mask: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def target_logits_from(
+        self,
+        prompt: torch.Tensor,
+        source_embeds: torch.Tensor,
+        source_mask: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
         """Logits at the positions that predict `targets` only: the full-vocabulary projection is
         computed for L target tokens instead of the whole sequence."""
         target_mask = (targets != -100).long()
@@ -230,7 +246,10 @@ class EncoderBackbone(Backbone):
     def class_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         prompt, source_embeds = self.prompt_and_source(method, batch)
         source_mask = batch["source_mask"]
-        keep_first = int(self.tokenizer.cls_token_id is not None and bool((batch["source_ids"][:, 0] == self.tokenizer.cls_token_id).all()))
+        keep_first = int(
+            self.tokenizer.cls_token_id is not None
+            and bool((batch["source_ids"][:, 0] == self.tokenizer.cls_token_id).all())
+        )
         ones = source_mask.new_ones(prompt.shape[:2])
         inputs_embeds = torch.cat([source_embeds[:, :keep_first], prompt, source_embeds[:, keep_first:]], 1)
         mask = torch.cat([source_mask[:, :keep_first], ones, source_mask[:, keep_first:]], 1)
@@ -252,7 +271,9 @@ class EncoderBackbone(Backbone):
 FAMILIES = {cls.family: cls for cls in (Seq2SeqBackbone, CausalBackbone, EncoderBackbone)}
 
 
-def build_backbone(cfg: BackboneConfig, verbalizers: List[str], max_source_length: int, seed: int) -> Backbone:
+def build_backbone(
+    cfg: BackboneConfig, verbalizers: List[str], max_source_length: int, seed: int
+) -> Backbone:
     """Load, freeze and wrap the configured backbone."""
     model, tokenizer = load_model_and_tokenizer(cfg)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:

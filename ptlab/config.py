@@ -105,9 +105,13 @@ class TaskConfig:
         for name in self.metrics:
             check_choice("task.metrics[]", name, tuple(METRICS))
         if self.main_metric not in self.metrics:
-            raise ConfigError(f"task.main_metric={self.main_metric!r} must be one of task.metrics {self.metrics}")
+            raise ConfigError(
+                f"task.main_metric={self.main_metric!r} must be one of task.metrics {self.metrics}"
+            )
         if len(self.verbalizers) < 2:
-            raise ConfigError(f"task {self.name!r} needs at least 2 verbalizers, got {list(self.verbalizers)}")
+            raise ConfigError(
+                f"task {self.name!r} needs at least 2 verbalizers, got {list(self.verbalizers)}"
+            )
 
 
 @dataclass

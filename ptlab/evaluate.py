@@ -40,10 +40,14 @@ def evaluate(
     """The task's metrics on `examples`; leaves the modules in eval mode (the caller restores)."""
     backbone.eval()
     method.eval()
-    preds: List[int] = []
-    for group in chunks(examples, batch_size):
+    # batches of similar length waste little on padding; predictions go back in input order
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
+    preds = [0] * len(examples)
+    for indices in chunks(order, batch_size):
+        batch = to_device(backbone.collate([examples[i] for i in indices]), device)
         with autocast():
-            preds += predict(backbone, method, to_device(backbone.collate(group), device), mode, max_new_tokens)
+            for i, pred in zip(indices, predict(backbone, method, batch, mode, max_new_tokens)):
+                preds[i] = pred
     return compute_metrics(
         list(task.metrics),
         preds,

@@ -65,7 +65,9 @@ def label_index(task: TaskConfig, raw: Any) -> int:
             f"task {task.name!r}: label {raw!r} is not in task.label_map {dict(task.label_map)}"
         ) from None
     if not 0 <= index < len(task.verbalizers):
-        raise ConfigError(f"task {task.name!r}: label {raw!r} out of range for {len(task.verbalizers)} verbalizers")
+        raise ConfigError(
+            f"task {task.name!r}: label {raw!r} out of range for {len(task.verbalizers)} verbalizers"
+        )
     return index
 
 

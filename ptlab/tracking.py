@@ -33,7 +33,11 @@ def wandb_mode(cfg: LoggerConfig) -> str:
 
 def run_name(overrides: List[str], limit: int = 128) -> Optional[str]:
     """A W&B run name from the run's command-line overrides, seeds left out (they are grouped)."""
-    kept = [item for item in overrides if not item.lstrip("+~").startswith(("seed=", "hydra.", "logger."))]
+    kept = [
+        item
+        for item in overrides
+        if not item.lstrip("+~").startswith(("seed=", "hydra.", "logger.", "logger="))
+    ]
     return ",".join(kept)[:limit] or None
 
 
@@ -76,6 +80,18 @@ class Tracker:
         except Exception as error:
             log.warning("W&B %s failed (%s); continuing without it", call, error)
             self.wandb_run = None
+
+    def wandb_info(self) -> Optional[Dict[str, Any]]:
+        """Where this run lives in W&B (None without W&B): id, group, mode and its local folder."""
+        if self.wandb_run is None:
+            return None
+        return {
+            "id": self.wandb_run.id,
+            "group": self.wandb_run.group,
+            "name": self.wandb_run.name,
+            "mode": self.wandb_run.settings.mode,
+            "dir": self.wandb_run.dir,
+        }
 
     def log(self, step: int, split: str, values: Dict[str, Any]) -> None:
         record = {"step": step, "split": split, **values}

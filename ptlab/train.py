@@ -39,9 +39,11 @@ def hydra_facts() -> Dict[str, Any]:
         return {}
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
     return {
-        "run_dir": Path(hydra_cfg.runtime.output_dir),
-        "group": Path(hydra_cfg.sweep.dir).name if multirun else None,
+        "run_dir": Path(output_dir) if output_dir else None,
+        # the sweep folder names the W&B group, so all jobs of one multirun share it
+        "group": "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
         "overrides": list(hydra_cfg.overrides.task),
     }
 
@@ -72,7 +74,9 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
 
     raw = load_raw_splits(config.task, config.data)  # data errors surface before the model loads
     rows = split_rows(raw, config.task, config.data, config.seed)
-    backbone = build_backbone(config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed)
+    backbone = build_backbone(
+        config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
+    )
     method = build_method(config.method, backbone.prompt_context(config.seed))
     data = tokenize_splits(rows, config.task, backbone.tokenize_sources)
     load_seconds = time.perf_counter() - started
@@ -99,13 +103,27 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
     )
     try:
         trainer = Trainer(
-            backbone, method, data, config.task, config.trainer, config.hardware, tracker, run_dir, config.seed, prompt_config
+            backbone,
+            method,
+            data,
+            config.task,
+            config.trainer,
+            config.hardware,
+            tracker,
+            run_dir,
+            config.seed,
+            prompt_config,
         )
         if config.trainer.resume:
             trainer.resume(run_dir)
         log.info(
             "%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
-            config.method.name, config.backbone.name, config.task.name, trainer.num_trainable, trainer.total_steps, run_dir,
+            config.method.name,
+            config.backbone.name,
+            config.task.name,
+            trainer.num_trainable,
+            trainer.total_steps,
+            run_dir,
         )
         summary = trainer.fit()
         summary.update(
@@ -116,12 +134,19 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
             majority_class=majority_fraction(data["validation"]),
             load_seconds=load_seconds,
             wall_seconds=time.perf_counter() - started,
+            wandb=tracker.wandb_info(),
         )
         tracker.summary(summary)
     finally:
         tracker.finish()
     best = summary["best"][config.task.main_metric]
-    log.info("best validation %s = %.4f (step %s); summary: %s", config.task.main_metric, best, summary["best"]["step"], run_dir / "summary.json")
+    log.info(
+        "best validation %s = %.4f (step %s); summary: %s",
+        config.task.main_metric,
+        best,
+        summary["best"]["step"],
+        run_dir / "summary.json",
+    )
     return best
 
 

@@ -80,11 +80,18 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_optimizer(params: List[torch.nn.Parameter], cfg: TrainerConfig, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    params: List[torch.nn.Parameter], cfg: TrainerConfig, device: torch.device
+) -> torch.optim.Optimizer:
     if cfg.optimizer == "adafactor":
         # the prompt-tuning recipe: fixed lr, no relative step, no parameter scaling (Lester et al.)
         return Adafactor(
-            params, lr=cfg.lr, weight_decay=cfg.weight_decay, scale_parameter=False, relative_step=False, warmup_init=False
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
         )
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
@@ -116,7 +123,11 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, cfg, self.device)
         self.total_steps = self._total_steps()
         warmup = int(cfg.warmup_ratio * self.total_steps)
-        make_schedule = get_linear_schedule_with_warmup if cfg.lr_schedule == "linear" else get_constant_schedule_with_warmup
+        make_schedule = (
+            get_linear_schedule_with_warmup
+            if cfg.lr_schedule == "linear"
+            else get_constant_schedule_with_warmup
+        )
         extra = {"num_training_steps": self.total_steps} if cfg.lr_schedule == "linear" else {}
         self.scheduler = make_schedule(self.optimizer, num_warmup_steps=warmup, **extra)
         self.eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
@@ -180,7 +191,9 @@ class Trainer:
 
     def save_best(self) -> None:
         tensors = self.trainable_state()
-        checkpoint.write_atomic_dir(self.best_dir, lambda folder: checkpoint.save_prompt(folder, tensors, self.prompt_config))
+        checkpoint.write_atomic_dir(
+            self.best_dir, lambda folder: checkpoint.save_prompt(folder, tensors, self.prompt_config)
+        )
 
     def resume(self, source_dir: Path) -> bool:
         """Load `source_dir/checkpoints/last` if there is one; True when the run continues from it."""
@@ -207,8 +220,15 @@ class Trainer:
     # --- evaluation -------------------------------------------------------------------------
     def run_eval(self, split: str) -> Dict[str, float]:
         metrics = evaluate(
-            self.backbone, self.method, self.data[split], self.task, self.eval_batch_size, self.device,
-            self.autocast, self.cfg.eval_mode, self.cfg.max_new_tokens,
+            self.backbone,
+            self.method,
+            self.data[split],
+            self.task,
+            self.eval_batch_size,
+            self.device,
+            self.autocast,
+            self.cfg.eval_mode,
+            self.cfg.max_new_tokens,
         )
         metrics.update({f"router_{k}": v for k, v in self.method.eval_stats().items()})
         return metrics
@@ -220,7 +240,11 @@ class Trainer:
         self.tracker.log(self.state.step, "validation", metrics)
         score = metrics[self.task.main_metric]
         if self.state.best_score is None or score > self.state.best_score:
-            self.state.best_score, self.state.best_step, self.state.best_metrics = score, self.state.step, metrics
+            self.state.best_score, self.state.best_step, self.state.best_metrics = (
+                score,
+                self.state.step,
+                metrics,
+            )
             self.state.evals_without_improvement = 0
             self.save_best()
         else:
@@ -253,7 +277,9 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
         stream = self.microbatches()
-        progress = tqdm(total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0)
+        progress = tqdm(
+            total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0
+        )
         window_loss, window_examples, window_start = [], 0, time.perf_counter()
         stopped_early = False
         while self.state.step < self.total_steps and not stopped_early:
@@ -264,23 +290,32 @@ class Trainer:
             loss = self.train_step(stream)
             self.state.train_seconds += time.perf_counter() - started
             if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}")
+                raise FloatingPointError(
+                    f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
+                )
             window_loss.append(loss)
             window_examples += self.state.examples_seen - seen_before
             progress.update(1)
             if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
                 elapsed = time.perf_counter() - window_start
-                self.tracker.log(self.state.step, "train", {
-                    "loss": float(np.mean(window_loss)),
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "examples_per_s": window_examples / max(elapsed, 1e-9),
-                })
+                self.tracker.log(
+                    self.state.step,
+                    "train",
+                    {
+                        "loss": float(np.mean(window_loss)),
+                        "lr": self.scheduler.get_last_lr()[0],
+                        "examples_per_s": window_examples / max(elapsed, 1e-9),
+                    },
+                )
                 progress.set_postfix(loss=f"{np.mean(window_loss):.4f}", refresh=False)
                 window_loss, window_examples, window_start = [], 0, time.perf_counter()
             if self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps:
                 stopped_early = self.eval_and_checkpoint()
                 progress.set_postfix(
-                    loss=f"{loss:.4f}", **{f"val_{self.task.main_metric}": f"{self.state.last_metrics[self.task.main_metric]:.4f}"}
+                    loss=f"{loss:.4f}",
+                    **{
+                        f"val_{self.task.main_metric}": f"{self.state.last_metrics[self.task.main_metric]:.4f}"
+                    },
                 )
         progress.close()
         return self.finish(stopped_early)

@@ -49,7 +49,6 @@ class PromptMethod(nn.Module):
         return {}
 
 
-
 def sample_token_ids(context: PromptContext, count: int, top: Optional[int], seed: int) -> torch.Tensor:
     """`count` distinct non-special token ids, drawn from the first `top` ids (or all) with `seed`.
 

@@ -49,7 +49,11 @@ def initial_prompt(cfg: PromptTuningConfig, context: PromptContext, length: int)
     if cfg.init == "text":
         ids = context.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
     else:  # labels: verbalizer tokens first, then vocab samples (Lester et al. 2021, sec. 3)
-        ids = [i for text in context.label_texts for i in context.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        ids = [
+            i
+            for text in context.label_texts
+            for i in context.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ]
         ids = ids[:length]
         extra = sample_token_ids(context, length - len(ids), cfg.init_vocab_top, context.seed)
         ids = ids + extra.tolist()

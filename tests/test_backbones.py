@@ -1,0 +1,146 @@
+"""The three backbone families: prompt placement, freezing, dropout switch, scoring, batch independence."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from helpers import build, examples
+from ptlab.config import ConfigError
+from ptlab.evaluate import evaluate, predict
+
+FAMILIES = ["tiny_t5", "tiny_llama", "tiny_bert"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_backbone_is_frozen_and_only_the_prompt_gets_gradients(name):
+    _, backbone, method = build([f"backbone={name}"])
+    backbone.train()
+    backbone.loss(method, backbone.collate(examples(backbone))).backward()
+    assert all(p.grad is None and not p.requires_grad for p in backbone.model.parameters())
+    assert method.prompt_embeds.grad is not None and method.prompt_embeds.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dropout_switch(name):
+    _, on, method = build([f"backbone={name}", "backbone.dropout=true"])
+    _, off, _ = build([f"backbone={name}", "backbone.dropout=off"])
+    batch = on.collate(examples(on))
+    on.train(), off.train()
+    with torch.no_grad():
+        assert on.loss(method, batch) != on.loss(method, batch)  # dropout active: two draws differ
+        assert off.loss(method, batch) == off.loss(method, batch)
+        off.eval()
+        assert off.loss(method, batch) == on.eval().loss(method, batch)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_scores_do_not_depend_on_the_other_examples_in_the_batch(name):
+    _, backbone, method = build([f"backbone={name}"])
+    backbone.eval()
+    items = examples(backbone)
+    with torch.no_grad():
+        together = backbone.score(method, backbone.collate(items))
+        alone = torch.cat([backbone.score(method, backbone.collate([item])) for item in items])
+    assert together.shape == (len(items), 2)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_seq2seq_rank_scores_equal_summed_target_log_likelihood():
+    _, backbone, method = build(["backbone=tiny_t5"])
+    backbone.eval()
+    items = examples(backbone)
+    batch = backbone.collate(items)
+    with torch.no_grad():
+        scores = backbone.score(method, batch)
+        prompt = method.prompt_embeds
+        for b, item in enumerate(items):
+            ids = torch.tensor([item.source_ids])
+            embeds = torch.cat([prompt[None], backbone.model.get_input_embeddings()(ids)], 1)
+            for c, choice in enumerate(backbone.choice_ids):
+                out = backbone.model(inputs_embeds=embeds, labels=torch.tensor([choice]))
+                assert scores[b, c].item() == pytest.approx(-out.loss.item() * len(choice), abs=1e-4)
+
+
+def test_causal_rank_scores_equal_summed_target_log_likelihood():
+    _, backbone, method = build(["backbone=tiny_llama"])
+    backbone.eval()
+    items = examples(backbone)
+    with torch.no_grad():
+        scores = backbone.score(method, backbone.collate(items))
+        for b, item in enumerate(items):
+            for c, choice in enumerate(backbone.choice_ids):
+                ids = torch.tensor([item.source_ids + choice])
+                embeds = torch.cat(
+                    [method.prompt_embeds[None], backbone.model.get_input_embeddings()(ids)], 1
+                )
+                logprobs = torch.log_softmax(backbone.model(inputs_embeds=embeds).logits[0], -1)
+                start = method.num_tokens + len(item.source_ids) - 1
+                expected = sum(logprobs[start + j, token] for j, token in enumerate(choice))
+                assert scores[b, c].item() == pytest.approx(expected.item(), abs=1e-4)
+
+
+def test_encoder_prompt_sits_after_cls():
+    _, backbone, method = build(["backbone=tiny_bert", "method.prompt_length=3"])
+    captured = {}
+    original = backbone.model.forward
+
+    def spy(*args, **kwargs):
+        captured.update(kwargs)
+        return original(*args, **kwargs)
+
+    backbone.model.forward = spy
+    items = examples(backbone)
+    batch = backbone.collate(items)
+    with torch.no_grad():
+        backbone.class_logits(method, batch)
+    embeds, mask = captured["inputs_embeds"], captured["attention_mask"]
+    first = backbone.model.get_input_embeddings()(batch["source_ids"][:, :1])
+    has_cls = backbone.tokenizer.cls_token_id is not None
+    prompt_at = 1 if has_cls else 0
+    if has_cls:
+        assert torch.equal(embeds[:, :1], first)
+    assert torch.equal(
+        embeds[:, prompt_at : prompt_at + 3], method.prompt_embeds[None].expand(len(items), -1, -1)
+    )
+    assert embeds.shape[1] == batch["source_ids"].shape[1] + 3
+    assert mask[:, prompt_at : prompt_at + 3].all()
+
+
+def test_encoder_head_is_the_only_trainable_backbone_part():
+    _, backbone, method = build(["backbone=tiny_bert"])
+    trainable = {name for name, p in backbone.named_parameters() if p.requires_grad}
+    assert trainable == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("name", ["tiny_t5", "tiny_llama"])
+def test_generate_mode_maps_exact_matches_to_classes(name):
+    _, backbone, method = build([f"backbone={name}"])
+    backbone.eval()
+    batch = backbone.collate(examples(backbone))
+    with torch.no_grad():
+        texts = backbone.generate(method, batch, max_new_tokens=4)
+        assert len(texts) == 4 and all(isinstance(t, str) for t in texts)
+        backbone.generate = lambda *args: ["positive", " negative ", "neither", "negative"]
+        assert predict(backbone, method, batch, "generate", 4) == [1, 0, -1, 0]
+
+
+def test_encoder_family_refuses_generation_clearly():
+    _, backbone, method = build(["backbone=tiny_bert"])
+    with pytest.raises(ConfigError, match="eval_mode=generate"):
+        backbone.generate(method, backbone.collate(examples(backbone)), 4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_evaluation_is_independent_of_batch_size_and_order(name):
+    config, backbone, method = build([f"backbone={name}"])
+    items = examples(backbone) * 3
+    run = lambda size: evaluate(backbone, method, items, config.task, size, torch.device("cpu"), contextlib.nullcontext)  # noqa: E731
+    backbone.eval()
+    with torch.no_grad():
+        expected = backbone.score(method, backbone.collate(items)).argmax(-1).tolist()
+    labels = [item.label for item in items]
+    accuracy = sum(p == y for p, y in zip(expected, labels)) / len(items)
+    assert run(1)["acc"] == run(5)["acc"] == pytest.approx(accuracy)

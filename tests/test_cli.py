@@ -1,0 +1,89 @@
+"""The command line as researchers use it: multirun sweeps with W&B offline, logger failures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ptlab import tracking
+from ptlab.train import run
+
+from conftest import OFFLINE_ENV, REPO, TINY, compose_config
+
+QUICK = [*TINY, "backbone=tiny_t5", "trainer.max_steps=2", "trainer.eval_every=2"]
+
+
+def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tmp_path):
+    env = {**__import__("os").environ, **OFFLINE_ENV, "WANDB_MODE": "offline"}
+    sweep = tmp_path / "sweep_rte_cb"
+    overrides = [o for o in QUICK if not o.startswith("logger=")]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ptlab.train",
+            "-m",
+            *overrides,
+            "logger=wandb",
+            "seed=1,2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    assert [s["seed"] for s in summaries] == [1, 2]
+    runs = [s["wandb"] for s in summaries]
+    assert runs[0]["id"] != runs[1]["id"]  # no job reuses the previous job's run
+    assert runs[0]["group"] == runs[1]["group"] == f"{tmp_path.name}_sweep_rte_cb"
+    assert all(r["mode"] == "offline" for r in runs)
+    for job, info in enumerate(runs):
+        files = list((sweep / str(job) / "wandb").glob(f"offline-run-*-{info['id']}/run-{info['id']}.wandb"))
+        assert len(files) == 1 and info["group"].encode() in files[0].read_bytes()
+
+
+def test_wandb_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    score = run(compose_config([*QUICK, "logger=wandb"]), run_dir=tmp_path)
+    assert 0.0 <= score <= 1.0
+    assert "W&B disabled for this run: W&B is down" in caplog.text
+    assert json.loads((tmp_path / "summary.json").read_text())["wandb"] is None
+
+
+def test_logger_none_writes_local_files_only(tmp_path):
+    run(compose_config(QUICK), run_dir=tmp_path)
+    assert (tmp_path / "metrics.jsonl").exists() and (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "wandb").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["method.prompt_length=5", "seed=3", "task=rte"], "method.prompt_length=5,task=rte"),
+        (["hydra.run.dir=x", "logger=wandb"], None),
+    ],
+)
+def test_run_name_comes_from_overrides_without_seed(overrides, expected):
+    assert tracking.run_name(overrides) == expected
+
+
+def test_wandb_mode_is_offline_without_an_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert tracking.wandb_mode(compose_config(["logger=wandb"]).logger) == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.wandb_mode(compose_config(["logger=wandb"]).logger) == "online"

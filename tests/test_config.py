@@ -1,0 +1,131 @@
+"""Every config group value composes and validates; bad values fail early with a clear message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from ptlab.config import Config, ConfigError, to_object
+
+from conftest import OFFLINE_ENV, REPO, compose_config, group_values
+
+
+@pytest.mark.parametrize(
+    "group,value",
+    [
+        (group, value)
+        for group in ("method", "backbone", "task", "hardware", "logger", "schedule")
+        for value in group_values(group)
+    ],
+)
+def test_every_group_value_composes_and_validates(group, value):
+    config = to_object(compose_config([f"{group}={value}"]))
+    assert isinstance(config, Config)
+    assert getattr(config, group).name == value
+
+
+def test_groups_hold_what_the_runner_promises():
+    assert {
+        "t5_small",
+        "t5_base",
+        "t5_large",
+        "t5_lm_adapt_small",
+        "t5_lm_adapt_base",
+        "t5_lm_adapt_large",
+        "t5_lm_adapt_xl",
+        "minilm_l6",
+        "smollm2_135m",
+        "tiny_t5",
+        "tiny_llama",
+        "tiny_bert",
+    } <= set(group_values("backbone"))
+    assert {
+        "boolq",
+        "cb",
+        "copa",
+        "multirc",
+        "rte",
+        "wic",
+        "sst2",
+        "mrpc",
+        "rte_glue",
+        "cola",
+        "stsb",
+        "qnli",
+        "mnli",
+        "qqp",
+    } <= set(group_values("task"))
+
+
+def test_misspelled_key_is_rejected_at_composition():
+    with pytest.raises(Exception, match="lrr"):
+        compose_config(["trainer.lrr=0.1"])
+
+
+def test_wrong_type_is_rejected_at_composition():
+    with pytest.raises(Exception, match="batch_size"):
+        compose_config(["trainer.batch_size=many"])
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("method.prompt_length=0", "method.prompt_length=0 must be >= 1"),
+        ("trainer.optimizer=sgd", "trainer.optimizer='sgd'"),
+        ("data.split_protocol=random", "data.split_protocol='random'"),
+        ("trainer.max_steps=0", "trainer.max_steps=0"),
+        ("method.init=text", "method.init=text needs method.init_text"),
+    ],
+)
+def test_bad_values_raise_config_error_naming_them(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        to_object(compose_config([override]))
+
+
+def run_cli(*args, env_extra=None, cwd=None):
+    env = {**__import__("os").environ, **OFFLINE_ENV, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ptlab.train", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd or REPO,
+        timeout=600,
+    )
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["method=nope"], "Could not find 'method/nope'"),
+        (["task=nope"], "Could not find 'task/nope'"),
+        (["backbone=nope"], "Could not find 'backbone/nope'"),
+        (["trainer.lrr=0.1"], "Key 'lrr' not in 'TrainerConfig'"),
+        (["method.prompt_length=0"], "ptlab: error: method.prompt_length=0 must be >= 1"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_one_clear_message(args, message, tmp_path):
+    result = run_cli(*args, "logger=none", f"hydra.run.dir={tmp_path}")
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_missing_data_file_names_the_files_to_place(tmp_path):
+    result = run_cli(
+        "backbone=tiny_t5",
+        "logger=none",
+        f"hydra.run.dir={tmp_path}",
+        env_extra={"PTLAB_DATA_DIR": str(tmp_path)},
+    )
+    assert result.returncode == 2
+    assert "glue/sst2/train.tsv" in result.stderr and "PTLAB_DATA_DIR" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_prints_composed_config():
+    result = run_cli("--cfg", "job", "method.prompt_length=7")
+    assert result.returncode == 0, result.stderr
+    assert "prompt_length: 7" in result.stdout

@@ -1,0 +1,199 @@
+"""The training loop: it learns, it is deterministic, it resumes exactly, its checkpoints are atomic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ptlab import checkpoint
+from ptlab.train import run
+from ptlab.trainer import Trainer
+
+from conftest import TINY, compose_config
+
+STEPS = ["trainer.max_steps=6", "trainer.eval_every=2", "trainer.log_every=1", "trainer.batch_size=8"]
+
+
+def events(run_dir, split):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "examples_per_s"}
+        for line in lines
+        if json.loads(line)["split"] == split
+    ]
+
+
+def train(tmp_path, name, overrides):
+    run_dir = tmp_path / name
+    score = run(compose_config(TINY + overrides), run_dir=run_dir)
+    return score, run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
+def test_training_lowers_the_loss(tmp_path, backbone):
+    _, run_dir, summary = train(
+        tmp_path,
+        backbone,
+        [
+            f"backbone={backbone}",
+            "trainer.max_steps=40",
+            "trainer.eval_every=40",
+            "trainer.log_every=10",
+            "trainer.optimizer=adamw",
+            "trainer.lr=0.05",
+            "backbone.dropout=false",
+        ],
+    )
+    losses = [event["loss"] for event in events(run_dir, "train")]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert summary["steps"] == 40 and summary["trainable_params"] > 0
+
+
+def test_same_seed_same_metrics_different_seed_different_prompt(tmp_path):
+    _, a, _ = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
+    _, b, _ = train(tmp_path, "b", ["backbone=tiny_t5", *STEPS])
+    _, c, _ = train(tmp_path, "c", ["backbone=tiny_t5", *STEPS, "seed=1"])
+    assert events(a, "train") == events(b, "train") and events(a, "validation") == events(b, "validation")
+    prompts = [
+        load_file(d / "checkpoints/last/../best/prompt.safetensors")["method.prompt_embeds"]
+        for d in (a, b, c)
+    ]
+    assert torch.equal(prompts[0], prompts[1]) and not torch.equal(prompts[0], prompts[2])
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_bert"])
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeypatch, backbone):
+    # dropout on, so the restored RNG streams matter too
+    overrides = [f"backbone={backbone}", "backbone.dropout=true", *STEPS]
+    _, full, full_summary = train(tmp_path, "full", overrides)
+
+    original_step = Trainer.train_step
+
+    def dies_at_step_5(self, stream):
+        if self.state.step == 4:
+            raise Killed()
+        return original_step(self, stream)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_5)
+    with pytest.raises(Killed):
+        train(tmp_path, "resumed", overrides)
+    steps_run = []
+
+    def counted(self, stream):
+        steps_run.append(self.state.step)
+        return original_step(self, stream)
+
+    monkeypatch.setattr(Trainer, "train_step", counted)
+    _, resumed, resumed_summary = train(tmp_path, "resumed", [*overrides, "trainer.resume=true"])
+    assert steps_run == [4, 5]  # continued after the checkpoint at step 4
+
+    for key in ("best", "final", "steps"):
+        assert resumed_summary[key] == full_summary[key]
+    assert events(resumed, "train") == events(full, "train")
+    assert events(resumed, "validation") == events(full, "validation")
+    full_state = checkpoint.load_training_state(full / "checkpoints/last")
+    resumed_state = checkpoint.load_training_state(resumed / "checkpoints/last")
+    for name, tensor in full_state["trainable"].items():
+        assert torch.equal(tensor, resumed_state["trainable"][name])
+
+
+def test_resume_refuses_a_checkpoint_of_another_method_config(tmp_path):
+    _, run_dir, _ = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
+    with pytest.raises(Exception, match="trainer.resume"):
+        run(
+            compose_config(
+                TINY + ["backbone=tiny_t5", *STEPS, "method.prompt_length=3", "trainer.resume=true"]
+            ),
+            run_dir=run_dir,
+        )
+
+
+def test_kill_during_checkpoint_save_leaves_the_previous_one_loadable(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = checkpoint.save_training_state
+
+    def crash_on_second_save(folder, state):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            (folder / "state.pt").write_bytes(b"half-written")
+            raise Killed()
+        original(folder, state)
+
+    monkeypatch.setattr(checkpoint, "save_training_state", crash_on_second_save)
+    with pytest.raises(Killed):
+        train(tmp_path, "crash", ["backbone=tiny_t5", *STEPS])
+    last = checkpoint.find(tmp_path / "crash/checkpoints/last")
+    assert last is not None and checkpoint.load_training_state(last)["train_state"]["step"] == 2
+
+
+def test_interrupted_folder_swap_falls_back_to_the_previous_checkpoint(tmp_path):
+    target = tmp_path / "checkpoints/last"
+    checkpoint.write_atomic_dir(target, lambda folder: checkpoint.save_training_state(folder, {"step": 1}))
+    target.rename(target.with_name("last.old"))  # killed between the two renames
+    assert checkpoint.load_training_state(checkpoint.find(target)) == {"step": 1}
+    checkpoint.write_atomic_dir(target, lambda folder: checkpoint.save_training_state(folder, {"step": 2}))
+    assert checkpoint.load_training_state(checkpoint.find(target)) == {"step": 2}
+    assert not target.with_name("last.old").exists()
+
+
+def test_saved_prompt_loads_without_ptlab(tmp_path):
+    _, run_dir, summary = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS, "method.prompt_length=7"])
+    best = run_dir / "checkpoints/best"
+    tensors = load_file(best / "prompt.safetensors")
+    config = json.loads((best / "prompt_config.json").read_text())
+    assert tensors["method.prompt_embeds"].shape == (7, config["hidden_size"])
+    assert config["method"]["name"] == "prompt_tuning" and config["task"] == "sst2"
+    assert summary["trainable_params"] == 7 * config["hidden_size"]
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    _, _, summary = train(
+        tmp_path,
+        "a",
+        [
+            "backbone=tiny_t5",
+            "trainer.max_steps=200",
+            "trainer.eval_every=1",
+            "trainer.patience=2",
+            "trainer.lr=1e-9",
+        ],
+    )
+    assert summary["stopped_early"] and summary["steps"] < 200
+
+
+def test_gradient_accumulation_equals_one_large_batch(tmp_path):
+    common = ["backbone=tiny_t5", "backbone.dropout=false", "trainer.optimizer=adamw", "trainer.max_steps=1", "trainer.eval_every=1"]
+    train(tmp_path, "big", [*common, "trainer.batch_size=8", "trainer.grad_accum=1", "trainer.grad_clip=null"])
+    train(tmp_path, "accum", [*common, "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.grad_clip=null"])
+    big, accum = (load_file(tmp_path / name / "checkpoints/best/prompt.safetensors")["method.prompt_embeds"] for name in ("big", "accum"))
+    assert torch.allclose(big, accum, atol=1e-6)
+
+
+def test_warmup_then_linear_decay(tmp_path):
+    _, run_dir, _ = train(
+        tmp_path, "a",
+        ["backbone=tiny_t5", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=1", "trainer.lr=0.2",
+         "trainer.lr_schedule=linear", "trainer.warmup_ratio=0.5"],
+    )
+    assert [event["lr"] for event in events(run_dir, "train")] == pytest.approx([0.1, 0.2, 0.1, 0.0])
+
+
+def test_gpu_hardware_without_cuda_is_a_clear_error(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(Exception, match="hardware=gpu but no CUDA device"):
+        train(tmp_path, "a", ["backbone=tiny_t5", "hardware=gpu"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_bf16_run(tmp_path):
+    _, _, summary = train(tmp_path, "a", ["backbone=tiny_t5", "hardware=gpu", *STEPS])
+    assert summary["steps"] == 6 and summary["peak_memory_mb"] > 0
