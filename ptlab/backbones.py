@@ -97,8 +97,16 @@ class Backbone(nn.Module):
         return prompt, source_embeds
 
     # --- the family-specific part ----------------------------------------------------------
-    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        """The logits the loss is computed from: target-token logits, or class logits."""
         raise NotImplementedError
+
+    def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Token-mean cross-entropy on the gold verbalizer (as HF's `labels=` loss)."""
+        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
+
+    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        return self.loss_from_logits(self.output_logits(method, batch), batch)
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """`[B, C]` scores of each verbalizer (sum of target-token log-probabilities)."""
@@ -128,7 +136,7 @@ class Seq2SeqBackbone(Backbone):
         ones = batch["source_mask"].new_ones(prompt.shape[:2])
         return torch.cat([prompt, source_embeds], 1), torch.cat([ones, batch["source_mask"]], 1)
 
-    def target_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         inputs_embeds, mask = self.encoder_inputs(method, batch)
         return self.decode_logits(inputs_embeds, mask, batch["target_ids"])
 
@@ -142,10 +150,6 @@ class Seq2SeqBackbone(Backbone):
             attention_mask=mask,
             decoder_input_ids=decoder_input_ids,
         ).logits
-
-    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        logits = self.target_logits(method, batch)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """Encode once, then decode every verbalizer against the shared encoder states."""
@@ -197,13 +201,9 @@ class CausalBackbone(Backbone):
         start = prompt.shape[1] + source_embeds.shape[1] - 1
         return self.model.get_output_embeddings()(hidden[:, start : start + targets.shape[1]])
 
-    def target_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         prompt, source_embeds = self.prompt_and_source(method, batch)
         return self.target_logits_from(prompt, source_embeds, batch["source_mask"], batch["target_ids"])
-
-    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        logits = self.target_logits(method, batch)
-        return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         prompt, source_embeds = self.prompt_and_source(method, batch)
@@ -243,7 +243,7 @@ class EncoderBackbone(Backbone):
     def tokenize_target(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def class_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         prompt, source_embeds = self.prompt_and_source(method, batch)
         source_mask = batch["source_mask"]
         keep_first = int(
@@ -261,11 +261,11 @@ class EncoderBackbone(Backbone):
             pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
         return self.head(pooled.to(self.head.weight.dtype))
 
-    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        return F.cross_entropy(self.class_logits(method, batch).float(), batch["labels"])
+    def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(logits.float(), batch["labels"])
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        return torch.log_softmax(self.class_logits(method, batch).float(), dim=-1)
+        return torch.log_softmax(self.output_logits(method, batch).float(), dim=-1)
 
 
 FAMILIES = {cls.family: cls for cls in (Seq2SeqBackbone, CausalBackbone, EncoderBackbone)}

@@ -52,9 +52,14 @@ def find(target: Path) -> Optional[Path]:
     return None
 
 
-def save_prompt(folder: Path, tensors: Dict[str, torch.Tensor], prompt_config: Dict[str, Any]) -> None:
-    """The trained prompt as safetensors + JSON: loadable with `safetensors.torch.load_file` alone."""
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, folder / "prompt.safetensors")
+def save_prompt(
+    folder: Path, trainable: Dict[str, torch.Tensor], exported: Dict[str, torch.Tensor], prompt_config: Dict[str, Any]
+) -> None:
+    """The trained prompt as safetensors + JSON, loadable with `safetensors.torch.load_file` alone:
+    `prompt.safetensors` holds every trained tensor (what ptlab reloads), `export.safetensors`
+    the method's self-contained form (e.g. Residual's prompt with its MLP folded in)."""
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, folder / "prompt.safetensors")
+    save_file(exported, folder / "export.safetensors")
     (folder / "prompt_config.json").write_text(json.dumps(prompt_config, indent=2, default=str))
 
 

@@ -190,9 +190,9 @@ class Trainer:
         checkpoint.write_atomic_dir(self.last_dir, write)
 
     def save_best(self) -> None:
-        tensors = self.trainable_state()
+        trainable, exported = self.trainable_state(), self.method.export_prompt()
         checkpoint.write_atomic_dir(
-            self.best_dir, lambda folder: checkpoint.save_prompt(folder, tensors, self.prompt_config)
+            self.best_dir, lambda folder: checkpoint.save_prompt(folder, trainable, exported, self.prompt_config)
         )
 
     def resume(self, source_dir: Path) -> bool:
@@ -260,10 +260,7 @@ class Trainer:
             indices = next(stream)
             batch = to_device(self.backbone.collate([self.data["train"][i] for i in indices]), self.device)
             with self.autocast():
-                loss = self.backbone.loss(self.method, batch)
-                extra = self.method.extra_loss()
-                if extra is not None:
-                    loss = loss + extra
+                loss = self.method.training_loss(self.backbone, batch)
             (loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
             self.state.examples_seen += len(indices)

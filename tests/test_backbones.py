@@ -95,7 +95,7 @@ def test_encoder_prompt_sits_after_cls():
     items = examples(backbone)
     batch = backbone.collate(items)
     with torch.no_grad():
-        backbone.class_logits(method, batch)
+        backbone.output_logits(method, batch)
     embeds, mask = captured["inputs_embeds"], captured["attention_mask"]
     first = backbone.model.get_input_embeddings()(batch["source_ids"][:, :1])
     has_cls = backbone.tokenizer.cls_token_id is not None

@@ -31,7 +31,7 @@ def test_seq2seq_logits_match_peft(length):
     batch = backbone.collate(examples(backbone))  # different lengths: right padding + mask
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.SEQ_2_SEQ_LM)
     with torch.no_grad():
-        ours = backbone.target_logits(method, batch)
+        ours = backbone.output_logits(method, batch)
         theirs = peft(
             input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
         ).logits
@@ -53,7 +53,7 @@ def test_causal_logits_match_peft(length):
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.CAUSAL_LM)
     full_ids = torch.cat([batch["source_ids"], batch["target_ids"]], 1)
     with torch.no_grad():
-        ours = backbone.target_logits(method, batch)
+        ours = backbone.output_logits(method, batch)
         theirs = peft(input_ids=full_ids, attention_mask=torch.ones_like(full_ids)).logits
     start = length + batch["source_ids"].shape[1] - 1
     theirs = theirs[:, start : start + batch["target_ids"].shape[1]]

@@ -41,8 +41,18 @@ class PromptMethod(nn.Module):
         raise NotImplementedError
 
     def extra_loss(self) -> Optional[torch.Tensor]:
-        """An auxiliary loss added to the task loss (e.g. a router's balancing loss)."""
+        """An auxiliary loss of the last forward pass, added to the task loss (a router's balancing loss)."""
         return None
+
+    def training_loss(self, backbone, batch) -> torch.Tensor:
+        """The loss a training step minimises; methods that need several passes override it."""
+        loss = backbone.loss(self, batch)
+        extra = self.extra_loss()
+        return loss if extra is None else loss + extra
+
+    def export_prompt(self) -> Dict[str, torch.Tensor]:
+        """Tensors that reproduce the trained prompt without ptlab (saved as `export.safetensors`)."""
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
 
     def eval_stats(self) -> Dict[str, float]:
         """Statistics gathered since the last call, logged with each evaluation."""
