@@ -66,7 +66,7 @@ class Tracker:
                 **init,
             )
             self.wandb_run.define_metric("step")
-            for prefix in ("train", "validation", "test", "best", "router"):
+            for prefix in ("train", "validation", "test"):
                 self.wandb_run.define_metric(f"{prefix}/*", step_metric="step")
         except Exception as error:  # never let W&B kill training
             log.warning("W&B disabled for this run: %s", error)

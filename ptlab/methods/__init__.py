@@ -31,6 +31,6 @@ def build_method(cfg, context: PromptContext) -> PromptMethod:
 
 
 # import the method modules so they register themselves
-from ptlab.methods import prompt_tuning  # noqa: E402,F401
+from ptlab.methods import prompt_tuning, residual, smop, superpos  # noqa: E402,F401
 
 __all__ = ["METHODS", "PromptContext", "PromptMethod", "build_method", "register"]

@@ -1,0 +1,154 @@
+"""SMoP: Sparse Mixture of short Prompts (Choi et al., EMNLP 2023; code: jyjohnchoi/SMoP).
+
+k short prompts of length l and a bias-free linear router over the masked mean of the frozen
+input embeddings. In training the router logits are perturbed (sec. 2.3), then softmax and top-k;
+each example gets its chosen prompt scaled by its gate probability, which is what trains the router.
+
+Differences from the released code, each an option:
+- `compat_batch_sum_bug=true` reproduces its top-1 broadcast, which gives every example its gate
+  times the *sum of the prompts chosen in the batch*; off by default (the paper is per example).
+- `routing=gumbel` samples the straight-through Gumbel top-1 in training only, with the noise on
+  the log-probabilities; the released code adds it to the probabilities and also samples at
+  evaluation, which makes predictions random.
+- `routing=stochastic` has no router (as released): a random prompt per example in training,
+  the mean of the prompts at evaluation.
+- The released GaussianNoise scales by sigma twice (sigma^2 * eps * logits); identical at sigma=1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ptlab.config import ConfigError, check_choice
+from ptlab.methods import register
+from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
+
+
+@dataclass
+class SMoPConfig(PromptTuningConfig):
+    name: str = "smop"
+    num_prompts: int = 4  # k
+    prompt_length: int = 5  # l, tokens per prompt
+    top_k: int = 1
+    # learned: the router | stochastic: a random prompt in training, the mean prompt at eval,
+    # plus a symmetric-KL consistency loss between two draws | gumbel: straight-through Gumbel top-1
+    routing: str = "learned"
+    # training-time perturbation of the router logits: gaussian (logits * (1 + sigma * eps)) | dropout | none
+    perturbation: str = "gaussian"
+    noise_sigma: float = 1.0
+    router_dropout: float = 0.2
+    # weight of k * sum_i(mean_prob_i * load_i) (an early commit of the official code used 0.01)
+    load_balancing_weight: float = 0.0
+    consistency_weight: float = 0.1  # routing=stochastic only (official alpha)
+    compat_batch_sum_bug: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("method.routing", self.routing, ("learned", "stochastic", "gumbel"))
+        check_choice("method.perturbation", self.perturbation, ("gaussian", "dropout", "none"))
+        if self.num_prompts < 1:
+            raise ConfigError(f"method.num_prompts={self.num_prompts} must be >= 1")
+        if not 1 <= self.top_k <= self.num_prompts:
+            raise ConfigError(f"method.top_k={self.top_k} must be in [1, method.num_prompts={self.num_prompts}]")
+        if self.routing != "learned" and self.top_k != 1:
+            raise ConfigError(f"method.routing={self.routing} routes to one prompt: set method.top_k=1")
+
+
+def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """1/2 (KL(p_b || p_a) + KL(p_a || p_b)), each side against the other's detached target,
+    summed over positions and divided by the batch size (the official `symmetric_KL_loss`)."""
+    log_a, log_b = torch.log_softmax(logits_a.float(), -1), torch.log_softmax(logits_b.float(), -1)
+    forward = F.kl_div(log_a, log_b.detach().exp(), reduction="sum")
+    backward = F.kl_div(log_b, log_a.detach().exp(), reduction="sum")
+    return 0.5 * (forward + backward) / batch_size
+
+
+@register("smop", SMoPConfig)
+class SMoP(PromptMethod):
+    def __init__(self, cfg: SMoPConfig, context: PromptContext) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_tokens = cfg.prompt_length
+        prompts = initial_prompt(cfg, context, cfg.num_prompts * cfg.prompt_length)
+        self.prompts = nn.Parameter(prompts.view(cfg.num_prompts, cfg.prompt_length, context.hidden_size))
+        self.router = None
+        if cfg.routing != "stochastic":
+            self.router = nn.Linear(context.hidden_size, cfg.num_prompts, bias=False)
+            nn.init.orthogonal_(self.router.weight, generator=torch.Generator().manual_seed(context.seed))
+        self.register_buffer("routed_counts", torch.zeros(cfg.num_prompts), persistent=False)
+        self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
+        self._aux_loss: Optional[torch.Tensor] = None
+
+    def router_probs(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """Softmax router probabilities `[B, k]` from the masked mean input embedding."""
+        mask = source_mask.unsqueeze(-1).to(source_embeds.dtype)
+        sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
+        logits = self.router(sentence.to(self.router.weight.dtype))
+        if self.training and self.cfg.perturbation == "gaussian":
+            logits = logits + self.cfg.noise_sigma * torch.randn_like(logits) * logits.detach()
+        elif self.training and self.cfg.perturbation == "dropout":
+            logits = F.dropout(logits, p=self.cfg.router_dropout, training=True)
+        return torch.softmax(logits, dim=-1)
+
+    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        batch = source_embeds.shape[0]
+        if self.cfg.routing == "stochastic":
+            if not self.training:
+                return self.prompts.mean(0).unsqueeze(0).expand(batch, -1, -1)
+            chosen = torch.randint(self.cfg.num_prompts, (batch,), device=self.prompts.device)
+            return self.prompts[chosen]
+
+        probs = self.router_probs(source_embeds, source_mask)
+        if self.cfg.routing == "gumbel" and self.training:
+            soft = torch.softmax(torch.log(probs.clamp(min=1e-20)) - torch.log(-torch.log(torch.rand_like(probs).clamp(min=1e-20))), -1)
+            hard = F.one_hot(soft.argmax(-1), self.cfg.num_prompts).to(soft.dtype)
+            selection = hard - soft.detach() + soft  # forward: one-hot; backward: soft gradients
+            gates, chosen = selection.max(-1, keepdim=True)
+        else:
+            gates, chosen = probs.topk(self.cfg.top_k, dim=-1)  # [B, top_k]
+        self._record(probs, chosen[:, 0])
+        selected = self.prompts[chosen]  # [B, top_k, l, d]
+        if self.cfg.compat_batch_sum_bug and self.cfg.top_k == 1:
+            return gates[:, :1, None] * selected[:, 0].sum(0, keepdim=True)
+        return (gates[..., None, None] * selected).sum(1)
+
+    def _record(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        load = torch.bincount(chosen, minlength=self.cfg.num_prompts).to(probs.dtype) / len(chosen)
+        if self.training:
+            weight = self.cfg.load_balancing_weight
+            self._aux_loss = weight * self.cfg.num_prompts * (probs.mean(0) * load).sum() if weight > 0 else None
+        else:
+            self.routed_counts += load.detach() * len(chosen)
+            self.entropy_sum += -(probs * torch.log(probs.clamp(min=1e-20))).sum().detach()
+
+    def extra_loss(self) -> Optional[torch.Tensor]:
+        return self._aux_loss
+
+    def training_loss(self, backbone, batch) -> torch.Tensor:
+        """Stochastic routing trains two draws against each other (official `consistency_alpha`)."""
+        if self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0:
+            return super().training_loss(backbone, batch)
+        logits_a, logits_b = backbone.output_logits(self, batch), backbone.output_logits(self, batch)
+        task_loss = backbone.loss_from_logits(logits_a, batch) + backbone.loss_from_logits(logits_b, batch)
+        batch_size = logits_a.shape[0]
+        if logits_a.dim() == 3:  # target-token logits: compare the scored positions only
+            valid = batch["target_ids"] != -100
+            logits_a, logits_b = logits_a[valid], logits_b[valid]
+        return task_loss + self.cfg.consistency_weight * symmetric_kl(logits_a, logits_b, batch_size)
+
+    def eval_stats(self) -> Dict[str, float]:
+        """Fraction of evaluated examples routed to each prompt and the mean router entropy."""
+        total = float(self.routed_counts.sum())
+        if total == 0:
+            return {}
+        stats = {f"prompt{i}_fraction": float(c) / total for i, c in enumerate(self.routed_counts)}
+        stats["entropy"] = float(self.entropy_sum) / total
+        self.routed_counts.zero_()
+        self.entropy_sum.zero_()
+        return stats
