@@ -53,7 +53,10 @@ def find(target: Path) -> Optional[Path]:
 
 
 def save_prompt(
-    folder: Path, trainable: Dict[str, torch.Tensor], exported: Dict[str, torch.Tensor], prompt_config: Dict[str, Any]
+    folder: Path,
+    trainable: Dict[str, torch.Tensor],
+    exported: Dict[str, torch.Tensor],
+    prompt_config: Dict[str, Any],
 ) -> None:
     """The trained prompt as safetensors + JSON, loadable with `safetensors.torch.load_file` alone:
     `prompt.safetensors` holds every trained tensor (what ptlab reloads), `export.safetensors`

@@ -145,20 +145,35 @@ class LoggerConfig:
 
 @dataclass
 class StageConfig:
-    """One stage of a training schedule (FPT's partial models plug in here)."""
+    """One stage of a training schedule: its share of the steps and the partial model it trains
+    (FPT, Huang et al. 2022): `depth` = fraction of blocks kept, `width` = of FFN neurons kept."""
 
     steps_fraction: float = 1.0
+    depth: float = 1.0
+    width: float = 1.0
 
 
 @dataclass
 class ScheduleConfig:
     name: str = "constant"
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
+    with_decoder: bool = False  # seq2seq: shrink the decoder too (FPT: encoder only by default)
+    score_examples: int = 1000  # training examples that rank FFN neurons for width reduction
 
     def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError("schedule.stages is empty: give at least one stage")
         total = sum(stage.steps_fraction for stage in self.stages)
         if abs(total - 1.0) > 1e-6:
-            raise ConfigError(f"schedule.stages step fractions add up to {total}, not 1.0")
+            fractions = [stage.steps_fraction for stage in self.stages]
+            raise ConfigError(f"schedule.stages steps_fraction {fractions} add up to {total:g}, not 1")
+        for i, stage in enumerate(self.stages):
+            for key in ("steps_fraction", "depth", "width"):
+                if not 0.0 < getattr(stage, key) <= 1.0:
+                    raise ConfigError(f"schedule.stages[{i}].{key}={getattr(stage, key)} must be in (0, 1]")
+        last = self.stages[-1]
+        if (last.depth, last.width) != (1.0, 1.0):
+            raise ConfigError("the last schedule stage must train the full model (depth: 1.0, width: 1.0)")
 
 
 @dataclass

@@ -109,6 +109,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
             config.task,
             config.trainer,
             config.hardware,
+            config.schedule,
             tracker,
             run_dir,
             config.seed,

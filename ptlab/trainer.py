@@ -27,10 +27,11 @@ from transformers.optimization import Adafactor
 
 from ptlab import checkpoint
 from ptlab.backbones import Backbone, trainable_parameters
-from ptlab.config import ConfigError, HardwareConfig, TaskConfig, TrainerConfig
+from ptlab.config import ConfigError, HardwareConfig, ScheduleConfig, TaskConfig, TrainerConfig
 from ptlab.data import TaskData, chunks, epoch_order
 from ptlab.evaluate import evaluate, to_device
 from ptlab.methods.base import PromptMethod
+from ptlab.schedule import StageSchedule
 from ptlab.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class TrainState:
     best_metrics: Dict[str, float] = field(default_factory=dict)
     evals_without_improvement: int = 0
     last_metrics: Dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0  # analytic training FLOPs so far (ptlab/flops.py)
+    full_model_flops: float = 0.0  # the same steps on the full model
+    stages: List[Dict[str, float]] = field(default_factory=list)  # per stage: steps, flops, seconds
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +109,7 @@ class Trainer:
         task: TaskConfig,
         cfg: TrainerConfig,
         hardware: HardwareConfig,
+        schedule: ScheduleConfig,
         tracker: Tracker,
         run_dir: Path,
         seed: int,
@@ -131,7 +136,8 @@ class Trainer:
         extra = {"num_training_steps": self.total_steps} if cfg.lr_schedule == "linear" else {}
         self.scheduler = make_schedule(self.optimizer, num_warmup_steps=warmup, **extra)
         self.eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
-        self.state = TrainState()
+        self.schedule = StageSchedule(schedule, backbone, self.total_steps)
+        self.state = TrainState(stages=[{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in schedule.stages])
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
 
@@ -192,7 +198,8 @@ class Trainer:
     def save_best(self) -> None:
         trainable, exported = self.trainable_state(), self.method.export_prompt()
         checkpoint.write_atomic_dir(
-            self.best_dir, lambda folder: checkpoint.save_prompt(folder, trainable, exported, self.prompt_config)
+            self.best_dir,
+            lambda folder: checkpoint.save_prompt(folder, trainable, exported, self.prompt_config),
         )
 
     def resume(self, source_dir: Path) -> bool:
@@ -253,6 +260,27 @@ class Trainer:
         return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
 
     # --- the loop -------------------------------------------------------------------------------
+    def count_flops(self, batch: Dict[str, torch.Tensor]) -> None:
+        source = batch["source_ids"].shape[1] + self.method.num_tokens
+        actual, full = self.schedule.step_flops(len(batch["labels"]), source, batch["target_ids"].shape[1])
+        self.state.flops += actual
+        self.state.full_model_flops += full
+        self.state.stages[self.schedule.current]["flops"] += actual
+
+    def neuron_scoring_passes(self) -> Iterator[None]:
+        """Forward passes with the untrained prompt over the first training examples (FPT's
+        neuron importance); yields after each batch."""
+        examples = self.data["train"][: self.schedule.cfg.score_examples]
+        self.backbone.eval()
+        self.method.eval()
+        with torch.no_grad():
+            for group in chunks(examples, self.eval_batch_size):
+                with self.autocast():
+                    self.backbone.output_logits(
+                        self.method, to_device(self.backbone.collate(group), self.device)
+                    )
+                yield
+
     def train_step(self, stream: Iterator[List[int]]) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -264,6 +292,7 @@ class Trainer:
             (loss / self.cfg.grad_accum).backward()
             total += loss.item() / self.cfg.grad_accum
             self.state.examples_seen += len(indices)
+            self.count_flops(batch)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -274,18 +303,27 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
         stream = self.microbatches()
+        if self.schedule.needs_scores:
+            self.schedule.prepare_scores(self.run_dir, self.neuron_scoring_passes)
         progress = tqdm(
             total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0
         )
         window_loss, window_examples, window_start = [], 0, time.perf_counter()
         stopped_early = False
         while self.state.step < self.total_steps and not stopped_early:
+            stage = self.schedule.enter(self.state.step)
+            if stage is not None:
+                log.info("step %d: stage %s", self.state.step, stage)
+                self.tracker.log(self.state.step, "stage", stage)
             self.backbone.train()
             self.method.train()
             seen_before = self.state.examples_seen
             started = time.perf_counter()
             loss = self.train_step(stream)
-            self.state.train_seconds += time.perf_counter() - started
+            elapsed_step = time.perf_counter() - started
+            self.state.train_seconds += elapsed_step
+            self.state.stages[self.schedule.current]["seconds"] += elapsed_step
+            self.state.stages[self.schedule.current]["steps"] += 1
             if not math.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
@@ -306,7 +344,8 @@ class Trainer:
                 )
                 progress.set_postfix(loss=f"{np.mean(window_loss):.4f}", refresh=False)
                 window_loss, window_examples, window_start = [], 0, time.perf_counter()
-            if self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps:
+            at_eval = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
+            if at_eval and self.schedule.is_full:  # partial models are not evaluated or kept as best
                 stopped_early = self.eval_and_checkpoint()
                 progress.set_postfix(
                     loss=f"{loss:.4f}",
@@ -336,4 +375,11 @@ class Trainer:
             "train_seconds": self.state.train_seconds,
             "examples_per_s": self.state.examples_seen / max(self.state.train_seconds, 1e-9),
             "peak_memory_mb": peak_memory_mb(self.device),
+            "train_flops": self.state.flops,
+            "full_model_flops": self.state.full_model_flops,
+            "flops_ratio": self.state.flops / max(self.state.full_model_flops, 1.0),
+            "stages": [
+                {**asdict(stage), **stats}
+                for stage, stats in zip(self.schedule.cfg.stages, self.state.stages)
+            ],
         }

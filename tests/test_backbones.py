@@ -7,9 +7,10 @@ import contextlib
 import pytest
 import torch
 
-from helpers import build, examples
 from ptlab.config import ConfigError
 from ptlab.evaluate import evaluate, predict
+
+from helpers import build, examples
 
 FAMILIES = ["tiny_t5", "tiny_llama", "tiny_bert"]
 
@@ -137,7 +138,12 @@ def test_encoder_family_refuses_generation_clearly():
 def test_evaluation_is_independent_of_batch_size_and_order(name):
     config, backbone, method = build([f"backbone={name}"])
     items = examples(backbone) * 3
-    run = lambda size: evaluate(backbone, method, items, config.task, size, torch.device("cpu"), contextlib.nullcontext)  # noqa: E731
+
+    def run(size):
+        return evaluate(
+            backbone, method, items, config.task, size, torch.device("cpu"), contextlib.nullcontext
+        )  # noqa: E731
+
     backbone.eval()
     with torch.no_grad():
         expected = backbone.score(method, backbone.collate(items)).argmax(-1).tolist()

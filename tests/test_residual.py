@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build, examples
 from ptlab.methods import build_method
+
+from helpers import build, examples
 
 
 def residual(*overrides, backbone="tiny_t5"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import build, examples
 from ptlab.methods.smop import symmetric_kl
+
+from helpers import build, examples
 
 K, L = 4, 5
 
@@ -103,7 +104,9 @@ def test_top2_is_the_gate_weighted_sum():
     with torch.no_grad():
         probs = method.router_probs(embeds, mask)
         gates, chosen = probs.topk(2, -1)
-        expected = torch.stack([sum(g * method.prompts[c] for g, c in zip(gates[b], chosen[b])) for b in range(3)])
+        expected = torch.stack(
+            [sum(g * method.prompts[c] for g, c in zip(gates[b], chosen[b])) for b in range(3)]
+        )
         assert torch.allclose(method(embeds, mask), expected, atol=1e-6)
 
 
@@ -115,7 +118,9 @@ def test_gradients_reach_prompts_and_router():
 
 
 def test_load_balancing_loss_is_optional():
-    _, model, method = smop("method.load_balancing_weight=0.01", "method.perturbation=none", "backbone.dropout=false")
+    _, model, method = smop(
+        "method.load_balancing_weight=0.01", "method.perturbation=none", "backbone.dropout=false"
+    )
     model.train(), method.train()
     batch = model.collate(examples(model))
     with torch.no_grad():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ptlab.config import ConfigError, to_object
+
 from conftest import compose_config
 from helpers import build, examples
-from ptlab.config import ConfigError, to_object
 
 
 def superpos(*overrides, backbone="tiny_t5"):
@@ -17,7 +18,9 @@ def superpos(*overrides, backbone="tiny_t5"):
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_parameter_count_formula(backbone, per_token):
-    _, model, method = superpos(f"method.per_token_delta={per_token}", "method.num_vocab_samples=64", backbone=backbone)
+    _, model, method = superpos(
+        f"method.per_token_delta={per_token}", "method.num_vocab_samples=64", backbone=backbone
+    )
     n, m, d = 10, 64, model.hidden_size
     expected = n * m + (n * d * m if per_token else d * m)
     assert sum(p.numel() for p in method.parameters() if p.requires_grad) == expected

@@ -169,18 +169,39 @@ def test_early_stopping_stops_after_patience(tmp_path):
 
 
 def test_gradient_accumulation_equals_one_large_batch(tmp_path):
-    common = ["backbone=tiny_t5", "backbone.dropout=false", "trainer.optimizer=adamw", "trainer.max_steps=1", "trainer.eval_every=1"]
-    train(tmp_path, "big", [*common, "trainer.batch_size=8", "trainer.grad_accum=1", "trainer.grad_clip=null"])
-    train(tmp_path, "accum", [*common, "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.grad_clip=null"])
-    big, accum = (load_file(tmp_path / name / "checkpoints/best/prompt.safetensors")["method.prompt_embeds"] for name in ("big", "accum"))
+    common = [
+        "backbone=tiny_t5",
+        "backbone.dropout=false",
+        "trainer.optimizer=adamw",
+        "trainer.max_steps=1",
+        "trainer.eval_every=1",
+    ]
+    train(
+        tmp_path, "big", [*common, "trainer.batch_size=8", "trainer.grad_accum=1", "trainer.grad_clip=null"]
+    )
+    train(
+        tmp_path, "accum", [*common, "trainer.batch_size=4", "trainer.grad_accum=2", "trainer.grad_clip=null"]
+    )
+    big, accum = (
+        load_file(tmp_path / name / "checkpoints/best/prompt.safetensors")["method.prompt_embeds"]
+        for name in ("big", "accum")
+    )
     assert torch.allclose(big, accum, atol=1e-6)
 
 
 def test_warmup_then_linear_decay(tmp_path):
     _, run_dir, _ = train(
-        tmp_path, "a",
-        ["backbone=tiny_t5", "trainer.max_steps=4", "trainer.eval_every=4", "trainer.log_every=1", "trainer.lr=0.2",
-         "trainer.lr_schedule=linear", "trainer.warmup_ratio=0.5"],
+        tmp_path,
+        "a",
+        [
+            "backbone=tiny_t5",
+            "trainer.max_steps=4",
+            "trainer.eval_every=4",
+            "trainer.log_every=1",
+            "trainer.lr=0.2",
+            "trainer.lr_schedule=linear",
+            "trainer.warmup_ratio=0.5",
+        ],
     )
     assert [event["lr"] for event in events(run_dir, "train")] == pytest.approx([0.1, 0.2, 0.1, 0.0])
 

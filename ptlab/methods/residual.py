@@ -51,12 +51,16 @@ class ResidualPrompt(PromptMethod):
         with torch.random.fork_rng():
             torch.manual_seed(context.seed)
             count = cfg.prompt_length if cfg.per_token_mlp else 1
-            self.mlps = nn.ModuleList(residual_mlp(context.hidden_size, cfg.bottleneck, cfg.layer_norm) for _ in range(count))
+            self.mlps = nn.ModuleList(
+                residual_mlp(context.hidden_size, cfg.bottleneck, cfg.layer_norm) for _ in range(count)
+            )
 
     def prompt(self) -> torch.Tensor:
         if len(self.mlps) == 1:
             return self.prompt_embeds + self.mlps[0](self.prompt_embeds)
-        return self.prompt_embeds + torch.cat([mlp(row[None]) for mlp, row in zip(self.mlps, self.prompt_embeds)])
+        return self.prompt_embeds + torch.cat(
+            [mlp(row[None]) for mlp, row in zip(self.mlps, self.prompt_embeds)]
+        )
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)

@@ -55,7 +55,9 @@ class SMoPConfig(PromptTuningConfig):
         if self.num_prompts < 1:
             raise ConfigError(f"method.num_prompts={self.num_prompts} must be >= 1")
         if not 1 <= self.top_k <= self.num_prompts:
-            raise ConfigError(f"method.top_k={self.top_k} must be in [1, method.num_prompts={self.num_prompts}]")
+            raise ConfigError(
+                f"method.top_k={self.top_k} must be in [1, method.num_prompts={self.num_prompts}]"
+            )
         if self.routing != "learned" and self.top_k != 1:
             raise ConfigError(f"method.routing={self.routing} routes to one prompt: set method.top_k=1")
 
@@ -106,7 +108,11 @@ class SMoP(PromptMethod):
 
         probs = self.router_probs(source_embeds, source_mask)
         if self.cfg.routing == "gumbel" and self.training:
-            soft = torch.softmax(torch.log(probs.clamp(min=1e-20)) - torch.log(-torch.log(torch.rand_like(probs).clamp(min=1e-20))), -1)
+            soft = torch.softmax(
+                torch.log(probs.clamp(min=1e-20))
+                - torch.log(-torch.log(torch.rand_like(probs).clamp(min=1e-20))),
+                -1,
+            )
             hard = F.one_hot(soft.argmax(-1), self.cfg.num_prompts).to(soft.dtype)
             selection = hard - soft.detach() + soft  # forward: one-hot; backward: soft gradients
             gates, chosen = selection.max(-1, keepdim=True)
@@ -122,7 +128,9 @@ class SMoP(PromptMethod):
         load = torch.bincount(chosen, minlength=self.cfg.num_prompts).to(probs.dtype) / len(chosen)
         if self.training:
             weight = self.cfg.load_balancing_weight
-            self._aux_loss = weight * self.cfg.num_prompts * (probs.mean(0) * load).sum() if weight > 0 else None
+            self._aux_loss = (
+                weight * self.cfg.num_prompts * (probs.mean(0) * load).sum() if weight > 0 else None
+            )
         else:
             self.routed_counts += load.detach() * len(chosen)
             self.entropy_sum += -(probs * torch.log(probs.clamp(min=1e-20))).sum().detach()

@@ -57,7 +57,9 @@ class SuperPosPrompt(PromptMethod):
         self.num_tokens = n
         token_ids = sample_token_ids(context, m, top=None, seed=cfg.sample_seed)
         self.register_buffer("token_ids", token_ids)
-        self.register_buffer("frozen_embeddings", context.input_embeddings.detach().float()[token_ids].T.clone())  # [d, m]
+        self.register_buffer(
+            "frozen_embeddings", context.input_embeddings.detach().float()[token_ids].T.clone()
+        )  # [d, m]
         self.delta = nn.Parameter(torch.zeros(n, d, m) if cfg.per_token_delta else torch.zeros(d, m))
         generator = torch.Generator().manual_seed(context.seed)
         if cfg.weight_init == "one_hot":

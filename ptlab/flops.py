@@ -1,0 +1,100 @@
+"""Analytic FLOPs of a training step, from the model config and the batch's shapes.
+
+Counted (a multiply-add = 2 FLOPs), per transformer block over T positions with model width d,
+attention width a (heads x head dim), key/value width k (smaller with grouped queries), FFN width
+f with 1 input projection (2 when gated):
+  projections 2T(2da + 2dk), attention scores and mixing 4T^2 a, FFN 2Tdf(inputs + 1);
+T5 decoder blocks add cross-attention over the encoder's positions; the LM head costs 2TdV on the
+positions scored. Embedding lookups, norms and softmaxes are left out (< 1% at these sizes).
+A training step with a frozen backbone = forward + the backward pass for activation gradients
+(no weight gradients) = 2 x forward. Partial models (FPT) count their kept blocks and neurons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    d: int
+    attn: int
+    kv: int
+    ffn: int
+    ffn_inputs: int
+    vocab: int
+    encoder_layers: int
+    decoder_layers: int  # seq2seq only; 0 otherwise
+
+    @classmethod
+    def from_config(cls, config, family: str) -> ModelShape:
+        kind = config.model_type
+        if kind in ("t5", "mt5", "umt5"):
+            attn = config.num_heads * config.d_kv
+            gated = config.feed_forward_proj.startswith("gated")
+            return cls(
+                config.d_model,
+                attn,
+                attn,
+                config.d_ff,
+                2 if gated else 1,
+                config.vocab_size,
+                config.num_layers,
+                config.num_decoder_layers,
+            )
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        gated = family == "causal" and kind != "gpt2"
+        return cls(
+            config.hidden_size,
+            heads * head_dim,
+            kv_heads * head_dim,
+            config.intermediate_size,
+            2 if gated else 1,
+            config.vocab_size,
+            config.num_hidden_layers,
+            0,
+        )
+
+
+def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0) -> float:
+    """One block over `tokens` positions; `context` > 0 adds cross-attention to that many positions."""
+    d, a, k = shape.d, shape.attn, shape.kv
+    flops = (
+        2 * tokens * (2 * d * a + 2 * d * k)
+        + 4 * tokens * tokens * a
+        + 2 * tokens * d * ffn * (shape.ffn_inputs + 1)
+    )
+    if context:
+        flops += 2 * tokens * 2 * d * a + 2 * context * 2 * d * k + 4 * tokens * context * a
+    return flops
+
+
+def train_step_flops(
+    shape: ModelShape,
+    family: str,
+    batch: int,
+    source_tokens: int,
+    target_tokens: int,
+    encoder_layers: int | None = None,
+    decoder_layers: int | None = None,
+    ffn: int | None = None,
+    decoder_ffn: int | None = None,
+) -> float:
+    """FLOPs of one training step on `batch` sequences of the given (padded) lengths, the prompt
+    included in `source_tokens`; layer and FFN counts default to the full model's."""
+    ffn = shape.ffn if ffn is None else ffn
+    decoder_ffn = shape.ffn if decoder_ffn is None else decoder_ffn
+    encoder_layers = shape.encoder_layers if encoder_layers is None else encoder_layers
+    decoder_layers = shape.decoder_layers if decoder_layers is None else decoder_layers
+    if family == "seq2seq":
+        forward = encoder_layers * block_flops(shape, source_tokens, ffn)
+        forward += decoder_layers * block_flops(shape, target_tokens, decoder_ffn, context=source_tokens)
+        forward += 2 * target_tokens * shape.d * shape.vocab
+    elif family == "causal":
+        forward = encoder_layers * block_flops(shape, source_tokens + target_tokens, ffn)
+        forward += 2 * target_tokens * shape.d * shape.vocab
+    else:
+        forward = encoder_layers * block_flops(shape, source_tokens, ffn)
+    return 2.0 * batch * forward

@@ -1,0 +1,240 @@
+"""FPT: layer lists, neuron slicing, exact growth, state carried across stages, resume, FLOPs."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ptlab.config import ConfigError, to_object
+from ptlab.flops import ModelShape, train_step_flops
+from ptlab.partial import PartialModel, evenly_spaced_layers
+from ptlab.train import run
+from ptlab.trainer import Trainer
+
+from conftest import TINY, compose_config
+from helpers import build, examples
+
+DEEP = {"tiny_t5": "num_layers", "tiny_llama": "num_hidden_layers", "tiny_bert": "num_hidden_layers"}
+FAMILIES = list(DEEP)
+
+
+def deep(backbone: str, layers: int = 8) -> list:
+    return [
+        f"backbone={backbone}",
+        f"++backbone.random_init.{DEEP[backbone]}={layers}",
+        "backbone.dropout=false",
+    ]
+
+
+def test_evenly_spaced_layers_equal_the_official_lists_for_24():
+    assert evenly_spaced_layers(6, 24) == [0, 4, 8, 13, 18, 23]
+    assert evenly_spaced_layers(12, 24) == [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 23]
+    assert evenly_spaced_layers(18, 24) == list(range(12)) + [13, 15, 17, 19, 21, 23]
+    assert evenly_spaced_layers(24, 24) == list(range(24))
+    for kept in range(2, 25):
+        layers = evenly_spaced_layers(kept, 24)
+        assert len(layers) == kept and layers[0] == 0 and layers[-1] == 23 and layers == sorted(set(layers))
+
+
+def outputs(backbone, method, batch):
+    with torch.no_grad():
+        return backbone.output_logits(method, batch)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_neuron_slicing_equals_masking_those_neurons(name):
+    _, backbone, method = build(deep(name, 2))
+    backbone.eval()
+    batch = backbone.collate(examples(backbone))
+    partial = PartialModel(backbone.model)
+    partial.scores = [
+        torch.randn(partial.ffn_width, generator=torch.Generator().manual_seed(i))
+        for i in range(len(partial.ffns))
+    ]
+    masked = copy.deepcopy(backbone)
+    keep_count = partial.ffn_width // 2
+    for scores, masked_ffn in zip(partial.scores, PartialModel(masked.model).ffns):
+        dropped = scores.topk(partial.ffn_width - keep_count, largest=False).indices
+        with torch.no_grad():
+            getattr(*masked_ffn.output).weight[:, dropped] = 0.0
+    partial.set_stage(depth=1.0, width=0.5)
+    assert partial.kept_neurons == keep_count
+    assert torch.allclose(outputs(backbone, method, batch), outputs(masked, method, batch), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_growing_back_restores_exactly_the_original_function(name):
+    _, backbone, method = build(deep(name))
+    backbone.eval()
+    batch = backbone.collate(examples(backbone))
+    untouched = copy.deepcopy(backbone)
+    partial = PartialModel(backbone.model)
+    partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+    for depth, width in [(0.25, 0.25), (0.5, 0.5), (0.75, 0.75)]:
+        partial.set_stage(depth, width)
+        shrunk = outputs(backbone, method, batch)
+        assert not torch.allclose(shrunk, outputs(untouched, method, batch))
+    partial.set_stage(1.0, 1.0)
+    assert partial.is_full
+    assert torch.equal(outputs(backbone, method, batch), outputs(untouched, method, batch))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(backbone.model.state_dict().values(), untouched.model.state_dict().values())
+    )
+
+
+def test_depth_reduction_keeps_first_and_last_block_and_t5_position_bias():
+    _, backbone, _ = build(deep("tiny_t5"))
+    partial = PartialModel(backbone.model)
+    partial.set_stage(depth=0.25, width=1.0)
+    blocks = backbone.model.encoder.block
+    assert partial.kept_layers == [[0, 7]] and len(blocks) == 2
+    assert blocks[0].layer[0].SelfAttention.has_relative_attention_bias
+    assert len(backbone.model.decoder.block) == 2  # decoder untouched by default (tiny_t5 has 2)
+
+
+def test_neuron_scores_are_mean_absolute_activations_over_real_tokens():
+    _, backbone, method = build(deep("tiny_bert", 2))
+    backbone.eval()
+    items = examples(backbone)
+    batch = backbone.collate(items)
+    partial = PartialModel(backbone.model)
+    scores = partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+    # independent: hook the intermediate activation of layer 0 and average |.| over unmasked positions
+    seen = {}
+    hook = backbone.model.encoder.layer[0].output.dense.register_forward_pre_hook(
+        lambda m, i: seen.update(x=i[0])
+    )
+    outputs(backbone, method, batch)
+    hook.remove()
+    mask = torch.cat(
+        [batch["source_mask"][:, :1], torch.ones(len(items), method.num_tokens), batch["source_mask"][:, 1:]],
+        1,
+    )
+    expected = (seen["x"].abs() * mask[..., None]).sum((0, 1)) / mask.sum()
+    assert torch.allclose(scores[0], expected, atol=1e-5)
+
+
+def fpt_run(tmp_path, name, backbone="tiny_t5", extra=()):
+    overrides = [
+        *TINY,
+        *deep(backbone),
+        "schedule=fpt",
+        "trainer.max_steps=10",
+        "trainer.eval_every=2",
+        "trainer.log_every=1",
+        "trainer.batch_size=8",
+        "trainer.optimizer=adamw",
+        "schedule.score_examples=32",
+        *extra,
+    ]
+    run(compose_config(overrides), run_dir=tmp_path / name)
+    return tmp_path / name, json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def test_prompt_and_optimizer_state_carry_across_stages(tmp_path, monkeypatch):
+    seen = []
+    original = Trainer.train_step
+
+    def spy(self, stream):
+        param = self.method.prompt_embeds
+        state = self.optimizer.state.get(param, {})
+        seen.append(
+            (
+                self.schedule.current,
+                id(param),
+                self.optimizer.param_groups[0]["params"][0] is param,
+                int(state["step"]) if "step" in state else 0,
+                id(state.get("exp_avg")),
+            )
+        )
+        return original(self, stream)
+
+    monkeypatch.setattr(Trainer, "train_step", spy)
+    _, summary = fpt_run(tmp_path, "a")
+    assert [s[0] for s in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
+    assert len({s[1] for s in seen}) == 1 and all(s[2] for s in seen)  # one prompt tensor, in the optimizer
+    assert [s[3] for s in seen] == list(range(10))  # optimizer state continues, never reset
+    assert len({s[4] for s in seen[1:]}) == 1  # the same moment buffer throughout
+    assert [stage["steps"] for stage in summary["stages"]] == [2, 2, 2, 4]
+
+
+def test_fpt_saves_flops_and_reports_them(tmp_path):
+    run_dir, summary = fpt_run(tmp_path, "a")
+    assert 0.5 < summary["flops_ratio"] < 0.8
+    assert summary["train_flops"] == pytest.approx(sum(stage["flops"] for stage in summary["stages"]))
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [e["stage"] for e in events if e["split"] == "stage"] == [0, 1, 2, 3]
+    assert {e["step"] for e in events if e["split"] == "validation"} == {8, 10}  # full model only
+    _, constant = fpt_run(tmp_path, "b", extra=["schedule=constant"])
+    assert constant["flops_ratio"] == 1.0
+
+
+def test_resume_in_the_middle_of_a_stage(tmp_path, monkeypatch):
+    full_dir, full = fpt_run(tmp_path, "full", extra=["trainer.eval_every=1"])
+    original = Trainer.train_step
+
+    def dies_at_step_4(self, stream):
+        if self.state.step == 3:  # stage 1 spans steps 2-3; the last checkpoint is at step 3
+            raise KeyboardInterrupt
+        return original(self, stream)
+
+    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1"])
+    monkeypatch.setattr(Trainer, "train_step", original)
+    scores_before = torch.load(tmp_path / "resumed/ffn_scores.pt")
+    _, resumed = fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1", "trainer.resume=true"])
+    assert all(
+        torch.equal(a, b) for a, b in zip(scores_before, torch.load(tmp_path / "resumed/ffn_scores.pt"))
+    )
+    for key in ("best", "final", "steps", "train_flops"):
+        assert resumed[key] == full[key]
+
+
+@pytest.mark.parametrize("method", ["smop", "superpos", "residual"])
+def test_fpt_composes_with_every_method(tmp_path, method):
+    _, summary = fpt_run(tmp_path, method, extra=[f"method={method}"])
+    assert summary["steps"] == 10 and summary["flops_ratio"] < 1.0
+
+
+def test_method_fpt_is_prompt_tuning_on_the_fpt_schedule():
+    config = to_object(compose_config(["method=fpt"]))
+    assert config.method.name == "prompt_tuning" and config.schedule.name == "fpt"
+    assert config.method.init == "random" and config.backbone.dropout is False
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("schedule.stages.0.steps_fraction=0.5", "add up to 1.3"),
+        ("schedule.stages.3.depth=0.5", "last schedule stage must train the full model"),
+        ("schedule.stages.0.width=0", r"schedule.stages\[0\].width=0.0 must be in"),
+    ],
+)
+def test_bad_schedules_are_clear_config_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        to_object(compose_config(["schedule=fpt", override]))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_analytic_flops_match_a_measured_count(name):
+    _, backbone, method = build(deep(name, 4))
+    backbone.eval()
+    backbone.model.set_attn_implementation("eager")  # CPU SDPA kernels are invisible to the counter
+    batch = backbone.collate(examples(backbone))
+    with FlopCounterMode(display=False) as counter:
+        backbone.output_logits(method, batch)
+    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    source = batch["source_ids"].shape[1] + method.num_tokens
+    analytic = (
+        train_step_flops(shape, backbone.family, len(batch["labels"]), source, batch["target_ids"].shape[1])
+        / 2
+    )
+    if backbone.family == "encoder":  # BERT's pooler and the class head are not counted analytically
+        analytic += 2 * len(batch["labels"]) * shape.d * (shape.d + 2)
+    assert analytic == pytest.approx(counter.get_total_flops(), rel=1e-9)
