@@ -67,6 +67,18 @@ class Backbone(nn.Module):
             seed=seed,
         )
 
+    def check_fits(self, num_prompt_tokens: int) -> None:
+        """Fail early, not inside the position embeddings, when prompt + input cannot fit."""
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest_target = max(len(ids) for ids in self.choice_ids) if self.family == "causal" else 0
+        needed = self.max_source_length + num_prompt_tokens + longest_target
+        if limit is not None and self.family != "seq2seq" and needed > limit:
+            targets = f" + {longest_target} target tokens" if longest_target else ""
+            raise ConfigError(
+                f"data.max_source_length={self.max_source_length} + {num_prompt_tokens} prompt tokens{targets} = "
+                f"{needed} exceeds the backbone's {limit} positions: lower data.max_source_length"
+            )
+
     def train(self, mode: bool = True) -> Backbone:
         """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
         super().train(mode)

@@ -142,12 +142,24 @@ def split_rows(raw: DatasetDict, task: TaskConfig, data: DataConfig, seed: int) 
     return splits
 
 
-def tokenize_splits(splits: Dict[str, Dataset], task: TaskConfig, tokenize_sources) -> TaskData:
-    """Render every row's template and tokenize each split once, in one batched call."""
+def tokenize_splits(
+    splits: Dict[str, Dataset], task: TaskConfig, tokenize_sources, max_length: int
+) -> TaskData:
+    """Render every row's template and tokenize each split once, in one batched call; warns when
+    truncation at `max_length` cuts many inputs (their ends, e.g. a question, would be lost)."""
     tokenized = {}
     for name, rows in splits.items():
         records = rows.to_list()
         sources = tokenize_sources([render_source(task, row) for row in records])
+        cut = sum(len(ids) >= max_length for ids in sources) / max(len(sources), 1)
+        if cut > 0.05:
+            log.warning(
+                "task %s: %.0f%% of %s inputs are truncated at data.max_source_length=%d; raise it to keep their ends",
+                task.name,
+                100 * cut,
+                name,
+                max_length,
+            )
         tokenized[name] = [
             Example(
                 source_ids=ids,

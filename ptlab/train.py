@@ -78,7 +78,8 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
         config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
     )
     method = build_method(config.method, backbone.prompt_context(config.seed))
-    data = tokenize_splits(rows, config.task, backbone.tokenize_sources)
+    backbone.check_fits(method.num_tokens)
+    data = tokenize_splits(rows, config.task, backbone.tokenize_sources, config.data.max_source_length)
     load_seconds = time.perf_counter() - started
 
     prompt_config = {

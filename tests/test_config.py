@@ -107,6 +107,7 @@ def run_cli(*args, env_extra=None, cwd=None):
         (["backbone=nope"], "Could not find 'backbone/nope'"),
         (["trainer.lrr=0.1"], "Key 'lrr' not in 'TrainerConfig'"),
         (["method.prompt_length=0"], "ptlab: error: method.prompt_length=0 must be >= 1"),
+        (["backbone=tiny_bert", "data.max_source_length=1020"], "exceeds the backbone's 1024 positions"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_one_clear_message(args, message, tmp_path):

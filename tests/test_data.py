@@ -45,7 +45,7 @@ def test_local_official_files_load_with_manifest_counts(task):
     config, raw = load(task)
     train_rows, val_rows, val_counts = MANIFEST[task]
     assert (len(raw["train"]), len(raw["validation"])) == (train_rows, val_rows)
-    data = tokenize_splits(dict(raw), config.task, lengths_as_ids)
+    data = tokenize_splits(dict(raw), config.task, lengths_as_ids, 10_000)
     labels = [example.label for example in data["validation"]]
     if val_counts is not None:
         counts = Counter(labels)
@@ -63,7 +63,7 @@ def test_mrpc_template_reads_the_renamed_official_columns():
 
 def test_stsb_bins_scores_and_keeps_raw_values():
     config, raw = load("stsb")
-    data = tokenize_splits(dict(raw), config.task, lengths_as_ids)
+    data = tokenize_splits(dict(raw), config.task, lengths_as_ids, 10_000)
     for example in data["validation"][:50]:
         assert float(config.task.verbalizers[example.label]) == pytest.approx(
             round(example.target_value * 5) / 5
@@ -103,3 +103,14 @@ def test_smop_protocol_keeps_multirc_questions_whole():
     config, raw = load("multirc", "data.split_protocol=smop")
     splits = split_rows(raw, config.task, config.data, seed=0)
     assert not set(splits["train"]["group"]) & set(splits["validation"]["group"])
+
+
+def test_heavy_truncation_is_warned_about(caplog):
+    config, raw = load("rte")
+    tokenize_splits(
+        {"validation": raw["validation"]},
+        config.task,
+        lambda texts: [[0] * min(len(t), 64) for t in texts],
+        64,
+    )
+    assert "are truncated at data.max_source_length=64" in caplog.text
