@@ -121,6 +121,8 @@ class HardwareConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     tf32: bool = False
     num_threads: Optional[int] = None
+    # one run on several processes launched by torchrun (ptlab/distributed.py)
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         check_choice("hardware.device", self.device, ("cpu", "cuda"))
@@ -191,7 +193,9 @@ class TrainerConfig:
     grad_clip: Optional[float] = 1.0
     eval_every: int = 100
     patience: Optional[int] = None  # evaluations without improvement before stopping
-    resume: Any = False  # false | true (this run folder) | path to a run folder
+    # auto: continue this run folder if it holds a checkpoint (requeued and rerun jobs pick up where
+    # they stopped) | true: the same | false: start over | a path: continue that run folder
+    resume: Any = "auto"
     eval_mode: str = "rank"  # rank (verbalizer log-likelihoods) | generate (exact match)
     log_every: int = 10
     max_new_tokens: int = 8
@@ -210,7 +214,7 @@ class TrainerConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         if not isinstance(self.resume, (bool, str)):
-            raise ConfigError(f"trainer.resume={self.resume!r}: use true, false or a run folder path")
+            raise ConfigError(f"trainer.resume={self.resume!r}: use auto, true, false or a run folder path")
 
 
 @dataclass

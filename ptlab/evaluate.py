@@ -1,4 +1,4 @@
-"""Evaluation: rank classification (default) or generation + exact match, then task metrics."""
+"""Prediction for evaluation: rank classification (default) or generation + exact match."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ from typing import Dict, List
 import torch
 
 from ptlab.backbones import Backbone
-from ptlab.config import TaskConfig
 from ptlab.data import Example, chunks
 from ptlab.methods.base import PromptMethod
-from ptlab.metrics import compute_metrics
 
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -26,18 +24,17 @@ def predict(backbone: Backbone, method: PromptMethod, batch, mode: str, max_new_
 
 
 @torch.no_grad()
-def evaluate(
+def predict_examples(
     backbone: Backbone,
     method: PromptMethod,
     examples: List[Example],
-    task: TaskConfig,
     batch_size: int,
     device: torch.device,
     autocast,
     mode: str = "rank",
     max_new_tokens: int = 8,
-) -> Dict[str, float]:
-    """The task's metrics on `examples`; leaves the modules in eval mode (the caller restores)."""
+) -> List[int]:
+    """Predicted class indices for `examples`, in their order; leaves the modules in eval mode."""
     backbone.eval()
     method.eval()
     # batches of similar length waste little on padding; predictions go back in input order
@@ -48,11 +45,4 @@ def evaluate(
         with autocast():
             for i, pred in zip(indices, predict(backbone, method, batch, mode, max_new_tokens)):
                 preds[i] = pred
-    return compute_metrics(
-        list(task.metrics),
-        preds,
-        [example.label for example in examples],
-        list(task.verbalizers),
-        groups=[example.group for example in examples],
-        target_values=[example.target_value for example in examples],
-    )
+    return preds

@@ -47,7 +47,7 @@ class StageSchedule:
     def stage_of(self, step: int) -> int:
         return next(i for i, end in enumerate(self.stage_ends) if step < end or i == len(self.stage_ends) - 1)
 
-    def prepare_scores(self, run_dir: Path, run_batches: Callable[[], Iterable]) -> None:
+    def prepare_scores(self, run_dir: Path, run_batches: Callable[[], Iterable], write: bool = True) -> None:
         """FFN neuron scores, computed once with the untrained prompt and cached in the run folder
         (a resumed run reloads them rather than scoring with its trained prompt)."""
         cache = run_dir / "ffn_scores.pt"
@@ -56,6 +56,8 @@ class StageSchedule:
             return
         log.info("scoring FFN neurons on %d training examples", self.cfg.score_examples)
         scores = self.partial.score_neurons(run_batches)
+        if not write:  # ranks other than 0 compute the same scores and leave the file to rank 0
+            return
         tmp = cache.with_suffix(".tmp")
         torch.save(scores, tmp)
         tmp.replace(cache)

@@ -44,11 +44,19 @@ def run_name(overrides: List[str], limit: int = 128) -> Optional[str]:
 class Tracker:
     """Appends events to metrics.jsonl and mirrors them to W&B when `logger=wandb`."""
 
-    def __init__(self, run_dir: Path, cfg: LoggerConfig, wandb_init: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LoggerConfig,
+        wandb_init: Optional[Dict[str, Any]] = None,
+        enabled: bool = True,
+    ):
+        """`enabled=False` (ranks other than 0 of a distributed run) records nothing anywhere."""
         self.run_dir = run_dir
+        self.enabled = enabled
         self.metrics_file = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        if cfg.name == "wandb" and wandb_init is not None:
+        if enabled and cfg.name == "wandb" and wandb_init is not None:
             self._start_wandb(cfg, wandb_init)
 
     def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
@@ -94,6 +102,8 @@ class Tracker:
         }
 
     def log(self, step: int, split: str, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, "split": split, **values}
         with open(self.metrics_file, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -101,13 +111,15 @@ class Tracker:
 
     def truncate_after(self, step: int) -> None:
         """Drop events logged after `step`: a resumed run replays them from its checkpoint."""
-        if not self.metrics_file.exists():
+        if not self.enabled or not self.metrics_file.exists():
             return
         lines = self.metrics_file.read_text().splitlines()
         kept = [line for line in lines if line and json.loads(line)["step"] <= step]
         self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     def summary(self, values: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         tmp = self.run_dir / "summary.json.tmp"
         tmp.write_text(json.dumps(values, indent=2, default=str))
         tmp.replace(self.run_dir / "summary.json")

@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -22,13 +23,34 @@ from omegaconf import DictConfig, OmegaConf
 from ptlab.backbones import build_backbone
 from ptlab.config import Config, ConfigError, register_configs, to_object
 from ptlab.data import load_raw_splits, majority_fraction, split_rows, tokenize_splits
+from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.methods import build_method
 from ptlab.tracking import Tracker, run_name
-from ptlab.trainer import Trainer, seed_everything
+from ptlab.trainer import Preempted, Trainer, seed_everything
 
 log = logging.getLogger("ptlab")
 
 register_configs()
+
+
+def run_stamp() -> str:
+    """The run folder's name: the time to the microsecond (no two launches collide), or, for the
+    ranks of one torchrun launch, one name they all derive alike (their launcher's run id and pid)."""
+    if launched_world().size > 1:
+        return f"ddp/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.getppid()}"
+    return datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
+
+
+# conf/config.yaml names the run folder and rank-0-only outputs with these
+OmegaConf.register_new_resolver("ptlab_stamp", run_stamp, use_cache=True, replace=True)
+OmegaConf.register_new_resolver(
+    "ptlab_rank0", lambda value: value if launched_world().rank == 0 else None, replace=True
+)
+OmegaConf.register_new_resolver(
+    "ptlab_rank_suffix",
+    lambda: "" if launched_world().rank == 0 else f"_rank{launched_world().rank}",
+    replace=True,
+)
 # the config tree lives at the repository root (an editable install: `pip install -e .`)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -61,9 +83,17 @@ def setup_hardware(config: Config) -> None:
 def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
     """Train one configuration; returns the best validation value of the task's main metric."""
     config = to_object(cfg)
+    world = init_world(config.hardware)
+    try:
+        return run_config(config, cfg, run_dir, world)
+    finally:
+        close_world(world)
+
+
+def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: World) -> float:
     facts = hydra_facts()
     run_dir = Path(run_dir or facts.get("run_dir") or "outputs/runs/unnamed")
-    if isinstance(config.trainer.resume, str):
+    if isinstance(config.trainer.resume, str) and config.trainer.resume != "auto":
         run_dir = Path(config.trainer.resume)
         if not run_dir.is_dir():
             raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
@@ -94,6 +124,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
     tracker = Tracker(
         run_dir,
         config.logger,
+        enabled=world.is_main,
         wandb_init={
             "config": OmegaConf.to_container(cfg, resolve=True),
             "group": config.logger.group or facts.get("group"),
@@ -115,6 +146,7 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
             run_dir,
             config.seed,
             prompt_config,
+            world,
         )
         if config.trainer.resume:
             trainer.resume(run_dir)
@@ -159,8 +191,15 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as error:
         print(f"ptlab: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as stop:  # the checkpoint is written; the same command (or a requeue) resumes
+        print(f"ptlab: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    # enter through the importable module, not __main__, so launchers that pickle the task
+    # function (submitit) pickle a reference to it rather than this script's globals
+    from ptlab.train import main as entry
+
+    entry()

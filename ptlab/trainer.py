@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import resource
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +30,10 @@ from ptlab import checkpoint
 from ptlab.backbones import Backbone, trainable_parameters
 from ptlab.config import ConfigError, HardwareConfig, ScheduleConfig, TaskConfig, TrainerConfig
 from ptlab.data import TaskData, chunks, epoch_order
-from ptlab.evaluate import evaluate, to_device
+from ptlab.distributed import World
+from ptlab.evaluate import predict_examples, to_device
 from ptlab.methods.base import PromptMethod
+from ptlab.metrics import compute_metrics
 from ptlab.schedule import StageSchedule
 from ptlab.tracking import Tracker
 
@@ -54,6 +57,18 @@ class TrainState:
     flops: float = 0.0  # analytic training FLOPs so far (ptlab/flops.py)
     full_model_flops: float = 0.0  # the same steps on the full model
     stages: List[Dict[str, float]] = field(default_factory=list)  # per stage: steps, flops, seconds
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after a termination signal, once the checkpoint is written."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved, rerun to resume")
+        self.signum = signum
+
+
+# SLURM sends SIGUSR1/SIGUSR2 (--signal) before its time limit and SIGTERM on preemption
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def seed_everything(seed: int) -> None:
@@ -114,10 +129,12 @@ class Trainer:
         run_dir: Path,
         seed: int,
         prompt_config: Dict[str, Any],
+        world: World = World(),
     ) -> None:
         self.backbone, self.method, self.data, self.task, self.cfg = backbone, method, data, task, cfg
         self.tracker, self.run_dir, self.seed, self.prompt_config = tracker, run_dir, seed, prompt_config
-        self.device = torch.device(hardware.device)
+        self.world = world
+        self.device = torch.device(f"cuda:{world.local_rank}" if hardware.device == "cuda" else "cpu")
         self.use_bf16 = hardware.precision == "bf16" and self.device.type == "cuda"
         self.backbone.to(self.device)
         self.method.to(self.device)
@@ -140,6 +157,7 @@ class Trainer:
         self.state = TrainState(stages=[{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in schedule.stages])
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
+        self.pending_signal: Optional[int] = None
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -180,6 +198,9 @@ class Trainer:
                     backbone_params[key[9:]].copy_(value)
 
     def save_last(self) -> None:
+        if not self.world.is_main:
+            return
+
         def write(folder: Path) -> None:
             checkpoint.save_training_state(
                 folder,
@@ -196,6 +217,8 @@ class Trainer:
         checkpoint.write_atomic_dir(self.last_dir, write)
 
     def save_best(self) -> None:
+        if not self.world.is_main:
+            return
         trainable, exported = self.trainable_state(), self.method.export_prompt()
         checkpoint.write_atomic_dir(
             self.best_dir,
@@ -226,16 +249,27 @@ class Trainer:
 
     # --- evaluation -------------------------------------------------------------------------
     def run_eval(self, split: str) -> Dict[str, float]:
-        metrics = evaluate(
+        """The task's metrics on `split`; each rank predicts its shard and all ranks get all of them."""
+        examples = self.data[split]
+        mine = self.world.shard(list(range(len(examples))))
+        preds = predict_examples(
             self.backbone,
             self.method,
-            self.data[split],
-            self.task,
+            [examples[i] for i in mine],
             self.eval_batch_size,
             self.device,
             self.autocast,
             self.cfg.eval_mode,
             self.cfg.max_new_tokens,
+        )
+        by_index = {i: p for shard in self.world.gather(list(zip(mine, preds))) for i, p in shard}
+        metrics = compute_metrics(
+            list(self.task.metrics),
+            [by_index[i] for i in range(len(examples))],
+            [example.label for example in examples],
+            list(self.task.verbalizers),
+            groups=[example.group for example in examples],
+            target_values=[example.target_value for example in examples],
         )
         metrics.update({f"router_{k}": v for k, v in self.method.eval_stats().items()})
         return metrics
@@ -257,15 +291,17 @@ class Trainer:
         else:
             self.state.evals_without_improvement += 1
         self.save_last()
+        self.world.barrier()
         return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
 
     # --- the loop -------------------------------------------------------------------------------
-    def count_flops(self, batch: Dict[str, torch.Tensor]) -> None:
+    def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """[this step's FLOPs on the current model, the same on the full model] for one batch."""
         source = batch["source_ids"].shape[1] + self.method.num_tokens
-        actual, full = self.schedule.step_flops(len(batch["labels"]), source, batch["target_ids"].shape[1])
-        self.state.flops += actual
-        self.state.full_model_flops += full
-        self.state.stages[self.schedule.current]["flops"] += actual
+        return torch.tensor(
+            self.schedule.step_flops(len(batch["labels"]), source, batch["target_ids"].shape[1]),
+            dtype=torch.float64,
+        )
 
     def neuron_scoring_passes(self) -> Iterator[None]:
         """Forward passes with the untrained prompt over the first training examples (FPT's
@@ -282,77 +318,137 @@ class Trainer:
                 yield
 
     def train_step(self, stream: Iterator[List[int]]) -> float:
+        """One optimizer step over `grad_accum` global batches; each rank takes its shard and
+        weights its loss by the shard's share, so the summed gradients equal one process's."""
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        totals = torch.zeros(3, dtype=torch.float64)  # loss, FLOPs, full-model FLOPs
         for _ in range(self.cfg.grad_accum):
             indices = next(stream)
-            batch = to_device(self.backbone.collate([self.data["train"][i] for i in indices]), self.device)
+            mine = self.world.shard(indices)
+            self.state.examples_seen += len(indices)
+            if not mine:
+                continue
+            batch = to_device(self.backbone.collate([self.data["train"][i] for i in mine]), self.device)
             with self.autocast():
                 loss = self.method.training_loss(self.backbone, batch)
-            (loss / self.cfg.grad_accum).backward()
-            total += loss.item() / self.cfg.grad_accum
-            self.state.examples_seen += len(indices)
-            self.count_flops(batch)
+            weight = len(mine) / len(indices) / self.cfg.grad_accum
+            (loss * weight).backward()
+            totals[0] += loss.item() * weight
+            totals[1:] += self.batch_flops(batch)
+        if self.world.size > 1:
+            for param in self.params:
+                if param.grad is None:
+                    param.grad = torch.zeros_like(param)
+            grads = torch.cat([param.grad.flatten() for param in self.params])
+            self.world.sum_(grads)
+            offset = 0
+            for param in self.params:
+                param.grad.copy_(grads[offset : offset + param.numel()].view_as(param))
+                offset += param.numel()
+            self.world.sum_(totals)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.state.step += 1
-        return total
+        self.state.flops += float(totals[1])
+        self.state.full_model_flops += float(totals[2])
+        self.state.stages[self.schedule.current]["flops"] += float(totals[1])
+        return float(totals[0])
+
+    def on_signal(self, signum: int, frame) -> None:
+        """Remember the signal; the loop checkpoints at the next step boundary and stops."""
+        log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
+        self.pending_signal = signum
+
+    @contextlib.contextmanager
+    def preemption_handlers(self):
+        """SIGTERM/SIGUSR1/SIGUSR2 save a resumable checkpoint at the next step boundary; a
+        handler installed before ours (submitit's requeue) is called after the save."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield {}
+            return
+        previous = {signum: signal.signal(signum, self.on_signal) for signum in PREEMPTION_SIGNALS}
+        try:
+            yield previous
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def stop_if_signalled(self, previous: Dict[int, Any]) -> None:
+        if self.pending_signal is None:
+            return
+        self.save_last()
+        signum, self.pending_signal = self.pending_signal, None
+        log.warning("checkpoint saved at step %d after %s", self.state.step, signal.Signals(signum).name)
+        handler = previous.get(signum)
+        if callable(handler):
+            handler(signum, None)
+        raise Preempted(signum, self.state.step)
 
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
         stream = self.microbatches()
         if self.schedule.needs_scores:
-            self.schedule.prepare_scores(self.run_dir, self.neuron_scoring_passes)
+            self.schedule.prepare_scores(self.run_dir, self.neuron_scoring_passes, write=self.world.is_main)
         progress = tqdm(
-            total=self.total_steps, initial=self.state.step, desc="train", dynamic_ncols=True, mininterval=1.0
+            disable=not self.world.is_main or None,
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="train",
+            dynamic_ncols=True,
+            mininterval=1.0,
         )
         window_loss, window_examples, window_start = [], 0, time.perf_counter()
         stopped_early = False
-        while self.state.step < self.total_steps and not stopped_early:
-            stage = self.schedule.enter(self.state.step)
-            if stage is not None:
-                log.info("step %d: stage %s", self.state.step, stage)
-                self.tracker.log(self.state.step, "stage", stage)
-            self.backbone.train()
-            self.method.train()
-            seen_before = self.state.examples_seen
-            started = time.perf_counter()
-            loss = self.train_step(stream)
-            elapsed_step = time.perf_counter() - started
-            self.state.train_seconds += elapsed_step
-            self.state.stages[self.schedule.current]["seconds"] += elapsed_step
-            self.state.stages[self.schedule.current]["steps"] += 1
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
-                )
-            window_loss.append(loss)
-            window_examples += self.state.examples_seen - seen_before
-            progress.update(1)
-            if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
-                elapsed = time.perf_counter() - window_start
-                self.tracker.log(
-                    self.state.step,
-                    "train",
-                    {
-                        "loss": float(np.mean(window_loss)),
-                        "lr": self.scheduler.get_last_lr()[0],
-                        "examples_per_s": window_examples / max(elapsed, 1e-9),
-                    },
-                )
-                progress.set_postfix(loss=f"{np.mean(window_loss):.4f}", refresh=False)
-                window_loss, window_examples, window_start = [], 0, time.perf_counter()
-            at_eval = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
-            if at_eval and self.schedule.is_full:  # partial models are not evaluated or kept as best
-                stopped_early = self.eval_and_checkpoint()
-                progress.set_postfix(
-                    loss=f"{loss:.4f}",
-                    **{
-                        f"val_{self.task.main_metric}": f"{self.state.last_metrics[self.task.main_metric]:.4f}"
-                    },
-                )
+        with self.preemption_handlers() as previous_handlers:
+            while self.state.step < self.total_steps and not stopped_early:
+                stage = self.schedule.enter(self.state.step)
+                if stage is not None and len(self.state.stages) > 1:
+                    log.info("step %d: stage %s", self.state.step, stage)
+                    self.tracker.log(self.state.step, "stage", stage)
+                self.backbone.train()
+                self.method.train()
+                seen_before = self.state.examples_seen
+                started = time.perf_counter()
+                loss = self.train_step(stream)
+                elapsed_step = time.perf_counter() - started
+                self.state.train_seconds += elapsed_step
+                self.state.stages[self.schedule.current]["seconds"] += elapsed_step
+                self.state.stages[self.schedule.current]["steps"] += 1
+                if not math.isfinite(loss):
+                    raise FloatingPointError(
+                        f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
+                    )
+                window_loss.append(loss)
+                window_examples += self.state.examples_seen - seen_before
+                progress.update(1)
+                if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
+                    elapsed = time.perf_counter() - window_start
+                    self.tracker.log(
+                        self.state.step,
+                        "train",
+                        {
+                            "loss": float(np.mean(window_loss)),
+                            "lr": self.scheduler.get_last_lr()[0],
+                            "examples_per_s": window_examples / max(elapsed, 1e-9),
+                            "flops": self.state.flops,
+                        },
+                    )
+                    progress.set_postfix(loss=f"{np.mean(window_loss):.4f}", refresh=False)
+                    window_loss, window_examples, window_start = [], 0, time.perf_counter()
+                at_eval = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
+                if at_eval and self.schedule.is_full:  # partial models are not evaluated or kept as best
+                    stopped_early = self.eval_and_checkpoint()
+                    progress.set_postfix(
+                        loss=f"{loss:.4f}",
+                        **{
+                            f"val_{self.task.main_metric}": f"{self.state.last_metrics[self.task.main_metric]:.4f}"
+                        },
+                    )
+                self.stop_if_signalled(previous_handlers)
         progress.close()
         return self.finish(stopped_early)
 

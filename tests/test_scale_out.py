@@ -1,0 +1,160 @@
+"""Beyond one process: torchrun DDP on CPU (gloo), preemption and requeue, submitit and Optuna sweeps."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from ptlab import checkpoint
+
+from conftest import OFFLINE_ENV, REPO, TINY
+
+QUICK = [
+    *TINY,
+    "backbone=tiny_t5",
+    "backbone.dropout=false",
+    "hardware.num_threads=1",
+    "trainer.optimizer=adamw",
+]
+
+
+def cli(args, cwd=REPO, launcher=("-m", "ptlab.train"), env_extra=None, **kwargs):
+    env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
+    )
+
+
+def trained_prompt(run_dir):
+    return checkpoint.load_training_state(run_dir / "checkpoints/last")["trainable"]["method.prompt_embeds"]
+
+
+def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    steps = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8"]
+    single = cli([*steps, "logger=none", f"hydra.run.dir={tmp_path / 'single'}"], timeout=300)
+    assert single.returncode == 0, single.stderr[-2000:]
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.train")
+    ddp = cli(
+        [*steps, "logger=wandb", "hardware.distributed=true"],
+        cwd=tmp_path,
+        launcher=launcher,
+        env_extra={"WANDB_MODE": "offline"},
+        timeout=300,
+    )
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    folders = list((tmp_path / "outputs/runs/ddp").iterdir())
+    assert len(folders) == 1  # both ranks wrote into one run folder
+    run_dir = folders[0]
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 1  # only rank 0 talks to W&B
+    assert (run_dir / ".hydra").is_dir() and (run_dir / "train_rank1.log").exists()
+    assert torch.allclose(trained_prompt(run_dir), trained_prompt(tmp_path / "single"), atol=1e-6)
+    ddp_summary = json.loads((run_dir / "summary.json").read_text())
+    assert ddp_summary["best"] == json.loads((tmp_path / "single/summary.json").read_text())["best"]
+
+
+def test_single_process_config_refuses_a_multi_process_launch(tmp_path):
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.train")
+    result = cli([*QUICK, "logger=none"], cwd=tmp_path, launcher=launcher, timeout=300)
+    assert result.returncode != 0 and "use hardware=multi_gpu" in result.stderr
+
+
+def test_sigterm_checkpoints_and_the_rerun_ends_like_an_uninterrupted_run(tmp_path):
+    steps = [
+        *QUICK,
+        "logger=none",
+        "trainer.max_steps=120",
+        "trainer.eval_every=50",
+        "trainer.log_every=1",
+        "trainer.batch_size=4",
+        "backbone.dropout=true",
+    ]
+    full = cli([*steps, f"hydra.run.dir={tmp_path / 'full'}"], timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    run_dir = tmp_path / "preempted"
+    env = {**os.environ, **OFFLINE_ENV}
+    command = [sys.executable, "-m", "ptlab.train", *steps, f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = (
+            (run_dir / "metrics.jsonl").read_text().splitlines()
+            if (run_dir / "metrics.jsonl").exists()
+            else []
+        )
+        if len(lines) >= 20:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGTERM at step" in stderr
+    stopped_at = checkpoint.load_training_state(run_dir / "checkpoints/last")["train_state"]["step"]
+    assert 20 <= stopped_at < 120
+
+    rerun = cli([*steps, f"hydra.run.dir={run_dir}"], timeout=300)  # trainer.resume=auto picks it up
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"resumed from {run_dir / 'checkpoints/last'} at step {stopped_at}" in rerun.stdout
+    summaries = [json.loads((d / "summary.json").read_text()) for d in (tmp_path / "full", run_dir)]
+    for key in ("best", "final", "steps"):
+        assert summaries[0][key] == summaries[1][key]
+    assert torch.equal(trained_prompt(run_dir), trained_prompt(tmp_path / "full"))
+
+
+def test_submitit_local_multirun_runs_both_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli(
+        [
+            "-m",
+            *QUICK,
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "trainer.eval_every=2",
+            "seed=1,2",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env_extra={"WANDB_MODE": "offline"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in (0, 1)]
+    assert sorted(s["seed"] for s in summaries) == [1, 2]
+    assert summaries[0]["wandb"]["group"] == summaries[1]["wandb"]["group"]
+    assert summaries[0]["wandb"]["id"] != summaries[1]["wandb"]["id"]
+
+
+def test_optuna_sweep_optimises_the_returned_validation_metric(tmp_path):
+    sweep = tmp_path / "optuna"
+    result = cli(
+        [
+            "-m",
+            *QUICK,
+            "logger=none",
+            "trainer.max_steps=3",
+            "trainer.eval_every=3",
+            "hydra/sweeper=optuna",
+            "hydra.sweeper.n_trials=3",
+            "hydra.sweeper.direction=maximize",
+            "hydra.sweeper.sampler.seed=0",
+            "trainer.lr=interval(0.001,0.1)",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    trials = [json.loads((sweep / str(i) / "summary.json").read_text())["best"]["acc"] for i in range(3)]
+    assert best["best_value"] == pytest.approx(max(trials))
+    assert 0.001 <= best["best_params"]["trainer.lr"] <= 0.1
