@@ -129,12 +129,12 @@ class Trainer:
         run_dir: Path,
         seed: int,
         prompt_config: Dict[str, Any],
-        world: World = World(),
+        world: Optional[World] = None,
     ) -> None:
         self.backbone, self.method, self.data, self.task, self.cfg = backbone, method, data, task, cfg
         self.tracker, self.run_dir, self.seed, self.prompt_config = tracker, run_dir, seed, prompt_config
-        self.world = world
-        self.device = torch.device(f"cuda:{world.local_rank}" if hardware.device == "cuda" else "cpu")
+        self.world = world or World()
+        self.device = torch.device(f"cuda:{self.world.local_rank}" if hardware.device == "cuda" else "cpu")
         self.use_bf16 = hardware.precision == "bf16" and self.device.type == "cuda"
         self.backbone.to(self.device)
         self.method.to(self.device)
