@@ -12,10 +12,14 @@ import time
 import pytest
 import torch
 import yaml
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 
 from ptlab import checkpoint
+from ptlab.config import to_object
+from ptlab.train import CONF_DIR
 
-from conftest import OFFLINE_ENV, REPO, TINY
+from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
 QUICK = [
     *TINY,
@@ -31,6 +35,12 @@ def cli(args, cwd=REPO, launcher=("-m", "ptlab.train"), env_extra=None, **kwargs
     return subprocess.run(
         [sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
     )
+
+
+def compose_config_with_hydra(overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
 
 
 def trained_prompt(run_dir):
@@ -158,3 +168,22 @@ def test_optuna_sweep_optimises_the_returned_validation_metric(tmp_path):
     trials = [json.loads((sweep / str(i) / "summary.json").read_text())["best"]["acc"] for i in range(3)]
     assert best["best_value"] == pytest.approx(max(trials))
     assert 0.001 <= best["best_params"]["trainer.lr"] <= 0.1
+
+
+@pytest.mark.parametrize(
+    "experiment,jobs",
+    [("smop_superglue", 6 * 2 * 3), ("superpos_glue", 2 * 3 * 2 * 13 * 3), ("fpt_t5large", 4 * 2 * 3)],
+)
+def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, jobs):
+    cfg = compose_config_with_hydra([f"experiment={experiment}"])
+    params = cfg.hydra.sweeper.params
+    count = 1
+    for key, values in params.items():
+        options = str(values).split(",")
+        count *= len(options)
+        for option in options:  # each swept value composes and validates with the experiment
+            to_object(compose_config([f"experiment={experiment}", f"{key}={option}"]))
+    assert count == jobs
+    config = to_object(compose_config([f"experiment={experiment}"]))
+    assert config.logger.group == experiment and config.hardware.device == "cuda"
+    assert config.trainer.optimizer == "adafactor"
