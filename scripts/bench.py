@@ -1,0 +1,328 @@
+"""Speed and memory, side by side in one process: ptlab vs HuggingFace PEFT and vs the long prompt.
+
+    python scripts/bench.py                    # CPU, fp32: T5-base-shaped (random) + SmolLM2-135M (real)
+    python scripts/bench.py --device cuda      # CUDA, bf16 autocast
+    python scripts/bench.py --quick            # fewer repeats, for a smoke test
+
+Every comparison runs interleaved (A B A B ...) after a warm-up on identical inputs and reports
+the median; it prints one markdown table of ratios last and writes JSON under outputs/bench/.
+Memory: CUDA max allocated on GPU; on CPU the allocator's live tensors are not tracked, so the
+memory column is the process RSS high-water mark (monotone: read it as an upper bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from peft import PromptTuningConfig, TaskType, get_peft_model
+
+from ptlab.backbones import build_backbone
+from ptlab.config import to_object
+from ptlab.data import Example
+from ptlab.flops import ModelShape, train_step_flops
+from ptlab.methods import build_method
+from ptlab.partial import PartialModel
+from ptlab.train import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+T5_BASE_SHAPE = [
+    "backbone=tiny_t5",
+    "++backbone.random_init={model_type: t5, d_model: 768, d_ff: 3072, d_kv: 64, num_heads: 12, "
+    "num_layers: 12, num_decoder_layers: 12, vocab_size: 32128}",
+]
+BACKBONES = {
+    "t5_base_shape": T5_BASE_SHAPE,
+    "smollm2_135m": ["backbone=smollm2_135m"],
+    "tiny_t5": ["backbone=tiny_t5"],
+}
+
+
+def build(overrides: list[str], seq_len: int):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(
+            "config", overrides=[*overrides, "backbone.dropout=false", f"data.max_source_length={seq_len}"]
+        )
+    config = to_object(cfg)
+    backbone = build_backbone(config.backbone, list(config.task.verbalizers), seq_len, seed=0)
+    return config, backbone, build_method(config.method, backbone.prompt_context(0))
+
+
+def batch_of(backbone, size: int, seq_len: int):
+    """`size` examples of exactly `seq_len` source tokens (fixed shapes for both contenders)."""
+    ids = backbone.tokenize_sources(["sst2 sentence: " + "a moving, beautifully acted film " * 64] * size)
+    return backbone.collate([Example(source_ids=row[:seq_len], label=i % 2) for i, row in enumerate(ids)])
+
+
+def timed(fn, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(contenders: dict, repeats: int, sync) -> dict:
+    """Median seconds per call of each contender, run A B A B after one warm-up call each."""
+    for fn in contenders.values():
+        fn()
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, fn in contenders.items():
+            times[name].append(timed(fn, sync))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def peft_for(backbone, method, num_tokens: int):
+    task = TaskType.SEQ_2_SEQ_LM if backbone.family == "seq2seq" else TaskType.CAUSAL_LM
+    model = get_peft_model(backbone.model, PromptTuningConfig(task_type=task, num_virtual_tokens=num_tokens))
+    return model
+
+
+def peak_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument(
+        "--backbones", nargs="+", default=["t5_base_shape", "smollm2_135m"], choices=sorted(BACKBONES)
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--prompt", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="2 repeats, one backbone")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    args = parser.parse_args()
+    if args.quick:
+        args.repeats, args.backbones = 2, args.backbones[:1]
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if device.type == "cuda"
+        else contextlib.nullcontext
+    )
+    results, rows = {"args": vars(args) | {"out": str(args.out)}}, []
+
+    # the hardware floor: a large matmul's throughput in this process
+    size = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(
+        size, size, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    matmul_s = interleaved({"mm": lambda: a @ a}, args.repeats, sync)["mm"]
+    floor = 2 * size**3 / matmul_s
+    results["matmul_flops_per_s"] = floor
+    rows.append(("matmul throughput (this process)", f"{floor / 1e12:.2f} TFLOP/s", "", ""))
+
+    for name in args.backbones:
+        overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
+        config, backbone, method = build(overrides, args.seq_len)
+        backbone.to(device), method.to(device)
+        batch = {k: v.to(device) for k, v in batch_of(backbone, args.batch, args.seq_len).items()}
+        shape = ModelShape.from_config(backbone.model.config, backbone.family)
+        step_flops = train_step_flops(
+            shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
+        )
+
+        ours_opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+        peft = peft_for(backbone, method, args.prompt).to(device)
+        peft_opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+        full_ids = torch.cat([batch["source_ids"], batch["target_ids"].clamp(min=0)], 1)
+        causal_labels = torch.cat([torch.full_like(batch["source_ids"], -100), batch["target_ids"]], 1)
+
+        def ours_step():
+            with autocast():
+                loss = backbone.loss(method, batch)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+
+        def peft_step():
+            with autocast():
+                if backbone.family == "seq2seq":
+                    out = peft(
+                        input_ids=batch["source_ids"],
+                        attention_mask=batch["source_mask"],
+                        labels=batch["target_ids"],
+                    )
+                else:
+                    out = peft(
+                        input_ids=full_ids, attention_mask=torch.ones_like(full_ids), labels=causal_labels
+                    )
+            out.loss.backward()
+            peft_opt.step()
+            peft_opt.zero_grad(set_to_none=True)
+
+        backbone.train(), method.train(), peft.train()
+        backbone.model.eval()  # dropout off on both sides
+        train = interleaved({"ptlab": ours_step, "peft": peft_step}, args.repeats, sync)
+        examples_s = {k: args.batch / v for k, v in train.items()}
+        rows.append(
+            (
+                f"{name}: train step, examples/s",
+                f"{examples_s['ptlab']:.1f}",
+                f"{examples_s['peft']:.1f}",
+                f"{examples_s['ptlab'] / examples_s['peft']:.2f}x",
+            )
+        )
+        rows.append(
+            (
+                f"{name}: train step, share of the matmul floor",
+                f"{step_flops / train['ptlab'] / floor:.0%}",
+                f"{step_flops / train['peft'] / floor:.0%}",
+                "",
+            )
+        )
+
+        # evaluation: rank classification in one pass vs PEFT generate + exact match
+        lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
+
+        def ours_eval():
+            with torch.no_grad(), autocast():
+                return backbone.score(method, batch).argmax(-1).tolist()
+
+        def peft_eval():
+            with torch.no_grad(), autocast():
+                if backbone.family == "seq2seq":
+                    out = peft.generate(
+                        input_ids=batch["source_ids"], attention_mask=batch["source_mask"], max_new_tokens=5
+                    )
+                    texts = backbone.tokenizer.batch_decode(out, skip_special_tokens=True)
+                else:
+                    out = peft.generate(
+                        input_ids=batch["source_ids"],
+                        attention_mask=batch["source_mask"],
+                        max_new_tokens=5,
+                        pad_token_id=backbone.pad_id,
+                    )
+                    texts = backbone.tokenizer.batch_decode(
+                        out[:, batch["source_ids"].shape[1] :], skip_special_tokens=True
+                    )
+                return [lookup.get(t.strip(), -1) for t in texts]
+
+        evaluation = interleaved({"ptlab": ours_eval, "peft": peft_eval}, args.repeats, sync)
+        rows.append(
+            (
+                f"{name}: eval, examples/s (rank vs generate)",
+                f"{args.batch / evaluation['ptlab']:.1f}",
+                f"{args.batch / evaluation['peft']:.1f}",
+                f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
+            )
+        )
+        results[name] = {"train_s": train, "eval_s": evaluation, "step_flops": step_flops}
+        del peft, peft_opt
+
+        # prompt length scaling and the methods' costs against prompt tuning with 100 tokens
+        contenders = {}
+        for label, extra in [
+            ("pt5", ["method.prompt_length=5"]),
+            ("pt20", ["method.prompt_length=20"]),
+            ("pt50", ["method.prompt_length=50"]),
+            ("pt100", ["method.prompt_length=100"]),
+            ("smop4x5", ["method=smop"]),
+            ("superpos", ["method=superpos"]),
+            ("residual", ["method=residual"]),
+        ]:
+            _, _, other = build([*BACKBONES[name], *extra], args.seq_len)
+            other.to(device).train()
+            opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+
+            def step(other=other, opt=opt):
+                with autocast():
+                    loss = other.training_loss(backbone, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            contenders[label] = step
+        scaling = interleaved(contenders, args.repeats, sync)
+        results[name]["methods_s"] = scaling
+        for label in ("pt5", "pt20", "pt50"):
+            rows.append(
+                (
+                    f"{name}: train step {label} vs pt100",
+                    f"{scaling[label] * 1000:.0f} ms",
+                    f"{scaling['pt100'] * 1000:.0f} ms",
+                    f"{scaling['pt100'] / scaling[label]:.2f}x faster",
+                )
+            )
+        rows.append(
+            (
+                f"{name}: SMoP 4x5 vs PT-100 time",
+                f"{scaling['smop4x5'] * 1000:.0f} ms",
+                f"{scaling['pt100'] * 1000:.0f} ms",
+                f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
+            )
+        )
+        for label in ("superpos", "residual"):
+            rows.append(
+                (
+                    f"{name}: {label} vs PT (10 vs 20 tok)",
+                    f"{scaling[label] * 1000:.0f} ms",
+                    f"{scaling['pt20'] * 1000:.0f} ms",
+                    f"{scaling[label] / scaling['pt20']:.2f}x",
+                )
+            )
+
+        # FPT: each compound stage's step time and FLOPs against the full model
+        partial = PartialModel(backbone.model)
+        with torch.no_grad():
+            partial.score_neurons(lambda: iter([backbone.output_logits(method, batch)]))
+        stage_times, stage_flops = {}, {}
+        for depth in (0.25, 0.5, 0.75, 1.0):
+            partial.set_stage(depth, depth)
+            stage_times[depth] = interleaved({"step": ours_step}, args.repeats, sync)["step"]
+            stage_flops[depth] = train_step_flops(
+                shape,
+                backbone.family,
+                args.batch,
+                args.seq_len + args.prompt,
+                batch["target_ids"].shape[1],
+                encoder_layers=len(partial.kept_layers[0]),
+                ffn=partial.kept_neurons,
+            )
+        partial.restore()
+        results[name]["fpt_stage_s"], results[name]["fpt_stage_flops"] = stage_times, stage_flops
+        for depth in (0.25, 0.5, 0.75):
+            rows.append(
+                (
+                    f"{name}: FPT stage depth=width={depth} vs full",
+                    f"{stage_times[depth] * 1000:.0f} ms",
+                    f"{stage_times[1.0] * 1000:.0f} ms",
+                    f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
+                )
+            )
+        del backbone, method
+        results[name]["peak_mb"] = peak_mb(device)
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (args.out / f"bench-{args.device}-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    print(
+        f"\n| measurement ({args.device}, batch {args.batch}, {args.seq_len} tokens, prompt {args.prompt}) | ptlab | reference | ratio |"
+    )
+    print("|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print(f"\nJSON: {args.out}/bench-{args.device}-{stamp}.json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
