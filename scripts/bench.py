@@ -95,6 +95,187 @@ def peak_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def bench_backbone(name: str, args, device, sync, autocast, floor: float, results: dict) -> list:
+    """All comparisons on one backbone; returns the table rows and fills `results[name]`."""
+    rows = []
+    overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
+    config, backbone, method = build(overrides, args.seq_len)
+    backbone.to(device), method.to(device)
+    batch = {k: v.to(device) for k, v in batch_of(backbone, args.batch, args.seq_len).items()}
+    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    step_flops = train_step_flops(
+        shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
+    )
+
+    ours_opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    peft = peft_for(backbone, method, args.prompt).to(device)
+    peft_opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+    full_ids = torch.cat([batch["source_ids"], batch["target_ids"].clamp(min=0)], 1)
+    causal_labels = torch.cat([torch.full_like(batch["source_ids"], -100), batch["target_ids"]], 1)
+
+    def ours_step():
+        with autocast():
+            loss = backbone.loss(method, batch)
+        loss.backward()
+        ours_opt.step()
+        ours_opt.zero_grad(set_to_none=True)
+
+    def peft_step():
+        with autocast():
+            if backbone.family == "seq2seq":
+                out = peft(
+                    input_ids=batch["source_ids"],
+                    attention_mask=batch["source_mask"],
+                    labels=batch["target_ids"],
+                )
+            else:
+                out = peft(input_ids=full_ids, attention_mask=torch.ones_like(full_ids), labels=causal_labels)
+        out.loss.backward()
+        peft_opt.step()
+        peft_opt.zero_grad(set_to_none=True)
+
+    backbone.train(), method.train(), peft.train()
+    backbone.model.eval()  # dropout off on both sides
+    train = interleaved({"ptlab": ours_step, "peft": peft_step}, args.repeats, sync)
+    examples_s = {k: args.batch / v for k, v in train.items()}
+    rows.append(
+        (
+            f"{name}: train step, examples/s",
+            f"{examples_s['ptlab']:.1f}",
+            f"{examples_s['peft']:.1f}",
+            f"{examples_s['ptlab'] / examples_s['peft']:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            f"{name}: train step, share of the matmul floor",
+            f"{step_flops / train['ptlab'] / floor:.0%}",
+            f"{step_flops / train['peft'] / floor:.0%}",
+            "",
+        )
+    )
+
+    # evaluation: rank classification in one pass vs PEFT generate + exact match
+    lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
+
+    def ours_eval():
+        with torch.no_grad(), autocast():
+            return backbone.score(method, batch).argmax(-1).tolist()
+
+    def peft_eval():
+        with torch.no_grad(), autocast():
+            if backbone.family == "seq2seq":
+                out = peft.generate(
+                    input_ids=batch["source_ids"], attention_mask=batch["source_mask"], max_new_tokens=5
+                )
+                texts = backbone.tokenizer.batch_decode(out, skip_special_tokens=True)
+            else:
+                out = peft.generate(
+                    input_ids=batch["source_ids"],
+                    attention_mask=batch["source_mask"],
+                    max_new_tokens=5,
+                    pad_token_id=backbone.pad_id,
+                )
+                texts = backbone.tokenizer.batch_decode(
+                    out[:, batch["source_ids"].shape[1] :], skip_special_tokens=True
+                )
+            return [lookup.get(t.strip(), -1) for t in texts]
+
+    evaluation = interleaved({"ptlab": ours_eval, "peft": peft_eval}, args.repeats, sync)
+    rows.append(
+        (
+            f"{name}: eval, examples/s (rank vs generate)",
+            f"{args.batch / evaluation['ptlab']:.1f}",
+            f"{args.batch / evaluation['peft']:.1f}",
+            f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
+        )
+    )
+    results[name] = {"train_s": train, "eval_s": evaluation, "step_flops": step_flops}
+
+    # prompt length scaling and the methods' costs against prompt tuning with 100 tokens
+    contenders = {}
+    for label, extra in [
+        ("pt5", ["method.prompt_length=5"]),
+        ("pt20", ["method.prompt_length=20"]),
+        ("pt50", ["method.prompt_length=50"]),
+        ("pt100", ["method.prompt_length=100"]),
+        ("smop4x5", ["method=smop"]),
+        ("superpos", ["method=superpos"]),
+        ("residual", ["method=residual"]),
+    ]:
+        _, _, other = build([*BACKBONES[name], *extra], args.seq_len)
+        other.to(device).train()
+        opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+
+        def step(other=other, opt=opt):
+            with autocast():
+                loss = other.training_loss(backbone, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        contenders[label] = step
+    scaling = interleaved(contenders, args.repeats, sync)
+    results[name]["methods_s"] = scaling
+    for label in ("pt5", "pt20", "pt50"):
+        rows.append(
+            (
+                f"{name}: train step {label} vs pt100",
+                f"{scaling[label] * 1000:.0f} ms",
+                f"{scaling['pt100'] * 1000:.0f} ms",
+                f"{scaling['pt100'] / scaling[label]:.2f}x faster",
+            )
+        )
+    rows.append(
+        (
+            f"{name}: SMoP 4x5 vs PT-100 time",
+            f"{scaling['smop4x5'] * 1000:.0f} ms",
+            f"{scaling['pt100'] * 1000:.0f} ms",
+            f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
+        )
+    )
+    for label in ("superpos", "residual"):
+        rows.append(
+            (
+                f"{name}: {label} vs PT (10 vs 20 tok)",
+                f"{scaling[label] * 1000:.0f} ms",
+                f"{scaling['pt20'] * 1000:.0f} ms",
+                f"{scaling[label] / scaling['pt20']:.2f}x",
+            )
+        )
+
+    # FPT: each compound stage's step time and FLOPs against the full model
+    partial = PartialModel(backbone.model)
+    with torch.no_grad():
+        partial.score_neurons(lambda: iter([backbone.output_logits(method, batch)]))
+    stage_times, stage_flops = {}, {}
+    for depth in (0.25, 0.5, 0.75, 1.0):
+        partial.set_stage(depth, depth)
+        stage_times[depth] = interleaved({"step": ours_step}, args.repeats, sync)["step"]
+        stage_flops[depth] = train_step_flops(
+            shape,
+            backbone.family,
+            args.batch,
+            args.seq_len + args.prompt,
+            batch["target_ids"].shape[1],
+            encoder_layers=len(partial.kept_layers[0]),
+            ffn=partial.kept_neurons,
+        )
+    partial.restore()
+    results[name]["fpt_stage_s"], results[name]["fpt_stage_flops"] = stage_times, stage_flops
+    for depth in (0.25, 0.5, 0.75):
+        rows.append(
+            (
+                f"{name}: FPT stage depth=width={depth} vs full",
+                f"{stage_times[depth] * 1000:.0f} ms",
+                f"{stage_times[1.0] * 1000:.0f} ms",
+                f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
+            )
+        )
+    results[name]["peak_mb"] = peak_mb(device)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -132,185 +313,7 @@ def main() -> None:
     rows.append(("matmul throughput (this process)", f"{floor / 1e12:.2f} TFLOP/s", "", ""))
 
     for name in args.backbones:
-        overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
-        config, backbone, method = build(overrides, args.seq_len)
-        backbone.to(device), method.to(device)
-        batch = {k: v.to(device) for k, v in batch_of(backbone, args.batch, args.seq_len).items()}
-        shape = ModelShape.from_config(backbone.model.config, backbone.family)
-        step_flops = train_step_flops(
-            shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
-        )
-
-        ours_opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
-        peft = peft_for(backbone, method, args.prompt).to(device)
-        peft_opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
-        full_ids = torch.cat([batch["source_ids"], batch["target_ids"].clamp(min=0)], 1)
-        causal_labels = torch.cat([torch.full_like(batch["source_ids"], -100), batch["target_ids"]], 1)
-
-        def ours_step():
-            with autocast():
-                loss = backbone.loss(method, batch)
-            loss.backward()
-            ours_opt.step()
-            ours_opt.zero_grad(set_to_none=True)
-
-        def peft_step():
-            with autocast():
-                if backbone.family == "seq2seq":
-                    out = peft(
-                        input_ids=batch["source_ids"],
-                        attention_mask=batch["source_mask"],
-                        labels=batch["target_ids"],
-                    )
-                else:
-                    out = peft(
-                        input_ids=full_ids, attention_mask=torch.ones_like(full_ids), labels=causal_labels
-                    )
-            out.loss.backward()
-            peft_opt.step()
-            peft_opt.zero_grad(set_to_none=True)
-
-        backbone.train(), method.train(), peft.train()
-        backbone.model.eval()  # dropout off on both sides
-        train = interleaved({"ptlab": ours_step, "peft": peft_step}, args.repeats, sync)
-        examples_s = {k: args.batch / v for k, v in train.items()}
-        rows.append(
-            (
-                f"{name}: train step, examples/s",
-                f"{examples_s['ptlab']:.1f}",
-                f"{examples_s['peft']:.1f}",
-                f"{examples_s['ptlab'] / examples_s['peft']:.2f}x",
-            )
-        )
-        rows.append(
-            (
-                f"{name}: train step, share of the matmul floor",
-                f"{step_flops / train['ptlab'] / floor:.0%}",
-                f"{step_flops / train['peft'] / floor:.0%}",
-                "",
-            )
-        )
-
-        # evaluation: rank classification in one pass vs PEFT generate + exact match
-        lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
-
-        def ours_eval():
-            with torch.no_grad(), autocast():
-                return backbone.score(method, batch).argmax(-1).tolist()
-
-        def peft_eval():
-            with torch.no_grad(), autocast():
-                if backbone.family == "seq2seq":
-                    out = peft.generate(
-                        input_ids=batch["source_ids"], attention_mask=batch["source_mask"], max_new_tokens=5
-                    )
-                    texts = backbone.tokenizer.batch_decode(out, skip_special_tokens=True)
-                else:
-                    out = peft.generate(
-                        input_ids=batch["source_ids"],
-                        attention_mask=batch["source_mask"],
-                        max_new_tokens=5,
-                        pad_token_id=backbone.pad_id,
-                    )
-                    texts = backbone.tokenizer.batch_decode(
-                        out[:, batch["source_ids"].shape[1] :], skip_special_tokens=True
-                    )
-                return [lookup.get(t.strip(), -1) for t in texts]
-
-        evaluation = interleaved({"ptlab": ours_eval, "peft": peft_eval}, args.repeats, sync)
-        rows.append(
-            (
-                f"{name}: eval, examples/s (rank vs generate)",
-                f"{args.batch / evaluation['ptlab']:.1f}",
-                f"{args.batch / evaluation['peft']:.1f}",
-                f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
-            )
-        )
-        results[name] = {"train_s": train, "eval_s": evaluation, "step_flops": step_flops}
-        del peft, peft_opt
-
-        # prompt length scaling and the methods' costs against prompt tuning with 100 tokens
-        contenders = {}
-        for label, extra in [
-            ("pt5", ["method.prompt_length=5"]),
-            ("pt20", ["method.prompt_length=20"]),
-            ("pt50", ["method.prompt_length=50"]),
-            ("pt100", ["method.prompt_length=100"]),
-            ("smop4x5", ["method=smop"]),
-            ("superpos", ["method=superpos"]),
-            ("residual", ["method=residual"]),
-        ]:
-            _, _, other = build([*BACKBONES[name], *extra], args.seq_len)
-            other.to(device).train()
-            opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
-
-            def step(other=other, opt=opt):
-                with autocast():
-                    loss = other.training_loss(backbone, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            contenders[label] = step
-        scaling = interleaved(contenders, args.repeats, sync)
-        results[name]["methods_s"] = scaling
-        for label in ("pt5", "pt20", "pt50"):
-            rows.append(
-                (
-                    f"{name}: train step {label} vs pt100",
-                    f"{scaling[label] * 1000:.0f} ms",
-                    f"{scaling['pt100'] * 1000:.0f} ms",
-                    f"{scaling['pt100'] / scaling[label]:.2f}x faster",
-                )
-            )
-        rows.append(
-            (
-                f"{name}: SMoP 4x5 vs PT-100 time",
-                f"{scaling['smop4x5'] * 1000:.0f} ms",
-                f"{scaling['pt100'] * 1000:.0f} ms",
-                f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
-            )
-        )
-        for label in ("superpos", "residual"):
-            rows.append(
-                (
-                    f"{name}: {label} vs PT (10 vs 20 tok)",
-                    f"{scaling[label] * 1000:.0f} ms",
-                    f"{scaling['pt20'] * 1000:.0f} ms",
-                    f"{scaling[label] / scaling['pt20']:.2f}x",
-                )
-            )
-
-        # FPT: each compound stage's step time and FLOPs against the full model
-        partial = PartialModel(backbone.model)
-        with torch.no_grad():
-            partial.score_neurons(lambda: iter([backbone.output_logits(method, batch)]))
-        stage_times, stage_flops = {}, {}
-        for depth in (0.25, 0.5, 0.75, 1.0):
-            partial.set_stage(depth, depth)
-            stage_times[depth] = interleaved({"step": ours_step}, args.repeats, sync)["step"]
-            stage_flops[depth] = train_step_flops(
-                shape,
-                backbone.family,
-                args.batch,
-                args.seq_len + args.prompt,
-                batch["target_ids"].shape[1],
-                encoder_layers=len(partial.kept_layers[0]),
-                ffn=partial.kept_neurons,
-            )
-        partial.restore()
-        results[name]["fpt_stage_s"], results[name]["fpt_stage_flops"] = stage_times, stage_flops
-        for depth in (0.25, 0.5, 0.75):
-            rows.append(
-                (
-                    f"{name}: FPT stage depth=width={depth} vs full",
-                    f"{stage_times[depth] * 1000:.0f} ms",
-                    f"{stage_times[1.0] * 1000:.0f} ms",
-                    f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
-                )
-            )
-        del backbone, method
-        results[name]["peak_mb"] = peak_mb(device)
+        rows += bench_backbone(name, args, device, sync, autocast, floor, results)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
