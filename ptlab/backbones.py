@@ -218,15 +218,33 @@ class CausalBackbone(Backbone):
         return self.target_logits_from(prompt, source_embeds, batch["source_mask"], batch["target_ids"])
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
+        against that shared prefix: C verbalizers cost C short passes, not C full ones."""
         prompt, source_embeds = self.prompt_and_source(method, batch)
         num_choices = len(self.choice_ids)
-        targets = self.choice_targets(len(prompt), prompt.device)
-        logits = self.target_logits_from(
-            prompt.repeat_interleave(num_choices, 0),
-            source_embeds.repeat_interleave(num_choices, 0),
-            batch["source_mask"].repeat_interleave(num_choices, 0),
-            targets,
+        prefix_mask = torch.cat([batch["source_mask"].new_ones(prompt.shape[:2]), batch["source_mask"]], 1)
+        prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
+        prefix = self.model.base_model(
+            inputs_embeds=torch.cat([prompt, source_embeds], 1),
+            attention_mask=prefix_mask,
+            position_ids=prefix_positions,
+            use_cache=True,
         )
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(num_choices)
+        targets = self.choice_targets(len(prompt), prompt.device)
+        target_mask = (targets != -100).long()
+        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
+        hidden = self.model.base_model(
+            inputs_embeds=target_embeds,
+            attention_mask=torch.cat([prefix_mask.repeat_interleave(num_choices, 0), target_mask], 1),
+            position_ids=prefix_positions[:, -1:].repeat_interleave(num_choices, 0) + target_mask.cumsum(1),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+        # target token j is predicted by the state before it: the prefix's last one for j = 0
+        last = prefix.last_hidden_state[:, -1:].repeat_interleave(num_choices, 0)
+        logits = self.model.get_output_embeddings()(torch.cat([last, hidden[:, :-1]], 1))
         return target_logprob_sums(logits, targets).view(len(prompt), num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
