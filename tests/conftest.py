@@ -54,5 +54,9 @@ def compose_config(overrides: List[str]):
     return cfg
 
 
+# method YAMLs that are recipes of a registered method rather than methods of their own
+METHOD_ALIASES = {"fpt": "prompt_tuning", "pt100": "prompt_tuning"}
+
+
 def group_values(group: str) -> List[str]:
     return sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 
 from ptlab.config import Config, ConfigError, to_object
 
-from conftest import OFFLINE_ENV, REPO, compose_config, group_values
+from conftest import METHOD_ALIASES, OFFLINE_ENV, REPO, compose_config, group_values
 
 
 @pytest.mark.parametrize(
@@ -23,10 +23,8 @@ from conftest import OFFLINE_ENV, REPO, compose_config, group_values
 def test_every_group_value_composes_and_validates(group, value):
     config = to_object(compose_config([f"{group}={value}"]))
     assert isinstance(config, Config)
-    if (group, value) == ("method", "fpt"):  # a recipe: prompt tuning on the FPT schedule
-        assert (config.method.name, config.schedule.name) == ("prompt_tuning", "fpt")
-    else:
-        assert getattr(config, group).name == value
+    expected = METHOD_ALIASES.get(value, value) if group == "method" else value
+    assert getattr(config, group).name == expected
 
 
 def test_groups_hold_what_the_runner_promises():

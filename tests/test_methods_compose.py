@@ -9,17 +9,16 @@ import pytest
 from ptlab.config import to_object
 from ptlab.train import run
 
-from conftest import TINY, compose_config, group_values
+from conftest import METHOD_ALIASES, TINY, compose_config, group_values
 
 METHODS = group_values("method")
-NAMES = {"fpt": "prompt_tuning"}  # method=fpt is prompt tuning on the FPT schedule
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("task", group_values("task"))
 def test_method_composes_with_every_task(method, task):
     config = to_object(compose_config([f"method={method}", f"task={task}"]))
-    assert config.method.name == NAMES.get(method, method) and config.task.name == task
+    assert config.method.name == METHOD_ALIASES.get(method, method) and config.task.name == task
 
 
 @pytest.mark.parametrize("method", METHODS)
