@@ -53,12 +53,20 @@ class World:
 
 
 def launched_world() -> World:
-    """The rank facts torchrun put in the environment (one process without it)."""
-    return World(
-        int(os.environ.get("RANK", 0)),
-        int(os.environ.get("WORLD_SIZE", 1)),
-        int(os.environ.get("LOCAL_RANK", 0)),
-    )
+    """The rank facts of this process: torchrun's environment, else a submitit job's tasks
+    (`hydra.launcher.tasks_per_node=N`), else one process."""
+    if "RANK" in os.environ:
+        return World(
+            int(os.environ["RANK"]),
+            int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    if "SUBMITIT_EXECUTOR" in os.environ:
+        from submitit import JobEnvironment
+
+        job = JobEnvironment()
+        return World(job.global_rank, job.num_tasks, job.local_rank)
+    return World()
 
 
 def init_world(hardware: HardwareConfig) -> World:
@@ -71,6 +79,10 @@ def init_world(hardware: HardwareConfig) -> World:
         )
     if world.size == 1:
         return world
+    if "RANK" not in os.environ:  # a submitit job: publish what env:// initialisation reads, as torchrun does
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     if hardware.device == "cuda":
         torch.cuda.set_device(world.local_rank)
     if not dist.is_initialized():

@@ -187,3 +187,28 @@ def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, j
     config = to_object(compose_config([f"experiment={experiment}"]))
     assert config.logger.group == experiment and config.hardware.device == "cuda"
     assert config.trainer.optimizer == "adafactor"
+
+
+def test_ddp_inside_a_submitit_job_with_two_tasks(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli(
+        [
+            "-m",
+            *QUICK,
+            "logger=wandb",
+            "hardware.distributed=true",
+            "trainer.max_steps=2",
+            "trainer.eval_every=2",
+            "hydra/launcher=submitit_local",
+            "hydra.launcher.tasks_per_node=2",
+            "hydra.launcher.timeout_min=10",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        env_extra={"WANDB_MODE": "offline"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = sweep / "0"
+    assert json.loads((job / "summary.json").read_text())["steps"] == 2
+    assert (job / "train_rank1.log").exists()  # the second task ran as rank 1 of the same run
+    assert len(list((job / "wandb").glob("offline-run-*"))) == 1
