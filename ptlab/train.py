@@ -148,8 +148,8 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
             prompt_config,
             world,
         )
-        if config.trainer.resume:
-            trainer.resume(run_dir)
+        if not (config.trainer.resume and trainer.resume(run_dir)):
+            tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
         log.info(
             "%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
             config.method.name,

@@ -218,3 +218,17 @@ def test_gpu_hardware_without_cuda_is_a_clear_error(tmp_path):
 def test_gpu_bf16_run(tmp_path):
     _, _, summary = train(tmp_path, "a", ["backbone=tiny_t5", "hardware=gpu", *STEPS])
     assert summary["steps"] == 6 and summary["peak_memory_mb"] > 0
+
+
+def test_starting_over_in_a_used_folder_keeps_only_the_new_events(tmp_path):
+    train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
+    first = events(tmp_path / "a", "train")
+    train(tmp_path, "a", ["backbone=tiny_t5", *STEPS, "trainer.resume=false"])
+    assert events(tmp_path / "a", "train") == first  # replaced, not appended
+
+
+def test_resume_auto_of_a_finished_run_trains_no_more(tmp_path, monkeypatch):
+    _, run_dir, summary = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
+    monkeypatch.setattr(Trainer, "train_step", lambda self, stream: pytest.fail("trained again"))
+    _, _, again = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
+    assert again["best"] == summary["best"] and again["steps"] == summary["steps"]
