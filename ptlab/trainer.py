@@ -158,6 +158,7 @@ class Trainer:
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
         self.pending_signal: Optional[int] = None
+        self.fit_started = time.perf_counter()
 
     def _total_steps(self) -> int:
         if self.cfg.max_steps is not None:
@@ -278,7 +279,10 @@ class Trainer:
         """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
         metrics = self.run_eval("validation")
         self.state.last_metrics = metrics
-        self.tracker.log(self.state.step, "validation", metrics)
+        # wall_s: seconds of this process's training and evaluation so far (time-to-accuracy)
+        self.tracker.log(
+            self.state.step, "validation", {**metrics, "wall_s": time.perf_counter() - self.fit_started}
+        )
         score = metrics[self.task.main_metric]
         if self.state.best_score is None or score > self.state.best_score:
             self.state.best_score, self.state.best_step, self.state.best_metrics = (
@@ -390,6 +394,7 @@ class Trainer:
 
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
+        self.fit_started = time.perf_counter()
         stream = self.microbatches()
         if self.schedule.needs_scores:
             self.schedule.prepare_scores(self.run_dir, self.neuron_scoring_passes, write=self.world.is_main)

