@@ -59,6 +59,16 @@ class PromptMethod(nn.Module):
         return {}
 
 
+class SharedPromptMethod(PromptMethod):
+    """A method whose prompt is one `[n, d]` block for every input (all but routed mixtures)."""
+
+    def prompt(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
+
+
 def sample_token_ids(context: PromptContext, count: int, top: Optional[int], seed: int) -> torch.Tensor:
     """`count` distinct non-special token ids, drawn from the first `top` ids (or all) with `seed`.
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from ptlab.config import ConfigError, MethodConfig, check_choice
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, PromptMethod, sample_token_ids
+from ptlab.methods.base import PromptContext, SharedPromptMethod, sample_token_ids
 
 
 @dataclass
@@ -64,11 +64,11 @@ def initial_prompt(cfg: PromptTuningConfig, context: PromptContext, length: int)
 
 
 @register("prompt_tuning", PromptTuningConfig)
-class PromptTuning(PromptMethod):
+class PromptTuning(SharedPromptMethod):
     def __init__(self, cfg: PromptTuningConfig, context: PromptContext) -> None:
         super().__init__()
         self.num_tokens = cfg.prompt_length
         self.prompt_embeds = nn.Parameter(initial_prompt(cfg, context, cfg.prompt_length))
 
-    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-        return self.prompt_embeds.unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
+    def prompt(self) -> torch.Tensor:
+        return self.prompt_embeds

@@ -18,7 +18,7 @@ from torch import nn
 
 from ptlab.config import ConfigError
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.methods.base import PromptContext, SharedPromptMethod
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
 
 
@@ -43,7 +43,7 @@ def residual_mlp(hidden: int, bottleneck: int, layer_norm: bool) -> nn.Sequentia
 
 
 @register("residual", ResidualConfig)
-class ResidualPrompt(PromptMethod):
+class ResidualPrompt(SharedPromptMethod):
     def __init__(self, cfg: ResidualConfig, context: PromptContext) -> None:
         super().__init__()
         self.num_tokens = cfg.prompt_length
@@ -61,9 +61,6 @@ class ResidualPrompt(PromptMethod):
         return self.prompt_embeds + torch.cat(
             [mlp(row[None]) for mlp, row in zip(self.mlps, self.prompt_embeds)]
         )
-
-    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-        return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
 
     def export_prompt(self):
         """The MLP folded in: a plain `[n, d]` prompt usable by any prompt-tuning code."""

@@ -24,7 +24,7 @@ from torch import nn
 
 from ptlab.config import ConfigError, MethodConfig, check_choice
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, PromptMethod, sample_token_ids
+from ptlab.methods.base import PromptContext, SharedPromptMethod, sample_token_ids
 
 
 @dataclass
@@ -45,7 +45,7 @@ class SuperPosConfig(MethodConfig):
 
 
 @register("superpos", SuperPosConfig)
-class SuperPosPrompt(PromptMethod):
+class SuperPosPrompt(SharedPromptMethod):
     def __init__(self, cfg: SuperPosConfig, context: PromptContext) -> None:
         super().__init__()
         m, n, d = cfg.num_vocab_samples, cfg.prompt_length, context.hidden_size
@@ -74,9 +74,6 @@ class SuperPosPrompt(PromptMethod):
         if self.delta.dim() == 3:
             return torch.einsum("ndm,nm->nd", self.frozen_embeddings + self.delta, self.weights)
         return self.weights @ (self.frozen_embeddings + self.delta).T
-
-    def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
-        return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
 
     def export_prompt(self):
         return {"prompt_embeds": self.prompt().detach().cpu().contiguous(), "token_ids": self.token_ids.cpu()}
