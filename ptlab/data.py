@@ -189,3 +189,22 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> List[int]:
 def chunks(items: List, size: int) -> Iterator[List]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+MEGABATCH = 50  # batches per length-sorted pool, as in transformers' LengthGroupedSampler
+
+
+def epoch_batches(
+    lengths: List[int], batch_size: int, seed: int, epoch: int, group_by_length: bool
+) -> List[List[int]]:
+    """The index batches of one epoch, a function of (seed, epoch) only. Grouped by length, each
+    pool of `MEGABATCH` random batches is sorted by length before it is cut, so a batch pads to
+    nearly its own length; the batches are then shuffled so the loss sees no length ramp."""
+    order = epoch_order(len(lengths), seed, epoch)
+    if not group_by_length:
+        return list(chunks(order, batch_size))
+    batches = []
+    for pool in chunks(order, batch_size * MEGABATCH):
+        batches += chunks(sorted(pool, key=lambda i: -lengths[i]), batch_size)
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]

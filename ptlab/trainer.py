@@ -29,7 +29,7 @@ from transformers.optimization import Adafactor
 from ptlab import checkpoint
 from ptlab.backbones import Backbone, trainable_parameters
 from ptlab.config import ConfigError, HardwareConfig, ScheduleConfig, TaskConfig, TrainerConfig
-from ptlab.data import TaskData, chunks, epoch_order
+from ptlab.data import TaskData, chunks, epoch_batches
 from ptlab.distributed import World
 from ptlab.evaluate import predict_examples, to_device
 from ptlab.methods.base import PromptMethod
@@ -134,6 +134,7 @@ class Trainer:
         self.backbone, self.method, self.data, self.task, self.cfg = backbone, method, data, task, cfg
         self.tracker, self.run_dir, self.seed, self.prompt_config = tracker, run_dir, seed, prompt_config
         self.world = world or World()
+        self.train_lengths = [len(example.source_ids) for example in data["train"]]
         self.device = torch.device(f"cuda:{self.world.local_rank}" if hardware.device == "cuda" else "cpu")
         self.use_bf16 = hardware.precision == "bf16" and self.device.type == "cuda"
         self.backbone.to(self.device)
@@ -173,10 +174,15 @@ class Trainer:
 
     # --- data ---------------------------------------------------------------------------
     def microbatches(self) -> Iterator[List[int]]:
-        """Endless stream of training index batches from the saved data position on."""
-        train = self.data["train"]
+        """Endless stream of training index batches from the saved data position on. Batches are
+        drawn per optimizer step and then split into micro-batches, so an optimizer step sees the
+        same examples whatever `grad_accum` is."""
+        step_size = self.cfg.batch_size * self.cfg.grad_accum
         while True:
-            batches = list(chunks(epoch_order(len(train), self.seed, self.state.epoch), self.cfg.batch_size))
+            steps = epoch_batches(
+                self.train_lengths, step_size, self.seed, self.state.epoch, self.cfg.group_by_length
+            )
+            batches = [batch for step in steps for batch in chunks(step, self.cfg.batch_size)]
             while self.state.batch_in_epoch < len(batches):
                 indices = batches[self.state.batch_in_epoch]
                 self.state.batch_in_epoch += 1

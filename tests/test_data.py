@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ptlab.config import ConfigError, to_object
-from ptlab.data import load_raw_splits, split_rows, tokenize_splits
+from ptlab.data import chunks, epoch_batches, epoch_order, load_raw_splits, split_rows, tokenize_splits
 from ptlab.tasks import render_source
 
 from conftest import compose_config
@@ -114,3 +114,25 @@ def test_heavy_truncation_is_warned_about(caplog):
         64,
     )
     assert "are truncated at data.max_source_length=64" in caplog.text
+
+
+def test_length_grouped_batches_cover_the_epoch_and_cut_padding():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 120, size=1000).tolist()
+    grouped = epoch_batches(lengths, 16, seed=3, epoch=2, group_by_length=True)
+    plain = epoch_batches(lengths, 16, seed=3, epoch=2, group_by_length=False)
+    assert plain == [list(b) for b in chunks(epoch_order(1000, 3, 2), 16)]
+    for batches in (grouped, plain):
+        assert sorted(i for batch in batches for i in batch) == list(range(1000))
+        assert all(1 <= len(batch) <= 16 for batch in batches)
+
+    def padded(batches):
+        return sum(len(batch) * max(lengths[i] for i in batch) for batch in batches)
+
+    assert padded(grouped) < 0.6 * padded(plain)
+    # a function of (seed, epoch) only: resume replays the same batches; epochs differ
+    assert grouped == epoch_batches(lengths, 16, seed=3, epoch=2, group_by_length=True)
+    assert grouped != epoch_batches(lengths, 16, seed=3, epoch=3, group_by_length=True)
+    # the batch order is shuffled, not a length ramp
+    first_max = [max(lengths[i] for i in batch) for batch in grouped[:10]]
+    assert first_max != sorted(first_max, reverse=True)

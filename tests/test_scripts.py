@@ -18,7 +18,17 @@ def script(*args, timeout=600):
 
 
 def test_bench_prints_ratios_and_writes_json(tmp_path):
-    result = script("scripts/bench.py", "--backbones", "tiny_t5", "--repeats", "1", "--tta-target", "0", "--out", str(tmp_path))
+    result = script(
+        "scripts/bench.py",
+        "--backbones",
+        "tiny_t5",
+        "--repeats",
+        "1",
+        "--tta-target",
+        "0",
+        "--out",
+        str(tmp_path),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| tiny_t5: train step, examples/s |" in result.stdout and "SMoP 4x5 vs PT-100" in result.stdout
     (report,) = tmp_path.glob("bench-cpu-*.json")
