@@ -9,6 +9,8 @@ The trainer only calls `loss`, `score` and `generate`; the prompt method supplie
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 from typing import Dict, List, Optional
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 
 from ptlab.config import BackboneConfig, ConfigError
 from ptlab.data import Example
-from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.methods.base import PromptContext, PromptMethod, SharedPromptMethod
 from ptlab.model_loading import load_model_and_tokenizer
 
 Batch = Dict[str, torch.Tensor]
@@ -37,6 +39,7 @@ class Backbone(nn.Module):
 
     family: str
     pad_source_left = False
+    share_prompt_states = False  # only the causal family can reuse a shared prompt's states
 
     def __init__(
         self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int
@@ -79,11 +82,25 @@ class Backbone(nn.Module):
                 f"{needed} exceeds the backbone's {limit} positions: lower data.max_source_length"
             )
 
+    @contextlib.contextmanager
+    def per_example_prompt_states(self):
+        """Run the prompt once per example even where a family could share its states (FPT's
+        neuron statistics count every position of every example)."""
+        previous, self.share_prompt_states = self.share_prompt_states, False
+        try:
+            yield
+        finally:
+            self.share_prompt_states = previous
+
     def train(self, mode: bool = True) -> Backbone:
         """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
         super().train(mode)
         self.model.train(mode and self.cfg.dropout)
         return self
+
+    def shares_prompt_states(self, method: PromptMethod) -> bool:
+        """Whether the next pass runs `method`'s prompt once per batch instead of per example."""
+        return False
 
     # --- tokenization and batching ---------------------------------------------------------
     def tokenize_sources(self, texts: List[str]) -> List[List[int]]:
@@ -193,59 +210,93 @@ class CausalBackbone(Backbone):
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
         return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
 
-    def target_logits_from(
-        self,
-        prompt: torch.Tensor,
-        source_embeds: torch.Tensor,
-        source_mask: torch.Tensor,
-        targets: torch.Tensor,
-    ) -> torch.Tensor:
-        """Logits at the positions that predict `targets` only: the full-vocabulary projection is
-        computed for L target tokens instead of the whole sequence."""
-        target_mask = (targets != -100).long()
-        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
-        inputs_embeds = torch.cat([prompt, source_embeds, target_embeds], 1)
-        mask = torch.cat([source_mask.new_ones(prompt.shape[:2]), source_mask, target_mask], 1)
-        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.model.base_model(
-            inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids
-        ).last_hidden_state
-        start = prompt.shape[1] + source_embeds.shape[1] - 1
-        return self.model.get_output_embeddings()(hidden[:, start : start + targets.shape[1]])
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so
+        # its keys/values are the same for every example: computed once per batch, not B times
+        self.share_prompt_states = True
+        self.dropout_free = getattr(self.model.config, "attention_dropout", 0.0) == 0 and not any(
+            isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
+        )
+        # transformers 5 renamed `past_key_values` to `cache`; both spellings are supported
+        self.cache_key = (
+            "cache"
+            if "cache" in inspect.signature(self.model.base_model.forward).parameters
+            else "past_key_values"
+        )
+
+    def shares_prompt_states(self, method: PromptMethod) -> bool:
+        return (
+            self.share_prompt_states
+            and isinstance(method, SharedPromptMethod)
+            and (self.dropout_free or not self.model.training)
+        )
+
+    def states(self, cache=None, **inputs):
+        """The base model's output with its key/value cache (`.cache` under either spelling)."""
+        out = self.model.base_model(**inputs, **{self.cache_key: cache}, use_cache=True)
+        return out.last_hidden_state, out[self.cache_key]
+
+    def run_prefix(self, method: PromptMethod, batch: Batch, suffix=None, suffix_mask=None):
+        """Hidden states and key/value cache of [prompt][source](+suffix), the mask of
+        [prompt][source] and the suffix's positions. A shared prompt is run once (batch 1) and
+        its cache repeated across the batch when no dropout makes examples differ; the result
+        equals the per-example pass."""
+        source_embeds = self.embed(batch["source_ids"])
+        source_mask = batch["source_mask"]
+        size = len(source_embeds)
+        shared = self.shares_prompt_states(method)
+        if shared:
+            prompt = method.prompt().unsqueeze(0).to(source_embeds.dtype)
+        else:
+            prompt = method(source_embeds, source_mask).to(source_embeds.dtype)
+        prefix_mask = torch.cat([source_mask.new_ones(size, prompt.shape[1]), source_mask], 1)
+        positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
+        inputs, mask = source_embeds, prefix_mask
+        if suffix is not None:
+            inputs = torch.cat([source_embeds, suffix], 1)
+            mask = torch.cat([prefix_mask, suffix_mask], 1)
+            positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
+        cache = None
+        if shared:
+            _, cache = self.states(inputs_embeds=prompt, position_ids=positions[:1, : prompt.shape[1]])
+            cache.batch_repeat_interleave(size)
+        else:
+            inputs = torch.cat([prompt, inputs], 1)
+        hidden, cache = self.states(
+            cache, inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1] :]
+        )
+        return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 :]
 
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        prompt, source_embeds = self.prompt_and_source(method, batch)
-        return self.target_logits_from(prompt, source_embeds, batch["source_mask"], batch["target_ids"])
+        """Logits at the positions that predict the targets only: the full-vocabulary projection
+        is computed for L target tokens instead of the whole sequence."""
+        targets = batch["target_ids"]
+        target_mask = (targets != -100).long()
+        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
+        hidden, _, _, _ = self.run_prefix(method, batch, target_embeds, target_mask)
+        start = hidden.shape[1] - targets.shape[1] - 1
+        return self.model.get_output_embeddings()(hidden[:, start : start + targets.shape[1]])
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
         against that shared prefix: C verbalizers cost C short passes, not C full ones."""
-        prompt, source_embeds = self.prompt_and_source(method, batch)
-        num_choices = len(self.choice_ids)
-        prefix_mask = torch.cat([batch["source_mask"].new_ones(prompt.shape[:2]), batch["source_mask"]], 1)
-        prefix_positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-        prefix = self.model.base_model(
-            inputs_embeds=torch.cat([prompt, source_embeds], 1),
-            attention_mask=prefix_mask,
-            position_ids=prefix_positions,
-            use_cache=True,
-        )
-        cache = prefix.past_key_values
+        hidden, cache, prefix_mask, positions = self.run_prefix(method, batch)
+        size, num_choices = len(hidden), len(self.choice_ids)
         cache.batch_repeat_interleave(num_choices)
-        targets = self.choice_targets(len(prompt), prompt.device)
+        targets = self.choice_targets(size, hidden.device)
         target_mask = (targets != -100).long()
         target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
-        hidden = self.model.base_model(
+        target_hidden, _ = self.states(
+            cache,
             inputs_embeds=target_embeds,
             attention_mask=torch.cat([prefix_mask.repeat_interleave(num_choices, 0), target_mask], 1),
-            position_ids=prefix_positions[:, -1:].repeat_interleave(num_choices, 0) + target_mask.cumsum(1),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
+            position_ids=positions[:, :1].repeat_interleave(num_choices, 0) + target_mask.cumsum(1),
+        )
         # target token j is predicted by the state before it: the prefix's last one for j = 0
-        last = prefix.last_hidden_state[:, -1:].repeat_interleave(num_choices, 0)
-        logits = self.model.get_output_embeddings()(torch.cat([last, hidden[:, :-1]], 1))
-        return target_logprob_sums(logits, targets).view(len(prompt), num_choices)
+        last = hidden[:, -1:].repeat_interleave(num_choices, 0)
+        logits = self.model.get_output_embeddings()(torch.cat([last, target_hidden[:, :-1]], 1))
+        return target_logprob_sums(logits, targets).view(size, num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
         prompt, source_embeds = self.prompt_and_source(method, batch)

@@ -5,7 +5,8 @@ attention width a (heads x head dim), key/value width k (smaller with grouped qu
 f with 1 input projection (2 when gated):
   projections 2T(2da + 2dk), attention scores and mixing 4T^2 a, FFN 2Tdf(inputs + 1);
 T5 decoder blocks add cross-attention over the encoder's positions; the LM head costs 2TdV on the
-positions scored. Embedding lookups, norms and softmaxes are left out (< 1% at these sizes).
+positions scored; a causal LM runs a shared prompt once per batch and the rest attends to its
+cached keys/values. Embedding lookups, norms and softmaxes are left out (< 1% at these sizes).
 A training step with a frozen backbone = forward + the backward pass for activation gradients
 (no weight gradients) = 2 x forward. Partial models (FPT) count their kept blocks and neurons.
 """
@@ -58,12 +59,13 @@ class ModelShape:
         )
 
 
-def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0) -> float:
-    """One block over `tokens` positions; `context` > 0 adds cross-attention to that many positions."""
+def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0, cached: int = 0) -> float:
+    """One block over `tokens` positions that also attend to `cached` earlier ones (a shared
+    prompt's keys/values); `context` > 0 adds cross-attention to that many positions."""
     d, a, k = shape.d, shape.attn, shape.kv
     flops = (
         2 * tokens * (2 * d * a + 2 * d * k)
-        + 4 * tokens * tokens * a
+        + 4 * tokens * (tokens + cached) * a
         + 2 * tokens * d * ffn * (shape.ffn_inputs + 1)
     )
     if context:
@@ -81,9 +83,12 @@ def train_step_flops(
     decoder_layers: int | None = None,
     ffn: int | None = None,
     decoder_ffn: int | None = None,
+    shared_prompt: int = 0,
 ) -> float:
     """FLOPs of one training step on `batch` sequences of the given (padded) lengths, the prompt
-    included in `source_tokens`; layer and FFN counts default to the full model's."""
+    included in `source_tokens`; layer and FFN counts default to the full model's.
+    `shared_prompt`: that many leading (prompt) tokens run once per batch, not per example
+    (causal backbones with a prompt shared by every input)."""
     ffn = shape.ffn if ffn is None else ffn
     decoder_ffn = shape.ffn if decoder_ffn is None else decoder_ffn
     encoder_layers = shape.encoder_layers if encoder_layers is None else encoder_layers
@@ -93,8 +98,11 @@ def train_step_flops(
         forward += decoder_layers * block_flops(shape, target_tokens, decoder_ffn, context=source_tokens)
         forward += 2 * target_tokens * shape.d * shape.vocab
     elif family == "causal":
-        forward = encoder_layers * block_flops(shape, source_tokens + target_tokens, ffn)
+        rest = source_tokens + target_tokens - shared_prompt
+        forward = encoder_layers * block_flops(shape, rest, ffn, cached=shared_prompt)
         forward += 2 * target_tokens * shape.d * shape.vocab
+        once = encoder_layers * block_flops(shape, shared_prompt, ffn)
+        return 2.0 * (batch * forward + once)
     else:
         forward = encoder_layers * block_flops(shape, source_tokens, ffn)
     return 2.0 * batch * forward

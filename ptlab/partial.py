@@ -152,12 +152,16 @@ class PartialModel:
         current = {}
 
         def remember_mask(module, args, kwargs):
-            if kwargs.get("attention_mask") is not None:
-                current["mask"] = kwargs["attention_mask"]
+            current["mask"] = kwargs.get("attention_mask")
 
         def record(i, activation):
             activation = activation.detach().abs().float()
-            mask = current["mask"]
+            mask = current.get("mask")
+            if mask is None:
+                raise RuntimeError(
+                    "neuron scoring saw a pass without an attention mask: run it under "
+                    "backbone.per_example_prompt_states() so every position of every example counts"
+                )
             if mask.shape[:2] != activation.shape[:2]:  # decoder blocks: every target position counts
                 mask = torch.ones(activation.shape[:2], device=activation.device)
             sums[i] += (activation * mask.unsqueeze(-1).to(activation)).sum((0, 1)).cpu()

@@ -76,9 +76,13 @@ class StageSchedule:
             facts.update(self.partial.stage_facts())
         return facts
 
-    def step_flops(self, batch: int, source_tokens: int, target_tokens: int) -> tuple[float, float]:
+    def step_flops(
+        self, batch: int, source_tokens: int, target_tokens: int, shared_prompt: int = 0
+    ) -> tuple[float, float]:
         """(FLOPs of this step on the current model, FLOPs of the same step on the full model)."""
-        full = train_step_flops(self.shape, self.family, batch, source_tokens, target_tokens)
+        full = train_step_flops(
+            self.shape, self.family, batch, source_tokens, target_tokens, shared_prompt=shared_prompt
+        )
         if self.is_full:
             return full, full
         layers: List[List[int]] = self.partial.kept_layers
@@ -94,5 +98,6 @@ class StageSchedule:
             decoder_layers=decoder,
             ffn=self.partial.kept_neurons,
             decoder_ffn=decoder_ffn,
+            shared_prompt=shared_prompt,
         )
         return actual, full

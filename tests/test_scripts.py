@@ -22,18 +22,30 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
         "scripts/bench.py",
         "--backbones",
         "tiny_t5",
+        "tiny_llama",
         "--repeats",
         "1",
         "--tta-target",
         "0",
+        "--grouping-batches",
+        "2",
         "--out",
         str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| tiny_t5: train step, examples/s |" in result.stdout and "SMoP 4x5 vs PT-100" in result.stdout
+    for row in (
+        "| tiny_t5: train step, examples/s |",
+        "| tiny_t5: SMoP 4x5 vs PT-100 peak memory over the loaded model |",
+        "| tiny_llama: train step, prompt states shared vs per example |",
+        "| minilm_l6: SST-2 train, examples/s, length-grouped vs random batches (2 each) |",
+    ):
+        assert row in result.stdout
     (report,) = tmp_path.glob("bench-cpu-*.json")
     data = json.loads(report.read_text())
     assert set(data["tiny_t5"]["train_s"]) == {"ptlab", "peft"} and data["matmul_flops_per_s"] > 0
+    assert all(value > 0 for value in data["tiny_llama"]["step_memory_mb"].values())
+    padding = data["length_grouping"]["padding_fraction"]
+    assert padding["grouped"] < padding["plain"]
 
 
 def test_compare_writes_a_table_with_every_arm(tmp_path):
