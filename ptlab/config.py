@@ -190,6 +190,7 @@ class TrainerConfig:
     batch_size: int = 32
     eval_batch_size: Optional[int] = None  # default: 2 x batch_size
     grad_accum: int = 1
+    compile: bool = False  # torch.compile each transformer block (no gain measured on CPU; for GPUs)
     group_by_length: bool = True  # batches of similar length (less padding); false: plain random batches
     grad_clip: Optional[float] = 1.0
     eval_every: int = 100

@@ -46,7 +46,7 @@ class FFN:
     output: Tuple[nn.Module, str]  # (parent, attribute) of the f -> d Linear
 
 
-def _stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[nn.Module, str]], List[FFN]]:
+def stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[nn.Module, str]], List[FFN]]:
     """Where the block lists and the FFNs of each supported family live."""
     kind = model.config.model_type
     if kind in ("t5", "mt5", "umt5"):
@@ -70,8 +70,19 @@ def _stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[n
         ffns = [FFN([(b.intermediate, "dense")], (b.output, "dense")) for b in model.encoder.layer]
         return stacks, ffns
     raise ConfigError(
-        f"schedule=fpt: partial models of model_type={kind!r} are not supported (t5, llama, bert)"
+        f"model_type={kind!r}: ptlab knows the blocks of t5, llama and bert models only, which "
+        "partial models (schedule=fpt) and trainer.compile=true need"
     )
+
+
+def compile_blocks(model: nn.Module) -> int:
+    """Compile every transformer block in place (`torch.compile`, dynamic shapes, as batches pad
+    dynamically); the code around the blocks stays eager. Returns the number of blocks."""
+    stacks, _ = stacks_and_ffns(model, with_decoder=True)
+    blocks = [block for parent, attr in stacks for block in getattr(parent, attr)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def _sliced_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:
@@ -94,7 +105,7 @@ class PartialModel:
 
     def __init__(self, model: nn.Module, with_decoder: bool = False) -> None:
         self.model = model
-        self.stacks, self.ffns = _stacks_and_ffns(model, with_decoder)
+        self.stacks, self.ffns = stacks_and_ffns(model, with_decoder)
         self.full_stacks = [getattr(parent, attr) for parent, attr in self.stacks]
         self.full_linears = [
             {(id(p), a): getattr(p, a) for p, a in ffn.inputs + [ffn.output]} for ffn in self.ffns

@@ -25,6 +25,7 @@ from ptlab.config import Config, ConfigError, register_configs, to_object
 from ptlab.data import load_raw_splits, majority_fraction, split_rows, tokenize_splits
 from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.methods import build_method
+from ptlab.partial import compile_blocks
 from ptlab.tracking import Tracker, run_name
 from ptlab.trainer import Preempted, Trainer, seed_everything
 
@@ -109,6 +110,8 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     )
     method = build_method(config.method, backbone.prompt_context(config.seed))
     backbone.check_fits(method.num_tokens)
+    if config.trainer.compile:
+        log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
     data = tokenize_splits(rows, config.task, backbone.tokenize_sources, config.data.max_source_length)
     load_seconds = time.perf_counter() - started
 

@@ -6,14 +6,17 @@
 
 Every comparison runs interleaved (A B A B ...) after a warm-up on identical inputs and reports
 the median; it prints one markdown table of ratios last and writes JSON under outputs/bench/.
-Memory: CUDA max allocated on GPU; on CPU the allocator's live tensors are not tracked, so the
-memory column is the process RSS high-water mark (monotone: read it as an upper bound).
+Memory is what a training step adds on top of the loaded model: CUDA max allocated on GPU, the
+RSS high-water mark (reset per contender) on CPU. After the fixed-shape comparisons come the
+real-data ones: length-grouped vs random batches on SST-2, evaluation of SST-2 validation with
+SmolLM2 (ptlab rank vs PEFT generate), and time to accuracy (ptlab's default recipe vs PEFT).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import gc
 import json
@@ -32,7 +35,7 @@ from ptlab.config import to_object
 from ptlab.data import Example
 from ptlab.flops import ModelShape, train_step_flops
 from ptlab.methods import build_method
-from ptlab.partial import PartialModel
+from ptlab.partial import PartialModel, compile_blocks
 from ptlab.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -209,6 +212,31 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
                 f"{shares['ptlab']:.0%}",
                 f"{shares['peft']:.0%}",
                 "",
+            )
+        )
+
+    if args.compile:  # trainer.compile=true: every transformer block through torch.compile
+        compiled = copy.deepcopy(backbone)
+        compile_blocks(compiled.model)
+
+        def compiled_step():
+            with autocast():
+                loss = compiled.loss(method, batch)
+            loss.backward()
+            ours_opt.step()
+            ours_opt.zero_grad(set_to_none=True)
+
+        started = time.perf_counter()
+        compiled_step()
+        compile_s = time.perf_counter() - started
+        timing = interleaved({"compiled": compiled_step, "eager": ours_step}, args.repeats, sync)
+        del compiled
+        rows.append(
+            (
+                f"{name}: train step, trainer.compile=true vs eager (first step {compile_s:.0f} s)",
+                f"{timing['compiled'] * 1000:.0f} ms",
+                f"{timing['eager'] * 1000:.0f} ms",
+                f"{timing['eager'] / timing['compiled']:.2f}x",
             )
         )
 
@@ -437,6 +465,79 @@ def length_grouping(args, device, sync, rows: list, results: dict) -> None:
     )
 
 
+def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
+    """Evaluation as users run it, on real SST-2 validation examples with SmolLM2: ptlab's
+    evaluation (length-sorted batches, rank classification) vs PEFT generate + exact match over
+    HF's DataCollatorWithPadding batches, the same prompt in both; also checks that ptlab's own
+    generate mode produces PEFT's texts."""
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorWithPadding
+
+    from ptlab.data import tokenize_splits
+    from ptlab.evaluate import predict_examples
+    from ptlab.tasks import render_source
+
+    overrides = ["backbone=smollm2_135m", f"data.max_eval_examples={args.eval_examples}"]
+    config = to_object(default_config(overrides))
+    _, backbone, method = build(overrides, config.data.max_source_length)
+    backbone.to(device), method.to(device)
+    rows_raw = sst2_splits(config)["validation"]
+    examples = tokenize_splits(
+        {"validation": rows_raw}, config.task, backbone.tokenize_sources, config.data.max_source_length
+    )["validation"]
+    size, new_tokens = config.trainer.eval_batch_size, 5
+    peft = peft_for(backbone, method, method.num_tokens).to(device)
+    with torch.no_grad():
+        peft.prompt_encoder["default"].embedding.weight.copy_(method.prompt())
+    peft.eval()
+    tokenizer = backbone.tokenizer
+    tokenizer.padding_side = "left"
+    encoded = [
+        {"input_ids": ids, "attention_mask": [1] * len(ids)}
+        for ids in backbone.tokenize_sources([render_source(config.task, row) for row in rows_raw.to_list()])
+    ]
+    loader = DataLoader(encoded, batch_size=size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+    def ours():
+        return predict_examples(backbone, method, examples, size, device, autocast, "rank")
+
+    def ours_texts():
+        order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
+        texts = [""] * len(examples)
+        with torch.no_grad(), autocast():
+            for start in range(0, len(order), size):
+                indices = order[start : start + size]
+                batch = {k: v.to(device) for k, v in backbone.collate([examples[i] for i in indices]).items()}
+                for i, text in zip(indices, backbone.generate(method, batch, new_tokens)):
+                    texts[i] = text.strip()
+        return texts
+
+    def theirs():
+        texts = []
+        with torch.no_grad(), autocast():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = peft.generate(**batch, max_new_tokens=new_tokens, pad_token_id=backbone.pad_id)
+                new = out[:, batch["input_ids"].shape[1] :]
+                texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return texts
+
+    seconds = {"ptlab": timed(ours, sync), "peft": timed(theirs, sync)}
+    peft_texts, ptlab_texts = theirs(), ours_texts()
+    same = sum(a == b for a, b in zip(peft_texts, ptlab_texts)) / len(examples)
+    results["real_eval"] = {"seconds": seconds, "examples": len(examples), "same_generated_text": same}
+    rate = {k: len(examples) / v for k, v in seconds.items()}
+    rows.append(
+        (
+            f"smollm2_135m: SST-2 validation ({len(examples)}), eval examples/s (rank vs generate {new_tokens})",
+            f"{rate['ptlab']:.1f}",
+            f"{rate['peft']:.1f}",
+            f"{rate['ptlab'] / rate['peft']:.2f}x",
+        )
+    )
+    rows.append(("smollm2_135m: same generated text, ptlab generate vs PEFT generate", f"{same:.1%}", "", ""))
+
+
 def peft_time_to_accuracy(args, config, splits, lr: float) -> tuple:
     """(seconds until validation accuracy first reached the target or None, best accuracy) of
     PEFT prompt tuning (SEQ_CLS, 20 virtual tokens) in a plain loop with HF's dynamic padding."""
@@ -555,19 +656,33 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--prompt", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="2 repeats, one backbone")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test: 2 repeats, one backbone, small real-data parts, no time to accuracy",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "bench")
     parser.add_argument("--tta-target", type=float, default=0.78, help="time-to-accuracy target (0: skip)")
     parser.add_argument("--tta-max-steps", type=int, default=300)
     parser.add_argument("--tta-eval-every", type=int, default=25)
     parser.add_argument("--eval-examples", type=int, default=500)
+    parser.add_argument(
+        "--real-eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="SmolLM2 on real SST-2 validation",
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True, help="time trainer.compile=true too"
+    )
     parser.add_argument("--tta-peft-lrs", type=float, nargs="+", default=[3e-2, 3e-3])
     parser.add_argument(
         "--grouping-batches", type=int, default=30, help="real SST-2 batches per side (0: skip)"
     )
     args = parser.parse_args()
     if args.quick:
-        args.repeats, args.backbones = 2, args.backbones[:1]
+        args.repeats, args.backbones, args.grouping_batches = 2, args.backbones[:1], 5
+        args.eval_examples, args.tta_target, args.compile = 64, 0.0, False
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = (
@@ -591,6 +706,8 @@ def main() -> None:
         rows += bench_backbone(name, args, device, sync, autocast, floor, results)
     if args.grouping_batches > 0:
         length_grouping(args, device, sync, rows, results)
+    if args.real_eval:
+        real_eval(args, device, sync, autocast, rows, results)
     if args.tta_target > 0 and device.type == "cpu":
         time_to_accuracy(args, rows, results)
 

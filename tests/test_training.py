@@ -9,6 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from ptlab import checkpoint
+from ptlab.config import ConfigError
+from ptlab.partial import compile_blocks
 from ptlab.train import run
 from ptlab.trainer import Trainer
 
@@ -232,3 +234,23 @@ def test_resume_auto_of_a_finished_run_trains_no_more(tmp_path, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", lambda self, stream: pytest.fail("trained again"))
     _, _, again = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
     assert again["best"] == summary["best"] and again["steps"] == summary["steps"]
+
+
+def test_compiled_blocks_train_the_same_prompt_as_eager(tmp_path, caplog):
+    common = ["backbone=tiny_llama", "backbone.dropout=false", "trainer.max_steps=2", "trainer.eval_every=2"]
+    train(tmp_path, "eager", common)
+    with caplog.at_level("INFO", logger="ptlab"):
+        train(tmp_path, "compiled", [*common, "trainer.compile=true"])
+    assert "trainer.compile: compiled 2 transformer blocks" in caplog.text
+    eager, compiled = (
+        load_file(tmp_path / name / "checkpoints/best/prompt.safetensors")["method.prompt_embeds"]
+        for name in ("eager", "compiled")
+    )
+    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compile_refuses_a_model_whose_blocks_it_does_not_know():
+    model = torch.nn.Module()
+    model.config = type("Config", (), {"model_type": "gpt_neox"})()
+    with pytest.raises(ConfigError, match="model_type='gpt_neox'.*trainer.compile=true"):
+        compile_blocks(model)
