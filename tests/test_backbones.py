@@ -185,3 +185,20 @@ def test_causal_prompt_is_run_per_example_when_dropout_or_routing_makes_examples
     assert not backbone.shares_prompt_states(smop)  # a routed prompt differs per example
     _, seq2seq, method = build(["backbone=tiny_t5", "backbone.dropout=false"])
     assert not seq2seq.shares_prompt_states(method)  # the encoder's prompt attends to the input
+
+
+def test_causal_generate_equals_greedy_decoding_without_a_cache():
+    _, backbone, method = build(["backbone=tiny_llama"])
+    backbone.eval()
+    items = examples(backbone)
+    embed = backbone.model.get_input_embeddings()
+    with torch.no_grad():
+        texts = backbone.generate(method, backbone.collate(items), max_new_tokens=4)
+        for item, text in zip(items, texts):
+            generated = []
+            for _ in range(4):  # [prompt][source][generated so far], positions 0.., no padding
+                inputs = torch.cat(
+                    [method.prompt()[None], embed(torch.tensor([item.source_ids + generated]))], 1
+                )
+                generated.append(int(backbone.model(inputs_embeds=inputs).logits[0, -1].argmax()))
+            assert text == backbone.tokenizer.decode(generated, skip_special_tokens=True)
