@@ -232,15 +232,25 @@ class CausalBackbone(Backbone):
             and (self.dropout_free or not self.model.training)
         )
 
-    def states(self, cache=None, **inputs):
-        """The base model's output with its key/value cache (`.cache` under either spelling)."""
-        out = self.model.base_model(**inputs, **{self.cache_key: cache}, use_cache=True)
-        return out.last_hidden_state, out[self.cache_key]
+    def states(self, cache=None, use_cache: bool = True, **inputs):
+        """The base model's hidden states, attending to `cache` if given, and its key/value cache
+        when `use_cache` (`.cache` or `.past_key_values`, whichever this transformers calls it)."""
+        out = self.model.base_model(**inputs, **{self.cache_key: cache}, use_cache=use_cache)
+        return out.last_hidden_state, out.get(self.cache_key)
 
-    def run_prefix(self, method: PromptMethod, batch: Batch, suffix=None, suffix_mask=None):
+    def fed_targets(self, targets: torch.Tensor):
+        """Embeddings and mask of the target tokens that are inputs: all but the last, which is
+        only predicted (one position less per example than feeding the whole target)."""
+        fed = targets[:, :-1]
+        mask = (fed != -100).long()
+        return self.embed(fed.clamp(min=0) * mask + self.pad_id * (1 - mask)), mask
+
+    def run_prefix(
+        self, method: PromptMethod, batch: Batch, suffix=None, suffix_mask=None, keep_cache: bool = True
+    ):
         """Hidden states and key/value cache of [prompt][source](+suffix), the mask of
-        [prompt][source] and the suffix's positions. A shared prompt is run once (batch 1) and
-        its cache repeated across the batch when no dropout makes examples differ; the result
+        [prompt][source] and the position of its last token. A shared prompt is run once (batch 1)
+        and its cache repeated across the batch when no dropout makes examples differ; the result
         equals the per-example pass."""
         source_embeds = self.embed(batch["source_ids"])
         source_mask = batch["source_mask"]
@@ -264,38 +274,43 @@ class CausalBackbone(Backbone):
         else:
             inputs = torch.cat([prompt, inputs], 1)
         hidden, cache = self.states(
-            cache, inputs_embeds=inputs, attention_mask=mask, position_ids=positions[:, -inputs.shape[1] :]
+            cache,
+            keep_cache,
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions[:, -inputs.shape[1] :],
         )
-        return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 :]
+        return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 : prefix_mask.shape[1]]
 
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """Logits at the positions that predict the targets only: the full-vocabulary projection
         is computed for L target tokens instead of the whole sequence."""
         targets = batch["target_ids"]
-        target_mask = (targets != -100).long()
-        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
-        hidden, _, _, _ = self.run_prefix(method, batch, target_embeds, target_mask)
-        start = hidden.shape[1] - targets.shape[1] - 1
-        return self.model.get_output_embeddings()(hidden[:, start : start + targets.shape[1]])
+        hidden, _, _, _ = self.run_prefix(method, batch, *self.fed_targets(targets), keep_cache=False)
+        # target token j is predicted by the state before it: the source's last one for j = 0
+        return self.model.get_output_embeddings()(hidden[:, -targets.shape[1] :])
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
         against that shared prefix: C verbalizers cost C short passes, not C full ones."""
-        hidden, cache, prefix_mask, positions = self.run_prefix(method, batch)
-        size, num_choices = len(hidden), len(self.choice_ids)
-        cache.batch_repeat_interleave(num_choices)
-        targets = self.choice_targets(size, hidden.device)
-        target_mask = (targets != -100).long()
-        target_embeds = self.embed(targets.clamp(min=0) * target_mask + self.pad_id * (1 - target_mask))
-        target_hidden, _ = self.states(
-            cache,
-            inputs_embeds=target_embeds,
-            attention_mask=torch.cat([prefix_mask.repeat_interleave(num_choices, 0), target_mask], 1),
-            position_ids=positions[:, :1].repeat_interleave(num_choices, 0) + target_mask.cumsum(1),
+        size, num_choices = len(batch["source_ids"]), len(self.choice_ids)
+        targets = self.choice_targets(size, batch["source_ids"].device)
+        fed, fed_mask = self.fed_targets(targets)
+        hidden, cache, prefix_mask, last_position = self.run_prefix(
+            method, batch, keep_cache=fed.shape[1] > 0
         )
-        # target token j is predicted by the state before it: the prefix's last one for j = 0
-        last = hidden[:, -1:].repeat_interleave(num_choices, 0)
-        logits = self.model.get_output_embeddings()(torch.cat([last, target_hidden[:, :-1]], 1))
+        states = hidden[:, -1:].repeat_interleave(num_choices, 0)
+        if fed.shape[1] > 0:
+            cache.batch_repeat_interleave(num_choices)
+            fed_hidden, _ = self.states(
+                cache,
+                False,
+                inputs_embeds=fed,
+                attention_mask=torch.cat([prefix_mask.repeat_interleave(num_choices, 0), fed_mask], 1),
+                position_ids=last_position.repeat_interleave(num_choices, 0) + fed_mask.cumsum(1),
+            )
+            states = torch.cat([states, fed_hidden], 1)
+        logits = self.model.get_output_embeddings()(states)
         return target_logprob_sums(logits, targets).view(size, num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:

@@ -98,7 +98,7 @@ def train_step_flops(
         forward += decoder_layers * block_flops(shape, target_tokens, decoder_ffn, context=source_tokens)
         forward += 2 * target_tokens * shape.d * shape.vocab
     elif family == "causal":
-        rest = source_tokens + target_tokens - shared_prompt
+        rest = source_tokens + target_tokens - 1 - shared_prompt  # the last target is only predicted
         forward = encoder_layers * block_flops(shape, rest, ffn, cached=shared_prompt)
         forward += 2 * target_tokens * shape.d * shape.vocab
         once = encoder_layers * block_flops(shape, shared_prompt, ffn)

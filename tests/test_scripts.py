@@ -26,7 +26,13 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
         "--repeats",
         "1",
         "--tta-target",
-        "0",
+        "0.99",
+        "--tta-max-steps",
+        "2",
+        "--tta-eval-every",
+        "1",
+        "--tta-peft-lrs",
+        "0.03",
         "--grouping-batches",
         "2",
         "--eval-examples",
@@ -41,6 +47,7 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
         "| tiny_t5: SMoP 4x5 vs PT-100 peak memory over the loaded model |",
         "| tiny_llama: train step, prompt states shared vs per example |",
         "| minilm_l6: SST-2 train, examples/s, length-grouped vs random batches (2 each) |",
+        "| minilm_l6: time to 99% SST-2 accuracy (PEFT at lr 0.03) | not reached in 2 steps",
     ):
         assert row in result.stdout
     (report,) = tmp_path.glob("bench-cpu-*.json")
@@ -48,6 +55,7 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
     assert set(data["tiny_t5"]["train_s"]) == {"ptlab", "peft"} and data["matmul_flops_per_s"] > 0
     assert all(value > 0 for value in data["tiny_llama"]["step_memory_mb"].values())
     assert data["real_eval"]["examples"] == 4 and 0.0 <= data["real_eval"]["same_generated_text"] <= 1.0
+    assert data["time_to_accuracy"]["peft"]["0.03"]["examples_per_s"] > 0
     padding = data["length_grouping"]["padding_fraction"]
     assert padding["grouped"] < padding["plain"]
 
