@@ -136,7 +136,15 @@ def matmul_share(fn) -> float:
     return matmul / max(total, 1)
 
 
-def bench_backbone(name: str, args, device, sync, autocast, floor: float, results: dict) -> list:
+def matmul_flops_per_s(device, sync, repeats: int) -> float:
+    """The hardware floor: a large matmul's throughput, measured in this process."""
+    size = 4096 if device.type == "cuda" else 2048
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    return 2 * size**3 / interleaved({"mm": lambda: a @ a}, max(repeats, 10), sync)["mm"]
+
+
+def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> list:
     """All comparisons on one backbone; returns the table rows and fills `results[name]`."""
     rows = []
     overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
@@ -182,6 +190,7 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
 
     backbone.train(), method.train(), peft.train()
     backbone.model.eval()  # dropout off on both sides
+    floor = matmul_flops_per_s(device, sync, args.repeats)  # just before, under the same conditions
     train = interleaved({"ptlab": ours_step, "peft": peft_step}, args.repeats, sync)
     examples_s = {k: args.batch / v for k, v in train.items()}
     rows.append(
@@ -194,7 +203,7 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
     )
     rows.append(
         (
-            f"{name}: train step, share of the matmul floor",
+            f"{name}: train step, share of the matmul floor ({floor / 1e12:.2f} TFLOP/s)",
             f"{step_flops / train['ptlab'] / floor:.0%}",
             f"{step_flops / train['peft'] / floor:.0%}",
             "",
@@ -278,6 +287,7 @@ def bench_backbone(name: str, args, device, sync, autocast, floor: float, result
         "eval_s": evaluation,
         "step_flops": step_flops,
         "step_memory_mb": memory,
+        "matmul_flops_per_s": floor,
     }
     if backbone.family == "causal":  # the shared prompt's keys/values: once per batch vs per example
 
@@ -520,7 +530,12 @@ def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
                 texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         return texts
 
+    def ours_per_example():
+        with backbone.per_example_prompt_states():
+            return ours()
+
     seconds = {"ptlab": timed(ours, sync), "peft": timed(theirs, sync)}
+    seconds["ptlab_per_example"] = timed(ours_per_example, sync)
     peft_texts, ptlab_texts = theirs(), ours_texts()
     same = sum(a == b for a, b in zip(peft_texts, ptlab_texts)) / len(examples)
     results["real_eval"] = {"seconds": seconds, "examples": len(examples), "same_generated_text": same}
@@ -531,6 +546,14 @@ def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
             f"{rate['ptlab']:.1f}",
             f"{rate['peft']:.1f}",
             f"{rate['ptlab'] / rate['peft']:.2f}x",
+        )
+    )
+    rows.append(
+        (
+            "smollm2_135m: SST-2 validation eval, prompt states shared vs per example",
+            f"{seconds['ptlab']:.1f} s",
+            f"{seconds['ptlab_per_example']:.1f} s",
+            f"{seconds['ptlab_per_example'] / seconds['ptlab']:.2f}x faster",
         )
     )
     rows.append(("smollm2_135m: same generated text, ptlab generate vs PEFT generate", f"{same:.1%}", "", ""))
@@ -706,18 +729,8 @@ def main() -> None:
     )
     results, rows = {"args": vars(args) | {"out": str(args.out)}}, []
 
-    # the hardware floor: a large matmul's throughput in this process
-    size = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(
-        size, size, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
-    )
-    matmul_s = interleaved({"mm": lambda: a @ a}, args.repeats, sync)["mm"]
-    floor = 2 * size**3 / matmul_s
-    results["matmul_flops_per_s"] = floor
-    rows.append(("matmul throughput (this process)", f"{floor / 1e12:.2f} TFLOP/s", "", ""))
-
     for name in args.backbones:
-        rows += bench_backbone(name, args, device, sync, autocast, floor, results)
+        rows += bench_backbone(name, args, device, sync, autocast, results)
     if args.grouping_batches > 0:
         length_grouping(args, device, sync, rows, results)
     if args.real_eval:
