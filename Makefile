@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet $(if $(wildcard /opt/wheels),--find-links /o
 export PTLAB_DATA_DIR ?= $(abspath ../shared/data)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -22,6 +22,10 @@ demo: setup
 
 test: setup
 	$(OFFLINE) $(PY) -m pytest -q
+
+# ptlab vs PEFT and vs the long prompt (docs/results/bench-cpu.md); e.g. make bench ARGS="--quick"
+bench: setup
+	$(OFFLINE) $(PY) scripts/bench.py $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check ptlab tests scripts
