@@ -205,6 +205,9 @@ class Seq2SeqBackbone(Backbone):
 class CausalBackbone(Backbone):
     family = "causal"
     pad_source_left = True  # so every source ends at the same position and targets follow it
+    # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
+    # keys/values are the same for every example: computed once per batch, not B times
+    share_prompt_states = True
 
     def tokenize_target(self, text: str) -> List[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -212,9 +215,6 @@ class CausalBackbone(Backbone):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so
-        # its keys/values are the same for every example: computed once per batch, not B times
-        self.share_prompt_states = True
         self.dropout_free = getattr(self.model.config, "attention_dropout", 0.0) == 0 and not any(
             isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 import torch
 
@@ -24,6 +24,21 @@ def predict(backbone: Backbone, method: PromptMethod, batch, mode: str, max_new_
 
 
 @torch.no_grad()
+def map_sorted_batches(
+    backbone: Backbone, examples: List[Example], batch_size: int, device: torch.device, autocast, fn: Callable
+) -> List:
+    """`fn(batch)`'s per-example results for `examples`, in their order: batches of similar
+    length waste little on padding, and the results go back in input order."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
+    results = [None] * len(examples)
+    for indices in chunks(order, batch_size):
+        batch = to_device(backbone.collate([examples[i] for i in indices]), device)
+        with autocast():
+            for i, result in zip(indices, fn(batch)):
+                results[i] = result
+    return results
+
+
 def predict_examples(
     backbone: Backbone,
     method: PromptMethod,
@@ -37,12 +52,11 @@ def predict_examples(
     """Predicted class indices for `examples`, in their order; leaves the modules in eval mode."""
     backbone.eval()
     method.eval()
-    # batches of similar length waste little on padding; predictions go back in input order
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
-    preds = [0] * len(examples)
-    for indices in chunks(order, batch_size):
-        batch = to_device(backbone.collate([examples[i] for i in indices]), device)
-        with autocast():
-            for i, pred in zip(indices, predict(backbone, method, batch, mode, max_new_tokens)):
-                preds[i] = pred
-    return preds
+    return map_sorted_batches(
+        backbone,
+        examples,
+        batch_size,
+        device,
+        autocast,
+        lambda batch: predict(backbone, method, batch, mode, max_new_tokens),
+    )

@@ -33,6 +33,7 @@ from peft import PromptTuningConfig, TaskType, get_peft_model
 from ptlab.backbones import build_backbone
 from ptlab.config import to_object
 from ptlab.data import Example
+from ptlab.evaluate import map_sorted_batches, predict_examples, to_device
 from ptlab.flops import ModelShape, train_step_flops
 from ptlab.methods import build_method
 from ptlab.partial import PartialModel, compile_blocks
@@ -52,15 +53,43 @@ BACKBONES = {
 }
 
 
-def build(overrides: list[str], seq_len: int):
+def default_config(overrides: list[str]):
+    """The composed config `ptlab-train` would run with these overrides (no logger)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(
-            "config", overrides=[*overrides, "backbone.dropout=false", f"data.max_source_length={seq_len}"]
-        )
-    config = to_object(cfg)
-    backbone = build_backbone(config.backbone, list(config.task.verbalizers), seq_len, seed=0)
+        return compose("config", overrides=["logger=none", *overrides])
+
+
+def build(overrides: list[str], seq_len: int | None = None):
+    """Config, backbone (dropout off) and method; `seq_len` overrides data.max_source_length."""
+    length = [] if seq_len is None else [f"data.max_source_length={seq_len}"]
+    config = to_object(default_config([*overrides, "backbone.dropout=false", *length]))
+    backbone = build_backbone(
+        config.backbone, list(config.task.verbalizers), config.data.max_source_length, seed=0
+    )
     return config, backbone, build_method(config.method, backbone.prompt_context(0))
+
+
+def raw_splits(config):
+    """The task's rows as `ptlab-train` splits them (local official files, example limits)."""
+    from ptlab.data import load_raw_splits, split_rows
+
+    return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+
+
+def real_task(overrides: list[str], split: str, device):
+    """Config, backbone and method on `device`, and the tokenized rows of one real SST-2 split."""
+    from ptlab.data import tokenize_splits
+
+    config, backbone, method = build(overrides)
+    backbone.to(device), method.to(device)
+    examples = tokenize_splits(
+        {split: raw_splits(config)[split]},
+        config.task,
+        backbone.tokenize_sources,
+        config.data.max_source_length,
+    )[split]
+    return config, backbone, method, examples
 
 
 def batch_of(backbone, size: int, seq_len: int):
@@ -150,7 +179,7 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
     overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
     config, backbone, method = build(overrides, args.seq_len)
     backbone.to(device), method.to(device)
-    batch = {k: v.to(device) for k, v in batch_of(backbone, args.batch, args.seq_len).items()}
+    batch = to_device(batch_of(backbone, args.batch, args.seq_len), device)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     step_flops = train_step_flops(
         shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
@@ -403,33 +432,14 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
     return rows
 
 
-def sst2_splits(config):
-    from ptlab.data import load_raw_splits, split_rows
-
-    return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
-
-
-def default_config(overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["logger=none", *overrides])
-
-
 def length_grouping(args, device, sync, rows: list, results: dict) -> None:
     """Training throughput on real SST-2 batches with the default recipe's backbone and batch size:
     batches grouped by length vs plain random batches of the same epoch, timed batch by batch
     alternately, plus the padding each leaves over the whole epoch."""
-    from ptlab.data import epoch_batches, tokenize_splits
+    from ptlab.data import epoch_batches
 
-    config = to_object(default_config([]))
-    _, backbone, method = build([], config.data.max_source_length)
-    backbone.to(device).train(), method.to(device).train()
-    train = tokenize_splits(
-        {"train": sst2_splits(config)["train"]},
-        config.task,
-        backbone.tokenize_sources,
-        config.data.max_source_length,
-    )["train"]
+    config, backbone, method, train = real_task([], "train", device)
+    backbone.train(), method.train()
     lengths = [len(example.source_ids) for example in train]
     size = config.trainer.batch_size
     batches = {
@@ -443,7 +453,7 @@ def length_grouping(args, device, sync, rows: list, results: dict) -> None:
     optimizer = torch.optim.AdamW(list(method.parameters()) + list(backbone.head.parameters()), lr=1e-3)
 
     def step(indices):
-        batch = {k: v.to(device) for k, v in backbone.collate([train[i] for i in indices]).items()}
+        batch = to_device(backbone.collate([train[i] for i in indices]), device)
         backbone.loss(method, batch).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -476,23 +486,13 @@ def length_grouping(args, device, sync, rows: list, results: dict) -> None:
 def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
     """Evaluation as users run it, on real SST-2 validation examples with SmolLM2: ptlab's
     evaluation (length-sorted batches, rank classification) vs PEFT generate + exact match over
-    HF's DataCollatorWithPadding batches, the same prompt in both; also checks that ptlab's own
-    generate mode produces PEFT's texts."""
+    HF's DataCollatorWithPadding batches, the same prompt in both; also reports how often
+    ptlab's generate mode and PEFT's produce the same text."""
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    from ptlab.data import tokenize_splits
-    from ptlab.evaluate import predict_examples
-    from ptlab.tasks import render_source
-
     overrides = ["backbone=smollm2_135m", f"data.max_eval_examples={args.eval_examples}"]
-    config = to_object(default_config(overrides))
-    _, backbone, method = build(overrides, config.data.max_source_length)
-    backbone.to(device), method.to(device)
-    rows_raw = sst2_splits(config)["validation"]
-    examples = tokenize_splits(
-        {"validation": rows_raw}, config.task, backbone.tokenize_sources, config.data.max_source_length
-    )["validation"]
+    config, backbone, method, examples = real_task(overrides, "validation", device)
     size, new_tokens = config.trainer.eval_batch_size, 5
     peft = peft_for(backbone, method, method.num_tokens).to(device)
     with torch.no_grad():
@@ -500,31 +500,27 @@ def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
     peft.eval()
     tokenizer = backbone.tokenizer
     tokenizer.padding_side = "left"
-    encoded = [
-        {"input_ids": ids, "attention_mask": [1] * len(ids)}
-        for ids in backbone.tokenize_sources([render_source(config.task, row) for row in rows_raw.to_list()])
-    ]
+    encoded = [{"input_ids": e.source_ids, "attention_mask": [1] * len(e.source_ids)} for e in examples]
     loader = DataLoader(encoded, batch_size=size, collate_fn=DataCollatorWithPadding(tokenizer))
 
     def ours():
         return predict_examples(backbone, method, examples, size, device, autocast, "rank")
 
     def ours_texts():
-        order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
-        texts = [""] * len(examples)
-        with torch.no_grad(), autocast():
-            for start in range(0, len(order), size):
-                indices = order[start : start + size]
-                batch = {k: v.to(device) for k, v in backbone.collate([examples[i] for i in indices]).items()}
-                for i, text in zip(indices, backbone.generate(method, batch, new_tokens)):
-                    texts[i] = text.strip()
-        return texts
+        return map_sorted_batches(
+            backbone,
+            examples,
+            size,
+            device,
+            autocast,
+            lambda batch: [text.strip() for text in backbone.generate(method, batch, new_tokens)],
+        )
 
     def theirs():
         texts = []
         with torch.no_grad(), autocast():
             for batch in loader:
-                batch = {k: v.to(device) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 out = peft.generate(**batch, max_new_tokens=new_tokens, pad_token_id=backbone.pad_id)
                 new = out[:, batch["input_ids"].shape[1] :]
                 texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
@@ -641,7 +637,7 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
     ours = next((e["wall_s"] for e in validation if e["acc"] >= args.tta_target), None)
     ours_best = max(e["acc"] for e in validation)
     config = to_object(cfg)
-    splits = sst2_splits(config)
+    splits = raw_splits(config)
     results["time_to_accuracy"] = {
         "target": args.tta_target,
         "max_steps": args.tta_max_steps,
