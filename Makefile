@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet $(if $(wildcard /opt/wheels),--find-links /o
 export PTLAB_DATA_DIR ?= $(abspath ../shared/data)
 OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench gpu-pack gpu-check
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -29,3 +29,12 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check ptlab tests scripts
+
+# The GPU kit (scripts/gpu_pack.py, .gpu-pack/, <= 60 MiB) and the one-command GPU check that uses it
+# (scripts/gpu_check.py). On the GPU machine: make gpu-check (its python3 holds torch);
+# here, a rehearsal on the CPU: make gpu-check DRY_RUN=1
+gpu-pack: setup
+	$(OFFLINE) $(PY) scripts/gpu_pack.py
+
+gpu-check:
+	$(if $(DRY_RUN),$(PY),python3) scripts/gpu_check.py $(if $(DRY_RUN),--dry-run) $(ARGS)

