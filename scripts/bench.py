@@ -107,6 +107,13 @@ def batch_of(backbone, size: int, seq_len: int):
     return backbone.collate([Example(source_ids=row[:seq_len], label=i % 2) for i, row in enumerate(ids)])
 
 
+def decode(tokenizer, ids: torch.Tensor) -> list[str]:
+    """Texts of generated ids; ids past the tokenizer's vocabulary (a random-init model with a
+    larger vocabulary than its byte tokenizer, such as smollm2_shape) decode as padding."""
+    ids = ids.masked_fill(ids >= len(tokenizer), tokenizer.pad_token_id)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
 def timed(fn, sync) -> float:
     sync()
     start = time.perf_counter()
@@ -298,7 +305,7 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
                 out = peft.generate(
                     input_ids=batch["source_ids"], attention_mask=batch["source_mask"], max_new_tokens=5
                 )
-                texts = backbone.tokenizer.batch_decode(out, skip_special_tokens=True)
+                texts = decode(backbone.tokenizer, out)
             else:
                 out = peft.generate(
                     input_ids=batch["source_ids"],
@@ -306,9 +313,7 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
                     max_new_tokens=5,
                     pad_token_id=backbone.pad_id,
                 )
-                texts = backbone.tokenizer.batch_decode(
-                    out[:, batch["source_ids"].shape[1] :], skip_special_tokens=True
-                )
+                texts = decode(backbone.tokenizer, out[:, batch["source_ids"].shape[1] :])
             return [lookup.get(t.strip(), -1) for t in texts]
 
     evaluation = interleaved({"ptlab": ours_eval, "peft": peft_eval}, args.repeats, sync)

@@ -111,6 +111,8 @@ class Check:
             *(f"| {s.name} | {s.status} | {s.seconds:.0f} |" for s in self.steps),
         ]
         by_name = {step.name: step for step in self.steps}
+        by_name.setdefault("cuda tests", Step("cuda tests", [], 0))
+        by_name.setdefault("bench", Step("bench", [], 0))
         if by_name["environment"].status == "ok":
             lines += ["", "## Environment", "", *by_name["environment"].output.strip().splitlines()]
         if by_name["cuda tests"].output:
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="run folders and caches (default: beside --out)")
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU with small step counts")
     parser.add_argument("--budget-s", type=float, default=480, help="no step starts after this many seconds")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (and the install)")
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out = (args.out or REPO / "outputs" / "gpu-check" / stamp).resolve()
@@ -197,7 +200,10 @@ def main() -> None:
     if not args.dry_run and os.environ.get("CUDA_VISIBLE_DEVICES") == "":
         sys.exit("gpu_check: error: CUDA_VISIBLE_DEVICES is empty; use --dry-run to rehearse on the CPU")
     site = args.work / "site"
-    check = Check(args, plan(args, site))
+    steps = plan(args, site)
+    if args.only:
+        steps = [s for s in steps if s.name in ("install kit", "environment") or s.name.split()[0] in args.only]
+    check = Check(args, steps)
     env = check.environment(site)
     for step in check.steps:
         print(f"gpu_check: {step.name} ...", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import List
 
@@ -14,7 +15,8 @@ from omegaconf import open_dict
 from ptlab.train import CONF_DIR
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data"
+# the real data files: ../shared/data, or wherever PTLAB_DATA_DIR points (the GPU kit's copy)
+SHARED_DATA = Path(os.environ.get("PTLAB_DATA_DIR") or REPO.parent / "shared" / "data")
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
     "HF_DATASETS_OFFLINE": "1",
