@@ -226,8 +226,12 @@ class CausalBackbone(Backbone):
         )
 
     def shares_prompt_states(self, method: PromptMethod) -> bool:
+        wanted = self.cfg.share_prompt_states
+        if wanted is None:  # auto: where it measured faster
+            wanted = self.model.device.type == "cpu"
         return (
-            self.share_prompt_states
+            wanted
+            and self.share_prompt_states
             and isinstance(method, SharedPromptMethod)
             and (self.dropout_free or not self.model.training)
         )

@@ -50,6 +50,10 @@ class BackboneConfig:
     dropout: bool = True
     # encoder family: how the classification head pools the sequence (mean over real tokens | cls)
     head_pooling: str = "mean"
+    # causal family: run a prompt shared by every input once per batch and reuse its keys/values.
+    # null = auto: on for CPU (1.4x faster evaluation there), off on CUDA, where it measured 2.2x
+    # slower train steps on an H100 at batch 8 (docs/results/bench-gpu.md)
+    share_prompt_states: Optional[bool] = None
 
     def __post_init__(self) -> None:
         check_choice("backbone.family", self.family, ("seq2seq", "causal", "encoder"))

