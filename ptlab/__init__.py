@@ -1,3 +1,18 @@
-"""ptlab: a Hydra-configured lab for soft-prompt tuning of frozen language models."""
+"""ptlab: a Hydra-configured lab for soft-prompt tuning of frozen language models.
+
+`ptlab.build(config)` assembles the pipeline a run trains with (ptlab/pipeline.py); it is
+imported on first use, so `import ptlab` stays cheap.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["Pipeline", "build"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from ptlab import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'ptlab' has no attribute {name!r}")

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptlab.config import BackboneConfig, ConfigError
+from ptlab.config import BackboneConfig
 from ptlab.data import Example
+from ptlab.errors import ConfigError
 from ptlab.methods.base import PromptContext, PromptMethod, SharedPromptMethod
 from ptlab.model_loading import load_model_and_tokenizer
 
@@ -39,7 +40,8 @@ class Backbone(nn.Module):
 
     family: str
     pad_source_left = False
-    share_prompt_states = False  # only the causal family can reuse a shared prompt's states
+    can_share_prompt_states = False  # only the causal family can reuse a shared prompt's states
+    prompt_states_per_example = False  # set by per_example_prompt_states()
 
     def __init__(
         self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int
@@ -86,11 +88,11 @@ class Backbone(nn.Module):
     def per_example_prompt_states(self):
         """Run the prompt once per example even where a family could share its states (FPT's
         neuron statistics count every position of every example)."""
-        previous, self.share_prompt_states = self.share_prompt_states, False
+        previous, self.prompt_states_per_example = self.prompt_states_per_example, True
         try:
             yield
         finally:
-            self.share_prompt_states = previous
+            self.prompt_states_per_example = previous
 
     def train(self, mode: bool = True) -> Backbone:
         """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
@@ -207,7 +209,7 @@ class CausalBackbone(Backbone):
     pad_source_left = True  # so every source ends at the same position and targets follow it
     # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
     # keys/values are the same for every example: computed once per batch, not B times
-    share_prompt_states = True
+    can_share_prompt_states = True
 
     def tokenize_target(self, text: str) -> List[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -231,7 +233,8 @@ class CausalBackbone(Backbone):
             wanted = self.model.device.type == "cpu"
         return (
             wanted
-            and self.share_prompt_states
+            and self.can_share_prompt_states
+            and not self.prompt_states_per_example
             and isinstance(method, SharedPromptMethod)
             and (self.dropout_free or not self.model.training)
         )

@@ -1,19 +1,28 @@
-"""Atomic checkpoints: a folder is written under a temporary name and swapped in by renames.
+"""Checkpoints: a run's resumable state, and atomic folders that hold it.
 
-A kill at any moment leaves a loadable checkpoint: either the new folder, or the previous one
-(kept as `<name>.old` for the instant between the two renames and picked up by `find`).
+A folder is written under a temporary name and swapped in by renames, so a kill at any moment
+leaves a loadable checkpoint: either the new folder, or the previous one (kept as `<name>.old`
+for the instant between the two renames and picked up by `find`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import random
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ptlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -72,3 +81,105 @@ def save_training_state(folder: Path, state: Dict[str, Any]) -> None:
 
 def load_training_state(folder: Path) -> Dict[str, Any]:
     return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+
+
+def rng_states() -> Dict[str, Any]:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: Dict[str, Any]) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def without_label(value: Any) -> Any:
+    """A method config less its display label, which does not change what was trained."""
+    return {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value
+
+
+class RunCheckpoint:
+    """A run folder's `checkpoints/last` (everything needed to continue exactly: trained tensors,
+    optimizer, LR scheduler, RNG streams, the loop's state) and `checkpoints/best` (the best
+    prompt, loadable without ptlab)."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        method: nn.Module,
+        backbone: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        prompt_config: Dict[str, Any],
+        writes: bool = True,
+    ) -> None:
+        self.method, self.backbone, self.optimizer, self.scheduler = method, backbone, optimizer, scheduler
+        self.prompt_config, self.writes = prompt_config, writes  # writes: rank 0 of a distributed run
+        self.last_dir = run_dir / "checkpoints" / "last"
+        self.best_dir = run_dir / "checkpoints" / "best"
+
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
+        state.update({f"backbone.{n}": p for n, p in self.backbone.named_parameters() if p.requires_grad})
+        return state
+
+    def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
+        self.method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+        backbone_params = dict(self.backbone.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                if key.startswith("backbone."):
+                    backbone_params[key[9:]].copy_(value)
+
+    def save_last(self, loop_state: Dict[str, Any]) -> None:
+        if not self.writes:
+            return
+        state = {
+            "trainable": {k: v.detach().cpu() for k, v in self.trainable_state().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": rng_states(),
+            "train_state": loop_state,
+            "prompt_config": self.prompt_config,
+        }
+        write_atomic_dir(self.last_dir, lambda folder: save_training_state(folder, state))
+
+    def save_best(self, exported: Dict[str, torch.Tensor]) -> None:
+        if not self.writes:
+            return
+        trainable = self.trainable_state()
+        write_atomic_dir(
+            self.best_dir, lambda folder: save_prompt(folder, trainable, exported, self.prompt_config)
+        )
+
+    def load_best(self) -> bool:
+        """Put the best prompt back into the method (for a final test evaluation)."""
+        folder = find(self.best_dir)
+        if folder is not None:
+            self.load_trainable_state(load_file(folder / "prompt.safetensors"))
+        return folder is not None
+
+    def restore(self, run_dir: Path) -> Optional[Dict[str, Any]]:
+        """Load `run_dir/checkpoints/last` if there is one; returns the loop's saved state."""
+        folder = find(run_dir / "checkpoints" / "last")
+        if folder is None:
+            log.info("no checkpoint under %s: starting from step 0", run_dir)
+            return None
+        saved = load_training_state(folder)
+        for key in ("method", "backbone", "task"):
+            if without_label(saved["prompt_config"].get(key)) != without_label(self.prompt_config.get(key)):
+                raise ConfigError(
+                    f"trainer.resume: the checkpoint in {folder} was trained with {key}="
+                    f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
+                )
+        self.load_trainable_state(saved["trainable"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        restore_rng_states(saved["rng"])
+        log.info("resumed from %s at step %d", folder, saved["train_state"]["step"])
+        return saved["train_state"]

@@ -15,24 +15,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that composes but cannot be used; the message names the value and the fix."""
-
-
-def check_choice(where: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
-
-
-@dataclass
-class MethodConfig:
-    """Fields every prompt method has; each method extends it with its own schema."""
-
-    name: str = MISSING
-
-    def __post_init__(self) -> None:
-        pass
+from ptlab.errors import ConfigError, check_choice
 
 
 @dataclass
@@ -255,7 +238,7 @@ class Config:
 
 def register_configs() -> None:
     """Register the schemas so the YAML files in conf/ can name them in their defaults lists."""
-    from ptlab.methods import METHODS
+    from ptlab.methods import registered_methods
 
     store = ConfigStore.instance()
     store.store(name="ptlab_schema", node=Config)
@@ -267,7 +250,7 @@ def register_configs() -> None:
         ("schedule", ScheduleConfig),
     ):
         store.store(group=group, name=f"{group}_schema", node=node)
-    for name, (config_cls, _) in METHODS.items():
+    for name, (config_cls, _) in registered_methods().items():
         store.store(group="method", name=f"{name}_schema", node=config_cls)
 
 

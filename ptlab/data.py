@@ -11,13 +11,14 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Protocol
 
 import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
-from ptlab.config import ConfigError, DataConfig, TaskConfig
+from ptlab.config import DataConfig, TaskConfig, TrainerConfig
+from ptlab.errors import ConfigError
 from ptlab.tasks import label_index, preprocessor, render_source
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,13 @@ def chunks(items: List, size: int) -> Iterator[List]:
         yield items[start : start + size]
 
 
+class DataPosition(Protocol):
+    """Where a run is in its data: what a checkpoint saves so a resumed run continues there."""
+
+    epoch: int
+    batch_in_epoch: int
+
+
 MEGABATCH = 50  # batches per length-sorted pool, as in transformers' LengthGroupedSampler
 
 
@@ -208,3 +216,21 @@ def epoch_batches(
         batches += chunks(sorted(pool, key=lambda i: -lengths[i]), batch_size)
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch + 1)
     return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+
+
+def training_batches(
+    lengths: List[int], cfg: TrainerConfig, seed: int, position: DataPosition
+) -> Iterator[List[int]]:
+    """Endless stream of training index batches from `position` on, which it advances. Batches
+    are drawn per optimizer step and then split into micro-batches, so an optimizer step sees the
+    same examples whatever `grad_accum` is."""
+    step_size = cfg.batch_size * cfg.grad_accum
+    while True:
+        steps = epoch_batches(lengths, step_size, seed, position.epoch, cfg.group_by_length)
+        batches = [batch for step in steps for batch in chunks(step, cfg.batch_size)]
+        while position.batch_in_epoch < len(batches):
+            indices = batches[position.batch_in_epoch]
+            position.batch_in_epoch += 1
+            yield indices
+        position.epoch += 1
+        position.batch_in_epoch = 0

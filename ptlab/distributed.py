@@ -17,7 +17,8 @@ from typing import Any, List
 import torch
 import torch.distributed as dist
 
-from ptlab.config import ConfigError, HardwareConfig
+from ptlab.config import HardwareConfig
+from ptlab.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,20 @@ class World:
         if self.size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def sum_gradients(self, params: List[torch.Tensor]) -> None:
+        """Sum every rank's gradients in one all-reduce (what DDP does; its bucketing buys nothing
+        for kilo-parameter prompts). A parameter this rank did not touch contributes zeros."""
+        if self.size == 1:
+            return
+        for param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+        grads = self.sum_(torch.cat([param.grad.flatten() for param in params]))
+        offset = 0
+        for param in params:
+            param.grad.copy_(grads[offset : offset + param.numel()].view_as(param))
+            offset += param.numel()
 
     def gather(self, values: List[Any]) -> List[List[Any]]:
         """Every rank's `values`, in rank order, on every rank."""

@@ -1,4 +1,5 @@
-"""Prediction for evaluation: rank classification (default) or generation + exact match."""
+"""Evaluation: predictions by rank classification (default) or generation + exact match, and a
+split's task metrics from them."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ from typing import Callable, Dict, List
 import torch
 
 from ptlab.backbones import Backbone
+from ptlab.config import TaskConfig
 from ptlab.data import Example, chunks
+from ptlab.distributed import World
 from ptlab.methods.base import PromptMethod
+from ptlab.metrics import compute_metrics
 
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
@@ -60,3 +64,34 @@ def predict_examples(
         autocast,
         lambda batch: predict(backbone, method, batch, mode, max_new_tokens),
     )
+
+
+def split_metrics(
+    backbone: Backbone,
+    method: PromptMethod,
+    examples: List[Example],
+    task: TaskConfig,
+    world: World,
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    mode: str = "rank",
+    max_new_tokens: int = 8,
+) -> Dict[str, float]:
+    """The task's metrics on `examples`, plus the method's own statistics; each rank of a
+    distributed run predicts its shard and every rank gets the metrics of all of them."""
+    mine = world.shard(list(range(len(examples))))
+    preds = predict_examples(
+        backbone, method, [examples[i] for i in mine], batch_size, device, autocast, mode, max_new_tokens
+    )
+    by_index = {i: p for shard in world.gather(list(zip(mine, preds))) for i, p in shard}
+    metrics = compute_metrics(
+        list(task.metrics),
+        [by_index[i] for i in range(len(examples))],
+        [example.label for example in examples],
+        list(task.verbalizers),
+        groups=[example.group for example in examples],
+        target_values=[example.target_value for example in examples],
+    )
+    metrics.update(method.eval_stats())
+    return metrics

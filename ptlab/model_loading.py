@@ -24,7 +24,8 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ptlab.config import BackboneConfig, ConfigError
+from ptlab.config import BackboneConfig
+from ptlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ nothing is re-initialised. The frozen weights are never modified.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List
 
 import torch
 from torch import nn
 
-from ptlab.config import ConfigError
+from ptlab.anatomy import stacks_and_ffns
+from ptlab.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -36,53 +36,6 @@ def evenly_spaced_layers(kept: int, total: int) -> List[int]:
     for gap in range(gaps):
         layers.append(layers[-1] + short + (1 if gap >= gaps - extra else 0))
     return layers
-
-
-@dataclass
-class FFN:
-    """One block's feed-forward: the projections into the hidden width and the one out of it."""
-
-    inputs: List[Tuple[nn.Module, str]]  # (parent, attribute) of each d -> f Linear (two if gated)
-    output: Tuple[nn.Module, str]  # (parent, attribute) of the f -> d Linear
-
-
-def stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[nn.Module, str]], List[FFN]]:
-    """Where the block lists and the FFNs of each supported family live."""
-    kind = model.config.model_type
-    if kind in ("t5", "mt5", "umt5"):
-        stacks = [(model.encoder, "block")] + ([(model.decoder, "block")] if with_decoder else [])
-        ffns = []
-        for parent, attr in stacks:
-            for block in getattr(parent, attr):
-                dense = block.layer[-1].DenseReluDense
-                names = ["wi_0", "wi_1"] if hasattr(dense, "wi_0") else ["wi"]
-                ffns.append(FFN([(dense, n) for n in names], (dense, "wo")))
-        return stacks, ffns
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        stacks = [(model.base_model, "layers")]
-        ffns = [
-            FFN([(b.mlp, "gate_proj"), (b.mlp, "up_proj")], (b.mlp, "down_proj"))
-            for b in model.base_model.layers
-        ]
-        return stacks, ffns
-    if kind in ("bert", "roberta"):
-        stacks = [(model.encoder, "layer")]
-        ffns = [FFN([(b.intermediate, "dense")], (b.output, "dense")) for b in model.encoder.layer]
-        return stacks, ffns
-    raise ConfigError(
-        f"model_type={kind!r}: ptlab knows the blocks of t5, llama and bert models only, which "
-        "partial models (schedule=fpt) and trainer.compile=true need"
-    )
-
-
-def compile_blocks(model: nn.Module) -> int:
-    """Compile every transformer block in place (`torch.compile`, dynamic shapes, as batches pad
-    dynamically); the code around the blocks stays eager. Returns the number of blocks."""
-    stacks, _ = stacks_and_ffns(model, with_decoder=True)
-    blocks = [block for parent, attr in stacks for block in getattr(parent, attr)]
-    for block in blocks:
-        block.compile(dynamic=True)
-    return len(blocks)
 
 
 def _sliced_linear(linear: nn.Linear, keep: torch.Tensor, dim: int) -> nn.Linear:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List
 
-from ptlab.config import ConfigError, TaskConfig
+from ptlab.config import TaskConfig
+from ptlab.errors import ConfigError
 
 
 def flatten_multirc(batch: Dict[str, List[Any]]) -> Dict[str, List[Any]]:

@@ -20,14 +20,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ptlab.backbones import build_backbone
-from ptlab.config import Config, ConfigError, register_configs, to_object
-from ptlab.data import load_raw_splits, majority_fraction, split_rows, tokenize_splits
+from ptlab.config import Config, register_configs, to_object
+from ptlab.data import majority_fraction
 from ptlab.distributed import World, close_world, init_world, launched_world
-from ptlab.methods import build_method
-from ptlab.partial import compile_blocks
+from ptlab.errors import ConfigError
+from ptlab.pipeline import build
+from ptlab.preemption import Preempted
 from ptlab.tracking import Tracker, run_name
-from ptlab.trainer import Preempted, Trainer, seed_everything
+from ptlab.trainer import Trainer, seed_everything
 
 log = logging.getLogger("ptlab")
 
@@ -102,28 +102,8 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     setup_hardware(config)
     seed_everything(config.seed)
     started = time.perf_counter()
-
-    raw = load_raw_splits(config.task, config.data)  # data errors surface before the model loads
-    rows = split_rows(raw, config.task, config.data, config.seed)
-    backbone = build_backbone(
-        config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
-    )
-    method = build_method(config.method, backbone.prompt_context(config.seed))
-    backbone.check_fits(method.num_tokens)
-    if config.trainer.compile:
-        log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
-    data = tokenize_splits(rows, config.task, backbone.tokenize_sources, config.data.max_source_length)
+    pipeline = build(config, world)
     load_seconds = time.perf_counter() - started
-
-    prompt_config = {
-        "method": OmegaConf.to_container(cfg.method, resolve=True),
-        "backbone": config.backbone.name,
-        "task": config.task.name,
-        "family": config.backbone.family,
-        "hidden_size": backbone.hidden_size,
-        "num_prompt_tokens": method.num_tokens,
-        "verbalizers": list(config.task.verbalizers),
-    }
     tracker = Tracker(
         run_dir,
         config.logger,
@@ -131,44 +111,25 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         wandb_init={
             "config": OmegaConf.to_container(cfg, resolve=True),
             "group": config.logger.group or facts.get("group"),
-            "job_type": config.method.name,
+            "job_type": config.method.run_label,
             "name": run_name(facts.get("overrides", [])),
-            "tags": [config.method.name, config.backbone.name, config.task.name, *config.logger.tags],
+            "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
         },
     )
     try:
-        trainer = Trainer(
-            backbone,
-            method,
-            data,
-            config.task,
-            config.trainer,
-            config.hardware,
-            config.schedule,
-            tracker,
-            run_dir,
-            config.seed,
-            prompt_config,
-            world,
-        )
+        trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
         if not (config.trainer.resume and trainer.resume(run_dir)):
             tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
-        log.info(
-            "%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
-            config.method.name,
-            config.backbone.name,
-            config.task.name,
-            trainer.num_trainable,
-            trainer.total_steps,
-            run_dir,
-        )
+        names = (config.method.run_label, config.backbone.name, config.task.name)
+        log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
+                 *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
         summary = trainer.fit()
         summary.update(
-            method=config.method.name,
+            method=config.method.run_label,
             backbone=config.backbone.name,
             task=config.task.name,
             seed=config.seed,
-            majority_class=majority_fraction(data["validation"]),
+            majority_class=majority_fraction(pipeline.data["validation"]),
             load_seconds=load_seconds,
             wall_seconds=time.perf_counter() - started,
             wandb=tracker.wandb_info(),

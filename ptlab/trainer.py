@@ -1,9 +1,9 @@
 """The training loop: plain PyTorch, readable top to bottom.
 
-Only the prompt method's parameters (and the encoder family's head) are trained. A run's
-full state (parameters, optimizer, scheduler, RNG streams, data position, early-stopping
-state) is checkpointed atomically at every evaluation, so a killed run resumed with
-`trainer.resume` ends with the same metrics as an uninterrupted one.
+Only the prompt method's parameters (and the encoder family's head) are trained. The loop's
+state is checkpointed at every evaluation (ptlab/checkpoint.py), so a killed run resumed with
+`trainer.resume` ends with the same metrics as an uninterrupted one; termination signals
+checkpoint at the next step boundary (ptlab/preemption.py); evaluation is ptlab/evaluate.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import logging
 import math
 import random
 import resource
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,19 +20,19 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 from transformers.optimization import Adafactor
 
-from ptlab import checkpoint
 from ptlab.backbones import Backbone, trainable_parameters
-from ptlab.config import ConfigError, HardwareConfig, ScheduleConfig, TaskConfig, TrainerConfig
-from ptlab.data import TaskData, chunks, epoch_batches
-from ptlab.distributed import World
-from ptlab.evaluate import predict_examples, to_device
+from ptlab.checkpoint import RunCheckpoint
+from ptlab.config import Config, TrainerConfig
+from ptlab.data import chunks, training_batches
+from ptlab.errors import ConfigError
+from ptlab.evaluate import split_metrics, to_device
 from ptlab.methods.base import PromptMethod
-from ptlab.metrics import compute_metrics
+from ptlab.pipeline import Pipeline
+from ptlab.preemption import PreemptionGuard
 from ptlab.schedule import StageSchedule
 from ptlab.tracking import Tracker
 
@@ -59,37 +58,26 @@ class TrainState:
     stages: List[Dict[str, float]] = field(default_factory=list)  # per stage: steps, flops, seconds
 
 
-class Preempted(Exception):
-    """Raised at a step boundary after a termination signal, once the checkpoint is written."""
+@dataclass
+class LogWindow:
+    """Losses and examples since the last train log line."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint saved, rerun to resume")
-        self.signum = signum
+    losses: List[float] = field(default_factory=list)
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
 
-
-# SLURM sends SIGUSR1/SIGUSR2 (--signal) before its time limit and SIGTERM on preemption
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> float:
+        """Log the mean loss and throughput of the window; returns the mean loss."""
+        loss = float(np.mean(self.losses))
+        examples_per_s = self.examples / max(time.perf_counter() - self.started, 1e-9)
+        tracker.log(step, "train", {"loss": loss, "lr": lr, "examples_per_s": examples_per_s, "flops": flops})
+        return loss
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def rng_states() -> Dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: Dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -115,171 +103,98 @@ def build_optimizer(
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
 
 
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if cfg.lr_schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, num_training_steps=total_steps)
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+
+def backward_loss(
+    method: PromptMethod, backbone: Backbone, batch: Dict[str, torch.Tensor], autocast, weight: float = 1.0
+) -> float:
+    """One batch's training loss, backpropagated scaled by `weight`; returns the unscaled loss.
+    The training step's core, shared by the Trainer and the benchmark."""
+    with autocast():
+        loss = method.training_loss(backbone, batch)
+    (loss if weight == 1.0 else loss * weight).backward()
+    return loss.item()
+
+
+def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(num_train_examples / cfg.batch_size / cfg.grad_accum)
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
 class Trainer:
-    def __init__(
-        self,
-        backbone: Backbone,
-        method: PromptMethod,
-        data: TaskData,
-        task: TaskConfig,
-        cfg: TrainerConfig,
-        hardware: HardwareConfig,
-        schedule: ScheduleConfig,
-        tracker: Tracker,
-        run_dir: Path,
-        seed: int,
-        prompt_config: Dict[str, Any],
-        world: Optional[World] = None,
-    ) -> None:
-        self.backbone, self.method, self.data, self.task, self.cfg = backbone, method, data, task, cfg
-        self.tracker, self.run_dir, self.seed, self.prompt_config = tracker, run_dir, seed, prompt_config
-        self.world = world or World()
-        self.train_lengths = [len(example.source_ids) for example in data["train"]]
-        self.device = torch.device(f"cuda:{self.world.local_rank}" if hardware.device == "cuda" else "cpu")
-        self.use_bf16 = hardware.precision == "bf16" and self.device.type == "cuda"
+    """Trains a pipeline's prompt: optimizer steps, evaluation every `eval_every`, checkpoints."""
+
+    def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
+        self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
+        self.backbone, self.method = pipeline.backbone, pipeline.method
+        self.data, self.world = pipeline.data, pipeline.world
+        self.tracker, self.run_dir = tracker, run_dir
+        self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
+        cuda = config.hardware.device == "cuda"
+        self.device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
+        self.use_bf16 = config.hardware.precision == "bf16" and cuda
         self.backbone.to(self.device)
         self.method.to(self.device)
-        self.params = trainable_parameters(method, backbone)
+        self.params = trainable_parameters(self.method, self.backbone)
         if not self.params:
             raise ConfigError("the method has no trainable parameters")
         self.num_trainable = sum(p.numel() for p in self.params)
-        self.optimizer = build_optimizer(self.params, cfg, self.device)
-        self.total_steps = self._total_steps()
-        warmup = int(cfg.warmup_ratio * self.total_steps)
-        make_schedule = (
-            get_linear_schedule_with_warmup
-            if cfg.lr_schedule == "linear"
-            else get_constant_schedule_with_warmup
+        self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.total_steps = total_steps(self.cfg, len(self.data["train"]))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
+        self.eval_batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
+        self.stage_schedule = StageSchedule(config.schedule, self.backbone, self.total_steps)
+        stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.schedule.stages]
+        self.state = TrainState(stages=stages)
+        self.checkpoint = RunCheckpoint(
+            run_dir,
+            self.method,
+            self.backbone,
+            self.optimizer,
+            self.lr_scheduler,
+            pipeline.prompt_config(),
+            writes=self.world.is_main,
         )
-        extra = {"num_training_steps": self.total_steps} if cfg.lr_schedule == "linear" else {}
-        self.scheduler = make_schedule(self.optimizer, num_warmup_steps=warmup, **extra)
-        self.eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
-        self.schedule = StageSchedule(schedule, backbone, self.total_steps)
-        self.state = TrainState(stages=[{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in schedule.stages])
-        self.last_dir = run_dir / "checkpoints" / "last"
-        self.best_dir = run_dir / "checkpoints" / "best"
-        self.pending_signal: Optional[int] = None
         self.fit_started = time.perf_counter()
-
-    def _total_steps(self) -> int:
-        if self.cfg.max_steps is not None:
-            return self.cfg.max_steps
-        per_epoch = math.ceil(len(self.data["train"]) / self.cfg.batch_size / self.cfg.grad_accum)
-        return max(1, math.ceil(self.cfg.epochs * per_epoch))
 
     def autocast(self):
         if self.use_bf16:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    # --- data ---------------------------------------------------------------------------
-    def microbatches(self) -> Iterator[List[int]]:
-        """Endless stream of training index batches from the saved data position on. Batches are
-        drawn per optimizer step and then split into micro-batches, so an optimizer step sees the
-        same examples whatever `grad_accum` is."""
-        step_size = self.cfg.batch_size * self.cfg.grad_accum
-        while True:
-            steps = epoch_batches(
-                self.train_lengths, step_size, self.seed, self.state.epoch, self.cfg.group_by_length
-            )
-            batches = [batch for step in steps for batch in chunks(step, self.cfg.batch_size)]
-            while self.state.batch_in_epoch < len(batches):
-                indices = batches[self.state.batch_in_epoch]
-                self.state.batch_in_epoch += 1
-                yield indices
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-
-    # --- checkpoints ----------------------------------------------------------------------
-    def trainable_state(self) -> Dict[str, torch.Tensor]:
-        state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
-        state.update({f"backbone.{n}": p for n, p in self.backbone.named_parameters() if p.requires_grad})
-        return state
-
-    def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
-        backbone_params = dict(self.backbone.named_parameters())
-        with torch.no_grad():
-            for key, value in state.items():
-                if key.startswith("backbone."):
-                    backbone_params[key[9:]].copy_(value)
-
-    def save_last(self) -> None:
-        if not self.world.is_main:
-            return
-
-        def write(folder: Path) -> None:
-            checkpoint.save_training_state(
-                folder,
-                {
-                    "trainable": {k: v.detach().cpu() for k, v in self.trainable_state().items()},
-                    "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
-                    "rng": rng_states(),
-                    "train_state": asdict(self.state),
-                    "prompt_config": self.prompt_config,
-                },
-            )
-
-        checkpoint.write_atomic_dir(self.last_dir, write)
-
-    def save_best(self) -> None:
-        if not self.world.is_main:
-            return
-        trainable, exported = self.trainable_state(), self.method.export_prompt()
-        checkpoint.write_atomic_dir(
-            self.best_dir,
-            lambda folder: checkpoint.save_prompt(folder, trainable, exported, self.prompt_config),
-        )
-
-    def resume(self, source_dir: Path) -> bool:
-        """Load `source_dir/checkpoints/last` if there is one; True when the run continues from it."""
-        folder = checkpoint.find(source_dir / "checkpoints" / "last")
-        if folder is None:
-            log.info("no checkpoint under %s: starting from step 0", source_dir)
+    # --- checkpoints and evaluation --------------------------------------------------------
+    def resume(self, run_dir: Path) -> bool:
+        """Continue from `run_dir/checkpoints/last` if there is one; True when the run does."""
+        saved = self.checkpoint.restore(run_dir)
+        if saved is None:
             return False
-        saved = checkpoint.load_training_state(folder)
-        for key in ("method", "backbone", "task"):
-            if saved["prompt_config"].get(key) != self.prompt_config.get(key):
-                raise ConfigError(
-                    f"trainer.resume: the checkpoint in {folder} was trained with {key}="
-                    f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
-                )
-        self.load_trainable_state(saved["trainable"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        restore_rng_states(saved["rng"])
-        self.state = TrainState(**saved["train_state"])
+        self.state = TrainState(**saved)
         self.tracker.truncate_after(self.state.step)
-        log.info("resumed from %s at step %d", folder, self.state.step)
         return True
 
-    # --- evaluation -------------------------------------------------------------------------
+    def save_last(self) -> None:
+        self.checkpoint.save_last(asdict(self.state))
+
     def run_eval(self, split: str) -> Dict[str, float]:
-        """The task's metrics on `split`; each rank predicts its shard and all ranks get all of them."""
-        examples = self.data[split]
-        mine = self.world.shard(list(range(len(examples))))
-        preds = predict_examples(
+        return split_metrics(
             self.backbone,
             self.method,
-            [examples[i] for i in mine],
+            self.data[split],
+            self.task,
+            self.world,
             self.eval_batch_size,
             self.device,
             self.autocast,
             self.cfg.eval_mode,
             self.cfg.max_new_tokens,
         )
-        by_index = {i: p for shard in self.world.gather(list(zip(mine, preds))) for i, p in shard}
-        metrics = compute_metrics(
-            list(self.task.metrics),
-            [by_index[i] for i in range(len(examples))],
-            [example.label for example in examples],
-            list(self.task.verbalizers),
-            groups=[example.group for example in examples],
-            target_values=[example.target_value for example in examples],
-        )
-        metrics.update({f"router_{k}": v for k, v in self.method.eval_stats().items()})
-        return metrics
 
     def eval_and_checkpoint(self) -> bool:
         """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
@@ -297,19 +212,19 @@ class Trainer:
                 metrics,
             )
             self.state.evals_without_improvement = 0
-            self.save_best()
+            self.checkpoint.save_best(self.method.export_prompt())
         else:
             self.state.evals_without_improvement += 1
         self.save_last()
         self.world.barrier()
         return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
 
-    # --- the loop -------------------------------------------------------------------------------
+    # --- one step ----------------------------------------------------------------------------
     def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[this step's FLOPs on the current model, the same on the full model] for one batch."""
         prompt = self.method.num_tokens
         shared = prompt if self.backbone.shares_prompt_states(self.method) else 0
-        flops = self.schedule.step_flops(
+        flops = self.stage_schedule.step_flops(
             len(batch["labels"]), batch["source_ids"].shape[1] + prompt, batch["target_ids"].shape[1], shared
         )
         return torch.tensor(flops, dtype=torch.float64)
@@ -317,7 +232,7 @@ class Trainer:
     def neuron_scoring_passes(self) -> Iterator[None]:
         """Forward passes with the untrained prompt over the first training examples (FPT's
         neuron importance); yields after each batch."""
-        examples = self.data["train"][: self.schedule.cfg.score_examples]
+        examples = self.data["train"][: self.stage_schedule.cfg.score_examples]
         self.backbone.eval()
         self.method.eval()
         with torch.no_grad(), self.backbone.per_example_prompt_states():
@@ -340,71 +255,52 @@ class Trainer:
             if not mine:
                 continue
             batch = to_device(self.backbone.collate([self.data["train"][i] for i in mine]), self.device)
-            with self.autocast():
-                loss = self.method.training_loss(self.backbone, batch)
             weight = len(mine) / len(indices) / self.cfg.grad_accum
-            (loss * weight).backward()
-            totals[0] += loss.item() * weight
+            totals[0] += backward_loss(self.method, self.backbone, batch, self.autocast, weight) * weight
             totals[1:] += self.batch_flops(batch)
-        if self.world.size > 1:
-            for param in self.params:
-                if param.grad is None:
-                    param.grad = torch.zeros_like(param)
-            grads = torch.cat([param.grad.flatten() for param in self.params])
-            self.world.sum_(grads)
-            offset = 0
-            for param in self.params:
-                param.grad.copy_(grads[offset : offset + param.numel()].view_as(param))
-                offset += param.numel()
-            self.world.sum_(totals)
+        self.world.sum_gradients(self.params)
+        self.world.sum_(totals)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
-        self.scheduler.step()
+        self.lr_scheduler.step()
         self.state.step += 1
         self.state.flops += float(totals[1])
         self.state.full_model_flops += float(totals[2])
-        self.state.stages[self.schedule.current]["flops"] += float(totals[1])
+        self.state.stages[self.stage_schedule.current]["flops"] += float(totals[1])
         return float(totals[0])
 
-    def on_signal(self, signum: int, frame) -> None:
-        """Remember the signal; the loop checkpoints at the next step boundary and stops."""
-        log.warning("received %s: checkpointing after this step", signal.Signals(signum).name)
-        self.pending_signal = signum
+    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> float:
+        """One training step in the current stage, timed and counted."""
+        stage = self.stage_schedule.enter(self.state.step)
+        if stage is not None and len(self.state.stages) > 1:
+            log.info("step %d: stage %s", self.state.step, stage)
+            self.tracker.log(self.state.step, "stage", stage)
+        self.backbone.train()
+        self.method.train()
+        seen_before, started = self.state.examples_seen, time.perf_counter()
+        loss = self.train_step(stream)
+        elapsed = time.perf_counter() - started
+        self.state.train_seconds += elapsed
+        self.state.stages[self.stage_schedule.current]["seconds"] += elapsed
+        self.state.stages[self.stage_schedule.current]["steps"] += 1
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
+            )
+        window.losses.append(loss)
+        window.examples += self.state.examples_seen - seen_before
+        return loss
 
-    @contextlib.contextmanager
-    def preemption_handlers(self):
-        """SIGTERM/SIGUSR1/SIGUSR2 save a resumable checkpoint at the next step boundary; a
-        handler installed before ours (submitit's requeue) is called after the save."""
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield {}
-            return
-        previous = {signum: signal.signal(signum, self.on_signal) for signum in PREEMPTION_SIGNALS}
-        try:
-            yield previous
-        finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
-
-    def stop_if_signalled(self, previous: Dict[int, Any]) -> None:
-        if self.pending_signal is None:
-            return
-        self.save_last()
-        signum, self.pending_signal = self.pending_signal, None
-        log.warning("checkpoint saved at step %d after %s", self.state.step, signal.Signals(signum).name)
-        handler = previous.get(signum)
-        if callable(handler):
-            handler(signum, None)
-        raise Preempted(signum, self.state.step)
-
+    # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
         self.fit_started = time.perf_counter()
-        stream = self.microbatches()
-        if self.schedule.needs_scores:
-            self.schedule.prepare_scores(self.run_dir, self.neuron_scoring_passes, write=self.world.is_main)
+        stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
+        if self.stage_schedule.needs_scores:
+            self.stage_schedule.prepare_scores(
+                self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
+            )
         progress = tqdm(
             disable=not self.world.is_main or None,
             total=self.total_steps,
@@ -413,81 +309,55 @@ class Trainer:
             dynamic_ncols=True,
             mininterval=1.0,
         )
-        window_loss, window_examples, window_start = [], 0, time.perf_counter()
-        stopped_early = False
-        with self.preemption_handlers() as previous_handlers:
+        window, stopped_early = LogWindow(), False
+        with PreemptionGuard() as guard:
             while self.state.step < self.total_steps and not stopped_early:
-                stage = self.schedule.enter(self.state.step)
-                if stage is not None and len(self.state.stages) > 1:
-                    log.info("step %d: stage %s", self.state.step, stage)
-                    self.tracker.log(self.state.step, "stage", stage)
-                self.backbone.train()
-                self.method.train()
-                seen_before = self.state.examples_seen
-                started = time.perf_counter()
-                loss = self.train_step(stream)
-                elapsed_step = time.perf_counter() - started
-                self.state.train_seconds += elapsed_step
-                self.state.stages[self.schedule.current]["seconds"] += elapsed_step
-                self.state.stages[self.schedule.current]["steps"] += 1
-                if not math.isfinite(loss):
-                    raise FloatingPointError(
-                        f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
-                    )
-                window_loss.append(loss)
-                window_examples += self.state.examples_seen - seen_before
+                loss = self.timed_step(stream, window)
                 progress.update(1)
-                if self.state.step % self.cfg.log_every == 0 or self.state.step == self.total_steps:
-                    elapsed = time.perf_counter() - window_start
-                    self.tracker.log(
-                        self.state.step,
-                        "train",
-                        {
-                            "loss": float(np.mean(window_loss)),
-                            "lr": self.scheduler.get_last_lr()[0],
-                            "examples_per_s": window_examples / max(elapsed, 1e-9),
-                            "flops": self.state.flops,
-                        },
+                last = self.state.step == self.total_steps
+                if self.state.step % self.cfg.log_every == 0 or last:
+                    mean = window.log(
+                        self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops
                     )
-                    progress.set_postfix(loss=f"{np.mean(window_loss):.4f}", refresh=False)
-                    window_loss, window_examples, window_start = [], 0, time.perf_counter()
-                at_eval = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
-                if at_eval and self.schedule.is_full:  # partial models are not evaluated or kept as best
-                    stopped_early = self.eval_and_checkpoint()
+                    progress.set_postfix(loss=f"{mean:.4f}", refresh=False)
+                    window = LogWindow()
+                if (self.state.step % self.cfg.eval_every == 0 or last) and self.stage_schedule.is_full:
+                    stopped_early = self.eval_and_checkpoint()  # partial models are not evaluated
+                    value = self.state.last_metrics[self.task.main_metric]
                     progress.set_postfix(
-                        loss=f"{loss:.4f}",
-                        **{
-                            f"val_{self.task.main_metric}": f"{self.state.last_metrics[self.task.main_metric]:.4f}"
-                        },
+                        loss=f"{loss:.4f}", **{f"val_{self.task.main_metric}": f"{value:.4f}"}
                     )
-                self.stop_if_signalled(previous_handlers)
+                guard.stop_if_signalled(self.save_last, self.state.step)
         progress.close()
-        return self.finish(stopped_early)
-
-    def finish(self, stopped_early: bool) -> Dict[str, Any]:
         test_metrics = None
-        if "test" in self.data:
-            best = checkpoint.find(self.best_dir)
-            if best is not None:
-                self.load_trainable_state(load_file(best / "prompt.safetensors"))
+        if "test" in self.data:  # the SMoP protocol's held-out test split, scored with the best prompt
+            self.checkpoint.load_best()
             test_metrics = self.run_eval("test")
             self.tracker.log(self.state.step, "test", test_metrics)
-        return {
-            "best": {"step": self.state.best_step, **self.state.best_metrics},
-            "final": self.state.last_metrics,
-            "test": test_metrics,
-            "main_metric": self.task.main_metric,
-            "steps": self.state.step,
-            "stopped_early": stopped_early,
-            "trainable_params": self.num_trainable,
-            "train_seconds": self.state.train_seconds,
-            "examples_per_s": self.state.examples_seen / max(self.state.train_seconds, 1e-9),
-            "peak_memory_mb": peak_memory_mb(self.device),
-            "train_flops": self.state.flops,
-            "full_model_flops": self.state.full_model_flops,
-            "flops_ratio": self.state.flops / max(self.state.full_model_flops, 1.0),
-            "stages": [
-                {**asdict(stage), **stats}
-                for stage, stats in zip(self.schedule.cfg.stages, self.state.stages)
-            ],
-        }
+        return run_summary(self, stopped_early, test_metrics)
+
+
+def run_summary(
+    trainer: Trainer, stopped_early: bool, test_metrics: Optional[Dict[str, float]]
+) -> Dict[str, Any]:
+    """The numbers a finished run reports (summary.json, W&B summary)."""
+    state = trainer.state
+    return {
+        "best": {"step": state.best_step, **state.best_metrics},
+        "final": state.last_metrics,
+        "test": test_metrics,
+        "main_metric": trainer.task.main_metric,
+        "steps": state.step,
+        "stopped_early": stopped_early,
+        "trainable_params": trainer.num_trainable,
+        "train_seconds": state.train_seconds,
+        "examples_per_s": state.examples_seen / max(state.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(trainer.device),
+        "train_flops": state.flops,
+        "full_model_flops": state.full_model_flops,
+        "flops_ratio": state.flops / max(state.full_model_flops, 1.0),
+        "stages": [
+            {**asdict(stage), **stats}
+            for stage, stats in zip(trainer.stage_schedule.cfg.stages, state.stages)
+        ],
+    }

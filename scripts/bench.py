@@ -30,14 +30,15 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
-from ptlab.backbones import build_backbone
+import ptlab
+from ptlab.compile import compile_blocks
 from ptlab.config import to_object
 from ptlab.data import Example
 from ptlab.evaluate import map_sorted_batches, predict_examples, to_device
 from ptlab.flops import ModelShape, train_step_flops
-from ptlab.methods import build_method
-from ptlab.partial import PartialModel, compile_blocks
+from ptlab.partial import PartialModel
 from ptlab.train import CONF_DIR
+from ptlab.trainer import backward_loss
 
 REPO = Path(__file__).resolve().parent.parent
 T5_BASE_SHAPE = [
@@ -69,14 +70,11 @@ def default_config(overrides: list[str]):
         return compose("config", overrides=["logger=none", *overrides])
 
 
-def build(overrides: list[str], seq_len: int | None = None):
-    """Config, backbone (dropout off) and method; `seq_len` overrides data.max_source_length."""
+def build(overrides: list[str], seq_len: int | None = None, splits: tuple = ()):
+    """Config, backbone (dropout off) and method, as `ptlab-train` builds them, and the tokenized
+    `splits`; `seq_len` overrides data.max_source_length."""
     length = [] if seq_len is None else [f"data.max_source_length={seq_len}"]
-    config = to_object(default_config([*overrides, "backbone.dropout=false", *length]))
-    backbone = build_backbone(
-        config.backbone, list(config.task.verbalizers), config.data.max_source_length, seed=0
-    )
-    return config, backbone, build_method(config.method, backbone.prompt_context(0))
+    return ptlab.build(default_config([*overrides, "backbone.dropout=false", *length]), splits=splits)
 
 
 def raw_splits(config):
@@ -88,17 +86,9 @@ def raw_splits(config):
 
 def real_task(overrides: list[str], split: str, device):
     """Config, backbone and method on `device`, and the tokenized rows of one real SST-2 split."""
-    from ptlab.data import tokenize_splits
-
-    config, backbone, method = build(overrides)
-    backbone.to(device), method.to(device)
-    examples = tokenize_splits(
-        {split: raw_splits(config)[split]},
-        config.task,
-        backbone.tokenize_sources,
-        config.data.max_source_length,
-    )[split]
-    return config, backbone, method, examples
+    pipeline = build(overrides, splits=(split,))
+    pipeline.backbone.to(device), pipeline.method.to(device)
+    return pipeline.config, pipeline.backbone, pipeline.method, pipeline.data[split]
 
 
 def batch_of(backbone, size: int, seq_len: int):
@@ -112,6 +102,13 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
     larger vocabulary than its byte tokenizer, such as smollm2_shape) decode as padding."""
     ids = ids.masked_fill(ids >= len(tokenizer), tokenizer.pad_token_id)
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def train_step(method, backbone, batch, optimizer, autocast) -> None:
+    """ptlab's training step: the Trainer's loss and backward (`backward_loss`), then the update."""
+    backward_loss(method, backbone, batch, autocast)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def sharing(backbone, share: bool, fn):
@@ -206,8 +203,8 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
     """All comparisons on one backbone; returns the table rows and fills `results[name]`."""
     rows = []
     overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
-    config, backbone, method = build(overrides, args.seq_len)
-    backbone.to(device), method.to(device)
+    pipeline = build(overrides, args.seq_len)
+    backbone, method = pipeline.backbone.to(device), pipeline.method.to(device)
     batch = to_device(batch_of(backbone, args.batch, args.seq_len), device)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     step_flops = train_step_flops(
@@ -221,14 +218,7 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
     causal_labels = torch.cat([torch.full_like(batch["source_ids"], -100), batch["target_ids"]], 1)
 
     def step_on(model):
-        def step():
-            with autocast():
-                loss = model.loss(method, batch)
-            loss.backward()
-            ours_opt.step()
-            ours_opt.zero_grad(set_to_none=True)
-
-        return step
+        return lambda: train_step(method, model, batch, ours_opt, autocast)
 
     ours_step = step_on(backbone)
 
@@ -346,7 +336,6 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
         "matmul_flops_per_s": floor,
     }
     if backbone.family == "causal":  # the shared prompt's keys/values: once per batch vs per example
-
         for label, fn in (("train step", ours_step), ("eval", ours_eval)):
             timing = interleaved(
                 {"shared": sharing(backbone, True, fn), "per_example": sharing(backbone, False, fn)},
@@ -374,18 +363,11 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
         ("superpos", ["method=superpos"]),
         ("residual", ["method=residual"]),
     ]:
-        _, _, other = build([*BACKBONES[name], *extra], args.seq_len)
+        other = build([*BACKBONES[name], *extra], args.seq_len).method
         other.to(device).train()
         opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
 
-        def step(other=other, opt=opt):
-            with autocast():
-                loss = other.training_loss(backbone, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        contenders[label] = step
+        contenders[label] = lambda other=other, opt=opt: train_step(other, backbone, batch, opt, autocast)
     scaling = interleaved(contenders, args.repeats, sync)
     results[name]["methods_s"] = scaling
     method_memory = {label: step_memory_mb(contenders[label], device) for label in ("smop4x5", "pt100")}
@@ -478,9 +460,7 @@ def length_grouping(args, device, sync, rows: list, results: dict) -> None:
 
     def step(indices):
         batch = to_device(backbone.collate([train[i] for i in indices]), device)
-        backbone.loss(method, batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(method, backbone, batch, optimizer, contextlib.nullcontext)
 
     seconds = {"grouped": 0.0, "plain": 0.0}
     for i in range(args.grouping_batches + 1):

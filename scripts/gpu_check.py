@@ -40,7 +40,15 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 print(", ".join(f"{n} {m.version(n)}" for n in
       ("transformers", "peft", "datasets", "pyarrow", "hydra-core", "omegaconf", "safetensors")))
 """
-RUN_KEYS = ("best", "steps", "train_seconds", "wall_seconds", "load_seconds", "examples_per_s", "peak_memory_mb")
+RUN_KEYS = (
+    "best",
+    "steps",
+    "train_seconds",
+    "wall_seconds",
+    "load_seconds",
+    "examples_per_s",
+    "peak_memory_mb",
+)
 
 
 @dataclass
@@ -89,7 +97,12 @@ class Check:
         began = time.perf_counter()
         try:
             result = subprocess.run(
-                step.command, cwd=REPO, env=env, capture_output=True, text=True, timeout=min(step.limit_s, left)
+                step.command,
+                cwd=REPO,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=min(step.limit_s, left),
             )
             step.output = result.stdout + result.stderr
             step.status = "ok" if result.returncode == 0 else f"failed (exit {result.returncode})"
@@ -116,7 +129,11 @@ class Check:
         if by_name["environment"].status == "ok":
             lines += ["", "## Environment", "", *by_name["environment"].output.strip().splitlines()]
         if by_name["cuda tests"].output:
-            summary = [line for line in by_name["cuda tests"].output.splitlines() if " in " in line and "passed" in line]
+            summary = [
+                line
+                for line in by_name["cuda tests"].output.splitlines()
+                if " in " in line and "passed" in line
+            ]
             lines += ["", "## `pytest -m cuda`", "", *(summary[-1:] or ["(no summary line)"])]
         table = [line for line in by_name["bench"].output.splitlines() if line.startswith("|")]
         if table:
@@ -150,7 +167,10 @@ class Check:
     def write(self) -> None:
         self.args.out.mkdir(parents=True, exist_ok=True)
         (self.args.out / "gpu-check.md").write_text(self.report())
-        log = [f"===== {s.name}: {s.status} ({s.seconds:.0f} s)\n$ {shlex.join(s.command)}\n{s.output}" for s in self.steps]
+        log = [
+            f"===== {s.name}: {s.status} ({s.seconds:.0f} s)\n$ {shlex.join(s.command)}\n{s.output}"
+            for s in self.steps
+        ]
         (self.args.out / "gpu-check.log").write_text("\n".join(log))
 
 
@@ -161,10 +181,31 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
     install += sorted(str(path) for path in (args.pack / "wheels").glob("*.whl"))
     device = "cpu" if dry else "cuda"
     bench_backbones = ["tiny_t5", "tiny_llama"] if dry else ["t5_base_shape", "smollm2_shape"]
-    bench = [python, "scripts/bench.py", "--device", device, "--quick", "--no-real-eval", "--out", str(args.out)]
+    bench = [
+        python,
+        "scripts/bench.py",
+        "--device",
+        device,
+        "--quick",
+        "--no-real-eval",
+        "--out",
+        str(args.out),
+    ]
     # the dry run keeps the jobs short; on the GPU they are the real default job
-    small = ["trainer.max_steps=8", "trainer.eval_every=8", "data.max_train_examples=512", "data.max_eval_examples=64"]
-    job = [python, "-m", "ptlab.train", "hardware=cpu" if dry else "hardware=gpu", "logger=none", *(small if dry else [])]
+    small = [
+        "trainer.max_steps=8",
+        "trainer.eval_every=8",
+        "data.max_train_examples=512",
+        "data.max_eval_examples=64",
+    ]
+    job = [
+        python,
+        "-m",
+        "ptlab.train",
+        "hardware=cpu" if dry else "hardware=gpu",
+        "logger=none",
+        *(small if dry else []),
+    ]
     runs = args.work / "runs"
 
     def training(name: str, extra: List[str], limit_s: int) -> Step:
@@ -173,7 +214,11 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
     return [
         Step("install kit", install, 120),
         Step("environment", [python, "-c", VERSIONS], 60),
-        Step("cuda tests", [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"], 180),
+        Step(
+            "cuda tests",
+            [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"],
+            180,
+        ),
         Step("bench", [*bench, "--backbones", *bench_backbones], 180),
         training("default job", [], 120),
         training("fpt", ["schedule=fpt"], 90),
@@ -183,10 +228,16 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pack", type=Path, default=REPO / ".gpu-pack", help="the kit (make gpu-pack)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default outputs/gpu-check/<time>)")
-    parser.add_argument("--work", type=Path, default=None, help="run folders and caches (default: beside --out)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="results folder (default outputs/gpu-check/<time>)"
+    )
+    parser.add_argument(
+        "--work", type=Path, default=None, help="run folders and caches (default: beside --out)"
+    )
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU with small step counts")
     parser.add_argument("--budget-s", type=float, default=480, help="no step starts after this many seconds")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (and the install)")
@@ -202,7 +253,9 @@ def main() -> None:
     site = args.work / "site"
     steps = plan(args, site)
     if args.only:
-        steps = [s for s in steps if s.name in ("install kit", "environment") or s.name.split()[0] in args.only]
+        steps = [
+            s for s in steps if s.name in ("install kit", "environment") or s.name.split()[0] in args.only
+        ]
     check = Check(args, steps)
     env = check.environment(site)
     for step in check.steps:

@@ -68,7 +68,9 @@ def copy_data(data_dir: Path, target: Path) -> None:
     for name in DATA_FILES:
         source = data_dir / name
         if not source.is_file():
-            sys.exit(f"gpu_pack: error: {source} is missing: set PTLAB_DATA_DIR to the folder of the official files")
+            sys.exit(
+                f"gpu_pack: error: {source} is missing: set PTLAB_DATA_DIR to the folder of the official files"
+            )
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(source, target / name)
 
@@ -78,10 +80,14 @@ def folder_mib(folder: Path) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=REPO / ".gpu-pack")
     parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("PTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("PTLAB_DATA_DIR", REPO.parent / "shared" / "data")),
     )
     args = parser.parse_args()
     if args.out.exists():

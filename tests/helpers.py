@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
-from ptlab.backbones import build_backbone
-from ptlab.config import to_object
+import ptlab
 from ptlab.data import Example
-from ptlab.methods import build_method
 
 from conftest import compose_config
 
@@ -20,12 +18,9 @@ SENTENCES = [
 
 
 def build(overrides: List[str], seed: int = 0):
-    config = to_object(compose_config(overrides))
-    backbone = build_backbone(
-        config.backbone, list(config.task.verbalizers), config.data.max_source_length, seed
-    )
-    method = build_method(config.method, backbone.prompt_context(seed))
-    return config, backbone, method
+    """Config, backbone and method as `ptlab-train` builds them, without data."""
+    pipeline = ptlab.build(compose_config([*overrides, f"seed={seed}"]), splits=())
+    return pipeline.config, pipeline.backbone, pipeline.method
 
 
 def examples(backbone, texts: List[str] = SENTENCES) -> List[Example]:

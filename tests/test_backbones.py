@@ -7,7 +7,7 @@ import contextlib
 import pytest
 import torch
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.evaluate import predict, predict_examples
 
 from helpers import build, examples

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from ptlab.config import Config, ConfigError, to_object
+from ptlab.config import Config, to_object
+from ptlab.errors import ConfigError
 
 from conftest import METHOD_ALIASES, OFFLINE_ENV, REPO, compose_config, group_values
 

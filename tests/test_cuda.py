@@ -12,6 +12,7 @@ import os
 
 import pytest
 import torch
+from test_scale_out import QUICK, cli, trained_prompt
 
 from ptlab import checkpoint
 from ptlab.evaluate import to_device
@@ -20,7 +21,6 @@ from ptlab.trainer import Trainer
 
 from conftest import TINY, compose_config
 from helpers import build, examples
-from test_scale_out import QUICK, cli, trained_prompt
 
 ON_CUDA = torch.cuda.is_available()
 ON_CPU_REHEARSAL = not ON_CUDA and os.environ.get("PTLAB_CUDA_TESTS_ON_CPU") == "1"
@@ -132,4 +132,6 @@ def test_ddp_with_one_process_trains_the_single_process_prompt(tmp_path):
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     (summary,) = (tmp_path / "outputs/runs").glob("**/summary.json")  # one rank: one run folder
     run_dir = summary.parent
-    torch.testing.assert_close(trained_prompt(run_dir), trained_prompt(tmp_path / "single"), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        trained_prompt(run_dir), trained_prompt(tmp_path / "single"), atol=1e-5, rtol=1e-5
+    )

@@ -10,8 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ptlab.config import ConfigError, to_object
+from ptlab.config import to_object
 from ptlab.data import chunks, epoch_batches, epoch_order, load_raw_splits, split_rows, tokenize_splits
+from ptlab.errors import ConfigError
 from ptlab.tasks import render_source
 
 from conftest import compose_config

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ptlab.config import ConfigError, to_object
+from ptlab.config import to_object
+from ptlab.errors import ConfigError
 from ptlab.flops import ModelShape, train_step_flops
 from ptlab.partial import PartialModel, evenly_spaced_layers
 from ptlab.train import run

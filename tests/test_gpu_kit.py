@@ -34,7 +34,9 @@ def test_gpu_kit_builds_and_its_check_passes_a_dry_run(tmp_path):
     )  # fmt: skip
     report = (out / "gpu-check.md").read_text()
     assert check.returncode == 0, report + check.stdout[-3000:]
-    steps = [line.split(" | ") for line in report.splitlines() if line.startswith("| ") and " | ok | " in line]
+    steps = [
+        line.split(" | ") for line in report.splitlines() if line.startswith("| ") and " | ok | " in line
+    ]
     assert [row[0][2:] for row in steps] == [
         "install kit", "environment", "cuda tests", "bench", "default job", "fpt", "smop", "compile",
     ]  # fmt: skip

@@ -143,8 +143,8 @@ def test_eval_stats_report_routing_fractions_and_entropy():
     with torch.no_grad():
         method(torch.randn(10, 3, model.hidden_size), torch.ones(10, 3))
     stats = method.eval_stats()
-    assert sum(stats[f"prompt{i}_fraction"] for i in range(K)) == pytest.approx(1.0)
-    assert 0 < stats["entropy"] <= torch.log(torch.tensor(float(K))).item()
+    assert sum(stats[f"router_prompt{i}_fraction"] for i in range(K)) == pytest.approx(1.0)
+    assert 0 < stats["router_entropy"] <= torch.log(torch.tensor(float(K))).item()
     assert method.eval_stats() == {}  # reset after reading
 
 

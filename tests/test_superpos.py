@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptlab.config import ConfigError, to_object
+from ptlab.config import to_object
+from ptlab.errors import ConfigError
 
 from conftest import compose_config
 from helpers import build, examples

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from ptlab import checkpoint
-from ptlab.config import ConfigError
-from ptlab.partial import compile_blocks
+from ptlab.compile import compile_blocks
+from ptlab.errors import ConfigError
 from ptlab.train import run
 from ptlab.trainer import Trainer
 

@@ -1,16 +1,21 @@
 """Registry of prompt methods: name -> (config schema, module class).
 
-A new method is one module here that calls :func:`register` plus one YAML in conf/method/.
-The trainer never branches on the method's name.
+A new method is one module in this package that decorates its class with :func:`register`, plus
+one YAML in conf/method/. Every module of the package is found and imported on first use; there
+is no list to extend. The trainer never branches on the method's name.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from typing import Callable, Dict, Tuple, Type
 
-from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.errors import ConfigError
+from ptlab.methods.base import MethodConfig, PromptContext, PromptMethod
 
 METHODS: Dict[str, Tuple[type, Type[PromptMethod]]] = {}
+_imported: set = set()
 
 
 def register(name: str, config_cls: type) -> Callable[[Type[PromptMethod]], Type[PromptMethod]]:
@@ -21,16 +26,30 @@ def register(name: str, config_cls: type) -> Callable[[Type[PromptMethod]], Type
     return wrap
 
 
-def build_method(cfg, context: PromptContext) -> PromptMethod:
+def registered_methods() -> Dict[str, Tuple[type, Type[PromptMethod]]]:
+    """Every method of this package: each module in its folder is imported once, and registers
+    its methods as it is imported."""
+    for module in pkgutil.iter_modules(__path__):
+        if module.name not in _imported:
+            importlib.import_module(f"{__name__}.{module.name}")
+            _imported.add(module.name)
+    return METHODS
+
+
+def build_method(cfg: MethodConfig, context: PromptContext) -> PromptMethod:
     """Instantiate the method named by ``cfg.name`` for the given backbone facts."""
-    from ptlab.config import ConfigError
+    methods = registered_methods()
+    if cfg.name not in methods:
+        raise ConfigError(f"method.name={cfg.name!r} is not registered; known: {sorted(methods)}")
+    return methods[cfg.name][1](cfg, context)
 
-    if cfg.name not in METHODS:
-        raise ConfigError(f"method.name={cfg.name!r} is not registered; known: {sorted(METHODS)}")
-    return METHODS[cfg.name][1](cfg, context)
 
-
-# import the method modules so they register themselves
-from ptlab.methods import prompt_tuning, residual, smop, superpos  # noqa: E402,F401
-
-__all__ = ["METHODS", "PromptContext", "PromptMethod", "build_method", "register"]
+__all__ = [
+    "METHODS",
+    "MethodConfig",
+    "PromptContext",
+    "PromptMethod",
+    "build_method",
+    "register",
+    "registered_methods",
+]

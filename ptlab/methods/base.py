@@ -6,7 +6,23 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
+from omegaconf import MISSING
 from torch import nn
+
+
+@dataclass
+class MethodConfig:
+    """Fields every prompt method has; each method extends it with its own schema."""
+
+    name: str = MISSING  # the registered method (ptlab/methods/<module>.py)
+    label: Optional[str] = None  # the name runs are logged under (a recipe: pt100, fpt); null: name
+
+    def __post_init__(self) -> None:
+        pass
+
+    @property
+    def run_label(self) -> str:
+        return self.label or self.name
 
 
 @dataclass
@@ -55,7 +71,8 @@ class PromptMethod(nn.Module):
         return {name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()}
 
     def eval_stats(self) -> Dict[str, float]:
-        """Statistics gathered since the last call, logged with each evaluation."""
+        """Statistics gathered since the last call, logged with each evaluation under the names
+        given here (SMoP: `router_prompt<i>_fraction`, `router_entropy`)."""
         return {}
 
 

@@ -9,9 +9,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ptlab.config import ConfigError, MethodConfig, check_choice
+from ptlab.errors import ConfigError, check_choice
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, SharedPromptMethod, sample_token_ids
+from ptlab.methods.base import MethodConfig, PromptContext, SharedPromptMethod, sample_token_ids
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ptlab.config import ConfigError
+from ptlab.errors import ConfigError
 from ptlab.methods import register
 from ptlab.methods.base import PromptContext, SharedPromptMethod
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt

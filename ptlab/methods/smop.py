@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptlab.config import ConfigError, check_choice
+from ptlab.errors import ConfigError, check_choice
 from ptlab.methods import register
 from ptlab.methods.base import PromptContext, PromptMethod
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
@@ -155,8 +155,8 @@ class SMoP(PromptMethod):
         total = float(self.routed_counts.sum())
         if total == 0:
             return {}
-        stats = {f"prompt{i}_fraction": float(c) / total for i, c in enumerate(self.routed_counts)}
-        stats["entropy"] = float(self.entropy_sum) / total
+        stats = {f"router_prompt{i}_fraction": float(c) / total for i, c in enumerate(self.routed_counts)}
+        stats["router_entropy"] = float(self.entropy_sum) / total
         self.routed_counts.zero_()
         self.entropy_sum.zero_()
         return stats

@@ -1,0 +1,54 @@
+"""Where each supported model family keeps its transformer blocks and their feed-forward layers:
+what FPT's partial models shrink and what `trainer.compile` compiles."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Tuple
+
+from torch import nn
+
+from ptlab.errors import ConfigError
+
+
+@dataclass
+class FFN:
+    """One block's feed-forward: the projections into the hidden width and the one out of it."""
+
+    inputs: List[Tuple[nn.Module, str]]  # (parent, attribute) of each d -> f Linear (two if gated)
+    output: Tuple[nn.Module, str]  # (parent, attribute) of the f -> d Linear
+
+
+def stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[nn.Module, str]], List[FFN]]:
+    """Where the block lists and the FFNs of each supported family live."""
+    kind = model.config.model_type
+    if kind in ("t5", "mt5", "umt5"):
+        stacks = [(model.encoder, "block")] + ([(model.decoder, "block")] if with_decoder else [])
+        ffns = []
+        for parent, attr in stacks:
+            for block in getattr(parent, attr):
+                dense = block.layer[-1].DenseReluDense
+                names = ["wi_0", "wi_1"] if hasattr(dense, "wi_0") else ["wi"]
+                ffns.append(FFN([(dense, n) for n in names], (dense, "wo")))
+        return stacks, ffns
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        stacks = [(model.base_model, "layers")]
+        ffns = [
+            FFN([(b.mlp, "gate_proj"), (b.mlp, "up_proj")], (b.mlp, "down_proj"))
+            for b in model.base_model.layers
+        ]
+        return stacks, ffns
+    if kind in ("bert", "roberta"):
+        stacks = [(model.encoder, "layer")]
+        ffns = [FFN([(b.intermediate, "dense")], (b.output, "dense")) for b in model.encoder.layer]
+        return stacks, ffns
+    raise ConfigError(
+        f"model_type={kind!r}: ptlab knows the blocks of t5, llama and bert models only, which "
+        "partial models (schedule=fpt) and trainer.compile=true need"
+    )
+
+
+def transformer_blocks(model: nn.Module) -> List[nn.Module]:
+    """Every transformer block of the model, the decoder's too."""
+    stacks, _ = stacks_and_ffns(model, with_decoder=True)
+    return [block for parent, attr in stacks for block in getattr(parent, attr)]
