@@ -83,8 +83,8 @@ class TaskConfig:
     label_field: str = "label"
     # raw label (as text) -> class index; ints and bools not listed are used as the index
     label_map: Dict[str, int] = field(default_factory=dict)
-    metrics: List[str] = field(default_factory=lambda: ["acc"])
-    main_metric: str = "acc"
+    metrics: List[str] = MISSING  # names in ptlab.metrics.METRICS
+    main_metric: str = MISSING  # the one that picks the best checkpoint
 
     def __post_init__(self) -> None:
         from ptlab.metrics import METRICS
@@ -103,12 +103,12 @@ class TaskConfig:
 
 @dataclass
 class HardwareConfig:
-    name: str = "cpu"
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
-    tf32: bool = False
-    num_threads: Optional[int] = None
-    # one run on several processes launched by torchrun (ptlab/distributed.py)
+    name: str = MISSING
+    device: str = MISSING  # cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA; the prompt stays fp32)
+    tf32: bool = False  # TF32 matmuls on CUDA
+    num_threads: Optional[int] = None  # null: torch's default (all cores)
+    # one run on several processes launched by torchrun (ptlab/distributed.py); gloo on CPU
     distributed: bool = False
 
     def __post_init__(self) -> None:
@@ -118,10 +118,10 @@ class HardwareConfig:
 
 @dataclass
 class LoggerConfig:
-    name: str = "none"  # none | wandb
+    name: str = MISSING  # none | wandb
     project: str = "ptlab"
     entity: Optional[str] = None
-    group: Optional[str] = None
+    group: Optional[str] = None  # null: the multirun's sweep folder name, so a sweep's jobs share a group
     # online | offline | disabled; null: $WANDB_MODE, else online with an API key, offline without
     mode: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -144,7 +144,7 @@ class StageConfig:
 
 @dataclass
 class ScheduleConfig:
-    name: str = "constant"
+    name: str = MISSING
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
     with_decoder: bool = False  # seq2seq: shrink the decoder too (FPT: encoder only by default)
     score_examples: int = 1000  # training examples that rank FFN neurons for width reduction
@@ -167,21 +167,26 @@ class ScheduleConfig:
 
 @dataclass
 class TrainerConfig:
-    optimizer: str = "adafactor"  # adafactor | adamw
-    lr: float = 0.3
+    """The training recipe. Its defaults are the embedded offline demo's (AdamW 3e-3, 300 steps);
+    the papers' T5 recipe is `trainer.optimizer=adafactor trainer.lr=0.3` (README)."""
+
+    optimizer: str = "adamw"  # adamw | adafactor (the papers' recipe, with lr 0.3)
+    lr: float = 3.0e-3
     weight_decay: float = 1e-5
     warmup_ratio: float = 0.0
     lr_schedule: str = "constant"  # linear | constant
-    max_steps: Optional[int] = 1000
-    epochs: Optional[float] = None  # used when max_steps is null
+    max_steps: Optional[int] = 300  # null: use epochs
+    epochs: Optional[float] = None
     batch_size: int = 32
-    eval_batch_size: Optional[int] = None  # default: 2 x batch_size
+    eval_batch_size: Optional[int] = 64  # null: 2 x batch_size
     grad_accum: int = 1
-    compile: bool = False  # torch.compile each transformer block (no gain measured on CPU; for GPUs)
-    group_by_length: bool = True  # batches of similar length (less padding); false: plain random batches
+    # torch.compile every transformer block (no gain on CPU: docs/results/bench-cpu.md; slower for a
+    # 300-step job on an H100: docs/results/bench-gpu.md)
+    compile: bool = False
+    group_by_length: bool = True  # batches of similar length: less padding (docs/results/bench-cpu.md)
     grad_clip: Optional[float] = 1.0
-    eval_every: int = 100
-    patience: Optional[int] = None  # evaluations without improvement before stopping
+    eval_every: int = 100  # steps
+    patience: Optional[int] = None  # evaluations without improvement before early stopping
     # auto: continue this run folder if it holds a checkpoint (requeued and rerun jobs pick up where
     # they stopped) | true: the same | false: start over | a path: continue that run folder
     resume: Any = "auto"
@@ -208,8 +213,9 @@ class TrainerConfig:
 
 @dataclass
 class DataConfig:
-    dir: Optional[str] = None
-    max_source_length: int = 256
+    # the folder of the tasks' official files (README, "Offline use")
+    dir: Optional[str] = "${oc.env:PTLAB_DATA_DIR,null}"
+    max_source_length: int = 256  # tokens of input text (the prompt comes on top); batches pad dynamically
     # official: train / validation as released; smop: train split 90/10 (stratified) into
     # train/val and the official validation used as test (Choi et al. 2023)
     split_protocol: str = "official"

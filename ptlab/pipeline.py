@@ -69,6 +69,13 @@ def build(
     )
     method = build_method(config.method, backbone.prompt_context(config.seed))
     backbone.check_fits(method.num_tokens)
+    if method.backbone_dropout is not None and method.backbone_dropout != config.backbone.dropout:
+        wanted = str(method.backbone_dropout).lower()
+        log.warning(
+            "method=%s is designed for backbone.dropout=%s; this run has backbone.dropout=%s "
+            "(set backbone.dropout=%s to follow the method's paper)",
+            config.method.run_label, wanted, str(config.backbone.dropout).lower(), wanted,
+        )  # fmt: skip
     if config.trainer.compile:
         log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
     data = tokenize_splits(rows, config.task, backbone.tokenize_sources, config.data.max_source_length)

@@ -36,7 +36,7 @@ PRESETS = {
                 ["method=prompt_tuning", "method.prompt_length=20", "backbone.dropout=false"],
             ),
             ("smop (4x5)", "smop", ["method=smop", "backbone.dropout=false"]),
-            ("superpos (10 tok, m=128)", "superpos", ["method=superpos"]),
+            ("superpos (10 tok, m=128)", "superpos", ["method=superpos", "backbone.dropout=false"]),
             ("superpos, dropout on", "superpos_dropout_on", ["method=superpos", "backbone.dropout=true"]),
             ("residual (10 tok, b=800)", "residual", ["method=residual", "backbone.dropout=false"]),
         ],
@@ -44,10 +44,10 @@ PRESETS = {
     "fpt": (
         ["sst2"],
         [
-            ("prompt tuning, constant", "constant", ["method=fpt", "schedule=constant"]),
-            ("FPT-LD (depth)", "fpt_depth", ["method=fpt", "schedule=fpt_depth"]),
-            ("FPT-FR (width)", "fpt_width", ["method=fpt", "schedule=fpt_width"]),
-            ("FPT-CR (compound)", "fpt", ["method=fpt", "schedule=fpt"]),
+            ("prompt tuning, constant", "constant", ["preset=fpt", "schedule=constant"]),
+            ("FPT-LD (depth)", "fpt_depth", ["preset=fpt", "schedule=fpt_depth"]),
+            ("FPT-FR (width)", "fpt_width", ["preset=fpt", "schedule=fpt_width"]),
+            ("FPT-CR (compound)", "fpt", ["preset=fpt", "schedule=fpt"]),
         ],
     ),
 }

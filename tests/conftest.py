@@ -57,7 +57,7 @@ def compose_config(overrides: List[str]):
 
 
 # method YAMLs that are recipes of a registered method rather than methods of their own
-METHOD_ALIASES = {"fpt": "prompt_tuning", "pt100": "prompt_tuning"}
+METHOD_ALIASES = {"pt100": "prompt_tuning"}
 
 
 def group_values(group: str) -> List[str]:

@@ -51,6 +51,10 @@ class PromptMethod(nn.Module):
     is what a checkpoint saves. The backbone prepends the returned block to its input.
     """
 
+    # the frozen network's dropout this method is designed for (None: either); building it with
+    # the other setting logs a warning (ptlab.build), never silently changes the backbone
+    backbone_dropout: Optional[bool] = None
+
     num_tokens: int
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
