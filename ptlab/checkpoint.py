@@ -122,6 +122,9 @@ class RunCheckpoint:
         self.prompt_config, self.writes = prompt_config, writes  # writes: rank 0 of a distributed run
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
+        if writes:  # a write cut short (a kill, a full disk) leaves its temporary folder behind
+            for folder in (self.last_dir, self.best_dir):
+                shutil.rmtree(folder.with_name(f".{folder.name}.tmp"), ignore_errors=True)
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
@@ -170,16 +173,28 @@ class RunCheckpoint:
         if folder is None:
             log.info("no checkpoint under %s: starting from step 0", run_dir)
             return None
-        saved = load_training_state(folder)
+        fix = "start over with trainer.resume=false, or run in a new folder (hydra.run.dir=...)"
+        try:
+            saved = load_training_state(folder)
+            if not isinstance(saved, dict) or not {"prompt_config", "train_state", "trainable"} <= set(saved):
+                raise ValueError("not a ptlab checkpoint")
+        except Exception as error:
+            raise ConfigError(
+                f"{folder / 'state.pt'} cannot be read ({type(error).__name__}: {error}): {fix}"
+            ) from None
         for key in ("method", "backbone", "task"):
             if without_label(saved["prompt_config"].get(key)) != without_label(self.prompt_config.get(key)):
                 raise ConfigError(
                     f"trainer.resume: the checkpoint in {folder} was trained with {key}="
                     f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
                 )
-        self.load_trainable_state(saved["trainable"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
+        try:
+            self.load_trainable_state(saved["trainable"])
+            self.optimizer.load_state_dict(saved["optimizer"])
+            self.scheduler.load_state_dict(saved["scheduler"])
+        except (RuntimeError, KeyError, ValueError) as error:
+            first = str(error).strip().splitlines()[0]
+            raise ConfigError(f"{folder / 'state.pt'} does not fit this model ({first}): {fix}") from None
         restore_rng_states(saved["rng"])
         log.info("resumed from %s at step %d", folder, saved["train_state"]["step"])
         return saved["train_state"]

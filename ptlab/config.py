@@ -9,13 +9,14 @@ Method schemas live beside their modules in ``ptlab/methods/`` and register them
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from ptlab.errors import ConfigError, check_choice
+from ptlab.errors import ConfigError, check_choice, check_range
 
 
 @dataclass
@@ -114,6 +115,7 @@ class HardwareConfig:
     def __post_init__(self) -> None:
         check_choice("hardware.device", self.device, ("cpu", "cuda"))
         check_choice("hardware.precision", self.precision, ("fp32", "bf16"))
+        check_range("hardware.num_threads", self.num_threads, 1, off="null: torch's default")
 
 
 @dataclass
@@ -160,6 +162,7 @@ class ScheduleConfig:
             for key in ("steps_fraction", "depth", "width"):
                 if not 0.0 < getattr(stage, key) <= 1.0:
                     raise ConfigError(f"schedule.stages[{i}].{key}={getattr(stage, key)} must be in (0, 1]")
+        check_range("schedule.score_examples", self.score_examples, 1)
         last = self.stages[-1]
         if (last.depth, last.width) != (1.0, 1.0):
             raise ConfigError("the last schedule stage must train the full model (depth: 1.0, width: 1.0)")
@@ -200,13 +203,16 @@ class TrainerConfig:
         check_choice("trainer.eval_mode", self.eval_mode, ("rank", "generate"))
         if self.max_steps is None and self.epochs is None:
             raise ConfigError("set trainer.max_steps or trainer.epochs")
-        for key in ("batch_size", "grad_accum", "eval_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"trainer.{key}={getattr(self, key)} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"trainer.max_steps={self.max_steps} must be >= 1")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        for key in ("batch_size", "grad_accum", "eval_every", "log_every", "max_new_tokens"):
+            check_range(f"trainer.{key}", getattr(self, key), 1)
+        check_range("trainer.max_steps", self.max_steps, 1, off="null: use trainer.epochs")
+        check_range("trainer.epochs", self.epochs, 0, low_open=True, off="null: use trainer.max_steps")
+        check_range("trainer.eval_batch_size", self.eval_batch_size, 1, off="null: 2 x batch_size")
+        check_range("trainer.lr", self.lr, 0, low_open=True)
+        check_range("trainer.weight_decay", self.weight_decay, 0)
+        check_range("trainer.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
+        check_range("trainer.grad_clip", self.grad_clip, 0, off="0 or null: no clipping")
+        check_range("trainer.patience", self.patience, 0, off="null: no early stopping")
         if not isinstance(self.resume, (bool, str)):
             raise ConfigError(f"trainer.resume={self.resume!r}: use auto, true, false or a run folder path")
 
@@ -225,8 +231,10 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_choice("data.split_protocol", self.split_protocol, ("official", "smop"))
-        if self.max_source_length < 8:
-            raise ConfigError(f"data.max_source_length={self.max_source_length} must be >= 8")
+        check_range("data.max_source_length", self.max_source_length, 8)
+        check_range("data.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        for key in ("max_train_examples", "max_eval_examples"):
+            check_range(f"data.{key}", getattr(self, key), 1, off="null: every example")
 
 
 @dataclass
@@ -260,8 +268,28 @@ def register_configs() -> None:
         store.store(group="method", name=f"{name}_schema", node=config_cls)
 
 
+def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> None:
+    """A key no schema knows (`+trainer.foo=1`) is an error, not a setting silently ignored."""
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if schema is not None and dataclasses.is_dataclass(schema):
+        known = {field.name for field in dataclasses.fields(schema)}
+        for key in node.keys():
+            if key not in known:
+                group = path.rstrip(".") or "the config"
+                raise ConfigError(
+                    f"{path}{key} is not a setting of {group} (it has: {', '.join(sorted(known))}): "
+                    "fix its spelling or drop it"
+                )
+    children = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    for key, _ in list(children):
+        child = node._get_node(key)
+        if isinstance(child, (DictConfig, ListConfig)) and not child._is_none() and not child._is_missing():
+            refuse_unknown_keys(child, f"{path}{key}.")
+
+
 def to_object(cfg: DictConfig) -> Config:
     """Resolve and validate the composed config; raises ConfigError naming the bad value."""
+    refuse_unknown_keys(cfg)
     try:
         return OmegaConf.to_object(cfg)
     except ConfigError:

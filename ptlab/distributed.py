@@ -87,6 +87,10 @@ def launched_world() -> World:
 def init_world(hardware: HardwareConfig) -> World:
     """Join the process group torchrun set up; a clear error if the launch and the config disagree."""
     world = launched_world()
+    if hardware.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"hardware={hardware.name} needs CUDA, and no CUDA device is visible: use hardware=cpu"
+        )
     if world.size > 1 and not hardware.distributed:
         raise ConfigError(
             f"launched with {world.size} processes but hardware={hardware.name} is single-process: "

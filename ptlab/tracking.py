@@ -113,8 +113,15 @@ class Tracker:
         """Drop events logged after `step`: a resumed run replays them from its checkpoint."""
         if not self.enabled or not self.metrics_file.exists():
             return
-        lines = self.metrics_file.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line)["step"] <= step]
+        kept = []
+        for number, line in enumerate(self.metrics_file.read_text().splitlines(), 1):
+            try:
+                event = json.loads(line) if line else None
+            except json.JSONDecodeError:  # a line cut by a kill: the log, not state; drop it
+                log.warning("%s line %d is cut short (%r...): dropped", self.metrics_file, number, line[:40])
+                continue
+            if event is not None and event["step"] <= step:
+                kept.append(line)
         self.metrics_file.write_text("".join(line + "\n" for line in kept))
 
     def summary(self, values: Dict[str, Any]) -> None:

@@ -17,13 +17,15 @@ from typing import Any, Dict, Optional
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ptlab.config import Config, register_configs, to_object
 from ptlab.data import majority_fraction
 from ptlab.distributed import World, close_world, init_world, launched_world
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, TrainingFault
 from ptlab.pipeline import build
 from ptlab.preemption import Preempted
 from ptlab.tracking import Tracker, run_name
@@ -72,8 +74,6 @@ def hydra_facts() -> Dict[str, Any]:
 
 
 def setup_hardware(config: Config) -> None:
-    if config.hardware.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("hardware=gpu but no CUDA device is visible: use hardware=cpu")
     if config.hardware.num_threads:
         torch.set_num_threads(config.hardware.num_threads)
     if config.hardware.tf32:
@@ -149,15 +149,59 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def main(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> float:
+    """One job: Hydra composes `cfg` (per job in a multirun) and calls this."""
     try:
         return run(cfg)
     except ConfigError as error:
         print(f"ptlab: error: {error}", file=sys.stderr)
         sys.exit(2)
+    except TrainingFault as fault:  # the last good checkpoint stays; the message says what to try
+        print(f"ptlab: error: {fault}", file=sys.stderr)
+        sys.exit(1)
     except Preempted as stop:  # the checkpoint is written; the same command (or a requeue) resumes
         print(f"ptlab: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+def one_line(error: BaseException) -> str:
+    """Hydra's multi-line message and its causes (an unknown group value with its options, a
+    misspelled key, a value of the wrong type) folded into one line, internal schema entries and
+    search paths left out."""
+    parts = []
+    while error is not None:
+        for line in str(error).splitlines():
+            line = line.strip()
+            if not line or line.endswith("_schema") or line.startswith(NOISE) or line in parts:
+                continue
+            parts.append(line)
+        error = error.__cause__
+    return " ".join(parts).replace(" Available options in", "; available in")
+
+
+NOISE = (
+    "full_key:",
+    "object_type=",
+    "Config search path",
+    "provider=",
+    "reference_type=",
+    "To append to your config",
+)
+
+
+def main() -> None:
+    """`ptlab-train`: Hydra's command line, whose own errors (an unknown group value, a misspelled
+    key, a bad type) print like ptlab's: `ptlab: error:`, one line, exit 2. PTLAB_DEBUG=1 shows
+    Hydra's full report instead."""
+    if os.environ.get("PTLAB_DEBUG") == "1":
+        task()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
+    try:
+        task()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"ptlab: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

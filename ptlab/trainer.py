@@ -28,7 +28,7 @@ from ptlab.backbones import Backbone, trainable_parameters
 from ptlab.checkpoint import RunCheckpoint
 from ptlab.config import Config, TrainerConfig
 from ptlab.data import chunks, training_batches
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, TrainingFault
 from ptlab.evaluate import split_metrics, to_device
 from ptlab.methods.base import PromptMethod
 from ptlab.pipeline import Pipeline
@@ -163,6 +163,7 @@ class Trainer:
             writes=self.world.is_main,
         )
         self.fit_started = time.perf_counter()
+        self.last_finite_loss: Optional[float] = None
 
     def autocast(self):
         if self.use_bf16:
@@ -285,9 +286,13 @@ class Trainer:
         self.state.stages[self.stage_schedule.current]["seconds"] += elapsed
         self.state.stages[self.stage_schedule.current]["steps"] += 1
         if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss} at step {self.state.step}: lower trainer.lr={self.cfg.lr}"
+            last_good = self.checkpoint.last_dir if self.checkpoint.last_dir.exists() else "none yet"
+            raise TrainingFault(
+                f"training loss is {loss} at step {self.state.step} (last finite loss {self.last_finite_loss}, "
+                f"lr {self.lr_scheduler.get_last_lr()[0]:g}): lower trainer.lr or set trainer.grad_clip; "
+                f"last good checkpoint: {last_good}"
             )
+        self.last_finite_loss = loss
         window.losses.append(loss)
         window.examples += self.state.examples_seen - seen_before
         return loss

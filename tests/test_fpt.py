@@ -149,7 +149,7 @@ def test_prompt_and_optimizer_state_carry_across_stages(tmp_path, monkeypatch):
         state = self.optimizer.state.get(param, {})
         seen.append(
             (
-                self.schedule.current,
+                self.stage_schedule.current,
                 id(param),
                 self.optimizer.param_groups[0]["params"][0] is param,
                 int(state["step"]) if "step" in state else 0,

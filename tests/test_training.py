@@ -211,7 +211,7 @@ def test_warmup_then_linear_decay(tmp_path):
 def test_gpu_hardware_without_cuda_is_a_clear_error(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    with pytest.raises(Exception, match="hardware=gpu but no CUDA device"):
+    with pytest.raises(Exception, match="hardware=gpu needs CUDA, and no CUDA device is visible"):
         train(tmp_path, "a", ["backbone=tiny_t5", "hardware=gpu"])
 
 

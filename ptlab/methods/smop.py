@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ptlab.errors import ConfigError, check_choice
+from ptlab.errors import ConfigError, check_choice, check_range
 from ptlab.methods import register
 from ptlab.methods.base import PromptContext, PromptMethod
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
@@ -60,6 +60,10 @@ class SMoPConfig(PromptTuningConfig):
             )
         if self.routing != "learned" and self.top_k != 1:
             raise ConfigError(f"method.routing={self.routing} routes to one prompt: set method.top_k=1")
+        check_range("method.noise_sigma", self.noise_sigma, 0)
+        check_range("method.router_dropout", self.router_dropout, 0, 1, high_open=True)
+        check_range("method.load_balancing_weight", self.load_balancing_weight, 0)
+        check_range("method.consistency_weight", self.consistency_weight, 0)
 
 
 def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, batch_size: int) -> torch.Tensor:

@@ -1,0 +1,155 @@
+"""Bad input gets one clear line before any model loads: numbers out of range, keys no schema knows,
+hardware that is not there; a non-finite loss stops with one line naming the step and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_scale_out import QUICK, cli
+
+from ptlab.config import to_object
+from ptlab.errors import ConfigError
+
+from conftest import compose_config
+
+OUT_OF_RANGE = [
+    (["trainer.lr=-1"], r"trainer.lr=-1.0 must be a number in \(0, inf\]"),
+    (["trainer.lr=0"], r"trainer.lr=0.0 must be a number in \(0, inf\]"),
+    (["trainer.lr=nan"], r"trainer.lr=nan must be"),
+    (["trainer.lr=inf"], r"trainer.lr=inf must be"),
+    (["trainer.weight_decay=-0.1"], r"trainer.weight_decay=-0.1 must be a number in \[0, inf\]"),
+    (["trainer.grad_clip=-1"], r"trainer.grad_clip=-1.0 must be .*\(0 or null: no clipping\)"),
+    (["trainer.patience=-1"], r"trainer.patience=-1 must be .*null: no early stopping"),
+    (["trainer.max_steps=null", "trainer.epochs=-1"], r"trainer.epochs=-1.0 must be a number in \(0, inf\]"),
+    (["trainer.max_steps=null", "trainer.epochs=0"], r"trainer.epochs=0.0 must be"),
+    (["trainer.max_steps=0"], r"trainer.max_steps=0 must be a number in \[1, inf\]"),
+    (["trainer.eval_batch_size=0"], r"trainer.eval_batch_size=0 must be"),
+    (["trainer.max_new_tokens=0"], r"trainer.max_new_tokens=0 must be"),
+    (["trainer.warmup_ratio=1"], r"trainer.warmup_ratio=1.0 must be a number in \[0, 1\)"),
+    (["hardware.num_threads=-1"], r"hardware.num_threads=-1 must be a number in \[1, inf\]"),
+    (["hardware.num_threads=0"], r"hardware.num_threads=0 must be"),
+    (["data.max_train_examples=0"], r"data.max_train_examples=0 must be a number in \[1, inf\]"),
+    (["data.max_eval_examples=-5"], r"data.max_eval_examples=-5 must be"),
+    (["data.val_fraction=1.5"], r"data.val_fraction=1.5 must be a number in \(0, 1\)"),
+    (["data.val_fraction=0"], r"data.val_fraction=0.0 must be"),
+    (["schedule=fpt", "schedule.score_examples=0"], r"schedule.score_examples=0 must be"),
+    (["method=smop", "method.noise_sigma=-1"], r"method.noise_sigma=-1.0 must be"),
+    (["method=smop", "method.router_dropout=1"], r"method.router_dropout=1.0 must be a number in \[0, 1\)"),
+    (["method=smop", "method.consistency_weight=-1"], r"method.consistency_weight=-1.0 must be"),
+]
+UNKNOWN_KEYS = [
+    (
+        ["+trainer.foo=1"],
+        r"trainer.foo is not a setting of trainer \(it has: batch_size, .*\): fix its spelling",
+    ),
+    (["+data.max_len=5"], r"data.max_len is not a setting of data"),
+    (["+method.lenght=5"], r"method.lenght is not a setting of method"),
+    (["+hardware.gpus=2"], r"hardware.gpus is not a setting of hardware"),
+    (["+task.local.split=x"], r"task.local.split is not a setting of task.local"),
+    (["+schedule.stages.0.extra=1", "schedule=fpt"], r"schedule.stages.0.extra is not a setting"),
+    (["+seeds=3"], r"seeds is not a setting of the config"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", OUT_OF_RANGE + UNKNOWN_KEYS)
+def test_bad_values_and_unknown_keys_are_refused_naming_them(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        to_object(compose_config(overrides))
+
+
+def test_free_form_mappings_still_take_new_keys():
+    config = to_object(compose_config(["backbone=tiny_t5", "+backbone.random_init.dropout_rate=0.0"]))
+    assert config.backbone.random_init["dropout_rate"] == 0.0
+
+
+def one_line_error(result, code: int) -> str:
+    assert result.returncode == code, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("ptlab: error:")]
+    return line
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.lr=-1"], "ptlab: error: trainer.lr=-1.0 must be a number in (0, inf]"),
+        (["+trainer.foo=1"], "ptlab: error: trainer.foo is not a setting of trainer"),
+        (
+            ["hardware=multi_gpu"],
+            "ptlab: error: hardware=multi_gpu needs CUDA, and no CUDA device is visible",
+        ),
+        (["hardware=gpu"], "ptlab: error: hardware=gpu needs CUDA, and no CUDA device is visible"),
+    ],
+)
+def test_the_command_line_answers_bad_input_in_one_line(tmp_path, overrides, message):
+    if "cuda" in message.lower() and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = cli([*QUICK, *overrides, f"hydra.run.dir={tmp_path}"], timeout=300)
+    assert one_line_error(result, 2).startswith(message)
+
+
+def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(tmp_path):
+    steps = ["trainer.max_steps=20", "trainer.eval_every=1", "trainer.lr=1e30", "trainer.grad_clip=null"]
+    result = cli([*QUICK, *steps, f"hydra.run.dir={tmp_path}"], timeout=300)
+    line = one_line_error(result, 1)
+    assert "ptlab: error: training loss is" in line and "lower trainer.lr or set trainer.grad_clip" in line
+    assert f"last good checkpoint: {tmp_path / 'checkpoints' / 'last'}" in line
+    assert (tmp_path / "checkpoints" / "last" / "state.pt").exists()
+
+
+def trained_once(tmp_path):
+    run_dir = tmp_path / "run"
+    result = cli(
+        [*QUICK, "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (
+            lambda state: state.write_bytes(state.read_bytes()[: len(state.read_bytes()) // 2]),
+            "cannot be read",
+        ),
+        (lambda state: state.write_bytes(b""), "cannot be read"),
+        (
+            lambda state: torch.save({"weights": 1}, state),
+            "cannot be read (ValueError: not a ptlab checkpoint)",
+        ),
+    ],
+    ids=["truncated", "empty", "not-a-checkpoint"],
+)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_fix(tmp_path, damage, message):
+    run_dir = trained_once(tmp_path)
+    state = run_dir / "checkpoints/last/state.pt"
+    damage(state)
+    result = cli(
+        [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
+    line = one_line_error(result, 2)
+    assert f"ptlab: error: {state} {message}" in line and "trainer.resume=false" in line
+
+
+def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):
+    run_dir = trained_once(tmp_path)
+    other = ["++backbone.random_init.d_model=48", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
+    line = one_line_error(cli([*QUICK, *other], timeout=300), 2)
+    assert "checkpoints/last/state.pt does not fit this model" in line and "trainer.resume=false" in line
+
+
+def test_a_torn_metrics_line_and_a_stray_temporary_checkpoint_do_not_stop_a_resume(tmp_path):
+    run_dir = trained_once(tmp_path)
+    with open(run_dir / "metrics.jsonl", "a") as handle:
+        handle.write('{"step": 3, "split": "tra')  # killed mid-write
+    (run_dir / "checkpoints/.last.tmp").mkdir()  # a write cut short by a full disk
+    result = cli(
+        [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (
+        "is cut short" in result.stdout + result.stderr and not (run_dir / "checkpoints/.last.tmp").exists()
+    )
+    steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(line.startswith("{") and line.endswith("}") for line in steps)
