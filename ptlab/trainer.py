@@ -121,6 +121,17 @@ def backward_loss(
     return loss.item()
 
 
+def non_finite_loss(
+    loss: float, step: int, last_finite: Optional[float], lr: float, last_dir: Path
+) -> TrainingFault:
+    """The one-line report of a loss that is nan or inf, with what to try and what was kept."""
+    kept = last_dir if last_dir.exists() else "none yet"
+    return TrainingFault(
+        f"training loss is {loss} at step {step} (last finite loss {last_finite}, lr {lr:g}): "
+        f"lower trainer.lr or set trainer.grad_clip; last good checkpoint: {kept}"
+    )
+
+
 def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -184,18 +195,9 @@ class Trainer:
         self.checkpoint.save_last(asdict(self.state))
 
     def run_eval(self, split: str) -> Dict[str, float]:
-        return split_metrics(
-            self.backbone,
-            self.method,
-            self.data[split],
-            self.task,
-            self.world,
-            self.eval_batch_size,
-            self.device,
-            self.autocast,
-            self.cfg.eval_mode,
-            self.cfg.max_new_tokens,
-        )
+        examples, cfg = self.data[split], self.cfg
+        return split_metrics(self.backbone, self.method, examples, self.task, self.world, self.eval_batch_size,
+                             self.device, self.autocast, cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
 
     def eval_and_checkpoint(self) -> bool:
         """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
@@ -286,12 +288,8 @@ class Trainer:
         self.state.stages[self.stage_schedule.current]["seconds"] += elapsed
         self.state.stages[self.stage_schedule.current]["steps"] += 1
         if not math.isfinite(loss):
-            last_good = self.checkpoint.last_dir if self.checkpoint.last_dir.exists() else "none yet"
-            raise TrainingFault(
-                f"training loss is {loss} at step {self.state.step} (last finite loss {self.last_finite_loss}, "
-                f"lr {self.lr_scheduler.get_last_lr()[0]:g}): lower trainer.lr or set trainer.grad_clip; "
-                f"last good checkpoint: {last_good}"
-            )
+            lr = self.lr_scheduler.get_last_lr()[0]
+            raise non_finite_loss(loss, self.state.step, self.last_finite_loss, lr, self.checkpoint.last_dir)
         self.last_finite_loss = loss
         window.losses.append(loss)
         window.examples += self.state.examples_seen - seen_before
