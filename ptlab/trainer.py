@@ -16,23 +16,23 @@ import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
 from transformers.optimization import Adafactor
 
 from ptlab.backbones import Backbone, trainable_parameters
 from ptlab.checkpoint import RunCheckpoint
 from ptlab.config import Config, TrainerConfig
-from ptlab.data import chunks, training_batches
+from ptlab.data import chunks, majority_fraction, training_batches
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.evaluate import split_metrics, to_device
 from ptlab.methods.base import PromptMethod
 from ptlab.pipeline import Pipeline
 from ptlab.preemption import PreemptionGuard
+from ptlab.progress import Progress
 from ptlab.schedule import StageSchedule
 from ptlab.tracking import Tracker
 
@@ -66,12 +66,12 @@ class LogWindow:
     examples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> float:
-        """Log the mean loss and throughput of the window; returns the mean loss."""
+    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> Tuple[float, float, float]:
+        """Log the mean loss and throughput of the window; returns (loss, lr, examples/s)."""
         loss = float(np.mean(self.losses))
         examples_per_s = self.examples / max(time.perf_counter() - self.started, 1e-9)
         tracker.log(step, "train", {"loss": loss, "lr": lr, "examples_per_s": examples_per_s, "flops": flops})
-        return loss
+        return loss, lr, examples_per_s
 
 
 def seed_everything(seed: int) -> None:
@@ -304,32 +304,26 @@ class Trainer:
             self.stage_schedule.prepare_scores(
                 self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
             )
-        progress = tqdm(
-            disable=not self.world.is_main or None,
-            total=self.total_steps,
-            initial=self.state.step,
-            desc="train",
-            dynamic_ncols=True,
-            mininterval=1.0,
-        )
+        progress = Progress(
+            self.total_steps, self.state.step, self.world.is_main, self.task.main_metric,
+            majority_fraction(self.data["validation"]),
+        )  # fmt: skip
         window, stopped_early = LogWindow(), False
         with PreemptionGuard() as guard:
             while self.state.step < self.total_steps and not stopped_early:
-                loss = self.timed_step(stream, window)
-                progress.update(1)
+                self.timed_step(stream, window)
+                progress.advance()
                 last = self.state.step == self.total_steps
                 if self.state.step % self.cfg.log_every == 0 or last:
-                    mean = window.log(
-                        self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    progress.trained(
+                        self.state.step, *window.log(self.tracker, self.state.step, lr, self.state.flops)
                     )
-                    progress.set_postfix(loss=f"{mean:.4f}", refresh=False)
                     window = LogWindow()
                 if (self.state.step % self.cfg.eval_every == 0 or last) and self.stage_schedule.is_full:
                     stopped_early = self.eval_and_checkpoint()  # partial models are not evaluated
-                    value = self.state.last_metrics[self.task.main_metric]
-                    progress.set_postfix(
-                        loss=f"{loss:.4f}", **{f"val_{self.task.main_metric}": f"{value:.4f}"}
-                    )
+                    state = self.state
+                    progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
                 guard.stop_if_signalled(self.save_last, self.state.step)
         progress.close()
         test_metrics = None

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_scale_out import QUICK, cli
 
 from ptlab import checkpoint
 from ptlab.compile import compile_blocks
@@ -247,3 +248,19 @@ def test_compile_refuses_a_model_whose_blocks_it_does_not_know():
     model.config = type("Config", (), {"model_type": "gpt_neox"})()
     with pytest.raises(ConfigError, match="model_type='gpt_neox'.*trainer.compile=true"):
         compile_blocks(model)
+
+
+def test_without_a_terminal_progress_comes_as_lines_in_stdout_and_train_log(tmp_path):
+    steps = [
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.eval_every=2",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    result = cli([*QUICK, *steps], timeout=300)  # stdout is a pipe, as under SLURM or nohup
+    assert result.returncode == 0, result.stderr[-2000:]
+    for text in (result.stdout, (tmp_path / "train.log").read_text()):
+        lines = [line for line in text.splitlines() if "ptlab.progress" in line]
+        assert [line.split(" - ")[1].split()[1] for line in lines] == ["2/4", "2", "4/4", "4"]
+        assert "loss" in lines[0] and "examples/s" in lines[0] and "ETA" in lines[0]
+        assert "validation: acc" in lines[1] and "(best acc" in lines[1] and "majority class 0.5" in lines[1]
