@@ -127,9 +127,13 @@ class LoggerConfig:
     # online | offline | disabled; null: $WANDB_MODE, else online with an API key, offline without
     mode: Optional[str] = None
     tags: List[str] = field(default_factory=list)
+    quiet: bool = True  # W&B's own console lines off (ptlab prints its own progress)
+    # seconds W&B may take to reach its server before the run goes on offline (`wandb sync` later)
+    init_timeout: float = 15.0
 
     def __post_init__(self) -> None:
         check_choice("logger.name", self.name, ("none", "wandb"))
+        check_range("logger.init_timeout", self.init_timeout, 0, low_open=True)
         if self.mode is not None:
             check_choice("logger.mode", self.mode, ("online", "offline", "disabled"))
 

@@ -10,6 +10,7 @@ import json
 import logging
 import netrc
 import os
+import secrets
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -59,20 +60,36 @@ class Tracker:
         if enabled and cfg.name == "wandb" and wandb_init is not None:
             self._start_wandb(cfg, wandb_init)
 
+    def run_id(self) -> str:
+        """The W&B run this run folder owns: made once, stored in the folder, continued by every
+        later process on it (resume, requeue, a longer max_steps), so one folder is one W&B run."""
+        id_file = self.run_dir / "wandb_id"
+        if not id_file.exists():
+            id_file.write_text(secrets.token_hex(4))
+        return id_file.read_text().strip()
+
     def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
+        mode = wandb_mode(cfg)
         try:
             import wandb
 
             os.environ.setdefault("WANDB_START_METHOD", "thread")  # W&B hangs under Hydra otherwise
-            self.wandb_run = wandb.init(
-                project=cfg.project,
-                entity=cfg.entity,
-                mode=wandb_mode(cfg),
-                dir=str(self.run_dir),
+            kwargs = dict(
+                project=cfg.project, entity=cfg.entity, dir=str(self.run_dir), id=self.run_id(), resume="allow",
                 reinit="finish_previous",  # multirun: never reuse the previous job's run
-                tags=[tag[:64] for tag in init.pop("tags", [])],
-                **init,
-            )
+                settings=wandb.Settings(silent=cfg.quiet, init_timeout=cfg.init_timeout),
+                tags=[tag[:64] for tag in init.pop("tags", [])], **init,
+            )  # fmt: skip
+            try:
+                self.wandb_run = wandb.init(mode=mode, **kwargs)
+            except Exception as error:
+                if mode != "online":
+                    raise
+                log.warning(
+                    "W&B could not start online (%s): logging offline, upload with `wandb sync`", error
+                )
+                wandb.teardown()  # the failed attempt still holds the run id
+                self.wandb_run = wandb.init(mode="offline", **kwargs)
             self.wandb_run.define_metric("step")
             for prefix in ("train", "validation", "test"):
                 self.wandb_run.define_metric(f"{prefix}/*", step_metric="step")

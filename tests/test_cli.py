@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
+from test_scale_out import cli
 
 from ptlab import tracking
 from ptlab.train import run
@@ -87,3 +89,36 @@ def test_wandb_mode_is_offline_without_an_api_key(monkeypatch, tmp_path):
     assert tracking.wandb_mode(compose_config(["logger=wandb"]).logger) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     assert tracking.wandb_mode(compose_config(["logger=wandb"]).logger) == "online"
+
+
+WANDB_QUICK = [*QUICK, "logger=wandb", "trainer.eval_every=2"]
+
+
+def test_a_run_folder_owns_one_wandb_run_that_every_later_process_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    for steps in (2, 4):  # a first process, then the same folder extended to more steps
+        result = cli(
+            [*WANDB_QUICK, f"trainer.max_steps={steps}", f"hydra.run.dir={run_dir}"],
+            env_extra={"WANDB_MODE": "offline"},
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "wandb:" not in result.stdout + result.stderr  # logger.quiet: W&B's own lines off
+    run_id = (run_dir / "wandb_id").read_text()
+    offline_runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 2 and all(path.name.endswith(f"-{run_id}") for path in offline_runs)
+    assert json.loads((run_dir / "summary.json").read_text())["wandb"]["id"] == run_id
+
+
+def test_an_unreachable_wandb_server_costs_seconds_then_the_run_logs_offline(tmp_path):
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": "a" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
+    started = time.perf_counter()
+    result = cli(
+        [*WANDB_QUICK, "trainer.max_steps=2", "logger.init_timeout=3", f"hydra.run.dir={tmp_path}"],
+        env_extra=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert time.perf_counter() - started < 60
+    assert "W&B could not start online" in result.stdout + result.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["wandb"]["mode"] == "offline"
