@@ -6,6 +6,7 @@ returning the best validation score, so tests and Optuna sweeps can call it dire
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -125,6 +126,7 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
                  *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
         summary = trainer.fit()
         summary.update(
+            status="finished",
             method=config.method.run_label,
             backbone=config.backbone.name,
             task=config.task.name,
@@ -148,17 +150,24 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     return best
 
 
+def record_failure(run_dir: Path, error: Exception) -> None:
+    """A failed job's summary: what ptlab's sweep report (ptlab/sweep_report.py) reads."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    failure = {"status": "failed", "error": str(error), "kind": type(error).__name__}
+    (run_dir / "summary.json").write_text(json.dumps(failure, indent=2))
+
+
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def task(cfg: DictConfig) -> float:
+def task(cfg: DictConfig) -> Optional[float]:
     """One job: Hydra composes `cfg` (per job in a multirun) and calls this."""
     try:
         return run(cfg)
-    except ConfigError as error:
+    except (ConfigError, TrainingFault) as error:  # after a TrainingFault the last good checkpoint stays
         print(f"ptlab: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingFault as fault:  # the last good checkpoint stays; the message says what to try
-        print(f"ptlab: error: {fault}", file=sys.stderr)
-        sys.exit(1)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failure(Path(HydraConfig.get().runtime.output_dir), error)
+            return None  # the sweep goes on; Optuna records a trial without a value as failed
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     except Preempted as stop:  # the checkpoint is written; the same command (or a requeue) resumes
         print(f"ptlab: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
@@ -193,6 +202,8 @@ def main() -> None:
     """`ptlab-train`: Hydra's command line, whose own errors (an unknown group value, a misspelled
     key, a bad type) print like ptlab's: `ptlab: error:`, one line, exit 2. PTLAB_DEBUG=1 shows
     Hydra's full report instead."""
+    if "hydra/sweeper=optuna" in sys.argv and not any("max_failure_rate" in arg for arg in sys.argv):
+        sys.argv.append("hydra.sweeper.max_failure_rate=1.0")  # a failed trial must not end the study
     if os.environ.get("PTLAB_DEBUG") == "1":
         task()
         return

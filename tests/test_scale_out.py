@@ -212,3 +212,39 @@ def test_ddp_inside_a_submitit_job_with_two_tasks(tmp_path):
     assert json.loads((job / "summary.json").read_text())["steps"] == 2
     assert (job / "train_rank1.log").exists()  # the second task ran as rank 1 of the same run
     assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+
+
+FAST = [*QUICK, "logger=none", "trainer.max_steps=2", "trainer.eval_every=2"]
+
+
+def job_statuses(sweep):
+    return {path.parent.name: json.loads(path.read_text()) for path in sweep.glob("*/summary.json")}
+
+
+def test_a_failing_job_does_not_take_a_multirun_down(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = cli(["-m", *FAST, "method.prompt_length=0,5", f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert result.returncode == 1
+    assert (
+        "ptlab: error: 1 of 2 jobs failed: job 0" in result.stderr
+        and "prompt_length=0 must be >= 1" in result.stderr
+    )
+    jobs = job_statuses(sweep)
+    assert jobs["0"] == {
+        "status": "failed",
+        "error": "method.prompt_length=0 must be >= 1",
+        "kind": "ConfigError",
+    }
+    assert jobs["1"]["status"] == "finished" and jobs["1"]["steps"] == 2
+
+
+def test_a_failing_optuna_trial_is_recorded_as_failed_and_the_study_goes_on(tmp_path):
+    sweep = tmp_path / "optuna"
+    optuna = ["hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.direction=maximize"]
+    args = ["-m", *FAST, *optuna, "hydra.sweeper.sampler.seed=0", "method.prompt_length=choice(0,5)"]
+    result = cli([*args, f"hydra.sweep.dir={sweep}"], timeout=600)
+    assert result.returncode == 1 and "jobs failed" in result.stderr
+    statuses = [job["status"] for job in job_statuses(sweep).values()]
+    assert len(statuses) == 4 and "failed" in statuses and "finished" in statuses
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"]["method.prompt_length"] == 5
