@@ -173,6 +173,17 @@ def task(cfg: DictConfig) -> Optional[float]:
         sys.exit(128 + stop.signum)
 
 
+# lines of Hydra's reports that name internals, not the mistake
+NOISE = (
+    "full_key:",
+    "object_type=",
+    "Config search path",
+    "provider=",
+    "reference_type=",
+    "To append to your config",
+)
+
+
 def one_line(error: BaseException) -> str:
     """Hydra's multi-line message and its causes (an unknown group value with its options, a
     misspelled key, a value of the wrong type) folded into one line, internal schema entries and
@@ -188,20 +199,10 @@ def one_line(error: BaseException) -> str:
     return " ".join(parts).replace(" Available options in", "; available in")
 
 
-NOISE = (
-    "full_key:",
-    "object_type=",
-    "Config search path",
-    "provider=",
-    "reference_type=",
-    "To append to your config",
-)
-
-
 def main() -> None:
     """`ptlab-train`: Hydra's command line, whose own errors (an unknown group value, a misspelled
     key, a bad type) print like ptlab's: `ptlab: error:`, one line, exit 2. PTLAB_DEBUG=1 shows
-    Hydra's full report instead."""
+    Hydra's full report instead. An Optuna sweep tolerates failed trials unless told otherwise."""
     if "hydra/sweeper=optuna" in sys.argv and not any("max_failure_rate" in arg for arg in sys.argv):
         sys.argv.append("hydra.sweeper.max_failure_rate=1.0")  # a failed trial must not end the study
     if os.environ.get("PTLAB_DEBUG") == "1":
