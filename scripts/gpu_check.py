@@ -219,7 +219,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
             [python, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"],
             180,
         ),
-        Step("bench", [*bench, "--backbones", *bench_backbones], 180),
+        Step("bench", [*bench, "--backbones", *bench_backbones, *shlex.split(args.bench_args)], 180),
         training("default job", [], 120),
         training("fpt", ["schedule=fpt"], 90),
         training("smop", ["method=smop"], 90),
@@ -241,6 +241,9 @@ def main() -> None:
     parser.add_argument("--dry-run", action="store_true", help="rehearse on the CPU with small step counts")
     parser.add_argument("--budget-s", type=float, default=480, help="no step starts after this many seconds")
     parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (and the install)")
+    parser.add_argument(
+        "--bench-args", default="", help='more bench.py flags, e.g. "--batch 32 --seq-len 256"'
+    )
     args = parser.parse_args()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     args.out = (args.out or REPO / "outputs" / "gpu-check" / stamp).resolve()
