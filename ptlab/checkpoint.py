@@ -160,12 +160,11 @@ class RunCheckpoint:
             self.best_dir, lambda folder: save_prompt(folder, trainable, exported, self.prompt_config)
         )
 
-    def load_best(self) -> bool:
+    def load_best(self) -> None:
         """Put the best prompt back into the method (for a final test evaluation)."""
         folder = find(self.best_dir)
         if folder is not None:
             self.load_trainable_state(load_file(folder / "prompt.safetensors"))
-        return folder is not None
 
     def restore(self, run_dir: Path) -> Optional[Dict[str, Any]]:
         """Load `run_dir/checkpoints/last` if there is one; returns the loop's saved state."""

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from ptlab.backbones import Backbone, build_backbone
 from ptlab.compile import compile_blocks
-from ptlab.config import Config, TaskConfig, to_object
+from ptlab.config import Config, to_object
 from ptlab.data import TaskData, load_raw_splits, split_rows, tokenize_splits
 from ptlab.distributed import World
 from ptlab.methods import build_method
@@ -34,10 +34,6 @@ class Pipeline:
     method: PromptMethod
     data: TaskData
     world: World = field(default_factory=World)
-
-    @property
-    def task(self) -> TaskConfig:
-        return self.config.task
 
     def prompt_config(self) -> Dict[str, Any]:
         """What a saved prompt needs beside its tensors to be reloaded (checkpoints/best)."""

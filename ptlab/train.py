@@ -24,7 +24,6 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptlab.config import Config, register_configs, to_object
-from ptlab.data import majority_fraction
 from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.pipeline import build
@@ -131,7 +130,6 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
             backbone=config.backbone.name,
             task=config.task.name,
             seed=config.seed,
-            majority_class=majority_fraction(pipeline.data["validation"]),
             load_seconds=load_seconds,
             wall_seconds=time.perf_counter() - started,
             wandb=tracker.wandb_info(),

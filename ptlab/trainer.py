@@ -148,6 +148,7 @@ class Trainer:
         self.data, self.world = pipeline.data, pipeline.world
         self.tracker, self.run_dir = tracker, run_dir
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
+        self.majority_class = majority_fraction(self.data["validation"])  # the floor a prompt must beat
         cuda = config.hardware.device == "cuda"
         self.device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
         self.use_bf16 = config.hardware.precision == "bf16" and cuda
@@ -273,7 +274,7 @@ class Trainer:
         self.state.stages[self.stage_schedule.current]["flops"] += float(totals[1])
         return float(totals[0])
 
-    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> float:
+    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
         """One training step in the current stage, timed and counted."""
         stage = self.stage_schedule.enter(self.state.step)
         if stage is not None and len(self.state.stages) > 1:
@@ -293,7 +294,6 @@ class Trainer:
         self.last_finite_loss = loss
         window.losses.append(loss)
         window.examples += self.state.examples_seen - seen_before
-        return loss
 
     # --- the loop -------------------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
@@ -306,7 +306,7 @@ class Trainer:
             )
         progress = Progress(
             self.total_steps, self.state.step, self.world.is_main, self.task.main_metric,
-            majority_fraction(self.data["validation"]),
+            self.majority_class,
         )  # fmt: skip
         window, stopped_early = LogWindow(), False
         with PreemptionGuard() as guard:
@@ -344,6 +344,7 @@ def run_summary(
         "final": state.last_metrics,
         "test": test_metrics,
         "main_metric": trainer.task.main_metric,
+        "majority_class": trainer.majority_class,
         "steps": state.step,
         "stopped_early": stopped_early,
         "trainable_params": trainer.num_trainable,

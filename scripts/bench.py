@@ -36,6 +36,7 @@ from ptlab.config import to_object
 from ptlab.data import Example
 from ptlab.evaluate import map_sorted_batches, predict_examples, to_device
 from ptlab.flops import ModelShape, train_step_flops
+from ptlab.methods import build_method
 from ptlab.partial import PartialModel
 from ptlab.train import CONF_DIR
 from ptlab.trainer import backward_loss
@@ -82,6 +83,12 @@ def raw_splits(config):
     from ptlab.data import load_raw_splits, split_rows
 
     return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+
+
+def method_for(backbone, overrides: list[str]):
+    """The method `overrides` configure, on a backbone already built (no second model load)."""
+    config = to_object(default_config(overrides))
+    return build_method(config.method, backbone.prompt_context(config.seed))
 
 
 def real_task(overrides: list[str], split: str, device):
@@ -363,7 +370,7 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
         ("superpos", ["method=superpos"]),
         ("residual", ["method=residual"]),
     ]:
-        other = build([*BACKBONES[name], *extra], args.seq_len).method
+        other = method_for(backbone, [*BACKBONES[name], *extra])
         other.to(device).train()
         opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
 
