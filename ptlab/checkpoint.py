@@ -98,9 +98,24 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def without_label(value: Any) -> Any:
-    """A method config less its display label, which does not change what was trained."""
-    return {k: v for k, v in value.items() if k != "label"} if isinstance(value, dict) else value
+# method settings that do not change what a prompt is: how runs are named, where training started
+NOT_IDENTITY = ("label", "init_from")
+
+
+def prompt_identity(value: Any) -> Any:
+    """A method config less the settings that do not change the trained prompt's meaning."""
+    return {k: v for k, v in value.items() if k not in NOT_IDENTITY} if isinstance(value, dict) else value
+
+
+def load_trainable(method: nn.Module, backbone: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Put saved trained tensors back: `method.*` into the method, `backbone.*` (a trained head)
+    into the backbone's parameters of those names."""
+    method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
+    backbone_params = dict(backbone.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            if key.startswith("backbone."):
+                backbone_params[key[9:]].copy_(value)
 
 
 class RunCheckpoint:
@@ -131,14 +146,6 @@ class RunCheckpoint:
         state.update({f"backbone.{n}": p for n, p in self.backbone.named_parameters() if p.requires_grad})
         return state
 
-    def load_trainable_state(self, state: Dict[str, torch.Tensor]) -> None:
-        self.method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
-        backbone_params = dict(self.backbone.named_parameters())
-        with torch.no_grad():
-            for key, value in state.items():
-                if key.startswith("backbone."):
-                    backbone_params[key[9:]].copy_(value)
-
     def save_last(self, loop_state: Dict[str, Any]) -> None:
         if not self.writes:
             return
@@ -164,7 +171,7 @@ class RunCheckpoint:
         """Put the best prompt back into the method (for a final test evaluation)."""
         folder = find(self.best_dir)
         if folder is not None:
-            self.load_trainable_state(load_file(folder / "prompt.safetensors"))
+            load_trainable(self.method, self.backbone, load_file(folder / "prompt.safetensors"))
 
     def restore(self, run_dir: Path) -> Optional[Dict[str, Any]]:
         """Load `run_dir/checkpoints/last` if there is one; returns the loop's saved state."""
@@ -182,13 +189,15 @@ class RunCheckpoint:
                 f"{folder / 'state.pt'} cannot be read ({type(error).__name__}: {error}): {fix}"
             ) from None
         for key in ("method", "backbone", "task"):
-            if without_label(saved["prompt_config"].get(key)) != without_label(self.prompt_config.get(key)):
+            if prompt_identity(saved["prompt_config"].get(key)) != prompt_identity(
+                self.prompt_config.get(key)
+            ):
                 raise ConfigError(
                     f"trainer.resume: the checkpoint in {folder} was trained with {key}="
                     f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
                 )
         try:
-            self.load_trainable_state(saved["trainable"])
+            load_trainable(self.method, self.backbone, saved["trainable"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, KeyError, ValueError) as error:

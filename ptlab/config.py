@@ -130,6 +130,7 @@ class LoggerConfig:
     quiet: bool = True  # W&B's own console lines off (ptlab prints its own progress)
     # seconds W&B may take to reach its server before the run goes on offline (`wandb sync` later)
     init_timeout: float = 15.0
+    log_prompt: bool = False  # upload checkpoints/best as a W&B artifact of type `prompt` at the end
 
     def __post_init__(self) -> None:
         check_choice("logger.name", self.name, ("none", "wandb"))

@@ -12,7 +12,7 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from ptlab.config import LoggerConfig
 
@@ -32,14 +32,51 @@ def wandb_mode(cfg: LoggerConfig) -> str:
     return cfg.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
 
 
-def run_name(overrides: List[str], limit: int = 128) -> Optional[str]:
-    """A W&B run name from the run's command-line overrides, seeds left out (they are grouped)."""
-    kept = [
-        item
-        for item in overrides
-        if not item.lstrip("+~").startswith(("seed=", "hydra.", "logger.", "logger="))
-    ]
-    return ",".join(kept)[:limit] or None
+NOT_IN_NAMES = ("hydra.", "logger.", "logger=", "trainer.resume")
+
+
+def key(item: str) -> str:
+    """The key of a `key=value` override (`+`/`~` prefixes dropped)."""
+    return item.lstrip("+~").split("=", 1)[0]
+
+
+def run_name(overrides: List[str], swept: Sequence[str] = (), limit: int = 128) -> Optional[str]:
+    """A W&B run name from the run's command-line overrides: the keys its sweep varies first (seed
+    last among them), then the rest, whole `key=value` items only; what does not fit in `limit`
+    characters is left out, never cut in the middle, so a sweep's jobs never share a name."""
+    items = [item for item in overrides if not item.lstrip("+~").startswith(NOT_IN_NAMES)]
+    rank = {k: i for i, k in enumerate(k for k in swept if k != "seed")}
+    rank["seed"] = len(rank)
+    varying = sorted((i for i in items if key(i) in rank and key(i) in swept), key=lambda i: rank[key(i)])
+    name = ""
+    for item in varying + [i for i in items if i not in varying]:
+        candidate = f"{name},{item}" if name else item
+        if len(candidate) > limit:
+            if item in varying:  # a varying key that does not fit: the whole list then, uniqueness first
+                name = candidate
+            continue
+        name = candidate
+    return name or None
+
+
+def wandb_config(cfg: Any, config: Any, experiment: Optional[str]) -> Dict[str, Any]:
+    """The resolved config for W&B, with what a dashboard groups by at the top: the method's label,
+    the backbone, the task, the seed and the experiment (each group's full settings under
+    `<group>_config`)."""
+    from omegaconf import OmegaConf
+
+    container = OmegaConf.to_container(cfg, resolve=True)
+    top = {
+        "method": config.method.run_label,
+        "backbone": config.backbone.name,
+        "task": config.task.name,
+        "seed": config.seed,
+        "experiment": experiment,
+    }
+    for group in ("method", "backbone", "task"):
+        top[f"{group}_config"] = container.pop(group)
+    container.pop("seed", None)
+    return {**top, **container}
 
 
 class Tracker:
@@ -154,6 +191,19 @@ class Tracker:
                 self.wandb_run.summary.update(flat)
             except Exception as error:
                 log.warning("W&B summary failed: %s", error)
+
+    def log_prompt(self, folder: Path, name: str, metadata: Dict[str, Any]) -> None:
+        """Upload a prompt folder (checkpoints/best) as a W&B artifact of type `prompt`."""
+        if self.wandb_run is None or not folder.is_dir():
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="prompt", metadata=metadata)
+            artifact.add_dir(str(folder))
+            self.wandb_run.log_artifact(artifact)
+        except Exception as error:
+            log.warning("W&B prompt artifact failed: %s", error)
 
     def finish(self) -> None:
         self._wandb("finish")

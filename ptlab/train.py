@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import hydra
 import torch
@@ -28,7 +28,7 @@ from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.pipeline import build
 from ptlab.preemption import Preempted
-from ptlab.tracking import Tracker, run_name
+from ptlab.tracking import Tracker, run_name, wandb_config
 from ptlab.trainer import Trainer, seed_everything
 
 log = logging.getLogger("ptlab")
@@ -65,12 +65,30 @@ def hydra_facts() -> Dict[str, Any]:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    experiment = OmegaConf.select(hydra_cfg, "runtime.choices.experiment", default=None)
     return {
         "run_dir": Path(output_dir) if output_dir else None,
-        # the sweep folder names the W&B group, so all jobs of one multirun share it
-        "group": "_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None,
+        # W&B group: the experiment's name, else the sweep folder, so all jobs of one multirun share it
+        "group": experiment or ("_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None),
+        "experiment": experiment,
         "overrides": list(hydra_cfg.overrides.task),
+        "swept": swept_keys(hydra_cfg) if multirun else [],
     }
+
+
+def swept_keys(hydra_cfg: DictConfig) -> List[str]:
+    """The keys a multirun varies: its sweeper's params and the command-line overrides that list
+    several values (the sweep's multirun.yaml keeps them as typed)."""
+    keys = [str(k) for k in (OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})]
+    try:
+        typed = OmegaConf.load(Path(hydra_cfg.sweep.dir) / "multirun.yaml").hydra.overrides.task
+    except (OSError, OmegaConfBaseException):
+        typed = []
+    for item in typed:
+        key, _, value = str(item).partition("=")
+        if "," in value or value.startswith(("range(", "choice(", "interval(", "glob(")):
+            keys.append(key.lstrip("+~"))
+    return list(dict.fromkeys(keys))
 
 
 def setup_hardware(config: Config) -> None:
@@ -99,6 +117,12 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         if not run_dir.is_dir():
             raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
     run_dir.mkdir(parents=True, exist_ok=True)
+    finished = finished_summary(run_dir, config.trainer.max_steps) if config.trainer.resume else None
+    if finished is not None:  # a rerun sweep skips its finished jobs
+        best = finished["best"][config.task.main_metric]
+        log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
+                 "it again", run_dir, config.task.main_metric, best)  # fmt: skip
+        return best
     setup_hardware(config)
     seed_everything(config.seed)
     started = time.perf_counter()
@@ -109,10 +133,10 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         config.logger,
         enabled=world.is_main,
         wandb_init={
-            "config": OmegaConf.to_container(cfg, resolve=True),
+            "config": wandb_config(cfg, config, facts.get("experiment")),
             "group": config.logger.group or facts.get("group"),
             "job_type": config.method.run_label,
-            "name": run_name(facts.get("overrides", [])),
+            "name": run_name(facts.get("overrides", []), facts.get("swept", [])),
             "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
         },
     )
@@ -135,6 +159,10 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
             wandb=tracker.wandb_info(),
         )
         tracker.summary(summary)
+        if config.logger.log_prompt:
+            name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
+            metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
+            tracker.log_prompt(run_dir / "checkpoints" / "best", name, metadata)
     finally:
         tracker.finish()
     best = summary["best"][config.task.main_metric]
@@ -146,6 +174,21 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         run_dir / "summary.json",
     )
     return best
+
+
+def finished_summary(run_dir: Path, max_steps: Optional[int]) -> Optional[Dict[str, Any]]:
+    """The run folder's summary when its run finished (and `max_steps` asks for no more steps than
+    it trained: a larger one continues it), else None: never run, cut short or failed."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "finished":
+        return None
+    longer = (
+        max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)
+    )
+    return None if longer else summary
 
 
 def record_failure(run_dir: Path, error: Exception) -> None:

@@ -8,11 +8,9 @@ checkpoint at the next step boundary (ptlab/preemption.py); evaluation is ptlab/
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import random
-import resource
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,8 @@ from ptlab.checkpoint import RunCheckpoint
 from ptlab.config import Config, TrainerConfig
 from ptlab.data import chunks, majority_fraction, training_batches
 from ptlab.errors import ConfigError, TrainingFault
-from ptlab.evaluate import split_metrics, to_device
+from ptlab.evaluate import to_device
+from ptlab.memory import peak_memory_mb, reset_peak_memory
 from ptlab.methods.base import PromptMethod
 from ptlab.pipeline import Pipeline
 from ptlab.preemption import PreemptionGuard
@@ -78,13 +77,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """CUDA max allocated on GPU; the process's RSS high-water mark on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_optimizer(
@@ -144,16 +136,12 @@ class Trainer:
 
     def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
         self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
-        self.backbone, self.method = pipeline.backbone, pipeline.method
+        self.pipeline, self.backbone, self.method = pipeline, pipeline.backbone, pipeline.method
         self.data, self.world = pipeline.data, pipeline.world
         self.tracker, self.run_dir = tracker, run_dir
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
         self.majority_class = majority_fraction(self.data["validation"])  # the floor a prompt must beat
-        cuda = config.hardware.device == "cuda"
-        self.device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
-        self.use_bf16 = config.hardware.precision == "bf16" and cuda
-        self.backbone.to(self.device)
-        self.method.to(self.device)
+        self.device, self.autocast = pipeline.place(), pipeline.autocast
         self.params = trainable_parameters(self.method, self.backbone)
         if not self.params:
             raise ConfigError("the method has no trainable parameters")
@@ -175,12 +163,8 @@ class Trainer:
             writes=self.world.is_main,
         )
         self.fit_started = time.perf_counter()
+        self.scoring_seconds = 0.0  # FPT's neuron scoring in this process (0: none, or cached)
         self.last_finite_loss: Optional[float] = None
-
-    def autocast(self):
-        if self.use_bf16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
 
     # --- checkpoints and evaluation --------------------------------------------------------
     def resume(self, run_dir: Path) -> bool:
@@ -196,18 +180,20 @@ class Trainer:
         self.checkpoint.save_last(asdict(self.state))
 
     def run_eval(self, split: str) -> Dict[str, float]:
-        examples, cfg = self.data[split], self.cfg
-        return split_metrics(self.backbone, self.method, examples, self.task, self.world, self.eval_batch_size,
-                             self.device, self.autocast, cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
+        return self.pipeline.evaluate(split, self.eval_batch_size)
 
     def eval_and_checkpoint(self) -> bool:
         """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
         metrics = self.run_eval("validation")
         self.state.last_metrics = metrics
-        # wall_s: seconds of this process's training and evaluation so far (time-to-accuracy)
-        self.tracker.log(
-            self.state.step, "validation", {**metrics, "wall_s": time.perf_counter() - self.fit_started}
-        )
+        # curves against compute: train_s (training seconds, all sessions of the run), flops (training
+        # FLOPs so far) and wall_s (this process's training and evaluation seconds)
+        clocks = {
+            "train_s": self.state.train_seconds,
+            "flops": self.state.flops,
+            "wall_s": time.perf_counter() - self.fit_started,
+        }
+        self.tracker.log(self.state.step, "validation", {**metrics, **clocks})
         score = metrics[self.task.main_metric]
         if self.state.best_score is None or score > self.state.best_score:
             self.state.best_score, self.state.best_step, self.state.best_metrics = (
@@ -299,11 +285,14 @@ class Trainer:
     def fit(self) -> Dict[str, Any]:
         """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
         self.fit_started = time.perf_counter()
+        reset_peak_memory(self.device)  # peak_memory_mb: this run's training, not earlier jobs'
         stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
-        if self.stage_schedule.needs_scores:
+        if self.stage_schedule.needs_scores:  # FPT's width reduction: a fixed cost outside train_seconds
+            started = time.perf_counter()
             self.stage_schedule.prepare_scores(
                 self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
             )
+            self.scoring_seconds = time.perf_counter() - started
         progress = Progress(
             self.total_steps, self.state.step, self.world.is_main, self.task.main_metric,
             self.majority_class,
@@ -349,6 +338,7 @@ def run_summary(
         "stopped_early": stopped_early,
         "trainable_params": trainer.num_trainable,
         "train_seconds": state.train_seconds,
+        "neuron_scoring_seconds": trainer.scoring_seconds,
         "examples_per_s": state.examples_seen / max(state.train_seconds, 1e-9),
         "peak_memory_mb": peak_memory_mb(trainer.device),
         "train_flops": state.flops,

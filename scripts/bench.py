@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import gc
 import json
 import statistics
@@ -36,6 +35,7 @@ from ptlab.config import to_object
 from ptlab.data import Example
 from ptlab.evaluate import map_sorted_batches, predict_examples, to_device
 from ptlab.flops import ModelShape, train_step_flops
+from ptlab.memory import peak_memory_mb, proc_status_kb, reset_peak_memory
 from ptlab.methods import build_method
 from ptlab.partial import PartialModel
 from ptlab.train import CONF_DIR
@@ -156,31 +156,18 @@ def peft_for(backbone, method, num_tokens: int):
     return model
 
 
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
-
-
 def step_memory_mb(fn, device, calls: int = 2) -> float:
     """Peak memory a call adds on top of what is already live (activations, gradients, optimizer
     state): CUDA max allocated; on CPU the RSS high-water mark, reset through /proc/self/clear_refs
     after `malloc_trim` hands freed heap pages back, so reused memory counts again when touched."""
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")
-    base = proc_status_kb("VmRSS")
+    reset_peak_memory(device)
+    base = torch.cuda.memory_allocated() / 2**20 if device.type == "cuda" else proc_status_kb("VmRSS") / 1024
     for _ in range(calls):
         fn()
-    return (proc_status_kb("VmHWM") - base) / 1024
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return peak_memory_mb(device) - base
 
 
 def matmul_share(fn) -> float:

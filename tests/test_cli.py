@@ -19,6 +19,8 @@ QUICK = [*TINY, "backbone=tiny_t5", "trainer.max_steps=2", "trainer.eval_every=2
 
 
 def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tmp_path):
+    """Each job: its own folder and W&B run, a name led by the swept keys (unique in the sweep), the
+    sweep's group, the dashboard's keys at the top of the config, the prompt as an artifact."""
     env = {**__import__("os").environ, **OFFLINE_ENV, "WANDB_MODE": "offline"}
     sweep = tmp_path / "sweep_rte_cb"
     overrides = [o for o in QUICK if not o.startswith("logger=")]
@@ -30,7 +32,9 @@ def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tm
             "-m",
             *overrides,
             "logger=wandb",
+            "logger.log_prompt=true",
             "seed=1,2",
+            "method=prompt_tuning,smop",
             f"hydra.sweep.dir={sweep}",
         ],
         capture_output=True,
@@ -40,15 +44,23 @@ def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tm
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in (0, 1)]
-    assert [s["seed"] for s in summaries] == [1, 2]
+    summaries = [json.loads((sweep / str(job) / "summary.json").read_text()) for job in range(4)]
+    assert [(s["seed"], s["method"]) for s in summaries] == [
+        (1, "prompt_tuning"), (1, "smop"), (2, "prompt_tuning"), (2, "smop")
+    ]  # fmt: skip
     runs = [s["wandb"] for s in summaries]
-    assert runs[0]["id"] != runs[1]["id"]  # no job reuses the previous job's run
-    assert runs[0]["group"] == runs[1]["group"] == f"{tmp_path.name}_sweep_rte_cb"
+    assert len({r["id"] for r in runs}) == 4  # no job reuses the previous job's run
+    assert len({r["name"] for r in runs}) == 4  # and no two share a name
+    assert runs[1]["name"].startswith("method=smop,seed=1,backbone=tiny_t5")  # swept keys first
+    assert {r["group"] for r in runs} == {f"{tmp_path.name}_sweep_rte_cb"}
     assert all(r["mode"] == "offline" for r in runs)
-    for job, info in enumerate(runs):
+    for job, (info, summary) in enumerate(zip(runs, summaries)):
         files = list((sweep / str(job) / "wandb").glob(f"offline-run-*-{info['id']}/run-{info['id']}.wandb"))
-        assert len(files) == 1 and info["group"].encode() in files[0].read_bytes()
+        assert len(files) == 1
+        logged = files[0].read_bytes()
+        assert info["group"].encode() in logged
+        assert f'"method": {{"value": "{summary["method"]}"}}'.encode() in logged.replace(b'\\"', b'"')
+        assert f"prompt-{summary['method']}-sst2-{info['id']}".encode() in logged  # the prompt artifact
 
 
 def test_wandb_failure_is_a_warning_not_a_crash(tmp_path, monkeypatch, caplog):

@@ -23,7 +23,7 @@ STEPS = ["trainer.max_steps=6", "trainer.eval_every=2", "trainer.log_every=1", "
 def events(run_dir, split):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [
-        {k: v for k, v in json.loads(line).items() if k not in ("examples_per_s", "wall_s")}
+        {k: v for k, v in json.loads(line).items() if k not in ("examples_per_s", "wall_s", "train_s")}
         for line in lines
         if json.loads(line)["split"] == split
     ]

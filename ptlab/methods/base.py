@@ -16,6 +16,9 @@ class MethodConfig:
 
     name: str = MISSING  # the registered method (ptlab/methods/<module>.py)
     label: Optional[str] = None  # the name runs are logged under (a recipe: pt100, fpt); null: name
+    # a run folder whose trained prompt (checkpoints/best) this run starts from: prompt transfer
+    # between tasks (SPoT, Vu et al. 2022); the same method and shapes
+    init_from: Optional[str] = None
 
     def __post_init__(self) -> None:
         pass

@@ -1,0 +1,376 @@
+"""`ptlab-compare`: turn run folders (a sweep, several sweeps, single runs) into one comparison.
+
+    ptlab-compare outputs/multirun/2026-11-26/10-00-00 --baseline method=prompt_tuning
+    ptlab-compare SWEEP_A SWEEP_B --by method method.prompt_length --out docs/results/mine
+
+Runs are grouped by the settings that vary between them (their command-line overrides, seed and
+task aside; `--by` names them instead), tasks become columns, seeds become the sample. Writes
+table.md and table.csv (mean, std, 95% confidence interval, difference to the baseline with a paired
+t-test over shared seeds or Welch's otherwise, costs) and PNG figures: learning curves against steps,
+training seconds and FLOPs; accuracy against cost (Pareto); SMoP's router use. Failed and
+unfinished runs are listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from ptlab.runs import RunRecord, find_runs
+
+# never grouping keys: the sample (seed), the columns (task), and settings that do not change a result
+NOT_GROUPING = ("seed", "task", "trainer.resume", "logger", "experiment")
+
+
+@dataclass
+class Cell:
+    """One group's runs on one task."""
+
+    runs: List[RunRecord]
+    values: List[float]  # the finished runs' scores, in run order
+    seeds: List[Optional[int]]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.mean(self.values) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
+
+    @property
+    def ci95(self) -> float:
+        """Half width of the 95 % confidence interval of the mean (Student's t); nan below 2 runs."""
+        if self.n < 2:
+            return math.nan
+        from scipy import stats
+
+        return float(stats.t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
+
+    def cost(self, key: str) -> float:
+        values = [r.summary[key] for r in self.finished if r.summary.get(key) is not None]
+        return statistics.mean(values) if values else math.nan
+
+    @property
+    def finished(self) -> List[RunRecord]:
+        return [r for r in self.runs if r.status == "finished"]
+
+    @property
+    def ms_per_step(self) -> float:
+        steps = [
+            1000 * r.summary["train_seconds"] / r.summary["steps"]
+            for r in self.finished
+            if r.summary["steps"]
+        ]
+        return statistics.mean(steps) if steps else math.nan
+
+
+@dataclass
+class Difference:
+    delta: float
+    p: float
+    test: str  # paired | Welch
+
+
+def difference(cell: Cell, base: Cell) -> Optional[Difference]:
+    """cell - base, with a paired t-test when both ran the same seeds (each seed shares its data order
+    and initial draws), else Welch's unequal-variance t-test; None when either has under 2 runs."""
+    from scipy import stats
+
+    if cell.n < 2 or base.n < 2:
+        return None
+    delta = cell.mean - base.mean
+    if sorted(cell.seeds, key=str) == sorted(base.seeds, key=str) and None not in cell.seeds:
+        mine = dict(zip(cell.seeds, cell.values))
+        theirs = dict(zip(base.seeds, base.values))
+        pairs = [(mine[s], theirs[s]) for s in mine]
+        if all(a == b for a, b in pairs):
+            return Difference(delta, 1.0, "paired")
+        p = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue
+        return Difference(delta, float(p), "paired")
+    p = stats.ttest_ind(cell.values, base.values, equal_var=False).pvalue
+    return Difference(delta, float(p), "Welch")
+
+
+@dataclass
+class Comparison:
+    runs: List[RunRecord]
+    by: List[str]
+    metric: Optional[str]
+    stat: str
+    groups: List[Tuple[str, ...]] = field(default_factory=list)
+    tasks: List[str] = field(default_factory=list)
+    members: Dict[Tuple[Tuple[str, ...], str], List[RunRecord]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for run in self.runs:
+            group, task = self.group_of(run), run.task
+            if group not in self.groups:
+                self.groups.append(group)
+            if task not in self.tasks:
+                self.tasks.append(task)
+            self.members.setdefault((group, task), []).append(run)
+
+    def cell(
+        self, group: Tuple[str, ...], task: str, metric: Optional[str] = None, stat: Optional[str] = None
+    ) -> Cell:
+        """The group's runs on `task` and their scores (default: the comparison's metric and stat)."""
+        cell = Cell(self.members.get((group, task), []), [], [])
+        for run in cell.runs:
+            value = run.score(metric or self.metric, stat or self.stat)
+            if value is not None:
+                cell.values.append(value)
+                cell.seeds.append(run.seed)
+        return cell
+
+    def group_of(self, run: RunRecord) -> Tuple[str, ...]:
+        return tuple(str(run.lookup(key)) for key in self.by)
+
+    def label(self, group: Tuple[str, ...]) -> str:
+        return (
+            ", ".join(group) if len(self.by) == 1 else ", ".join(f"{k}={v}" for k, v in zip(self.by, group))
+        )
+
+    def finished(self, task: str) -> List[RunRecord]:
+        return [r for g in self.groups for r in self.members.get((g, task), []) if r.status == "finished"]
+
+    def metric_name(self, task: str) -> str:
+        finished = self.finished(task)
+        return self.metric or (finished[0].summary["main_metric"] if finished else "?")
+
+    def metrics_of(self, task: str) -> List[str]:
+        """Every metric the task's finished runs report (router statistics aside)."""
+        names: List[str] = []
+        for run in self.finished(task):
+            for key, value in (run.summary.get("best") or {}).items():
+                if key != "step" and not key.startswith("router_") and isinstance(value, (int, float)):
+                    names += [key] if key not in names else []
+        return names
+
+    def majority(self, task: str) -> Optional[float]:
+        values = [r.summary.get("majority_class") for r in self.finished(task)]
+        return next((v for v in values if v is not None), None)
+
+    def find_group(self, baseline: str) -> Tuple[str, ...]:
+        """The group named by `--baseline`: `key=value[,key=value]` or the label the table prints."""
+        wanted = dict(part.split("=", 1) for part in baseline.split(",") if "=" in part)
+        for group in self.groups:
+            settings = dict(zip(self.by, group))
+            if (wanted and all(settings.get(k) == v for k, v in wanted.items())) or self.label(
+                group
+            ) == baseline:
+                return group
+        labels = ", ".join(self.label(g) for g in self.groups)
+        raise SystemExit(f"ptlab-compare: --baseline {baseline!r} matches no group (groups: {labels})")
+
+
+def natural_key(path: Path) -> List[object]:
+    """Multirun job folders 0, 1, ..., 10 in launch order, not 0, 1, 10, 2."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def varying_keys(runs: Sequence[RunRecord]) -> List[str]:
+    """Override keys whose values differ between runs, in the order the command lines give them."""
+    keys: List[str] = []
+    for run in runs:
+        for key in run.overrides:
+            if key not in keys and not key.startswith("hydra.") and key not in NOT_GROUPING:
+                keys.append(key)
+    return [k for k in keys if len({str(r.lookup(k)) for r in runs}) > 1]
+
+
+def percent(value: float, metric_scale: float) -> str:
+    return "–" if math.isnan(value) else f"{metric_scale * value:.1f}"
+
+
+def score_cell(cell: Cell, scale: float) -> str:
+    if cell.n == 0:
+        return "–"
+    text = f"{scale * cell.mean:.1f} ± {scale * cell.std:.1f}"
+    if cell.n > 1:
+        text += f" [{scale * (cell.mean - cell.ci95):.1f}, {scale * (cell.mean + cell.ci95):.1f}]"
+    missing = len(cell.runs) - cell.n
+    return text + f" (n={cell.n}" + (f", {missing} not finished)" if missing else ")")
+
+
+def steps_to(run: RunRecord, metric: str, target: float) -> Optional[int]:
+    """The first validation step at which the run reached `target`; None if it never did."""
+    return next((e["step"] for e in run.curve("validation", metric) if e[metric] >= target), None)
+
+
+def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
+             figures: List[str]) -> str:  # fmt: skip
+    scale = 100.0
+    key_header = " / ".join(comp.by)
+    stat = {"auto": "test split when the runs have one, else best validation", "best": "best validation",
+            "final": "last validation", "test": "test split"}[comp.stat]  # fmt: skip
+    floors = ", ".join(
+        f"{task} {percent(comp.majority(task), scale)}"
+        for task in comp.tasks
+        if comp.majority(task) is not None
+    )
+    lines = [
+        f"Command: `{command}`",
+        "",
+        f"{len(comp.runs)} runs. Score: {stat} of each task's main metric (in %: "
+        + ", ".join(f"{t}: {comp.metric_name(t)}" for t in comp.tasks)
+        + "), mean ± std over seeds [95 % confidence interval of the mean] (n = finished runs). "
+        + f"Majority class: {floors or 'not recorded'}.",
+        "",
+        f"| {key_header} | " + " | ".join(comp.tasks) + " |",
+        "|---|" + "---|" * len(comp.tasks),
+    ]
+    for group in comp.groups:
+        cells = [score_cell(comp.cell(group, t), scale) for t in comp.tasks]
+        lines.append(f"| {comp.label(group)} | " + " | ".join(cells) + " |")
+    if baseline is not None:
+        lines += ["", f"Difference to **{comp.label(baseline)}** in points (p: paired t-test over shared seeds, "
+                  "else Welch's t-test):", "",  # fmt: skip
+                  f"| {key_header} | " + " | ".join(comp.tasks) + " |", "|---|" + "---|" * len(comp.tasks)]  # fmt: skip
+        for group in comp.groups:
+            if group == baseline:
+                continue
+            parts = []
+            for task in comp.tasks:
+                diff = difference(comp.cell(group, task), comp.cell(baseline, task))
+                parts.append(
+                    "–" if diff is None else f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})"
+                )
+            lines.append(f"| {comp.label(group)} | " + " | ".join(parts) + " |")
+    lines += ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
+              "allocated memory on CUDA):", ""]  # fmt: skip
+    header = f"| {key_header} | task | trainable params | train s | ms/step | examples/s | peak MiB | train TFLOPs | FLOPs vs full |"
+    if target is not None:
+        header += f" steps to {scale * target:g} |"
+    lines += [header, "|---|" * 1 + "---|" * (header.count("|") - 2)]
+    for group in comp.groups:
+        for task in comp.tasks:
+            cell = comp.cell(group, task)
+            if not cell.finished:
+                continue
+            row = (
+                f"| {comp.label(group)} | {task} | {cell.cost('trainable_params'):,.0f} | {cell.cost('train_seconds'):.1f} "
+                f"| {cell.ms_per_step:.0f} | {cell.cost('examples_per_s'):.1f} | {cell.cost('peak_memory_mb'):.0f} "
+                f"| {cell.cost('train_flops') / 1e12:.2f} | {cell.cost('flops_ratio'):.2f} |"
+            )
+            if target is not None:
+                reached = [steps_to(r, comp.metric_name(task), target) for r in cell.finished]
+                hits = [s for s in reached if s is not None]
+                mean = f"{statistics.mean(hits):.0f}" if hits else "never"
+                row += f" {mean} ({len(hits)}/{len(reached)} runs) |"
+            lines.append(row)
+    problems = [r for r in comp.runs if r.status != "finished"]
+    if problems:
+        lines += ["", "Runs without a result:", ""]
+        for run in problems:
+            error = (run.summary or {}).get(
+                "error", "no summary.json: still running, cut short, or never started"
+            )
+            lines.append(f"- `{run.path}` ({run.status}): {error}")
+    lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(comp: Comparison, baseline: Optional[Tuple[str, ...]], path: Path) -> None:
+    """One row per group, task, metric and statistic (best / final validation, test when run)."""
+    costs = (
+        "trainable_params",
+        "train_seconds",
+        "examples_per_s",
+        "peak_memory_mb",
+        "train_flops",
+        "flops_ratio",
+    )
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*comp.by, "task", "metric", "stat", "n", "runs", "mean", "std", "ci95", "delta", "p",
+                         "test", "ms_per_step", *costs])  # fmt: skip
+        for task in comp.tasks:
+            for metric in comp.metrics_of(task):
+                for stat in ("best", "final", "test"):
+                    for group in comp.groups:
+                        cell = comp.cell(group, task, metric, stat)
+                        if not cell.runs or (stat == "test" and not cell.n):
+                            continue
+                        diff = None
+                        if baseline is not None and group != baseline:
+                            diff = difference(cell, comp.cell(baseline, task, metric, stat))
+                        writer.writerow([*group, task, metric, stat, cell.n, len(cell.runs), cell.mean, cell.std,
+                                         cell.ci95, *(("", "", "") if diff is None else (diff.delta, diff.p, diff.test)),
+                                         cell.ms_per_step, *(cell.cost(c) for c in costs)])  # fmt: skip
+
+
+def expand(paths: Sequence[Path]) -> List[Path]:
+    """Glob patterns (quoted on the command line) become the folders they match."""
+    found: List[Path] = []
+    for path in paths:
+        text = str(path)
+        if any(c in text for c in "*?["):
+            anchor = Path("/") if text.startswith("/") else Path(".")
+            matches = sorted(anchor.glob(text.lstrip("/")))
+            if not matches:
+                raise FileNotFoundError(f"{text}: matches no folder")
+            found += matches
+        else:
+            found.append(path)
+    return found
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ptlab-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    parser.add_argument(
+        "--by", nargs="+", metavar="KEY", help="group by these settings (default: those that vary)"
+    )
+    parser.add_argument("--baseline", metavar="KEY=VALUE", help="the group the others are tested against")
+    parser.add_argument("--metric", help="default: each task's main metric")
+    parser.add_argument("--stat", choices=("auto", "best", "final", "test"), default="auto",
+                        help="auto: the test split when the runs have one, else the best validation score")  # fmt: skip
+    parser.add_argument("--target", type=float, help="also report steps to reach this score (e.g. 0.8)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <first path>/compare)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = sorted(find_runs(expand(args.paths)), key=lambda r: natural_key(r.path))
+    except FileNotFoundError as error:
+        raise SystemExit(f"ptlab-compare: {error}") from None
+    if not runs:
+        raise SystemExit(f"ptlab-compare: no run folders under {' '.join(map(str, args.paths))}")
+    by = [key for item in args.by or [] for key in item.split(",") if key] or varying_keys(runs) or ["method"]
+    comp = Comparison(runs, by, args.metric, args.stat)
+    baseline = comp.find_group(args.baseline) if args.baseline else None
+    out = args.out or args.paths[0] / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    figures: List[str] = []
+    if not args.no_plots:
+        from ptlab.plots import write_figures
+
+        figures = write_figures(comp, out)
+    command = "ptlab-compare " + " ".join(sys.argv[1:] if argv is None else argv)
+    text = markdown(comp, baseline, args.target, command, figures)
+    (out / "table.md").write_text(text)
+    write_csv(comp, baseline, out / "table.csv")
+    print(text)
+    print(f"written to {out}/ (table.md, table.csv{', ' + ', '.join(figures) if figures else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
