@@ -17,6 +17,7 @@ import argparse
 import csv
 import math
 import re
+import shlex
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -210,7 +211,7 @@ def steps_to(run: RunRecord, metric: str, target: float) -> Optional[int]:
 
 
 def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
-             figures: List[str]) -> str:  # fmt: skip
+             figures: List[str], note: str = "") -> str:  # fmt: skip
     scale = 100.0
     key_header = " / ".join(comp.by)
     stat = {"auto": "test split when the runs have one, else best validation", "best": "best validation",
@@ -223,6 +224,7 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
     lines = [
         f"Command: `{command}`",
         "",
+        *([note, ""] if note else []),
         f"{len(comp.runs)} runs. Score: {stat} of each task's main metric (in %: "
         + ", ".join(f"{t}: {comp.metric_name(t)}" for t in comp.tasks)
         + "), mean ± std over seeds [95 % confidence interval of the mean] (n = finished runs). "
@@ -342,6 +344,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--target", type=float, help="also report steps to reach this score (e.g. 0.8)")
     parser.add_argument("--out", type=Path, help="output folder (default: <first path>/compare)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--note", default="", help="a sentence printed under the command (how the runs were made)"
+    )
     return parser.parse_args(argv)
 
 
@@ -363,8 +368,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from ptlab.plots import write_figures
 
         figures = write_figures(comp, out)
-    command = "ptlab-compare " + " ".join(sys.argv[1:] if argv is None else argv)
-    text = markdown(comp, baseline, args.target, command, figures)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in given:  # the note is printed as itself, not as part of the command
+        at = given.index("--note")
+        del given[at : at + 2]
+    command = "ptlab-compare " + " ".join(shlex.quote(a) for a in given)
+    text = markdown(comp, baseline, args.target, command, figures, args.note)
     (out / "table.md").write_text(text)
     write_csv(comp, baseline, out / "table.csv")
     print(text)

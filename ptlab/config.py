@@ -233,6 +233,7 @@ class DataConfig:
     val_fraction: float = 0.1
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
+    cache_tokenized: bool = True  # tokenized splits kept under $PTLAB_CACHE/tokenized (ptlab/token_cache.py)
 
     def __post_init__(self) -> None:
         check_choice("data.split_protocol", self.split_protocol, ("official", "smop"))

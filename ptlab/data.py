@@ -11,7 +11,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Protocol
+from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 from ptlab.config import DataConfig, TaskConfig, TrainerConfig
 from ptlab.errors import ConfigError
 from ptlab.tasks import label_index, preprocessor, render_source
+from ptlab.token_cache import cached_tokenize
 
 log = logging.getLogger(__name__)
 
@@ -144,14 +145,23 @@ def split_rows(raw: DatasetDict, task: TaskConfig, data: DataConfig, seed: int) 
 
 
 def tokenize_splits(
-    splits: Dict[str, Dataset], task: TaskConfig, tokenize_sources, max_length: int
+    splits: Dict[str, Dataset],
+    task: TaskConfig,
+    tokenize_sources: Callable[[List[str]], List[List[int]]],
+    max_length: int,
+    cache_identity: Optional[str] = None,
 ) -> TaskData:
-    """Render every row's template and tokenize each split once, in one batched call; warns when
-    truncation at `max_length` cuts many inputs (their ends, e.g. a question, would be lost)."""
+    """Render every row's template and tokenize each split once, in one batched call (or load it
+    from the disk cache when `cache_identity` names the tokenizer); warns when truncation at
+    `max_length` cuts many inputs (their ends, e.g. a question, would be lost)."""
     tokenized = {}
     for name, rows in splits.items():
         records = rows.to_list()
-        sources = tokenize_sources([render_source(task, row) for row in records])
+        texts = [render_source(task, row) for row in records]
+        if cache_identity is None:
+            sources = tokenize_sources(texts)
+        else:
+            sources = cached_tokenize(texts, tokenize_sources, cache_identity, max_length)
         cut = sum(len(ids) >= max_length for ids in sources) / max(len(sources), 1)
         if cut > 0.05:
             log.warning(

@@ -26,6 +26,7 @@ from ptlab.errors import ConfigError
 from ptlab.evaluate import split_metrics
 from ptlab.methods import build_method
 from ptlab.methods.base import MethodConfig, PromptMethod
+from ptlab.token_cache import tokenizer_identity
 
 log = logging.getLogger("ptlab")
 
@@ -134,5 +135,8 @@ def build(
         )  # fmt: skip
     if config.trainer.compile:
         log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
-    data = tokenize_splits(rows, config.task, backbone.tokenize_sources, config.data.max_source_length)
+    identity = tokenizer_identity(backbone.tokenizer) if config.data.cache_tokenized and rows else None
+    data = tokenize_splits(
+        rows, config.task, backbone.tokenize_sources, config.data.max_source_length, identity
+    )
     return Pipeline(config, backbone, method, data, world or World())

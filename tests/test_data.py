@@ -10,12 +10,14 @@ from collections import Counter
 import numpy as np
 import pytest
 
+import ptlab
 from ptlab.config import to_object
 from ptlab.data import chunks, epoch_batches, epoch_order, load_raw_splits, split_rows, tokenize_splits
 from ptlab.errors import ConfigError
 from ptlab.tasks import render_source
+from ptlab.token_cache import cached_tokenize
 
-from conftest import compose_config
+from conftest import TINY, compose_config
 
 # task: (train rows, validation rows, validation class counts in verbalizer order)
 MANIFEST = {
@@ -137,3 +139,33 @@ def test_length_grouped_batches_cover_the_epoch_and_cut_padding():
     # the batch order is shuffled, not a length ramp
     first_max = [max(lengths[i] for i in batch) for batch in grouped[:10]]
     assert first_max != sorted(first_max, reverse=True)
+
+
+def test_tokenized_splits_are_cached_and_keyed_by_what_they_hold(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTLAB_CACHE", str(tmp_path))
+    calls = []
+
+    def tokenize(texts):
+        calls.append(len(texts))
+        return [[len(text), 7, 1] for text in texts]
+
+    texts = ["a", "bb", "ccc"]
+    first = cached_tokenize(texts, tokenize, "tok", 8)
+    assert cached_tokenize(texts, tokenize, "tok", 8) == first == tokenize(texts) and calls == [3, 3]
+    cached_tokenize(texts, tokenize, "tok", 16)  # another max length
+    cached_tokenize([*texts, "d"], tokenize, "tok", 8)  # other rows (file, template, subsample)
+    cached_tokenize(texts, tokenize, "another tokenizer", 8)
+    assert calls == [3, 3, 3, 4, 3]
+    for entry in (tmp_path / "tokenized").glob("*.npz"):  # a damaged entry is rebuilt, not trusted
+        entry.write_bytes(b"not an npz file")
+    assert cached_tokenize(texts, tokenize, "tok", 8) == first and calls[-1] == 3 and len(calls) == 6
+
+
+def test_a_pipeline_built_from_the_cache_holds_the_same_examples(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTLAB_CACHE", str(tmp_path))
+    overrides = [*TINY, "backbone=tiny_t5"]
+    fresh = ptlab.build(compose_config(overrides)).data
+    assert list((tmp_path / "tokenized").glob("*.npz"))
+    cached = ptlab.build(compose_config(overrides)).data
+    for split in ("train", "validation"):
+        assert cached[split] == fresh[split]

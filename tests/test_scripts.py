@@ -60,28 +60,14 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
     assert padding["grouped"] < padding["plain"]
 
 
-def test_compare_writes_a_table_with_every_arm(tmp_path):
-    out = tmp_path / "fpt.md"
-    result = script(
-        "scripts/compare.py",
-        "fpt",
-        "--backbone",
-        "tiny_t5",
-        "--seeds",
-        "0",
-        "--steps",
-        "5",
-        "--eval-examples",
-        "16",
-        "--runs-dir",
-        str(tmp_path / "runs"),
-        "--out",
-        str(out),
-        "--extra",
-        "data.max_train_examples=64",
-    )
+def test_compare_preset_runs_its_experiment_and_tables_it(tmp_path):
+    runs = tmp_path / "runs"
+    overrides = ["backbone=tiny_t5", "seed=0", "trainer.max_steps=4", "trainer.eval_every=2",
+                 "data.max_eval_examples=16", "data.max_train_examples=64", "schedule.score_examples=16"]  # fmt: skip
+    result = script("scripts/compare.py", "fpt", "--runs-dir", str(runs), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
-    table = out.read_text()
-    for arm in ("prompt tuning, constant", "FPT-LD (depth)", "FPT-FR (width)", "FPT-CR (compound)"):
-        assert f"| {arm} |" in table
-    assert len(list((tmp_path / "runs").rglob("summary.json"))) == 4
+    table = (runs / "compare" / "table.md").read_text()
+    for schedule in ("constant", "fpt_depth", "fpt_width", "fpt"):
+        assert f"| {schedule} |" in table
+    assert "Difference to **constant**" in table and "Made by `python scripts/compare.py fpt" in table
+    assert len(list(runs.glob("*/summary.json"))) == 4 and (runs / "compare" / "curves_sst2.png").exists()
