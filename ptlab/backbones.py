@@ -35,6 +35,11 @@ def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long)
 
 
+# T5's relative attention has no position table; it was pretrained on 512 input tokens, and an
+# encoder input 4 times longer is a mistake (a prompt length of 100000 would ask for 80 GB), not a plan
+SEQ2SEQ_MAX_POSITIONS = 2048
+
+
 class Backbone(nn.Module):
     """A frozen pretrained model plus the family's rules for placing a prompt."""
 
@@ -75,13 +80,15 @@ class Backbone(nn.Module):
     def check_fits(self, num_prompt_tokens: int) -> None:
         """Fail early, not inside the position embeddings, when prompt + input cannot fit."""
         limit = getattr(self.model.config, "max_position_embeddings", None)
+        if self.family == "seq2seq":  # relative positions: no table to overflow, but trained on 512
+            limit = SEQ2SEQ_MAX_POSITIONS
         longest_target = max(len(ids) for ids in self.choice_ids) if self.family == "causal" else 0
         needed = self.max_source_length + num_prompt_tokens + longest_target
-        if limit is not None and self.family != "seq2seq" and needed > limit:
+        if limit is not None and needed > limit:
             targets = f" + {longest_target} target tokens" if longest_target else ""
             raise ConfigError(
                 f"data.max_source_length={self.max_source_length} + {num_prompt_tokens} prompt tokens{targets} = "
-                f"{needed} exceeds the backbone's {limit} positions: lower data.max_source_length"
+                f"{needed} exceeds the backbone's {limit} positions: lower method.prompt_length or data.max_source_length"
             )
 
     @contextlib.contextmanager

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, TrainingFault
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +34,25 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_folder)`, then make that folder `target` without a window of no checkpoint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Call `write(tmp_folder)`, then make that folder `target` without a window of no checkpoint.
+    A write that fails (a full disk, a read-only folder) removes its temporary folder and raises a
+    TrainingFault naming the path; the previous checkpoint is untouched."""
     tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = f"the previous one ({target}) is intact" if target.exists() else "there is no earlier one"
+        reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
+        raise TrainingFault(f"cannot write the checkpoint {target} ({reason}); {kept}") from None
+    _swap_in(tmp, target)
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
     old = target.with_name(f"{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write(tmp)
     for item in tmp.iterdir():
         with open(item, "rb") as handle:
             os.fsync(handle.fileno())

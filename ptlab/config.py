@@ -44,6 +44,11 @@ class BackboneConfig:
         check_choice("backbone.head_pooling", self.head_pooling, ("mean", "cls"))
         if self.path is None and self.random_init is None:
             raise ConfigError(f"backbone {self.name!r} needs backbone.path or backbone.random_init")
+        if self.path is not None and self.random_init is not None:
+            raise ConfigError(
+                f"backbone {self.name!r} is built with random weights (backbone.random_init), so "
+                f"backbone.path={self.path!r} would be ignored: use a pretrained backbone for a path"
+            )
 
 
 @dataclass

@@ -116,7 +116,13 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         run_dir = Path(config.trainer.resume)
         if not run_dir.is_dir():
             raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ".ptlab_write_check").touch()
+        (run_dir / ".ptlab_write_check").unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
+                          "choose another one with hydra.run.dir=...") from None  # fmt: skip
     finished = finished_summary(run_dir, config.trainer.max_steps) if config.trainer.resume else None
     if finished is not None:  # a rerun sweep skips its finished jobs
         best = finished["best"][config.task.main_metric]
@@ -254,6 +260,12 @@ def main() -> None:
         task()
     except (HydraException, OmegaConfBaseException) as error:
         print(f"ptlab: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # Hydra makes the run folder before ptlab runs: not a directory, read-only
+        if error.filename is None:
+            raise
+        print(f"ptlab: error: cannot write {error.filename} ({error.strerror}): choose another folder with "
+              "hydra.run.dir=... (hydra.sweep.dir=... for a multirun)", file=sys.stderr)  # fmt: skip
         sys.exit(2)
 
 

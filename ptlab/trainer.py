@@ -124,6 +124,17 @@ def non_finite_loss(
     )
 
 
+def out_of_memory(error: Exception, cfg: TrainerConfig, max_length: int, last_dir: Path) -> TrainingFault:
+    """The one-line report of a training step that ran out of memory, with the sizes to lower."""
+    kept = last_dir if last_dir.exists() else "none yet"
+    first = str(error).strip().splitlines()[0][:160]
+    return TrainingFault(
+        f"out of memory in a training step ({first}) at trainer.batch_size={cfg.batch_size}, "
+        f"data.max_source_length={max_length}: lower them, or raise trainer.grad_accum to keep the "
+        f"effective batch; last good checkpoint: {kept}"
+    )
+
+
 def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
     if cfg.max_steps is not None:
         return cfg.max_steps
@@ -269,7 +280,18 @@ class Trainer:
         self.backbone.train()
         self.method.train()
         seen_before, started = self.state.examples_seen, time.perf_counter()
-        loss = self.train_step(stream)
+        try:
+            loss = self.train_step(stream)
+        except torch.OutOfMemoryError as error:
+            raise out_of_memory(
+                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+            ) from None
+        except RuntimeError as error:  # the CPU allocator's own words
+            if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
+                raise
+            raise out_of_memory(
+                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+            ) from None
         elapsed = time.perf_counter() - started
         self.state.train_seconds += elapsed
         self.state.stages[self.stage_schedule.current]["seconds"] += elapsed

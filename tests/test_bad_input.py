@@ -7,8 +7,11 @@ import pytest
 import torch
 from test_scale_out import QUICK, cli
 
+from ptlab import checkpoint as checkpoint_module
 from ptlab.config import to_object
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, TrainingFault
+from ptlab.train import run
+from ptlab.trainer import Trainer
 
 from conftest import compose_config
 
@@ -153,3 +156,60 @@ def test_a_torn_metrics_line_and_a_stray_temporary_checkpoint_do_not_stop_a_resu
     )
     steps = [line for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(line.startswith("{") and line.endswith("}") for line in steps)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["method.prompt_length=100000"],
+            "+ 100000 prompt tokens = 100048 exceeds the backbone's 2048 positions",
+        ),
+        (
+            ["backbone.path=/models/t5"],
+            "is built with random weights (backbone.random_init), so backbone.path=",
+        ),
+    ],
+    ids=["seq2seq-prompt-length", "path-on-random-init"],
+)
+def test_sizes_and_paths_that_cannot_work_are_refused_before_training(tmp_path, overrides, message):
+    result = cli([*QUICK, *overrides, f"hydra.run.dir={tmp_path / 'run'}"], timeout=300)
+    assert message in one_line_error(result, 2)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = cli([*QUICK, f"hydra.run.dir={blocker / 'run'}"], timeout=300)
+    line = one_line_error(result, 2)
+    assert f"cannot write {blocker / 'run'} (Not a directory)" in line and "hydra.run.dir=" in line
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    run_dir = trained_once(tmp_path)
+    before = (run_dir / "checkpoints/last/state.pt").read_bytes()
+
+    def disk_full(obj, path, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", disk_full)
+    config = compose_config([*QUICK, "trainer.max_steps=4", "trainer.eval_every=2"])
+    with pytest.raises(TrainingFault, match="No space left on device.*the previous one .* is intact"):
+        run(config, run_dir=run_dir)
+    assert (run_dir / "checkpoints/last/state.pt").read_bytes() == before
+    assert not (run_dir / "checkpoints/.last.tmp").exists()
+
+
+def test_out_of_memory_in_a_step_is_one_line_with_the_sizes_to_lower(tmp_path, monkeypatch):
+    def exhausted(self, stream):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", exhausted)
+    with pytest.raises(TrainingFault) as caught:
+        run(compose_config([*QUICK, "trainer.batch_size=8"]), run_dir=tmp_path)
+    message = str(caught.value)
+    assert message.startswith(
+        "out of memory in a training step (CUDA out of memory. Tried to allocate 20.00 GiB)"
+    )
+    assert "trainer.batch_size=8, data.max_source_length=48: lower them" in message and "\n" not in message
