@@ -76,8 +76,9 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
 @one_line_errors
 def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     """`ptlab-predict`: the best prompt's prediction and every verbalizer's score for each input row."""
-    from ptlab.predict import predict_rows, read_rows, template_fields, write_predictions
+    from ptlab.predict import predict_rows, read_rows, write_predictions
     from ptlab.saved_run import load_run, run_config
+    from ptlab.tasks import template_fields
 
     parser = argparse.ArgumentParser(prog="ptlab-predict", description=predict_main.__doc__)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")

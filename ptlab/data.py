@@ -7,6 +7,7 @@ HuggingFace hub. If neither works the error lists the files to place and where.
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import random
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from datasets import Dataset, DatasetDict, load_dataset
 
 from ptlab.config import DataConfig, TaskConfig, TrainerConfig
 from ptlab.errors import ConfigError
-from ptlab.tasks import label_index, preprocessor, render_source
+from ptlab.tasks import label_index, preprocessor, render_source, template_fields
 from ptlab.token_cache import cached_tokenize
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,72 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
     return files if all(path.is_file() for path in files.values()) else None
 
 
+def _check_jsonl(path: Path) -> None:
+    """Name the first line that is not a JSON object (a line cut short, a stray character)."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as error:
+                raise ConfigError(
+                    f"{path}, line {number}: not valid JSON ({error}): repair or remove the line"
+                ) from None
+            if not isinstance(row, dict):
+                raise ConfigError(
+                    f"{path}, line {number}: a JSON {type(row).__name__}, not an object with fields"
+                )
+
+
 def _load_local(task: TaskConfig, files: Dict[str, Path]) -> DatasetDict:
-    data_files = {split: str(path) for split, path in files.items()}
-    if task.local.format == "jsonl":
-        splits = load_dataset("json", data_files=data_files)
-    else:
-        extra = {"column_names": list(task.local.column_names)} if task.local.column_names else {}
-        splits = load_dataset("csv", data_files=data_files, **TSV_OPTIONS, **extra)
+    for path in files.values():
+        if path.stat().st_size == 0:
+            raise ConfigError(f"{path} is empty: give the task's official file (task.local)")
+        if task.local.format == "jsonl":
+            _check_jsonl(path)
+    splits = {}
+    for split, path in files.items():
+        try:
+            if task.local.format == "jsonl":
+                splits[split] = load_dataset("json", data_files=str(path), split="train")
+            else:
+                extra = {"column_names": list(task.local.column_names)} if task.local.column_names else {}
+                splits[split] = load_dataset(
+                    "csv", data_files=str(path), split="train", **TSV_OPTIONS, **extra
+                )
+        except Exception as error:  # the loaders' own words (pandas: "Expected 2 fields in line 7, saw 3")
+            cause = error.__cause__ or error
+            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+            raise ConfigError(f"{path} cannot be read as {task.local.format}: {reason}") from None
+    splits = DatasetDict(splits)
     if task.local.rename:
         splits = splits.rename_columns(dict(task.local.rename))
     return splits
+
+
+def check_rows(rows: Dataset, task: TaskConfig, where: str) -> None:
+    """Every row of a split must fill the template and carry a label the task knows, before any
+    model loads: the error names the file (or hub split), the row and the field."""
+    if len(rows) == 0:
+        raise ConfigError(f"{where} has no rows")
+    columns = set(rows.column_names)
+    needed = [*template_fields(task.template), task.label_field]
+    for name in needed:
+        if name not in columns:
+            raise ConfigError(
+                f"{where}: no field {name!r} in its rows (they have {sorted(columns)}): fix task.template, "
+                "task.label_field or task.local.rename"
+            )
+    for name in needed:
+        for number, value in enumerate(rows[name], 1):
+            if value is None or (name == task.label_field and value == ""):
+                raise ConfigError(f"{where}, row {number}: field {name!r} is empty")
+    for number, raw in enumerate(rows[task.label_field], 1):
+        try:
+            label_index(task, raw)
+        except ConfigError as error:
+            raise ConfigError(f"{where}, row {number}: {error}") from None
 
 
 def _load_hub(task: TaskConfig) -> DatasetDict:
@@ -75,6 +132,10 @@ def load_raw_splits(task: TaskConfig, data: DataConfig) -> DatasetDict:
     reshape = preprocessor(task)
     if reshape is not None:
         splits = splits.map(reshape, batched=True, remove_columns=splits["train"].column_names)
+    for split, rows in splits.items():
+        check_rows(
+            rows, task, str(files[split]) if files is not None else f"the hub's {task.name} {split} split"
+        )
     return splits
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import string
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
@@ -20,10 +19,6 @@ from ptlab.pipeline import Pipeline
 from ptlab.tasks import render_source
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "text")
-
-
-def template_fields(template: str) -> List[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def input_format(name: str, text: str) -> str:

@@ -6,6 +6,7 @@ the two datasets whose rows are not one example each in their official files.
 
 from __future__ import annotations
 
+import string
 from typing import Any, Callable, Dict, List
 
 from ptlab.config import TaskConfig
@@ -70,6 +71,11 @@ def label_index(task: TaskConfig, raw: Any) -> int:
             f"task {task.name!r}: label {raw!r} out of range for {len(task.verbalizers)} verbalizers"
         )
     return index
+
+
+def template_fields(template: str) -> List[str]:
+    """The row fields a template fills, in order (`{premise}`...)."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
 
 
 def render_source(task: TaskConfig, row: Dict[str, Any]) -> str:

@@ -9,11 +9,12 @@ from test_scale_out import QUICK, cli
 
 from ptlab import checkpoint as checkpoint_module
 from ptlab.config import to_object
+from ptlab.data import load_raw_splits
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.train import run
 from ptlab.trainer import Trainer
 
-from conftest import compose_config
+from conftest import SHARED_DATA, compose_config
 
 OUT_OF_RANGE = [
     (["trainer.lr=-1"], r"trainer.lr=-1.0 must be a number in \(0, inf\]"),
@@ -213,3 +214,63 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_sizes_to_lower(tmp_path, m
         "out of memory in a training step (CUDA out of memory. Tried to allocate 20.00 GiB)"
     )
     assert "trainer.batch_size=8, data.max_source_length=48: lower them" in message and "\n" not in message
+
+
+def data_dir_with(tmp_path, task, damage):
+    """A data.dir holding a small real slice of the task's official files, then damaged."""
+    files = {
+        "sst2": ("glue/sst2/train.tsv", "glue/sst2/dev.tsv"),
+        "cb": ("superglue/cb/train.jsonl", "superglue/cb/val.jsonl"),
+    }[task]
+    for name in files:
+        target = tmp_path / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("".join((SHARED_DATA / name).read_text().splitlines(keepends=True)[:20]))
+    damage(tmp_path / files[0])
+    return tmp_path / files[0]
+
+
+def replace_text(old, new):
+    return lambda path: path.write_text(path.read_text().replace(old, new))
+
+
+BAD_FILES = [
+    ("cb", lambda p: p.write_text(""), "is empty: give the task's official file"),
+    ("cb", lambda p: p.write_text(p.read_text()[:-40]), ", line 20: not valid JSON"),
+    ("cb", lambda p: p.write_text(p.read_text() + "[1, 2]\n"), ", line 21: a JSON list, not an object"),
+    ("cb", replace_text('"premise"', '"context"'), "no field 'premise' in its rows (they have ['context',"),
+    ("cb", replace_text('"label": "', '"label": "x-'), "row 1: task 'cb': label 'x-"),
+    (
+        "sst2",
+        lambda p: p.write_text(p.read_text() + "an extra\tcolumn\there\n"),
+        "cannot be read as tsv: Error tokenizing data",
+    ),
+    (
+        "sst2",
+        lambda p: p.write_text(p.read_text() + "no label at all\t\n"),
+        ", row 20: field 'label' is empty",
+    ),
+    (
+        "sst2",
+        replace_text("sentence\tlabel", "text\tlabel"),
+        "no field 'sentence' in its rows (they have ['label', 'text'])",
+    ),
+]
+
+
+@pytest.mark.parametrize("task, damage, message", BAD_FILES, ids=["empty", "cut-line", "not-an-object", "renamed-field",
+                                                                  "unknown-label", "extra-column", "missing-label", "renamed-column"])  # fmt: skip
+def test_a_bad_data_file_is_named_with_its_row_before_any_model_loads(tmp_path, task, damage, message):
+    bad = data_dir_with(tmp_path, task, damage)
+    config = to_object(compose_config([f"task={task}", f"data.dir={tmp_path}"]))
+    with pytest.raises(ConfigError) as caught:
+        load_raw_splits(config.task, config.data)
+    assert str(caught.value).startswith(str(bad)) and message in str(caught.value)
+
+
+def test_the_command_line_names_a_bad_data_file_in_one_line(tmp_path):
+    bad = data_dir_with(tmp_path / "data", "cb", replace_text('"premise"', '"context"'))
+    result = cli(
+        [*QUICK, "task=cb", f"data.dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300
+    )
+    assert f"ptlab: error: {bad}: no field 'premise'" in one_line_error(result, 2)

@@ -189,6 +189,28 @@ def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, j
     assert config.trainer.optimizer == "adafactor"
 
 
+@pytest.mark.parametrize(
+    "experiment,jobs", [("smollm2_methods", 3 * 2 * 7), ("minilm_methods", 3 * 2 * 5), ("minilm_fpt", 3 * 4)]
+)
+def test_comparison_experiments_compose_every_arm(experiment, jobs):
+    """The CPU comparisons (scripts/compare.py presets): every swept value composes and validates,
+    seeds vary slowest (a finished prefix holds every arm), and each arm is what it says."""
+    params = compose_config_with_hydra([f"experiment={experiment}"]).hydra.sweeper.params
+    assert list(params)[0] == "seed"
+    count = 1
+    for key, values in params.items():
+        options = str(values).split(",")
+        count *= len(options)
+        for option in options:
+            config = to_object(compose_config([f"experiment={experiment}", f"{key}={option}"]))
+            assert config.hardware.device == "cpu" and config.logger.group == experiment
+            if key == "arm":
+                assert config.backbone.dropout == (option == "superpos_dropout_on")
+                assert config.method.run_label == {"pt20": "pt20", "fpt_cr": "fpt_cr"}.get(option, option)
+                assert (config.schedule.name == "fpt") == (option == "fpt_cr")
+    assert count == jobs
+
+
 def test_ddp_inside_a_submitit_job_with_two_tasks(tmp_path):
     sweep = tmp_path / "sweep"
     result = cli(
