@@ -176,6 +176,14 @@ class Comparison:
         raise SystemExit(f"ptlab-compare: --baseline {baseline!r} matches no group (groups: {labels})")
 
 
+def shown_path(path: Path) -> str:
+    """Relative to the working folder when inside it (tables stay valid on another machine)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def natural_key(path: Path) -> List[object]:
     """Multirun job folders 0, 1, ..., 10 in launch order, not 0, 1, 10, 2."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
@@ -279,7 +287,7 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
             error = (run.summary or {}).get(
                 "error", "no summary.json: still running, cut short, or never started"
             )
-            lines.append(f"- `{run.path}` ({run.status}): {error}")
+            lines.append(f"- `{shown_path(run.path)}` ({run.status}): {error}")
     lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 

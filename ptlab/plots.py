@@ -37,6 +37,22 @@ def mean_curve(
     return xs, [statistics.mean(y) for y in ys], [min(y) for y in ys], [max(y) for y in ys]
 
 
+def finish(fig, score_axes, majority, title: str, path: Path) -> None:
+    """The majority-class line on every score axis, a log x for the last one (FLOPs, parameters),
+    the legend, the title; then the file."""
+    import matplotlib.pyplot as plt
+
+    for ax in score_axes:
+        if majority is not None:
+            ax.axhline(100 * majority, color="grey", linestyle="--", linewidth=1, label="majority class")
+    score_axes[-1].set_xscale("log")
+    score_axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def curves_figure(comp: Comparison, task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -58,23 +74,13 @@ def curves_figure(comp: Comparison, task: str, path: Path) -> None:
         axes[3].set_xlabel("step")
         axes[3].set_ylabel("training loss")
         axes[3].set_yscale("log")
-    majority = comp.majority(task)
-    for ax in axes[:3]:
-        if majority is not None:
-            ax.axhline(100 * majority, color="grey", linestyle="--", linewidth=1, label="majority class")
-    axes[2].set_xscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: mean over seeds (band: min to max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    finish(fig, axes[:3], comp.majority(task), f"{task}: mean over seeds (band: min to max)", path)
 
 
 def pareto_figure(comp: Comparison, task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(PARETO_AXES), figsize=(15, 4.2))
-    majority = comp.majority(task)
     for ax, (key, name) in zip(axes, PARETO_AXES):
         for group in comp.groups:
             cell = comp.cell(group, task)
@@ -82,29 +88,24 @@ def pareto_figure(comp: Comparison, task: str, path: Path) -> None:
                 continue
             ax.errorbar(cell.cost(key), 100 * cell.mean, yerr=100 * cell.std, fmt="o", capsize=3,
                         label=comp.label(group))  # fmt: skip
-        if majority is not None:
-            ax.axhline(100 * majority, color="grey", linestyle="--", linewidth=1, label="majority class")
         ax.set_xlabel(name + " per run")
         ax.set_ylabel(f"{comp.metric_name(task)} (%)")
-    axes[2].set_xscale("log")
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"{task}: score against cost (mean ± std over seeds); up and left is better")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    title = f"{task}: score against cost (mean ± std over seeds); up and left is better"
+    finish(fig, axes, comp.majority(task), title, path)
 
 
 def router_curves(comp: Comparison, task: str) -> Dict[str, Dict[int, List[float]]]:
-    """Per routed group: step -> the share of validation inputs sent to each prompt (mean over seeds)."""
+    """Per routed group: step -> the shares of validation inputs sent to the most used prompt, the
+    second, ... (each run's shares sorted before the mean over seeds, so a router that collapses
+    onto a different prompt in each seed still shows as collapsed)."""
     curves: Dict[str, Dict[int, List[float]]] = {}
     for group in comp.groups:
         by_step: Dict[int, List[List[float]]] = {}
         for run in comp.cell(group, task).runs:
             for event in run.curve("validation", "router_prompt0_fraction"):
                 count = sum(1 for k in event if k.startswith("router_prompt") and k.endswith("_fraction"))
-                by_step.setdefault(event["step"], []).append(
-                    [event[f"router_prompt{i}_fraction"] for i in range(count)]
-                )
+                shares = sorted((event[f"router_prompt{i}_fraction"] for i in range(count)), reverse=True)
+                by_step.setdefault(event["step"], []).append(shares)
         if by_step:
             curves[comp.label(group)] = {
                 step: [statistics.mean(col) for col in zip(*rows)] for step, rows in sorted(by_step.items())
@@ -119,13 +120,14 @@ def router_figure(curves: Dict[str, Dict[int, List[float]]], task: str, path: Pa
     for ax, (label, by_step) in zip(axes[0], curves.items()):
         steps = list(by_step)
         for i in range(len(next(iter(by_step.values())))):
-            ax.plot(steps, [100 * by_step[s][i] for s in steps], marker="o", label=f"prompt {i}")
+            rank = "most used prompt" if i == 0 else f"prompt ranked {i + 1}"
+            ax.plot(steps, [100 * by_step[s][i] for s in steps], marker="o", label=rank)
         ax.set_ylim(0, 100)
         ax.set_xlabel("step")
         ax.set_ylabel("validation inputs routed to it (%)")
         ax.set_title(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{task}: router use over training (mean over seeds)")
+    fig.suptitle(f"{task}: router use over training (prompts ranked by use in each run, mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

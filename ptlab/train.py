@@ -6,6 +6,7 @@ returning the best validation score, so tests and Optuna sweeps can call it dire
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ptlab.checkpoint import prompt_identity
 from ptlab.config import Config, register_configs, to_object
 from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.errors import ConfigError, TrainingFault
@@ -123,7 +125,7 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     except OSError as error:
         raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
                           "choose another one with hydra.run.dir=...") from None  # fmt: skip
-    finished = finished_summary(run_dir, config.trainer.max_steps) if config.trainer.resume else None
+    finished = finished_summary(run_dir, config) if config.trainer.resume else None
     if finished is not None:  # a rerun sweep skips its finished jobs
         best = finished["best"][config.task.main_metric]
         log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
@@ -182,19 +184,26 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     return best
 
 
-def finished_summary(run_dir: Path, max_steps: Optional[int]) -> Optional[Dict[str, Any]]:
-    """The run folder's summary when its run finished (and `max_steps` asks for no more steps than
-    it trained: a larger one continues it), else None: never run, cut short or failed."""
+def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
+    """The run folder's summary when its run finished with this method, backbone and task (and
+    `trainer.max_steps` asks for no more steps than it trained: a larger one continues it), else
+    None: never run, cut short, failed, or another setup (whose resume then says why it cannot)."""
     try:
         summary = json.loads((run_dir / "summary.json").read_text())
+        record = json.loads((run_dir / "checkpoints" / "best" / "prompt_config.json").read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(summary, dict) or summary.get("status") != "finished":
         return None
+    same = prompt_identity(record.get("method")) == prompt_identity(dataclasses.asdict(config.method)) and (
+        record.get("backbone"),
+        record.get("task"),
+    ) == (config.backbone.name, config.task.name)
+    max_steps = config.trainer.max_steps
     longer = (
         max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)
     )
-    return None if longer else summary
+    return summary if same and not longer else None
 
 
 def record_failure(run_dir: Path, error: Exception) -> None:

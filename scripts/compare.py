@@ -47,7 +47,7 @@ def main() -> int:
     parser.add_argument(
         "--write-docs", action="store_true", help="write the table and plots to docs/results/<preset>/"
     )
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow the options
     experiment, baseline, target = PRESETS[args.preset]
     sweep = args.runs_dir or REPO / "outputs" / "compare" / args.preset
     command = [sys.executable, "-m", "ptlab.train", "-m", f"experiment={experiment}", "logger=none",

@@ -51,7 +51,8 @@ def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tm
     runs = [s["wandb"] for s in summaries]
     assert len({r["id"] for r in runs}) == 4  # no job reuses the previous job's run
     assert len({r["name"] for r in runs}) == 4  # and no two share a name
-    assert runs[1]["name"].startswith("method=smop,seed=1,backbone=tiny_t5")  # swept keys first
+    assert runs[1]["name"].startswith("method=smop,seed=1,data.")  # the swept keys first, then the rest
+    assert "backbone=tiny_t5" in runs[1]["name"]
     assert {r["group"] for r in runs} == {f"{tmp_path.name}_sweep_rte_cb"}
     assert all(r["mode"] == "offline" for r in runs)
     for job, (info, summary) in enumerate(zip(runs, summaries)):
@@ -59,7 +60,8 @@ def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tm
         assert len(files) == 1
         logged = files[0].read_bytes()
         assert info["group"].encode() in logged
-        assert f'"method": {{"value": "{summary["method"]}"}}'.encode() in logged.replace(b'\\"', b'"')
+        label = json.dumps(summary["method"]).encode()  # the config item `method`, as W&B's record holds it
+        assert b"\x06method\x82\x01" + bytes([len(label)]) + label in logged and b"method_config" in logged
         assert f"prompt-{summary['method']}-sst2-{info['id']}".encode() in logged  # the prompt artifact
 
 
@@ -83,14 +85,26 @@ def test_logger_none_writes_local_files_only(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "overrides,expected",
+    "overrides,swept,expected",
     [
-        (["method.prompt_length=5", "seed=3", "task=rte"], "method.prompt_length=5,task=rte"),
-        (["hydra.run.dir=x", "logger=wandb"], None),
+        (["method.prompt_length=5", "seed=3", "task=rte"], [], "method.prompt_length=5,seed=3,task=rte"),
+        (["hydra.run.dir=x", "logger=wandb"], [], None),
+        (
+            ["method.prompt_length=5", "seed=3", "task=rte"],
+            ["seed", "task"],
+            "task=rte,seed=3,method.prompt_length=5",
+        ),
+        (
+            [f"data.max_train_examples={i}" for i in range(9)] + ["task=cb", "seed=0"],
+            ["seed", "task"],
+            "task=cb,seed=0," + ",".join(f"data.max_train_examples={i}" for i in range(4)),
+        ),
     ],
 )
-def test_run_name_comes_from_overrides_without_seed(overrides, expected):
-    assert tracking.run_name(overrides) == expected
+def test_run_names_lead_with_the_swept_keys_and_never_cut_an_item(overrides, swept, expected):
+    """The swept keys first (seed last among them), then the rest in command-line order; an item
+    that does not fit in 128 characters is left out whole."""
+    assert tracking.run_name(overrides, swept) == expected
 
 
 def test_wandb_mode_is_offline_without_an_api_key(monkeypatch, tmp_path):
