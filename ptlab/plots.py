@@ -116,7 +116,7 @@ def router_curves(comp: Comparison, task: str) -> Dict[str, Dict[int, List[float
 def router_figure(curves: Dict[str, Dict[int, List[float]]], task: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(curves), figsize=(6 * len(curves), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(max(8, 6 * len(curves)), 4), squeeze=False)
     for ax, (label, by_step) in zip(axes[0], curves.items()):
         steps = list(by_step)
         for i in range(len(next(iter(by_step.values())))):
@@ -127,7 +127,7 @@ def router_figure(curves: Dict[str, Dict[int, List[float]]], task: str, path: Pa
         ax.set_ylabel("validation inputs routed to it (%)")
         ax.set_title(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{task}: router use over training (prompts ranked by use in each run, mean over seeds)")
+    fig.suptitle(f"{task}: router use over training\n(prompts ranked by use in each run, then the mean over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
