@@ -96,8 +96,10 @@ def difference(cell: Cell, base: Cell) -> Optional[Difference]:
         mine = dict(zip(cell.seeds, cell.values))
         theirs = dict(zip(base.seeds, base.values))
         pairs = [(mine[s], theirs[s]) for s in mine]
-        if all(a == b for a, b in pairs):
-            return Difference(delta, 1.0, "paired")
+        if (
+            len({round(a - b, 12) for a, b in pairs}) == 1
+        ):  # the same difference in every seed: nothing to test
+            return Difference(delta, 1.0 if pairs[0][0] == pairs[0][1] else math.nan, "paired")
         p = stats.ttest_rel([a for a, _ in pairs], [b for _, b in pairs]).pvalue
         return Difference(delta, float(p), "paired")
     p = stats.ttest_ind(cell.values, base.values, equal_var=False).pvalue
@@ -254,9 +256,12 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
             parts = []
             for task in comp.tasks:
                 diff = difference(comp.cell(group, task), comp.cell(baseline, task))
-                parts.append(
-                    "–" if diff is None else f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})"
-                )
+                if diff is None:
+                    parts.append("–")
+                elif math.isnan(diff.p):
+                    parts.append(f"{scale * diff.delta:+.1f} (the same in every seed: no test)")
+                else:
+                    parts.append(f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})")
             lines.append(f"| {comp.label(group)} | " + " | ".join(parts) + " |")
     lines += ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
               "allocated memory on CUDA):", ""]  # fmt: skip

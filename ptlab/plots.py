@@ -127,7 +127,9 @@ def router_figure(curves: Dict[str, Dict[int, List[float]]], task: str, path: Pa
         ax.set_ylabel("validation inputs routed to it (%)")
         ax.set_title(label)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{task}: router use over training\n(prompts ranked by use in each run, then the mean over seeds)")
+    fig.suptitle(
+        f"{task}: router use over training\n(prompts ranked by use in each run, then the mean over seeds)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
