@@ -96,7 +96,7 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     rows = read_rows(
         args.input, template_fields(config.task.template)
     )  # bad input fails before the model loads
-    pipeline = load_run(args.run_dir, args.overrides, splits=())
+    pipeline = load_run(args.run_dir, splits=(), config=config)
     pipeline.place()
     predictions = predict_rows(pipeline, rows, args.batch_size)
     fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "jsonl")
@@ -121,7 +121,8 @@ def export_main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--format", choices=("peft",), default="peft")
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE")
     args = parser.parse_args(argv)
-    check_exportable(run_config(args.run_dir, args.overrides))
-    pipeline = load_run(args.run_dir, args.overrides, splits=())
+    config = run_config(args.run_dir, args.overrides)
+    check_exportable(config)  # before the model loads
+    pipeline = load_run(args.run_dir, splits=(), config=config)
     out = export_peft(pipeline, args.out)
     print(f"PEFT adapter written to {out}: PeftModel.from_pretrained(base_model, {str(out)!r})")

@@ -27,10 +27,8 @@ def mean_curve(
     by_step: Dict[int, List[Tuple[float, float]]] = {}
     for run in runs:
         for event in run.curve(split, key):
-            if x in event or x == "step":
-                by_step.setdefault(event["step"], []).append(
-                    (event[x] if x != "step" else event["step"], event[key])
-                )
+            if x in event:  # every event has its step; train_s and flops only evaluations logged since
+                by_step.setdefault(event["step"], []).append((event[x], event[key]))
     steps = sorted(by_step)
     xs = [statistics.mean(p[0] for p in by_step[s]) for s in steps]
     ys = [[p[1] for p in by_step[s]] for s in steps]

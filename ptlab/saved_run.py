@@ -94,11 +94,15 @@ def check_prompt_fits(record: Dict[str, Any], pipeline: Pipeline, source: Path) 
 
 
 def load_run(
-    run_dir: Path, overrides: Sequence[str] = (), splits: Optional[Sequence[str]] = None
+    run_dir: Path,
+    overrides: Sequence[str] = (),
+    splits: Optional[Sequence[str]] = None,
+    config: Optional[Config] = None,
 ) -> Pipeline:
-    """The run's pipeline (the given `splits` tokenized; none: no data) with its best prompt loaded."""
+    """The run's pipeline (the given `splits` tokenized; none: no data) with its best prompt loaded;
+    `config`: the run's config when the caller has composed it already (`run_config`)."""
     run_dir = Path(run_dir)
-    config = run_config(run_dir, overrides)
+    config = config or run_config(run_dir, overrides)
     tensors, record = saved_prompt(run_dir)  # before the model loads: a missing prompt fails fast
     pipeline = build(config, splits=splits)
     check_prompt_fits(record, pipeline, best_prompt_dir(run_dir))
