@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,13 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
     if data_dir is None or task.local.train is None:
         return None
     files = {"train": Path(data_dir) / task.local.train, "validation": Path(data_dir) / task.local.validation}
+    for split, path in files.items():
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"{path}: not a file (task.local.{split} of task {task.name!r}): name the "
+                              f"{split} file itself, relative to data.dir")  # fmt: skip
+        if path.is_file() and not os.access(path, os.R_OK):
+            raise ConfigError(f"{path}: cannot be read (permission denied): give ptlab read access, "
+                              "or copy the file and point data.dir at the copy")  # fmt: skip
     return files if all(path.is_file() for path in files.values()) else None
 
 

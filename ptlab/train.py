@@ -30,6 +30,7 @@ from ptlab.distributed import World, close_world, init_world, launched_world
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.pipeline import build
 from ptlab.preemption import Preempted
+from ptlab.run_record import FAILURE_FILE, RunLog, record_failure, save_snapshots
 from ptlab.tracking import Tracker, run_name, wandb_config
 from ptlab.trainer import Trainer, seed_everything
 
@@ -46,16 +47,8 @@ def run_stamp() -> str:
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
 
 
-# conf/config.yaml names the run folder and rank-0-only outputs with these
+# conf/config.yaml names the run folder with this
 OmegaConf.register_new_resolver("ptlab_stamp", run_stamp, use_cache=True, replace=True)
-OmegaConf.register_new_resolver(
-    "ptlab_rank0", lambda value: value if launched_world().rank == 0 else None, replace=True
-)
-OmegaConf.register_new_resolver(
-    "ptlab_rank_suffix",
-    lambda: "" if launched_world().rank == 0 else f"_rank{launched_world().rank}",
-    replace=True,
-)
 # the config tree lives at the repository root (an editable install: `pip install -e .`)
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -125,6 +118,17 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     except OSError as error:
         raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
                           "choose another one with hydra.run.dir=...") from None  # fmt: skip
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's; this one may succeed
+    with RunLog() as run_log:
+        return train_in(run_dir, config, cfg, world, facts, run_log)
+
+
+def train_in(
+    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any], run_log: RunLog
+) -> float:
+    """The run in its (writable) folder: skipped when it finished before, else built, recorded
+    (config snapshots, log file: only now, so a run that fails its checks leaves the folder as it
+    was), trained and summarised."""
     finished = finished_summary(run_dir, config) if config.trainer.resume else None
     if finished is not None:  # a rerun sweep skips its finished jobs
         best = finished["best"][config.task.main_metric]
@@ -136,18 +140,12 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     started = time.perf_counter()
     pipeline = build(config, world)
     load_seconds = time.perf_counter() - started
-    tracker = Tracker(
-        run_dir,
-        config.logger,
-        enabled=world.is_main,
-        wandb_init={
-            "config": wandb_config(cfg, config, facts.get("experiment")),
-            "group": config.logger.group or facts.get("group"),
-            "job_type": config.method.run_label,
-            "name": run_name(facts.get("overrides", []), facts.get("swept", [])),
-            "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
-        },
-    )
+    if HydraConfig.initialized():
+        if world.is_main:
+            save_snapshots(run_dir, cfg)
+        suffix = "" if world.rank == 0 else f"_rank{world.rank}"
+        run_log.start(run_dir / f"{HydraConfig.get().job.name}{suffix}.log")
+    tracker = open_tracker(run_dir, config, cfg, world, facts)
     try:
         trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
         if not (config.trainer.resume and trainer.resume(run_dir)):
@@ -184,6 +182,24 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
     return best
 
 
+def open_tracker(
+    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any]
+) -> Tracker:
+    """The run's metrics log and W&B run (rank 0 only), named and grouped for the sweep it is in."""
+    return Tracker(
+        run_dir,
+        config.logger,
+        enabled=world.is_main,
+        wandb_init={
+            "config": wandb_config(cfg, config, facts.get("experiment")),
+            "group": config.logger.group or facts.get("group"),
+            "job_type": config.method.run_label,
+            "name": run_name(facts.get("overrides", []), facts.get("swept", [])),
+            "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
+        },
+    )
+
+
 def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
     """The run folder's summary when its run finished with this method, backbone and task (and
     `trainer.max_steps` asks for no more steps than it trained: a larger one continues it), else
@@ -204,13 +220,6 @@ def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
         max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)
     )
     return summary if same and not longer else None
-
-
-def record_failure(run_dir: Path, error: Exception) -> None:
-    """A failed job's summary: what ptlab's sweep report (ptlab/sweep_report.py) reads."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    failure = {"status": "failed", "error": str(error), "kind": type(error).__name__}
-    (run_dir / "summary.json").write_text(json.dumps(failure, indent=2))
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")

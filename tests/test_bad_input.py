@@ -8,6 +8,7 @@ import torch
 from test_scale_out import QUICK, cli
 
 from ptlab import checkpoint as checkpoint_module
+from ptlab import data as data_module
 from ptlab.config import to_object
 from ptlab.data import load_raw_splits
 from ptlab.errors import ConfigError, TrainingFault
@@ -274,3 +275,47 @@ def test_the_command_line_names_a_bad_data_file_in_one_line(tmp_path):
         [*QUICK, "task=cb", f"data.dir={tmp_path / 'data'}", f"hydra.run.dir={tmp_path / 'run'}"], timeout=300
     )
     assert f"ptlab: error: {bad}: no field 'premise'" in one_line_error(result, 2)
+
+
+def record_of(run_dir):
+    """Every file a run writes about itself (not its checkpoints), with its bytes."""
+    names = [".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "train.log", "summary.json"]
+    return {name: (run_dir / name).read_bytes() for name in names}
+
+
+@pytest.mark.parametrize("bad", [["trainer.lr=-1"], ["data.dir=/nonexistent-data"]], ids=["value", "data"])
+def test_a_failed_rerun_leaves_the_earlier_runs_record_as_it_was(tmp_path, bad):
+    run_dir = trained_once(tmp_path)
+    before = record_of(run_dir)
+    assert b"task sst2: local files" in before["train.log"]  # logged before the log file opened
+    result = cli([*QUICK, "trainer.max_steps=4", *bad, f"hydra.run.dir={run_dir}"], timeout=300)
+    one_line_error(result, 2)
+    assert record_of(run_dir) == before
+
+
+def test_a_failed_rerun_of_a_finished_sweep_job_keeps_its_result_and_says_so(tmp_path):
+    sweep = ["-m", *QUICK, "trainer.max_steps=2", "trainer.eval_every=2", "method.prompt_length=4,5"]
+    first = cli([*sweep, f"hydra.sweep.dir={tmp_path}"], timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    finished = (tmp_path / "0" / "summary.json").read_text()
+    rerun = cli([*sweep, "trainer.lr=-1", f"hydra.sweep.dir={tmp_path}"], timeout=600)
+    assert rerun.returncode == 1 and "ptlab: error: 2 of 2 jobs failed: job 0" in rerun.stderr
+    assert (tmp_path / "0" / "summary.json").read_text() == finished
+    assert "trainer.lr=-1.0 must be" in (tmp_path / "0" / "failure.json").read_text()
+    again = cli([*sweep, f"hydra.sweep.dir={tmp_path}"], timeout=600)
+    assert again.returncode == 0 and "already finished" in again.stdout
+    assert not (tmp_path / "0" / "failure.json").exists()
+
+
+def test_a_data_path_that_is_a_folder_or_unreadable_is_named(tmp_path, monkeypatch):
+    data_dir_with(tmp_path, "sst2", lambda path: None)
+    config = to_object(compose_config(["task=sst2", f"data.dir={tmp_path}"]))
+    (tmp_path / "glue/sst2/dev.tsv").unlink()
+    (tmp_path / "glue/sst2/dev.tsv").mkdir()
+    with pytest.raises(ConfigError, match=r"dev.tsv: not a file \(task.local.validation of task 'sst2'\)"):
+        load_raw_splits(config.task, config.data)
+    (tmp_path / "glue/sst2/dev.tsv").rmdir()
+    (tmp_path / "glue/sst2/dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    monkeypatch.setattr(data_module.os, "access", lambda path, mode: "train" not in str(path))
+    with pytest.raises(ConfigError, match=r"train.tsv: cannot be read \(permission denied\)"):
+        load_raw_splits(config.task, config.data)
