@@ -262,7 +262,9 @@ class Config:
 
 
 def register_configs() -> None:
-    """Register the schemas so the YAML files in conf/ can name them in their defaults lists."""
+    """Register the schemas so the YAML files in conf/ can name them in their defaults lists
+    (`- /schema_task@_here_`). They live outside the config groups, as Hydra's docs advise, so no
+    schema is a choice of `task=...` or `method=...` (nor listed by `--help`)."""
     from ptlab.methods import registered_methods
 
     store = ConfigStore.instance()
@@ -274,9 +276,9 @@ def register_configs() -> None:
         ("logger", LoggerConfig),
         ("schedule", ScheduleConfig),
     ):
-        store.store(group=group, name=f"{group}_schema", node=node)
+        store.store(name=f"schema_{group}", node=node)
     for name, (config_cls, _) in registered_methods().items():
-        store.store(group="method", name=f"{name}_schema", node=config_cls)
+        store.store(name=f"schema_method_{name}", node=config_cls)
 
 
 def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> None:

@@ -615,7 +615,7 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
     both evaluated on the same examples every `args.tta_eval_every` steps."""
     import tempfile
 
-    from ptlab.train import run
+    from ptlab.job import run
 
     cfg = default_config(
         [

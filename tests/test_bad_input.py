@@ -12,7 +12,7 @@ from ptlab import data as data_module
 from ptlab.config import to_object
 from ptlab.data import load_raw_splits
 from ptlab.errors import ConfigError, TrainingFault
-from ptlab.train import run
+from ptlab.job import run
 from ptlab.trainer import Trainer
 
 from conftest import SHARED_DATA, compose_config

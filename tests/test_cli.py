@@ -11,7 +11,7 @@ import pytest
 from test_scale_out import cli
 
 from ptlab import tracking
-from ptlab.train import run
+from ptlab.job import run
 
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
@@ -148,3 +148,35 @@ def test_an_unreachable_wandb_server_costs_seconds_then_the_run_logs_offline(tmp
     assert time.perf_counter() - started < 60
     assert "W&B could not start online" in result.stdout + result.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["wandb"]["mode"] == "offline"
+
+
+def test_help_is_ptlabs_own_and_lists_every_user_facing_value_and_no_schema():
+    result = cli(["--help"], timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    text = result.stdout
+    assert text.startswith("ptlab-train: soft-prompt tuning") and "powered by Hydra" not in text
+    for group in ("arm", "backbone", "experiment", "hardware", "logger", "method", "preset", "schedule", "task"):
+        (line,) = [line for line in text.splitlines() if line.startswith(f"{group}: ")]
+        listed = set(line.split(": ", 1)[1].split(", "))
+        assert listed == {path.stem for path in (REPO / "conf" / group).glob("*.yaml")}, group
+    assert "schema" not in text
+    assert 'eval "$(ptlab-train -sc install=bash)"' in text and "docs/tasks.md" in text
+
+
+def test_a_schema_is_not_a_value_of_its_group():
+    result = cli(["method=schema_method_residual", "--cfg", "job"], timeout=120)
+    assert result.returncode == 2 and "Could not find 'method/schema_method_residual'" in result.stderr
+
+
+def test_help_and_cfg_load_neither_transformers_nor_the_data_stack():
+    probe = (
+        "import sys\nfrom ptlab.train import main\n"
+        "for argv in (['--help'], ['--cfg', 'job', 'method=smop', 'task=cb']):\n"
+        "    sys.argv = ['ptlab-train', *argv]\n"
+        "    try:\n        main()\n    except SystemExit as stop:\n        assert not stop.code, stop.code\n"
+        "print(sorted(m for m in ('transformers', 'datasets', 'wandb', 'scipy', 'pandas') if m in sys.modules))"
+    )
+    env = {**__import__("os").environ, **OFFLINE_ENV}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1] == "[]"

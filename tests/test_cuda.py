@@ -16,7 +16,7 @@ from test_scale_out import QUICK, cli, trained_prompt
 
 from ptlab import checkpoint
 from ptlab.evaluate import to_device
-from ptlab.train import run
+from ptlab.job import run
 from ptlab.trainer import Trainer
 
 from conftest import TINY, compose_config

@@ -13,8 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ptlab.config import to_object
 from ptlab.errors import ConfigError
 from ptlab.flops import ModelShape, train_step_flops
+from ptlab.job import run
 from ptlab.partial import PartialModel, evenly_spaced_layers
-from ptlab.train import run
 from ptlab.trainer import Trainer
 
 from conftest import TINY, compose_config

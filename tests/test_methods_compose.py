@@ -7,7 +7,7 @@ import json
 import pytest
 
 from ptlab.config import to_object
-from ptlab.train import run
+from ptlab.job import run
 
 from conftest import METHOD_ALIASES, TINY, compose_config, group_values
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ptlab.train import run
+from ptlab.job import run
 
 from conftest import compose_config
 

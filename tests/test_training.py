@@ -12,7 +12,7 @@ from test_scale_out import QUICK, cli
 from ptlab import checkpoint
 from ptlab.compile import compile_blocks
 from ptlab.errors import ConfigError
-from ptlab.train import run
+from ptlab.job import run
 from ptlab.trainer import Trainer
 
 from conftest import TINY, compose_config
