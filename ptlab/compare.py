@@ -161,9 +161,16 @@ class Comparison:
                     names += [key] if key not in names else []
         return names
 
-    def majority(self, task: str) -> Optional[float]:
-        values = [r.summary.get("majority_class") for r in self.finished(task)]
-        return next((v for v in values if v is not None), None)
+    def floor(self, task: str) -> Optional[float]:
+        """The constant predictor's score in the compared metric (majority class, mean predictor);
+        runs from before `baseline` was recorded give their majority-class accuracy."""
+        metric = self.metric_name(task)
+        for run in self.finished(task):
+            baseline = run.summary.get("baseline") or {}
+            value = baseline.get(metric, run.summary.get("majority_class") if metric == "acc" else None)
+            if value is not None:
+                return value
+        return None
 
     def find_group(self, baseline: str) -> Tuple[str, ...]:
         """The group named by `--baseline`: `key=value[,key=value]` or the label the table prints."""
@@ -227,9 +234,7 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
     stat = {"auto": "test split when the runs have one, else best validation", "best": "best validation",
             "final": "last validation", "test": "test split"}[comp.stat]  # fmt: skip
     floors = ", ".join(
-        f"{task} {percent(comp.majority(task), scale)}"
-        for task in comp.tasks
-        if comp.majority(task) is not None
+        f"{task} {percent(comp.floor(task), scale)}" for task in comp.tasks if comp.floor(task) is not None
     )
     lines = [
         f"Command: `{command}`",
@@ -238,7 +243,7 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
         f"{len(comp.runs)} runs. Score: {stat} of each task's main metric (in %: "
         + ", ".join(f"{t}: {comp.metric_name(t)}" for t in comp.tasks)
         + "), mean ± std over seeds [95 % confidence interval of the mean] (n = finished runs). "
-        + f"Majority class: {floors or 'not recorded'}.",
+        + f"Floor (one constant prediction: the majority class, the mean for regression): {floors or 'not recorded'}.",
         "",
         f"| {key_header} | " + " | ".join(comp.tasks) + " |",
         "|---|" + "---|" * len(comp.tasks),

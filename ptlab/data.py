@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Protocol
 
-import numpy as np
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
@@ -251,12 +250,6 @@ def tokenize_splits(
         ]
         log.info("task %s: %s has %d examples", task.name, name, len(records))
     return TaskData(tokenized)
-
-
-def majority_fraction(examples: List[Example]) -> float:
-    """Accuracy of always predicting the most frequent class: the floor a trained prompt must beat."""
-    counts = np.bincount([example.label for example in examples])
-    return float(counts.max() / counts.sum())
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> List[int]:

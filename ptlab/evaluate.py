@@ -3,7 +3,7 @@ split's task metrics from them."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -85,13 +85,34 @@ def split_metrics(
         backbone, method, [examples[i] for i in mine], batch_size, device, autocast, mode, max_new_tokens
     )
     by_index = {i: p for shard in world.gather(list(zip(mine, preds))) for i, p in shard}
-    metrics = compute_metrics(
+    metrics = task_metrics(task, [by_index[i] for i in range(len(examples))], examples)
+    metrics.update(method.eval_stats())
+    return metrics
+
+
+def task_metrics(task: TaskConfig, preds: List[int], examples: List[Example]) -> Dict[str, float]:
+    return compute_metrics(
         list(task.metrics),
-        [by_index[i] for i in range(len(examples))],
+        preds,
         [example.label for example in examples],
         list(task.verbalizers),
         groups=[example.group for example in examples],
         target_values=[example.target_value for example in examples],
     )
-    metrics.update(method.eval_stats())
-    return metrics
+
+
+def baseline_metrics(task: TaskConfig, examples: List[Example]) -> Dict[str, Any]:
+    """The floor a trained prompt must beat, in every metric of the task: one constant prediction
+    for every example, the most frequent class (classification) or the class nearest the mean
+    score (regression: the mean predictor, whose correlations are 0)."""
+    values = [example.target_value for example in examples]
+    if values and values[0] is not None:
+        mean = sum(values) / len(values)
+        numbers = [float(verbalizer) for verbalizer in task.verbalizers]
+        constant = min(range(len(numbers)), key=lambda index: abs(numbers[index] - mean))
+        name = "mean predictor"
+    else:
+        labels = [example.label for example in examples]
+        constant = max(sorted(set(labels)), key=labels.count)
+        name = "majority class"
+    return {"name": name, **task_metrics(task, [constant] * len(examples), examples)}

@@ -151,14 +151,10 @@ def train_in(
             tracker.log_prompt(run_dir / "checkpoints" / "best", name, metadata)
     finally:
         tracker.finish()
-    best = summary["best"][config.task.main_metric]
-    log.info(
-        "best validation %s = %.4f (step %s); summary: %s",
-        config.task.main_metric,
-        best,
-        summary["best"]["step"],
-        run_dir / "summary.json",
-    )
+    metric, baseline = config.task.main_metric, summary["baseline"]
+    best = summary["best"][metric]
+    log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
+             baseline["name"], baseline[metric], run_dir / "summary.json")  # fmt: skip
     return best
 
 

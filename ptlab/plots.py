@@ -72,7 +72,7 @@ def curves_figure(comp: Comparison, task: str, path: Path) -> None:
         axes[3].set_xlabel("step")
         axes[3].set_ylabel("training loss")
         axes[3].set_yscale("log")
-    finish(fig, axes[:3], comp.majority(task), f"{task}: mean over seeds (band: min to max)", path)
+    finish(fig, axes[:3], comp.floor(task), f"{task}: mean over seeds (band: min to max)", path)
 
 
 def pareto_figure(comp: Comparison, task: str, path: Path) -> None:
@@ -89,7 +89,7 @@ def pareto_figure(comp: Comparison, task: str, path: Path) -> None:
         ax.set_xlabel(name + " per run")
         ax.set_ylabel(f"{comp.metric_name(task)} (%)")
     title = f"{task}: score against cost (mean ± std over seeds); up and left is better"
-    finish(fig, axes, comp.majority(task), title, path)
+    finish(fig, axes, comp.floor(task), title, path)
 
 
 def router_curves(comp: Comparison, task: str) -> Dict[str, Dict[int, List[float]]]:

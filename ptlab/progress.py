@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from tqdm.auto import tqdm
 
@@ -21,7 +21,7 @@ def clock(seconds: float) -> str:
 
 class Progress:
     def __init__(
-        self, total: int, initial: int, enabled: bool, main_metric: str, baseline: float,
+        self, total: int, initial: int, enabled: bool, main_metric: str, baseline: Dict[str, Any],
         interactive: Optional[bool] = None,
     ) -> None:  # fmt: skip
         interactive = sys.stdout.isatty() if interactive is None else interactive
@@ -53,8 +53,9 @@ class Progress:
         if self.lines:
             shown = "  ".join(f"{name} {v:.4f}" for name, v in metrics.items() if isinstance(v, float))
             log.info(
-                "step %d validation: %s  (best %s %.4f at step %d; majority class %.4f)",
-                step, shown, self.main_metric, best, best_step, self.baseline,
+                "step %d validation: %s  (best %s %.4f at step %d; %s %.4f)",
+                step, shown, self.main_metric, best, best_step, self.baseline["name"],
+                self.baseline[self.main_metric],
             )  # fmt: skip
 
     def close(self) -> None:

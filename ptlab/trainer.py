@@ -24,9 +24,9 @@ from transformers.optimization import Adafactor
 from ptlab.backbones import Backbone, trainable_parameters
 from ptlab.checkpoint import RunCheckpoint
 from ptlab.config import Config, TrainerConfig
-from ptlab.data import chunks, majority_fraction, training_batches
+from ptlab.data import chunks, training_batches
 from ptlab.errors import ConfigError, TrainingFault
-from ptlab.evaluate import to_device
+from ptlab.evaluate import baseline_metrics, to_device
 from ptlab.memory import peak_memory_mb, reset_peak_memory
 from ptlab.methods.base import PromptMethod
 from ptlab.pipeline import Pipeline
@@ -151,7 +151,7 @@ class Trainer:
         self.data, self.world = pipeline.data, pipeline.world
         self.tracker, self.run_dir = tracker, run_dir
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
-        self.majority_class = majority_fraction(self.data["validation"])  # the floor a prompt must beat
+        self.baseline = baseline_metrics(self.task, self.data["validation"])  # the floor a prompt must beat
         self.device, self.autocast = pipeline.place(), pipeline.autocast
         self.params = trainable_parameters(self.method, self.backbone)
         if not self.params:
@@ -316,8 +316,7 @@ class Trainer:
             )
             self.scoring_seconds = time.perf_counter() - started
         progress = Progress(
-            self.total_steps, self.state.step, self.world.is_main, self.task.main_metric,
-            self.majority_class,
+            self.total_steps, self.state.step, self.world.is_main, self.task.main_metric, self.baseline,
         )  # fmt: skip
         window, stopped_early = LogWindow(), False
         with PreemptionGuard() as guard:
@@ -355,7 +354,7 @@ def run_summary(
         "final": state.last_metrics,
         "test": test_metrics,
         "main_metric": trainer.task.main_metric,
-        "majority_class": trainer.majority_class,
+        "baseline": trainer.baseline,
         "steps": state.step,
         "stopped_early": stopped_early,
         "trainable_params": trainer.num_trainable,

@@ -149,11 +149,11 @@ class Check:
             ]
             for step in runs:
                 summary = json.loads((step.run_dir / "summary.json").read_text())
-                metric = summary["main_metric"]
+                metric, floor = summary["main_metric"], summary["baseline"]
                 overrides = " ".join(a for a in step.command[3:] if not a.startswith("hydra.run.dir"))
                 lines.append(
                     f"| {step.name} | `{overrides}` | {metric} {summary['best'][metric]:.4f} "
-                    f"(majority {summary.get('majority_class', float('nan')):.3f}) | {summary['steps']} | "
+                    f"({floor['name']} {floor[metric]:.3f}) | {summary['steps']} | "
                     f"{summary['train_seconds']:.1f} | {summary['wall_seconds']:.1f} ({summary['load_seconds']:.1f}) | "
                     f"{summary['examples_per_s']:.0f} | {summary['peak_memory_mb']:.0f} MiB | "
                     f"{summary.get('flops_ratio', 1.0):.2f} |"

@@ -155,7 +155,17 @@ def test_help_is_ptlabs_own_and_lists_every_user_facing_value_and_no_schema():
     assert result.returncode == 0, result.stderr[-2000:]
     text = result.stdout
     assert text.startswith("ptlab-train: soft-prompt tuning") and "powered by Hydra" not in text
-    for group in ("arm", "backbone", "experiment", "hardware", "logger", "method", "preset", "schedule", "task"):
+    for group in (
+        "arm",
+        "backbone",
+        "experiment",
+        "hardware",
+        "logger",
+        "method",
+        "preset",
+        "schedule",
+        "task",
+    ):
         (line,) = [line for line in text.splitlines() if line.startswith(f"{group}: ")]
         listed = set(line.split(": ", 1)[1].split(", "))
         assert listed == {path.stem for path in (REPO / "conf" / group).glob("*.yaml")}, group

@@ -6,6 +6,9 @@ import math
 
 import pytest
 
+from ptlab.config import TaskConfig
+from ptlab.data import Example
+from ptlab.evaluate import baseline_metrics
 from ptlab.metrics import compute_metrics
 
 
@@ -38,3 +41,41 @@ def test_multirc_exact_match_needs_every_answer_of_a_question_right():
     metrics = compute_metrics(["f1a", "em"], preds, labels, ["False", "True"], groups=groups)
     assert metrics["em"] == 0.5
     assert metrics["f1a"] == pytest.approx(2 * 2 / (2 * 2 + 1))
+
+
+def examples(labels, values=None):
+    return [
+        Example([1], label, target_value=(values or [None] * len(labels))[i])
+        for i, label in enumerate(labels)
+    ]
+
+
+def test_the_floor_is_the_majority_class_in_every_metric_of_the_task():
+    cola = TaskConfig(
+        name="cola", template="{s}", verbalizers=["no", "yes"], metrics=["mcc", "acc"], main_metric="mcc"
+    )
+    assert baseline_metrics(cola, examples([1, 1, 0, 1])) == {
+        "name": "majority class",
+        "mcc": 0.0,
+        "acc": 0.75,
+    }
+    cb = TaskConfig(name="cb", template="{s}", verbalizers=["e", "c", "n"], metrics=["acc", "macro_f1"],
+                    main_metric="acc")  # fmt: skip
+    floor = baseline_metrics(cb, examples([0, 0, 1, 2, 2, 2]))
+    assert floor["acc"] == pytest.approx(0.5) and floor["macro_f1"] == pytest.approx(
+        (2 * 3 / (2 * 3 + 3)) / 3
+    )
+
+
+def test_the_floor_of_a_regression_task_is_the_mean_predictor():
+    stsb = TaskConfig(name="stsb", template="{s}", verbalizers=["0.0", "1.0", "2.0", "3.0"],
+                      metrics=["pearson", "spearman", "acc"], main_metric="pearson")  # fmt: skip
+    values = [0.0, 1.0, 3.0, 3.0]  # mean 1.75: the constant prediction is "2.0", class 2
+    floor = baseline_metrics(stsb, examples([0, 1, 3, 3], values))
+    assert floor == {"name": "mean predictor", "pearson": 0.0, "spearman": 0.0, "acc": 0.0}
+
+
+def test_a_constant_prediction_correlates_exactly_zero_even_where_floats_round():
+    metrics = compute_metrics(["pearson"], [11] * 7, [0] * 7, [f"{i / 5:.1f}" for i in range(26)],
+                              target_values=[0.1, 4.2, 2.2, 3.3, 1.9, 0.0, 5.0])  # fmt: skip
+    assert metrics["pearson"] == 0.0

@@ -264,3 +264,13 @@ def test_without_a_terminal_progress_comes_as_lines_in_stdout_and_train_log(tmp_
         assert [line.split(" - ")[1].split()[1] for line in lines] == ["2/4", "2", "4/4", "4"]
         assert "loss" in lines[0] and "examples/s" in lines[0] and "ETA" in lines[0]
         assert "validation: acc" in lines[1] and "(best acc" in lines[1] and "majority class 0.5" in lines[1]
+
+
+def test_a_regression_task_reports_the_mean_predictor_as_its_floor(tmp_path):
+    steps = ["task=stsb", "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={tmp_path}"]
+    result = cli([*QUICK, *steps], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    floor = json.loads((tmp_path / "summary.json").read_text())["baseline"]
+    assert floor["name"] == "mean predictor" and floor["pearson"] == 0.0 and floor["spearman"] == 0.0
+    assert "mean predictor 0.0000)" in result.stdout  # the evaluation line
+    assert "(step 2; mean predictor: 0.0000); summary:" in result.stdout  # the final result
