@@ -87,7 +87,8 @@ class TaskConfig:
     template: str = MISSING
     verbalizers: List[str] = MISSING
     label_field: str = "label"
-    # raw label (as text) -> class index; ints and bools not listed are used as the index
+    # raw label (as text) -> class index. Not needed for labels that are the verbalizers themselves
+    # or class indices 0..C-1 (ints, bools)
     label_map: Dict[str, int] = field(default_factory=dict)
     metrics: List[str] = MISSING  # names in ptlab.metrics.METRICS
     main_metric: str = MISSING  # the one that picks the best checkpoint
@@ -105,6 +106,13 @@ class TaskConfig:
             raise ConfigError(
                 f"task {self.name!r} needs at least 2 verbalizers, got {list(self.verbalizers)}"
             )
+        for raw, index in self.label_map.items():
+            if not 0 <= index < len(self.verbalizers):
+                raise ConfigError(
+                    f"task.label_map[{raw!r}]={index} is not a class of task {self.name!r}, whose "
+                    f"{len(self.verbalizers)} verbalizers {list(self.verbalizers)} are classes "
+                    f"0..{len(self.verbalizers) - 1}: give one verbalizer per class"
+                )
 
 
 @dataclass

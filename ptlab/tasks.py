@@ -54,21 +54,26 @@ def preprocessor(task: TaskConfig) -> Callable | None:
 
 
 def label_index(task: TaskConfig, raw: Any) -> int:
-    """Class index of a raw label: through `label_map` for strings, as-is for ints and bools."""
+    """Class index of a raw label: through `label_map`, else the verbalizer it names, else the
+    label itself as an index (ints, bools, digit strings)."""
     key = str(raw)
     if key in task.label_map:
         return task.label_map[key]
+    if key in task.verbalizers:
+        return list(task.verbalizers).index(key)
     if isinstance(raw, bool):
         return int(raw)
     try:
         index = int(raw)
     except (TypeError, ValueError):
         raise ConfigError(
-            f"task {task.name!r}: label {raw!r} is not in task.label_map {dict(task.label_map)}"
+            f"task {task.name!r}: label {raw!r} is neither a verbalizer {list(task.verbalizers)} nor in "
+            f"task.label_map {dict(task.label_map)}: map it with 'task.label_map={{{key}: INDEX}}'"
         ) from None
     if not 0 <= index < len(task.verbalizers):
         raise ConfigError(
-            f"task {task.name!r}: label {raw!r} out of range for {len(task.verbalizers)} verbalizers"
+            f"task {task.name!r}: label {raw!r} is not a class of the {len(task.verbalizers)} verbalizers "
+            f"{list(task.verbalizers)} (classes 0..{len(task.verbalizers) - 1}): add a verbalizer per class"
         )
     return index
 

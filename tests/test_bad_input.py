@@ -13,6 +13,7 @@ from ptlab.config import to_object
 from ptlab.data import load_raw_splits
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.job import run
+from ptlab.tasks import label_index
 from ptlab.trainer import Trainer
 
 from conftest import SHARED_DATA, compose_config
@@ -319,3 +320,21 @@ def test_a_data_path_that_is_a_folder_or_unreadable_is_named(tmp_path, monkeypat
     monkeypatch.setattr(data_module.os, "access", lambda path, mode: "train" not in str(path))
     with pytest.raises(ConfigError, match=r"train.tsv: cannot be read \(permission denied\)"):
         load_raw_splits(config.task, config.data)
+
+
+def test_verbalizers_fewer_than_the_classes_are_refused_at_composition():
+    with pytest.raises(
+        ConfigError, match=r"task.label_map\['neutral'\]=2 is not a class of task 'cb', whose 2 "
+    ):
+        to_object(compose_config(["task=cb", "task.verbalizers=[sport,weather]"]))
+
+
+def test_labels_that_are_the_verbalizers_or_indices_need_no_label_map():
+    task = to_object(compose_config(["task=sst2", "task.verbalizers=[sport,weather,politics]"])).task
+    assert [label_index(task, raw) for raw in ("sport", "politics", 1, "2", True)] == [0, 2, 1, 2, 1]
+    with pytest.raises(ConfigError, match=r"label 3 is not a class of the 3 verbalizers"):
+        label_index(task, 3)
+    with pytest.raises(
+        ConfigError, match=r"label 'music' is neither a verbalizer \['sport', 'weather', 'politics'\]"
+    ):
+        label_index(task, "music")
