@@ -51,6 +51,9 @@ class BackboneConfig:
             )
 
 
+LOCAL_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
+
+
 @dataclass
 class HubSource:
     """Where `datasets.load_dataset` finds the task on the HuggingFace hub."""
@@ -63,18 +66,22 @@ class HubSource:
 
 @dataclass
 class LocalSource:
-    """The task's files under `data.dir`, in the official GLUE tsv / SuperGLUE jsonl formats."""
+    """The task's local files: the official GLUE tsv / SuperGLUE jsonl, or a user's own csv, tsv,
+    jsonl, json or parquet (docs/tasks.md). A path is looked up under `data.dir`, then under the
+    working directory; an absolute path is used as it is."""
 
-    format: str = "jsonl"
+    format: Optional[str] = None  # jsonl | json | csv | tsv | parquet; null: from the file's extension
     train: Optional[str] = None
+    # null: hold out data.validation_fraction of the train file (stratified by label, fixed seed)
     validation: Optional[str] = None
-    # header-less tsv files (CoLA) name their columns here
+    # header-less csv/tsv files (CoLA) name their columns here
     column_names: Optional[List[str]] = None
     # file column -> canonical (hub) field name, so one template serves both sources
     rename: Dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        check_choice("task.local.format", self.format, ("jsonl", "tsv"))
+        if self.format is not None:
+            check_choice("task.local.format", self.format, LOCAL_FORMATS)
 
 
 @dataclass
@@ -243,7 +250,8 @@ class DataConfig:
     # official: train / validation as released; smop: train split 90/10 (stratified) into
     # train/val and the official validation used as test (Choi et al. 2023)
     split_protocol: str = "official"
-    val_fraction: float = 0.1
+    # held out of train when a task has no validation file, and by split_protocol=smop
+    validation_fraction: float = 0.1
     max_train_examples: Optional[int] = None
     max_eval_examples: Optional[int] = None
     cache_tokenized: bool = True  # tokenized splits kept under $PTLAB_CACHE/tokenized (ptlab/token_cache.py)
@@ -251,7 +259,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         check_choice("data.split_protocol", self.split_protocol, ("official", "smop"))
         check_range("data.max_source_length", self.max_source_length, 8)
-        check_range("data.val_fraction", self.val_fraction, 0, 1, low_open=True, high_open=True)
+        check_range("data.validation_fraction", self.validation_fraction, 0, 1, low_open=True, high_open=True)
         for key in ("max_train_examples", "max_eval_examples"):
             check_range(f"data.{key}", getattr(self, key), 1, off="null: every example")
 

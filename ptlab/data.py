@@ -13,12 +13,12 @@ import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Protocol
+from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol
 
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
-from ptlab.config import DataConfig, TaskConfig, TrainerConfig
+from ptlab.config import LOCAL_FORMATS, DataConfig, TaskConfig, TrainerConfig
 from ptlab.errors import ConfigError
 from ptlab.tasks import label_index, preprocessor, render_source, template_fields
 from ptlab.token_cache import cached_tokenize
@@ -26,20 +26,43 @@ from ptlab.token_cache import cached_tokenize
 log = logging.getLogger(__name__)
 
 TSV_OPTIONS = dict(delimiter="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, na_filter=False)
+HELD_OUT_SEED = 42  # one train/validation partition for every run and seed of a sweep
+LOADERS = {
+    "jsonl": "json",
+    "json": "json",
+    "csv": "csv",
+    "tsv": "csv",
+    "parquet": "parquet",
+}  # datasets' builders
+
+
+def _candidates(name: str, data_dir: Optional[str]) -> List[Path]:
+    """Where a task file may be: as given when absolute, else under data.dir, then the working directory."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return [path]
+    return [*([Path(data_dir).expanduser() / path] if data_dir else []), Path.cwd() / path]
 
 
 def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str, Path]]:
-    if data_dir is None or task.local.train is None:
-        return None
-    files = {"train": Path(data_dir) / task.local.train, "validation": Path(data_dir) / task.local.validation}
-    for split, path in files.items():
-        if path.exists() and not path.is_file():
-            raise ConfigError(f"{path}: not a file (task.local.{split} of task {task.name!r}): name the "
-                              f"{split} file itself, relative to data.dir")  # fmt: skip
-        if path.is_file() and not os.access(path, os.R_OK):
-            raise ConfigError(f"{path}: cannot be read (permission denied): give ptlab read access, "
-                              "or copy the file and point data.dir at the copy")  # fmt: skip
-    return files if all(path.is_file() for path in files.values()) else None
+    """The task's local files by split, or None when the train file is found nowhere (the hub's turn)."""
+    names = {"train": task.local.train, "validation": task.local.validation}
+    files = {}
+    for split, name in names.items():
+        if name is None:
+            continue
+        for path in _candidates(name, data_dir):
+            if path.exists() and not path.is_file():
+                raise ConfigError(f"{path}: not a file (task.local.{split} of task {task.name!r}): name the "
+                                  f"{split} file itself")  # fmt: skip
+            if path.is_file() and not os.access(path, os.R_OK):
+                raise ConfigError(f"{path}: cannot be read (permission denied): give ptlab read access, "
+                                  "or copy the file and point data.dir at the copy")  # fmt: skip
+        found = next((path for path in _candidates(name, data_dir) if path.is_file()), None)
+        if found is None:
+            return None
+        files[split] = found
+    return files or None
 
 
 def _check_jsonl(path: Path) -> None:
@@ -60,27 +83,38 @@ def _check_jsonl(path: Path) -> None:
                 )
 
 
+def file_format(task: TaskConfig, path: Path) -> str:
+    """`task.local.format`, else the file's extension."""
+    fmt = task.local.format or path.suffix.lower().lstrip(".")
+    if fmt not in LOCAL_FORMATS:
+        raise ConfigError(f"{path}: cannot tell its format from the extension {path.suffix!r}: set "
+                          f"task.local.format to one of {list(LOCAL_FORMATS)}")  # fmt: skip
+    return fmt
+
+
+def _read_file(task: TaskConfig, path: Path) -> Dataset:
+    """One local file through `datasets`' own loaders (csv/tsv by pandas, json lines or a JSON list
+    by pyarrow, parquet); text is kept as written ("NA" stays "NA")."""
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path} is empty: give the task's file with its rows (task.local)")
+    fmt = file_format(task, path)
+    if fmt == "jsonl":
+        _check_jsonl(path)
+    options: Dict[str, Any] = {}
+    if fmt in ("csv", "tsv"):
+        options = dict(TSV_OPTIONS) if fmt == "tsv" else {"keep_default_na": False, "na_filter": False}
+        if task.local.column_names:
+            options["column_names"] = list(task.local.column_names)
+    try:
+        return load_dataset(LOADERS[fmt], data_files=str(path), split="train", **options)
+    except Exception as error:  # the loaders' own words (pandas: "Expected 2 fields in line 7, saw 3")
+        cause = error.__cause__ or error
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ConfigError(f"{path} cannot be read as {fmt}: {reason}") from None
+
+
 def _load_local(task: TaskConfig, files: Dict[str, Path]) -> DatasetDict:
-    for path in files.values():
-        if path.stat().st_size == 0:
-            raise ConfigError(f"{path} is empty: give the task's official file (task.local)")
-        if task.local.format == "jsonl":
-            _check_jsonl(path)
-    splits = {}
-    for split, path in files.items():
-        try:
-            if task.local.format == "jsonl":
-                splits[split] = load_dataset("json", data_files=str(path), split="train")
-            else:
-                extra = {"column_names": list(task.local.column_names)} if task.local.column_names else {}
-                splits[split] = load_dataset(
-                    "csv", data_files=str(path), split="train", **TSV_OPTIONS, **extra
-                )
-        except Exception as error:  # the loaders' own words (pandas: "Expected 2 fields in line 7, saw 3")
-            cause = error.__cause__ or error
-            reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-            raise ConfigError(f"{path} cannot be read as {task.local.format}: {reason}") from None
-    splits = DatasetDict(splits)
+    splits = DatasetDict({split: _read_file(task, path) for split, path in files.items()})
     if task.local.rename:
         splits = splits.rename_columns(dict(task.local.rename))
     return splits
@@ -116,26 +150,15 @@ def _load_hub(task: TaskConfig) -> DatasetDict:
 
 
 def load_raw_splits(task: TaskConfig, data: DataConfig) -> DatasetDict:
-    """The task's official train and validation rows, from local files or the hub."""
+    """The task's train and validation rows, from local files or the hub, every row checked; with
+    no validation file, a stratified `data.validation_fraction` of the train file (fixed seed, so a
+    resumed run and every run of a sweep hold out the same rows)."""
     files = _local_files(task, data.dir)
     if files is not None:
         log.info("task %s: local files %s", task.name, {k: str(v) for k, v in files.items()})
         splits = _load_local(task, files)
     else:
-        hub_error = "no hub dataset configured"
-        splits = None
-        if task.hub.path:
-            try:
-                splits = _load_hub(task)
-            except Exception as error:  # offline, unknown dataset, network down: all say the same
-                hub_error = str(error).splitlines()[0] if str(error) else type(error).__name__
-        if splits is None:
-            expected = ", ".join(p for p in (task.local.train, task.local.validation) if p) or "(none known)"
-            raise ConfigError(
-                f"task {task.name!r}: no data. Place its official files {expected} under data.dir "
-                f"(now {data.dir!r}; set data.dir=... or PTLAB_DATA_DIR), or let the hub answer for "
-                f"{task.hub.path!r}/{task.hub.name!r} ({hub_error})."
-            )
+        splits = _load_hub_or_explain(task, data)
     reshape = preprocessor(task)
     if reshape is not None:
         splits = splits.map(reshape, batched=True, remove_columns=splits["train"].column_names)
@@ -143,7 +166,31 @@ def load_raw_splits(task: TaskConfig, data: DataConfig) -> DatasetDict:
         check_rows(
             rows, task, str(files[split]) if files is not None else f"the hub's {task.name} {split} split"
         )
+    if "validation" not in splits:
+        splits = _split_for_validation(splits["train"], task, data.validation_fraction, seed=HELD_OUT_SEED)
+        log.info("task %s: no validation file; held out %d of the %d rows of %s as validation (stratified, "
+                 "data.validation_fraction=%s)", task.name, len(splits["validation"]),
+                 len(splits["train"]) + len(splits["validation"]), files["train"], data.validation_fraction)  # fmt: skip
     return splits
+
+
+def _load_hub_or_explain(task: TaskConfig, data: DataConfig) -> DatasetDict:
+    hub_error = "no hub dataset configured"
+    if task.hub.path:
+        try:
+            return _load_hub(task)
+        except Exception as error:  # offline, unknown dataset, network down: all say the same
+            hub_error = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if task.local.train is None:
+        where = "no local files named (task.local.train)"
+    else:
+        names = [name for name in (task.local.train, task.local.validation) if name]
+        looked = ", ".join(str(path) for name in names for path in _candidates(name, data.dir))
+        where = f"looked for {', '.join(names)} at {looked} (data.dir={data.dir!r}; set data.dir=... or PTLAB_DATA_DIR)"
+    raise ConfigError(
+        f"task {task.name!r}: no data. {where}; or let the hub answer for {task.hub.path!r}/{task.hub.name!r} "
+        f"({hub_error})."
+    )
 
 
 @dataclass
@@ -201,7 +248,7 @@ def split_rows(raw: DatasetDict, task: TaskConfig, data: DataConfig, seed: int) 
     """Apply `data.split_protocol` and the example limits; the split itself uses a fixed seed so
     every run of a sweep sees the same train/validation partition."""
     if data.split_protocol == "smop":
-        held = _split_for_validation(raw["train"], task, data.val_fraction, seed=42)
+        held = _split_for_validation(raw["train"], task, data.validation_fraction, seed=HELD_OUT_SEED)
         splits = {"train": held["train"], "validation": held["validation"], "test": raw["validation"]}
     else:
         splits = {"train": raw["train"], "validation": raw["validation"]}

@@ -36,8 +36,8 @@ OUT_OF_RANGE = [
     (["hardware.num_threads=0"], r"hardware.num_threads=0 must be"),
     (["data.max_train_examples=0"], r"data.max_train_examples=0 must be a number in \[1, inf\]"),
     (["data.max_eval_examples=-5"], r"data.max_eval_examples=-5 must be"),
-    (["data.val_fraction=1.5"], r"data.val_fraction=1.5 must be a number in \(0, 1\)"),
-    (["data.val_fraction=0"], r"data.val_fraction=0.0 must be"),
+    (["data.validation_fraction=1.5"], r"data.validation_fraction=1.5 must be a number in \(0, 1\)"),
+    (["data.validation_fraction=0"], r"data.validation_fraction=0.0 must be"),
     (["schedule=fpt", "schedule.score_examples=0"], r"schedule.score_examples=0 must be"),
     (["method=smop", "method.noise_sigma=-1"], r"method.noise_sigma=-1.0 must be"),
     (["method=smop", "method.router_dropout=1"], r"method.router_dropout=1.0 must be a number in \[0, 1\)"),
@@ -237,7 +237,7 @@ def replace_text(old, new):
 
 
 BAD_FILES = [
-    ("cb", lambda p: p.write_text(""), "is empty: give the task's official file"),
+    ("cb", lambda p: p.write_text(""), "is empty: give the task's file with its rows"),
     ("cb", lambda p: p.write_text(p.read_text()[:-40]), ", line 20: not valid JSON"),
     ("cb", lambda p: p.write_text(p.read_text() + "[1, 2]\n"), ", line 21: a JSON list, not an object"),
     ("cb", replace_text('"premise"', '"context"'), "no field 'premise' in its rows (they have ['context',"),
