@@ -208,6 +208,12 @@ class RunCheckpoint:
                     f"trainer.resume: the checkpoint in {folder} was trained with {key}="
                     f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
                 )
+        trained_on = saved["prompt_config"].get("data")  # absent in checkpoints of before 2026-11-27
+        if trained_on is not None and trained_on != self.prompt_config.get("data"):
+            raise ConfigError(
+                f"trainer.resume: the task's rows are not those the checkpoint in {folder} was trained on "
+                "(a data file changed, or a data.* setting): resume with the same data, or " + fix
+            )
         try:
             load_trainable(self.method, self.backbone, saved["trainable"])
             self.optimizer.load_state_dict(saved["optimizer"])

@@ -7,6 +7,7 @@ HuggingFace hub. If neither works the error lists the files to place and where.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -214,6 +215,15 @@ class TaskData:
 
     def __contains__(self, split: str) -> bool:
         return split in self.splits
+
+    def digest(self) -> str:
+        """Names the exact rows of every split (their tokens and labels): a resumed run checks that
+        it trains and validates on what its checkpoint did (a held-out split, an edited file)."""
+        hasher = hashlib.sha256()
+        for name in sorted(self.splits):
+            for example in self.splits[name]:
+                hasher.update(f"{name}|{example.label}|{example.source_ids}\n".encode())
+        return hasher.hexdigest()[:16]
 
 
 def _subsample(rows: Dataset, limit: Optional[int], seed: int) -> Dataset:

@@ -120,16 +120,15 @@ def train_in(
     started = time.perf_counter()
     pipeline = build(config, world)
     load_seconds = time.perf_counter() - started
-    if HydraConfig.initialized():
-        if world.is_main:
-            save_snapshots(run_dir, cfg)
-        suffix = "" if world.rank == 0 else f"_rank{world.rank}"
-        run_log.start(run_dir / f"{HydraConfig.get().job.name}{suffix}.log")
     tracker = open_tracker(run_dir, config, cfg, world, facts)
     try:
         trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
-        if not (config.trainer.resume and trainer.resume(run_dir)):
+        if not (
+            config.trainer.resume and trainer.resume(run_dir)
+        ):  # a checkpoint that does not fit stops here
             tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
+        record_start(run_dir, cfg, world, run_log)
+        tracker.start()
         names = (config.method.run_label, config.backbone.name, config.task.name)
         log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
                  *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
@@ -156,6 +155,16 @@ def train_in(
     log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
              baseline["name"], baseline[metric], run_dir / "summary.json")  # fmt: skip
     return best
+
+
+def record_start(run_dir: Path, cfg: DictConfig, world: World, run_log: RunLog) -> None:
+    """The run has passed every check (config, data, model, checkpoint): its config snapshots and
+    log file go into the folder now, not before."""
+    if HydraConfig.initialized():
+        if world.is_main:
+            save_snapshots(run_dir, cfg)
+        suffix = "" if world.rank == 0 else f"_rank{world.rank}"
+        run_log.start(run_dir / f"{HydraConfig.get().job.name}{suffix}.log")
 
 
 def open_tracker(

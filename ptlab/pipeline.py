@@ -74,6 +74,7 @@ class Pipeline:
             "hidden_size": self.backbone.hidden_size,
             "num_prompt_tokens": self.method.num_tokens,
             "verbalizers": list(self.config.task.verbalizers),
+            "data": self.data.digest(),
         }
 
 

@@ -89,13 +89,17 @@ class Tracker:
         wandb_init: Optional[Dict[str, Any]] = None,
         enabled: bool = True,
     ):
-        """`enabled=False` (ranks other than 0 of a distributed run) records nothing anywhere."""
+        """`enabled=False` (ranks other than 0 of a distributed run) records nothing anywhere. W&B
+        starts with `start()`, once the run has passed its checks."""
         self.run_dir = run_dir
         self.enabled = enabled
         self.metrics_file = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        if enabled and cfg.name == "wandb" and wandb_init is not None:
-            self._start_wandb(cfg, wandb_init)
+        self.cfg, self.wandb_init = cfg, wandb_init
+
+    def start(self) -> None:
+        if self.enabled and self.cfg.name == "wandb" and self.wandb_init is not None:
+            self._start_wandb(self.cfg, self.wandb_init)
 
     def run_id(self) -> str:
         """The W&B run this run folder owns: made once, stored in the folder, continued by every

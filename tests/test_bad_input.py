@@ -338,3 +338,17 @@ def test_labels_that_are_the_verbalizers_or_indices_need_no_label_map():
         ConfigError, match=r"label 'music' is neither a verbalizer \['sport', 'weather', 'politics'\]"
     ):
         label_index(task, "music")
+
+
+def test_a_resume_on_other_rows_than_the_checkpoints_is_refused(tmp_path):
+    run_dir = trained_once(tmp_path)
+    before = record_of(run_dir)
+    result = cli([*QUICK, "trainer.max_steps=4", "data.max_train_examples=128", f"hydra.run.dir={run_dir}"],
+                 timeout=300)  # fmt: skip
+    line = one_line_error(result, 2)
+    assert "the task's rows are not those the checkpoint in" in line and "trainer.resume=false" in line
+    assert record_of(run_dir) == before
+    same = cli(
+        [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
+    assert same.returncode == 0 and "resumed from" in same.stdout
