@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from ptlab.config import to_object
-from ptlab.data import load_raw_splits
+from ptlab.data import load_raw_splits, split_rows
 from ptlab.errors import ConfigError
 
 from conftest import compose_config
@@ -102,3 +102,13 @@ def test_a_file_whose_format_cannot_be_told_is_named(tmp_path):
     config = topics_task(f"data.dir={tmp_path}", "task.local.train=rows.txt", "task.local.validation=null",
                          "task.local.format=csv")  # fmt: skip
     assert len(load_raw_splits(config.task, config.data)["train"]) == 54
+
+
+def test_smop_protocol_on_one_file_tests_on_the_held_out_rows(tmp_path):
+    write(tmp_path / "all.jsonl", ROWS, "jsonl")
+    config = topics_task(f"data.dir={tmp_path}", "task.local.train=all.jsonl", "task.local.validation=null",
+                         "data.split_protocol=smop")  # fmt: skip
+    splits = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, seed=0)
+    assert {name: len(rows) for name, rows in splits.items()} == {"train": 48, "validation": 6, "test": 6}
+    texts = [set(rows["text"]) for rows in splits.values()]
+    assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
