@@ -215,9 +215,9 @@ def percent(value: float, metric_scale: float) -> str:
 def score_cell(cell: Cell, scale: float) -> str:
     if cell.n == 0:
         return "–"
-    text = f"{scale * cell.mean:.1f} ± {scale * cell.std:.1f}"
+    text = f"{scale * cell.mean:.1f}"  # one run has no spread to show
     if cell.n > 1:
-        text += f" [{scale * (cell.mean - cell.ci95):.1f}, {scale * (cell.mean + cell.ci95):.1f}]"
+        text += f" ± {scale * cell.std:.1f} [{scale * (cell.mean - cell.ci95):.1f}, {scale * (cell.mean + cell.ci95):.1f}]"
     missing = len(cell.runs) - cell.n
     return text + f" (n={cell.n}" + (f", {missing} not finished)" if missing else ")")
 
