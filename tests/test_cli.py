@@ -190,3 +190,18 @@ def test_help_and_cfg_load_neither_transformers_nor_the_data_stack():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[-1] == "[]"
+
+
+def test_the_fast_help_is_the_text_hydra_prints():
+    env = {**__import__("os").environ, **OFFLINE_ENV}
+    fast = subprocess.run(
+        [sys.executable, "-m", "ptlab.launch", "--help"], capture_output=True, text=True, env=env
+    )
+    hydra = cli(["--help"], timeout=120)
+    assert fast.returncode == 0 and hydra.returncode == 0
+    assert fast.stdout == hydra.stdout and "task: " in fast.stdout
+    assert "torch" not in subprocess.run(
+        [sys.executable, "-c", "import sys\nsys.argv = ['ptlab-train', '-h']\nfrom ptlab.launch import main\nmain()\n"
+         "print(sorted(m for m in ('torch', 'hydra._internal.hydra') if m in sys.modules))"],
+        capture_output=True, text=True, env=env,
+    ).stdout.splitlines()[-1]  # fmt: skip
