@@ -46,7 +46,9 @@ def _candidates(name: str, data_dir: Optional[str]) -> List[Path]:
 
 
 def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str, Path]]:
-    """The task's local files by split, or None when the train file is found nowhere (the hub's turn)."""
+    """The task's local files by split, or None when a named file is found nowhere (the hub's turn)."""
+    if task.local.train is None:
+        return None
     names = {"train": task.local.train, "validation": task.local.validation}
     files = {}
     for split, name in names.items():
@@ -63,7 +65,7 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
         if found is None:
             return None
         files[split] = found
-    return files or None
+    return files
 
 
 def _check_jsonl(path: Path) -> None:
