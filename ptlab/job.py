@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -93,8 +94,9 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
             raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / ".ptlab_write_check").touch()
-        (run_dir / ".ptlab_write_check").unlink()
+        probe = run_dir / f".ptlab_write_check.{os.getpid()}"  # one per process: DDP ranks share the folder
+        probe.touch()
+        probe.unlink()
     except OSError as error:
         raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
                           "choose another one with hydra.run.dir=...") from None  # fmt: skip
