@@ -54,14 +54,15 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
     for split, name in names.items():
         if name is None:
             continue
-        for path in _candidates(name, data_dir):
+        candidates = _candidates(name, data_dir)
+        for path in candidates:
             if path.exists() and not path.is_file():
                 raise ConfigError(f"{path}: not a file (task.local.{split} of task {task.name!r}): name the "
                                   f"{split} file itself")  # fmt: skip
             if path.is_file() and not os.access(path, os.R_OK):
                 raise ConfigError(f"{path}: cannot be read (permission denied): give ptlab read access, "
                                   "or copy the file and point data.dir at the copy")  # fmt: skip
-        found = next((path for path in _candidates(name, data_dir) if path.is_file()), None)
+        found = next((path for path in candidates if path.is_file()), None)
         if found is None:
             return None
         files[split] = found

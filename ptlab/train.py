@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from ptlab.config import register_configs
 from ptlab.distributed import launched_world
 from ptlab.errors import ConfigError, TrainingFault
+from ptlab.launch import CONF
 from ptlab.preemption import Preempted
 from ptlab.run_record import record_failure
 
@@ -39,8 +40,7 @@ def run_stamp() -> str:
 
 # conf/config.yaml names the run folder with this
 OmegaConf.register_new_resolver("ptlab_stamp", run_stamp, use_cache=True, replace=True)
-# the config tree lives at the repository root (an editable install: `pip install -e .`)
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+CONF_DIR = str(CONF)  # the config tree at the repository root (an editable install: `pip install -e .`)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
