@@ -1,10 +1,10 @@
 """Where each supported model family keeps its transformer blocks and their feed-forward layers:
-what FPT's partial models shrink and what `trainer.compile` compiles."""
+what FPT's partial models shrink, what `trainer.compile` compiles and where deep prompts go."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from torch import nn
 
@@ -52,3 +52,33 @@ def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     """Every transformer block of the model, the decoder's too."""
     stacks, _ = stacks_and_ffns(model, with_decoder=True)
     return [block for parent, attr in stacks for block in getattr(parent, attr)]
+
+
+def self_attentions(model: nn.Module) -> Dict[str, List[nn.Module]]:
+    """Each stack's self-attention modules in layer order, by the stack's name (`encoder`: T5's
+    and BERT's bidirectional one; `decoder`: T5's decoder, a causal LM's layers): where per-layer
+    key/value prefixes go."""
+    kind = model.config.model_type
+    if kind in ("t5", "mt5", "umt5"):
+        return {
+            name: [block.layer[0].SelfAttention for block in getattr(model, name).block]
+            for name in ("encoder", "decoder")
+        }
+    if kind in ("llama", "mistral", "qwen2", "qwen3"):
+        return {"decoder": [layer.self_attn for layer in model.base_model.layers]}
+    if kind in ("bert", "roberta"):
+        return {"encoder": [layer.attention.self for layer in model.base_model.encoder.layer]}
+    raise ConfigError(
+        f"model_type={kind!r}: ptlab knows the attention layers of t5, llama and bert models only, "
+        "which per-layer prefixes (method=deep_prompt) need"
+    )
+
+
+def key_value_heads(config) -> Tuple[int, int]:
+    """(key/value heads, head width) of one attention layer; fewer key/value heads than query
+    heads with grouped-query attention."""
+    if config.model_type in ("t5", "mt5", "umt5"):
+        return config.num_heads, config.d_kv
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return getattr(config, "num_key_value_heads", None) or heads, head_dim

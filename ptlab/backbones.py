@@ -4,24 +4,28 @@ Each family decides where the prompt goes and how a batch becomes a loss or verb
 - seq2seq (T5): prompt before the encoder input; the decoder scores the target tokens.
 - causal (LLaMA): [prompt][source, left-padded][target]; logits only at the target positions.
 - encoder (BERT): [CLS][prompt][rest]; a trainable linear head over pooled states.
-The trainer only calls `loss`, `score` and `generate`; the prompt method supplies the prompt.
+Per-layer key/value prefixes (deep prompts) go into the stacks the method names (ptlab.prefixes).
+The trainer only calls `loss`, `score` and `generate`; the prompt method supplies a PromptInjection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
+from ptlab.anatomy import key_value_heads, self_attentions
 from ptlab.config import BackboneConfig
 from ptlab.data import Example
 from ptlab.errors import ConfigError
-from ptlab.methods.base import PromptContext, PromptMethod, SharedPromptMethod
+from ptlab.methods.base import PromptContext, PromptInjection, PromptMethod, SharedPromptMethod, StackShape
 from ptlab.model_loading import load_model_and_tokenizer
+from ptlab.prefixes import EncoderPrefixes, decoder_cache
 
 Batch = Dict[str, torch.Tensor]
 
@@ -35,6 +39,34 @@ def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long)
 
 
+def join(
+    block: Optional[torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor, at: int = 0
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The input embeddings and mask with the prompt block's rows (visible) inserted before
+    position `at`; unchanged without a block."""
+    if block is None:
+        return embeds, mask
+    block = block.to(embeds.dtype).expand(len(embeds), -1, -1)
+    ones = mask.new_ones(block.shape[:2])
+    return (
+        torch.cat([embeds[:, :at], block, embeds[:, at:]], 1),
+        torch.cat([mask[:, :at], ones, mask[:, at:]], 1),
+    )
+
+
+def cache_argument(forward) -> str:
+    """transformers 5 renamed `past_key_values` to `cache`; whichever `forward` takes."""
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def no_generation_with_decoder_prefixes(injection: PromptInjection, stack: str) -> None:
+    if injection.prefixes.get(stack):
+        raise ConfigError(
+            f"trainer.eval_mode=generate is not available with prefixes in the {stack} stack "
+            "(method.stacks): use trainer.eval_mode=rank"
+        )
+
+
 # T5's relative attention has no position table; it was pretrained on 512 input tokens, and an
 # encoder input 4 times longer is a mistake (a prompt length of 100000 would ask for 80 GB), not a plan
 SEQ2SEQ_MAX_POSITIONS = 2048
@@ -44,6 +76,7 @@ class Backbone(nn.Module):
     """A frozen pretrained model plus the family's rules for placing a prompt."""
 
     family: str
+    input_stack = "encoder"  # the stack the input goes through first (see PromptContext)
     pad_source_left = False
     can_share_prompt_states = False  # only the causal family can reuse a shared prompt's states
     prompt_states_per_example = False  # set by per_example_prompt_states()
@@ -62,11 +95,21 @@ class Backbone(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.verbalizers = list(verbalizers)
         self.choice_ids = [self.tokenize_target(text) for text in self.verbalizers]
+        self.encoder_hooks: Optional[EncoderPrefixes] = None  # installed on a deep prompt's first pass
 
     # --- what the rest of ptlab needs to know ------------------------------------------------
     @property
     def hidden_size(self) -> int:
         return self.model.get_input_embeddings().weight.shape[1]
+
+    def prefix_stacks(self) -> Dict[str, StackShape]:
+        """The stacks that can take per-layer prefixes (none for a model type ptlab does not know)."""
+        try:
+            attentions = self_attentions(self.model)
+        except ConfigError:
+            return {}
+        heads, head_dim = key_value_heads(self.model.config)
+        return {name: StackShape(len(layers), heads, head_dim) for name, layers in attentions.items()}
 
     def prompt_context(self, seed: int) -> PromptContext:
         return PromptContext(
@@ -75,10 +118,19 @@ class Backbone(nn.Module):
             label_texts=self.verbalizers,
             special_token_ids=list(self.tokenizer.all_special_ids),
             seed=seed,
+            stacks=self.prefix_stacks(),
+            input_stack=self.input_stack,
         )
 
-    def check_fits(self, num_prompt_tokens: int) -> None:
+    def positions_taken(self, method: PromptMethod) -> int:
+        """Positions the prompt occupies in front of the input: its block, and a prefix in the
+        input's stack where positions are relative or rotary (not BERT's absolute table)."""
+        prefix = self.family != "encoder" and self.input_stack in method.prefix_stacks
+        return method.num_tokens + (method.prefix_length if prefix else 0)
+
+    def check_fits(self, method: PromptMethod) -> None:
         """Fail early, not inside the position embeddings, when prompt + input cannot fit."""
+        num_prompt_tokens = self.positions_taken(method)
         limit = getattr(self.model.config, "max_position_embeddings", None)
         if self.family == "seq2seq":  # relative positions: no table to overflow, but trained on 512
             limit = SEQ2SEQ_MAX_POSITIONS
@@ -129,10 +181,23 @@ class Backbone(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def prompt_and_source(self, method: PromptMethod, batch: Batch):
+    def prompted(self, method: PromptMethod, batch: Batch, at: int = 0):
+        """The method's injection for the batch, and the input embeddings and mask with its block."""
         source_embeds = self.embed(batch["source_ids"])
-        prompt = method(source_embeds, batch["source_mask"]).to(source_embeds.dtype)
-        return prompt, source_embeds
+        injection = method.inject(source_embeds, batch["source_mask"])
+        return (injection, *join(injection.block, source_embeds, batch["source_mask"], at))
+
+    @contextlib.contextmanager
+    def encoder_prefixes(self, injection: PromptInjection, size: int) -> Iterator[None]:
+        """Inside this block the encoder stack attends to the injection's encoder prefixes."""
+        prefixes = injection.prefixes.get("encoder")
+        if not prefixes:
+            yield
+            return
+        if self.encoder_hooks is None:
+            self.encoder_hooks = EncoderPrefixes(self_attentions(self.model)["encoder"])
+        with self.encoder_hooks.placed(prefixes, size, self.model.dtype):
+            yield
 
     # --- the family-specific part ----------------------------------------------------------
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
@@ -169,33 +234,43 @@ def target_logprob_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
 class Seq2SeqBackbone(Backbone):
     family = "seq2seq"
 
-    def encoder_inputs(self, method: PromptMethod, batch: Batch):
-        prompt, source_embeds = self.prompt_and_source(method, batch)
-        ones = batch["source_mask"].new_ones(prompt.shape[:2])
-        return torch.cat([prompt, source_embeds], 1), torch.cat([ones, batch["source_mask"]], 1)
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache_key = cache_argument(self.model.forward)
 
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        inputs_embeds, mask = self.encoder_inputs(method, batch)
-        return self.decode_logits(inputs_embeds, mask, batch["target_ids"])
+        injection, inputs_embeds, mask = self.prompted(method, batch)
+        with self.encoder_prefixes(injection, len(inputs_embeds)):
+            return self.decode_logits(injection, inputs_embeds, mask, batch["target_ids"])
 
-    def decode_logits(self, inputs_embeds, mask, targets, encoded=None) -> torch.Tensor:
-        """Decoder logits for `targets` (teacher forcing); the loss is computed by the caller."""
+    def decode_logits(self, injection, inputs_embeds, mask, targets, encoded=None) -> torch.Tensor:
+        """Decoder logits for `targets` (teacher forcing); the loss is computed by the caller.
+        Decoder prefixes go in as the decoder's self-attention cache, as PEFT's prefix tuning."""
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=targets)
         encoder_outputs = None if encoded is None else (encoded,)
+        prefixes = injection.prefixes.get("decoder")
+        cache = {}
+        if prefixes:
+            own = decoder_cache(prefixes, len(targets), self.model.dtype)
+            cache[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
         return self.model(
             inputs_embeds=None if encoded is not None else inputs_embeds,
             encoder_outputs=encoder_outputs,
             attention_mask=mask,
             decoder_input_ids=decoder_input_ids,
+            **cache,
         ).logits
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """Encode once, then decode every verbalizer against the shared encoder states."""
-        inputs_embeds, mask = self.encoder_inputs(method, batch)
-        encoded = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        injection, inputs_embeds, mask = self.prompted(method, batch)
+        with self.encoder_prefixes(injection, len(inputs_embeds)):
+            encoder = self.model.get_encoder()
+            encoded = encoder(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         num_choices = len(self.choice_ids)
         targets = self.choice_targets(len(encoded), encoded.device)
         logits = self.decode_logits(
+            injection,
             None,
             mask.repeat_interleave(num_choices, 0),
             targets,
@@ -204,15 +279,18 @@ class Seq2SeqBackbone(Backbone):
         return target_logprob_sums(logits, targets).view(len(encoded), num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
-        inputs_embeds, mask = self.encoder_inputs(method, batch)
-        output = self.model.generate(
-            inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
-        )
+        injection, inputs_embeds, mask = self.prompted(method, batch)
+        no_generation_with_decoder_prefixes(injection, "decoder")
+        with self.encoder_prefixes(injection, len(inputs_embeds)):
+            output = self.model.generate(
+                inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
+            )
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
 class CausalBackbone(Backbone):
     family = "causal"
+    input_stack = "decoder"
     pad_source_left = True  # so every source ends at the same position and targets follow it
     # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
     # keys/values are the same for every example: computed once per batch, not B times
@@ -227,12 +305,7 @@ class CausalBackbone(Backbone):
         self.dropout_free = getattr(self.model.config, "attention_dropout", 0.0) == 0 and not any(
             isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
         )
-        # transformers 5 renamed `past_key_values` to `cache`; both spellings are supported
-        self.cache_key = (
-            "cache"
-            if "cache" in inspect.signature(self.model.base_model.forward).parameters
-            else "past_key_values"
-        )
+        self.cache_key = cache_argument(self.model.base_model.forward)
 
     def shares_prompt_states(self, method: PromptMethod) -> bool:
         wanted = self.cfg.share_prompt_states
@@ -267,26 +340,30 @@ class CausalBackbone(Backbone):
         and its cache repeated across the batch when no dropout makes examples differ; the result
         equals the per-example pass."""
         source_embeds = self.embed(batch["source_ids"])
-        source_mask = batch["source_mask"]
         size = len(source_embeds)
         shared = self.shares_prompt_states(method)
         if shared:
-            prompt = method.prompt().unsqueeze(0).to(source_embeds.dtype)
+            injection = PromptInjection(block=method.prompt().unsqueeze(0).to(source_embeds.dtype))
         else:
-            prompt = method(source_embeds, source_mask).to(source_embeds.dtype)
-        prefix_mask = torch.cat([source_mask.new_ones(size, prompt.shape[1]), source_mask], 1)
+            injection = method.inject(source_embeds, batch["source_mask"])
+        joined, prefix_mask = join(injection.block, source_embeds, batch["source_mask"])
+        inputs = source_embeds if shared else joined
+        prefixes = injection.prefixes.get("decoder")
+        cache = decoder_cache(prefixes, 1 if shared else size, self.model.dtype) if prefixes else None
+        width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
+        prefix_mask = torch.cat([prefix_mask.new_ones(size, width), prefix_mask], 1)
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
-        inputs, mask = source_embeds, prefix_mask
+        mask = prefix_mask
         if suffix is not None:
-            inputs = torch.cat([source_embeds, suffix], 1)
+            inputs = torch.cat([inputs, suffix], 1)
             mask = torch.cat([prefix_mask, suffix_mask], 1)
             positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
-        cache = None
         if shared:
-            _, cache = self.states(inputs_embeds=prompt, position_ids=positions[:1, : prompt.shape[1]])
+            block = injection.block
+            _, cache = self.states(
+                cache, inputs_embeds=block, position_ids=positions[:1, width : width + block.shape[1]]
+            )
             cache.batch_repeat_interleave(size)
-        else:
-            inputs = torch.cat([prompt, inputs], 1)
         hidden, cache = self.states(
             cache,
             keep_cache,
@@ -328,10 +405,10 @@ class CausalBackbone(Backbone):
         return target_logprob_sums(logits, targets).view(size, num_choices)
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
-        prompt, source_embeds = self.prompt_and_source(method, batch)
-        mask = torch.cat([batch["source_mask"].new_ones(prompt.shape[:2]), batch["source_mask"]], 1)
+        injection, inputs_embeds, mask = self.prompted(method, batch)
+        no_generation_with_decoder_prefixes(injection, "decoder")
         output = self.model.generate(
-            inputs_embeds=torch.cat([prompt, source_embeds], 1),
+            inputs_embeds=inputs_embeds,
             attention_mask=mask,
             max_new_tokens=max_new_tokens,
             pad_token_id=self.pad_id,
@@ -354,16 +431,13 @@ class EncoderBackbone(Backbone):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        prompt, source_embeds = self.prompt_and_source(method, batch)
-        source_mask = batch["source_mask"]
         keep_first = int(
             self.tokenizer.cls_token_id is not None
             and bool((batch["source_ids"][:, 0] == self.tokenizer.cls_token_id).all())
         )
-        ones = source_mask.new_ones(prompt.shape[:2])
-        inputs_embeds = torch.cat([source_embeds[:, :keep_first], prompt, source_embeds[:, keep_first:]], 1)
-        mask = torch.cat([source_mask[:, :keep_first], ones, source_mask[:, keep_first:]], 1)
-        hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+        injection, inputs_embeds, mask = self.prompted(method, batch, at=keep_first)
+        with self.encoder_prefixes(injection, len(inputs_embeds)):
+            hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
         if self.cfg.head_pooling == "cls":
             pooled = hidden[:, 0]
         else:

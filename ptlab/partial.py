@@ -113,6 +113,7 @@ class PartialModel:
         self.restore()
         sums = [torch.zeros(self.ffn_width) for _ in self.ffns]
         counts = [torch.zeros(()) for _ in self.ffns]
+        first_stack_ffns = len(self.full_stacks[0])
         current = {}
 
         def remember_mask(module, args, kwargs):
@@ -126,8 +127,10 @@ class PartialModel:
                     "neuron scoring saw a pass without an attention mask: run it under "
                     "backbone.per_example_prompt_states() so every position of every example counts"
                 )
-            if mask.shape[:2] != activation.shape[:2]:  # decoder blocks: every target position counts
+            if i >= first_stack_ffns:  # T5's decoder blocks: every target position counts
                 mask = torch.ones(activation.shape[:2], device=activation.device)
+            else:  # a causal LM's mask also covers a per-layer prefix in front: the last T columns
+                mask = mask[:, -activation.shape[1] :]
             sums[i] += (activation * mask.unsqueeze(-1).to(activation)).sum((0, 1)).cpu()
             counts[i] += mask.sum().cpu()
 

@@ -126,7 +126,7 @@ def build(
     method = build_method(config.method, backbone.prompt_context(config.seed))
     if initial is not None:
         start_from(method, config.method, initial)
-    backbone.check_fits(method.num_tokens)
+    backbone.check_fits(method)
     if method.backbone_dropout is not None and method.backbone_dropout != config.backbone.dropout:
         wanted = str(method.backbone_dropout).lower()
         log.warning(

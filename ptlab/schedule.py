@@ -77,11 +77,22 @@ class StageSchedule:
         return facts
 
     def step_flops(
-        self, batch: int, source_tokens: int, target_tokens: int, shared_prompt: int = 0
+        self,
+        batch: int,
+        source_tokens: int,
+        target_tokens: int,
+        shared_prompt: int = 0,
+        prefixes: Optional[Dict[str, int]] = None,
     ) -> tuple[float, float]:
         """(FLOPs of this step on the current model, FLOPs of the same step on the full model)."""
         full = train_step_flops(
-            self.shape, self.family, batch, source_tokens, target_tokens, shared_prompt=shared_prompt
+            self.shape,
+            self.family,
+            batch,
+            source_tokens,
+            target_tokens,
+            shared_prompt=shared_prompt,
+            prefixes=prefixes,
         )
         if self.is_full:
             return full, full
@@ -99,5 +110,6 @@ class StageSchedule:
             ffn=self.partial.kept_neurons,
             decoder_ffn=decoder_ffn,
             shared_prompt=shared_prompt,
+            prefixes=prefixes,
         )
         return actual, full

@@ -223,10 +223,14 @@ class Trainer:
     # --- one step ----------------------------------------------------------------------------
     def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """[this step's FLOPs on the current model, the same on the full model] for one batch."""
-        prompt = self.method.num_tokens
-        shared = prompt if self.backbone.shares_prompt_states(self.method) else 0
+        method = self.method
+        shared = method.num_tokens if self.backbone.shares_prompt_states(method) else 0
         flops = self.stage_schedule.step_flops(
-            len(batch["labels"]), batch["source_ids"].shape[1] + prompt, batch["target_ids"].shape[1], shared
+            len(batch["labels"]),
+            batch["source_ids"].shape[1] + method.num_tokens,
+            batch["target_ids"].shape[1],
+            shared,
+            prefixes={stack: method.prefix_length for stack in method.prefix_stacks},
         )
         return torch.tensor(flops, dtype=torch.float64)
 

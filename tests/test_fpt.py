@@ -200,7 +200,7 @@ def test_resume_in_the_middle_of_a_stage(tmp_path, monkeypatch):
         assert resumed[key] == full[key]
 
 
-@pytest.mark.parametrize("method", ["smop", "superpos", "residual"])
+@pytest.mark.parametrize("method", ["smop", "superpos", "residual", "deep_prompt"])
 def test_fpt_composes_with_every_method(tmp_path, method):
     _, summary = fpt_run(tmp_path, method, extra=[f"method={method}"])
     assert summary["steps"] == 10 and summary["flops_ratio"] < 1.0

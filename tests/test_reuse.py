@@ -26,8 +26,8 @@ FAMILIES = {"t5": "backbone=tiny_t5", "llama": "backbone=tiny_llama"}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Trained run folders: prompt tuning on tiny T5 and tiny LLaMA, SuperPos and SMoP on T5, and a
-    prompt-tuning run on tiny BERT (the encoder family)."""
+    """Trained run folders: prompt tuning on tiny T5 and tiny LLaMA, SuperPos and SMoP on T5, a
+    prompt-tuning run on tiny BERT (the encoder family) and deep prompts on tiny LLaMA."""
     root = tmp_path_factory.mktemp("runs")
     specs = {
         "t5": ["backbone=tiny_t5"],
@@ -35,6 +35,7 @@ def runs(tmp_path_factory):
         "superpos": ["backbone=tiny_t5", "method=superpos"],
         "smop": ["backbone=tiny_t5", "method=smop"],
         "bert": ["backbone=tiny_bert"],
+        "deep_llama": ["backbone=tiny_llama", "method=deep_prompt", "method.reparam=true"],
     }
     for name, overrides in specs.items():
         result = cli([*TRAIN, *overrides, f"hydra.run.dir={root / name}"], timeout=600)
@@ -127,7 +128,7 @@ def test_predict_refuses_bad_rows_in_one_line(runs, tmp_path, rows, message):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("family", ["t5", "llama", "superpos"])
+@pytest.mark.parametrize("family", ["t5", "llama", "superpos", "deep_llama"])
 def test_exported_peft_adapter_scores_like_ptlab(runs, tmp_path, family):
     run_dir, out = runs / family, tmp_path / "adapter"
     launcher = ("-c", "from ptlab.cli import export_main; export_main()")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -28,6 +28,19 @@ class MethodConfig:
         return self.label or self.name
 
 
+@dataclass(frozen=True)
+class StackShape:
+    """One attention stack's key/value geometry: what a per-layer prefix must match."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
 @dataclass
 class PromptContext:
     """What a method may know about the frozen backbone and the task when it is built."""
@@ -37,6 +50,10 @@ class PromptContext:
     label_texts: List[str]  # the task's verbalizers, for label initialisation
     special_token_ids: List[int]
     seed: int = 0
+    # the stacks that take per-layer prefixes, by name (`encoder`, `decoder`), and the one the
+    # input goes through first (T5's and BERT's encoder, a causal LM's decoder)
+    stacks: Dict[str, StackShape] = field(default_factory=dict)
+    input_stack: str = "encoder"
 
     @property
     def hidden_size(self) -> int:
@@ -47,21 +64,44 @@ class PromptContext:
         return self.input_embeddings.shape[0]
 
 
-class PromptMethod(nn.Module):
-    """Maps a batch's frozen input embeddings to the `[B, n, d]` block of prompt embeddings.
+KeyValue = Tuple[torch.Tensor, torch.Tensor]
 
-    Subclasses hold only trainable parameters (and frozen buffers); `state_dict` of the module
-    is what a checkpoint saves. The backbone prepends the returned block to its input.
+
+@dataclass
+class PromptInjection:
+    """What a method puts into the frozen network for one batch: an input block, per-layer
+    key/value prefixes, or both. The backbone places each where its family needs it."""
+
+    # [B or 1, n, d]: rows joined to the input embeddings (before the input; after [CLS] in BERT)
+    block: Optional[torch.Tensor] = None
+    # stack name -> one (key, value) per layer of the full model, each [1, kv_heads, n, head_dim];
+    # every token of that stack attends to them as to n earlier positions
+    prefixes: Dict[str, List[KeyValue]] = field(default_factory=dict)
+
+
+class PromptMethod(nn.Module):
+    """Maps a batch's frozen input embeddings to a :class:`PromptInjection`.
+
+    Most methods return a `[B, n, d]` block from `forward` (the input-block methods); deep prompt
+    methods override `inject`. Subclasses hold only trainable parameters (and frozen buffers);
+    `state_dict` of the module is what a checkpoint saves.
     """
 
     # the frozen network's dropout this method is designed for (None: either); building it with
     # the other setting logs a warning (ptlab.build), never silently changes the backbone
     backbone_dropout: Optional[bool] = None
 
-    num_tokens: int
+    num_tokens: int = 0  # rows of the input block
+    prefix_length: int = 0  # positions of each per-layer prefix
+    prefix_stacks: Tuple[str, ...] = ()  # the stacks that get them
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """The `[B, n, d]` input block of an input-block method."""
         raise NotImplementedError
+
+    def inject(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> PromptInjection:
+        """What this method puts into the network for a batch (by default: the input block)."""
+        return PromptInjection(block=self(source_embeds, source_mask))
 
     def extra_loss(self) -> Optional[torch.Tensor]:
         """An auxiliary loss of the last forward pass, added to the task loss (a router's balancing loss)."""

@@ -1,0 +1,72 @@
+"""Per-layer key/value prefixes inside a frozen model's self-attention (P-tuning v2, prefix tuning).
+
+Two placements, one per kind of stack:
+- a decoder stack (a causal LM, T5's decoder) takes them as a key/value cache of n earlier
+  positions, which is what HuggingFace PEFT's prefix tuning does (`decoder_cache`);
+- a bidirectional stack (T5's and BERT's encoder) ignores caches, so hooks on its self-attention
+  modules hand each layer a cache holding its prefix and widen the mask by n visible columns
+  (`EncoderPrefixes`). T5's relative position bias then sees the prefix at positions -n..-1.
+Prefixes are indexed by each attention module's own `layer_idx`, so FPT's partial models, which
+keep a subset of the original blocks, give each kept layer its own prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from ptlab.methods.base import KeyValue
+
+
+def batch_of(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> List[KeyValue]:
+    """Each layer's (key, value) for a batch of `size`, in the model's dtype."""
+    return [
+        (key.to(dtype).expand(size, -1, -1, -1), value.to(dtype).expand(size, -1, -1, -1))
+        for key, value in prefixes
+    ]
+
+
+def decoder_cache(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> DynamicCache:
+    """A decoder stack's key/value cache that holds only the prefixes."""
+    return DynamicCache(batch_of(prefixes, size, dtype))
+
+
+def widened(mask: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """An attention mask (`[B, 1, Q, K]`, boolean or additive) with `width` visible key columns
+    in front; None (everything visible) stays None."""
+    if mask is None:
+        return None
+    return F.pad(mask, (width, 0), value=True if mask.dtype == torch.bool else 0.0)
+
+
+class EncoderPrefixes:
+    """Hooks on a bidirectional stack's self-attention modules; they do nothing outside `placed`."""
+
+    def __init__(self, attentions: List[nn.Module]) -> None:
+        self.prefixes: Optional[List[KeyValue]] = None
+        for attention in attentions:
+            attention.register_forward_pre_hook(self.before_attention, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def placed(self, prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> Iterator[None]:
+        """Every pass of the stack inside this block attends to `prefixes` ([1, ...] per layer)."""
+        self.prefixes = batch_of(prefixes, size, dtype)
+        try:
+            yield
+        finally:
+            self.prefixes = None
+
+    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.prefixes is None:
+            return None
+        key, value = self.prefixes[module.layer_idx]
+        # a cache of this layer's prefix only, made for each pass: the module appends its own keys
+        kwargs["cache"] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
+        mask_name = "mask" if "mask" in kwargs else "attention_mask"
+        kwargs[mask_name] = widened(kwargs.get(mask_name), key.shape[2])
+        return args, kwargs
