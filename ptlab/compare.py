@@ -227,50 +227,56 @@ def steps_to(run: RunRecord, metric: str, target: float) -> Optional[int]:
     return next((e["step"] for e in run.curve("validation", metric) if e[metric] >= target), None)
 
 
-def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
-             figures: List[str], note: str = "") -> str:  # fmt: skip
-    scale = 100.0
-    key_header = " / ".join(comp.by)
+def table_head(comp: Comparison) -> List[str]:
+    return [f"| {' / '.join(comp.by)} | " + " | ".join(comp.tasks) + " |", "|---|" + "---|" * len(comp.tasks)]
+
+
+def score_section(comp: Comparison, scale: float) -> List[str]:
+    """What the score is, the floor, and one row of mean ± std [CI] per group."""
     stat = {"auto": "test split when the runs have one, else best validation", "best": "best validation",
             "final": "last validation", "test": "test split"}[comp.stat]  # fmt: skip
     floors = ", ".join(
         f"{task} {percent(comp.floor(task), scale)}" for task in comp.tasks if comp.floor(task) is not None
     )
     lines = [
-        f"Command: `{command}`",
-        "",
-        *([note, ""] if note else []),
         f"{len(comp.runs)} runs. Score: {stat} of each task's main metric (in %: "
         + ", ".join(f"{t}: {comp.metric_name(t)}" for t in comp.tasks)
         + "), mean ± std over seeds [95 % confidence interval of the mean] (n = finished runs). "
         + f"Floor (one constant prediction: the majority class, the mean for regression): {floors or 'not recorded'}.",
         "",
-        f"| {key_header} | " + " | ".join(comp.tasks) + " |",
-        "|---|" + "---|" * len(comp.tasks),
+        *table_head(comp),
     ]
     for group in comp.groups:
         cells = [score_cell(comp.cell(group, t), scale) for t in comp.tasks]
         lines.append(f"| {comp.label(group)} | " + " | ".join(cells) + " |")
-    if baseline is not None:
-        lines += ["", f"Difference to **{comp.label(baseline)}** in points (p: paired t-test over shared seeds, "
-                  "else Welch's t-test):", "",  # fmt: skip
-                  f"| {key_header} | " + " | ".join(comp.tasks) + " |", "|---|" + "---|" * len(comp.tasks)]  # fmt: skip
-        for group in comp.groups:
-            if group == baseline:
-                continue
-            parts = []
-            for task in comp.tasks:
-                diff = difference(comp.cell(group, task), comp.cell(baseline, task))
-                if diff is None:
-                    parts.append("–")
-                elif math.isnan(diff.p):
-                    parts.append(f"{scale * diff.delta:+.1f} (the same in every seed: no test)")
-                else:
-                    parts.append(f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})")
-            lines.append(f"| {comp.label(group)} | " + " | ".join(parts) + " |")
-    lines += ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
-              "allocated memory on CUDA):", ""]  # fmt: skip
-    header = f"| {key_header} | task | trainable params | train s | ms/step | examples/s | peak MiB | train TFLOPs | FLOPs vs full |"
+    return lines
+
+
+def difference_section(comp: Comparison, baseline: Tuple[str, ...], scale: float) -> List[str]:
+    """Each group's difference to the baseline group, with its test."""
+    lines = ["", f"Difference to **{comp.label(baseline)}** in points (p: paired t-test over shared seeds, "
+             "else Welch's t-test):", "", *table_head(comp)]  # fmt: skip
+    for group in comp.groups:
+        if group == baseline:
+            continue
+        parts = []
+        for task in comp.tasks:
+            diff = difference(comp.cell(group, task), comp.cell(baseline, task))
+            if diff is None:
+                parts.append("–")
+            elif math.isnan(diff.p):
+                parts.append(f"{scale * diff.delta:+.1f} (the same in every seed: no test)")
+            else:
+                parts.append(f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})")
+        lines.append(f"| {comp.label(group)} | " + " | ".join(parts) + " |")
+    return lines
+
+
+def cost_section(comp: Comparison, target: Optional[float], scale: float) -> List[str]:
+    """One row of costs per group and task (and steps to `target`)."""
+    lines = ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
+             "allocated memory on CUDA):", ""]  # fmt: skip
+    header = f"| {' / '.join(comp.by)} | task | trainable params | train s | ms/step | examples/s | peak MiB | train TFLOPs | FLOPs vs full |"
     if target is not None:
         header += f" steps to {scale * target:g} |"
     lines += [header, "|---|" * 1 + "---|" * (header.count("|") - 2)]
@@ -290,14 +296,30 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
                 mean = f"{statistics.mean(hits):.0f}" if hits else "never"
                 row += f" {mean} ({len(hits)}/{len(reached)} runs) |"
             lines.append(row)
+    return lines
+
+
+def problem_section(comp: Comparison) -> List[str]:
+    """The runs without a result, each with its error."""
     problems = [r for r in comp.runs if r.status != "finished"]
-    if problems:
-        lines += ["", "Runs without a result:", ""]
-        for run in problems:
-            error = (run.summary or {}).get(
-                "error", "no summary.json: still running, cut short, or never started"
-            )
-            lines.append(f"- `{shown_path(run.path)}` ({run.status}): {error}")
+    if not problems:
+        return []
+    lines = ["", "Runs without a result:", ""]
+    for run in problems:
+        error = (run.summary or {}).get(
+            "error", "no summary.json: still running, cut short, or never started"
+        )
+        lines.append(f"- `{shown_path(run.path)}` ({run.status}): {error}")
+    return lines
+
+
+def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
+             figures: List[str], note: str = "") -> str:  # fmt: skip
+    scale = 100.0
+    lines = [f"Command: `{command}`", "", *([note, ""] if note else []), *score_section(comp, scale)]
+    if baseline is not None:
+        lines += difference_section(comp, baseline, scale)
+    lines += cost_section(comp, target, scale) + problem_section(comp)
     lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 

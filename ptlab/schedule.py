@@ -16,6 +16,7 @@ import torch
 from ptlab.backbones import Backbone
 from ptlab.config import ScheduleConfig
 from ptlab.flops import ModelShape, train_step_flops
+from ptlab.methods.base import PromptMethod
 from ptlab.partial import PartialModel
 
 log = logging.getLogger(__name__)
@@ -76,40 +77,29 @@ class StageSchedule:
             facts.update(self.partial.stage_facts())
         return facts
 
-    def step_flops(
-        self,
-        batch: int,
-        source_tokens: int,
-        target_tokens: int,
-        shared_prompt: int = 0,
-        prefixes: Optional[Dict[str, int]] = None,
-    ) -> tuple[float, float]:
-        """(FLOPs of this step on the current model, FLOPs of the same step on the full model)."""
-        full = train_step_flops(
-            self.shape,
-            self.family,
-            batch,
-            source_tokens,
-            target_tokens,
-            shared_prompt=shared_prompt,
-            prefixes=prefixes,
+    def batch_flops(
+        self, batch: Dict[str, torch.Tensor], method: PromptMethod, shared_prompt: bool
+    ) -> torch.Tensor:
+        """[FLOPs of a training step on `batch` on the current model, the same on the full model];
+        `shared_prompt`: the method's block runs once per batch (a causal LM's shared prompt)."""
+        sizes = dict(
+            batch=len(batch["labels"]),
+            source_tokens=batch["source_ids"].shape[1] + method.num_tokens,
+            target_tokens=batch["target_ids"].shape[1],
+            shared_prompt=method.num_tokens if shared_prompt else 0,
+            prefixes={stack: method.prefix_length for stack in method.prefix_stacks},
         )
+        full = train_step_flops(self.shape, self.family, **sizes)
         if self.is_full:
-            return full, full
+            return torch.tensor([full, full], dtype=torch.float64)
         layers: List[List[int]] = self.partial.kept_layers
-        decoder = len(layers[1]) if len(layers) > 1 else None
-        decoder_ffn = self.partial.kept_neurons if self.cfg.with_decoder else None
         actual = train_step_flops(
             self.shape,
             self.family,
-            batch,
-            source_tokens,
-            target_tokens,
             encoder_layers=len(layers[0]),
-            decoder_layers=decoder,
+            decoder_layers=len(layers[1]) if len(layers) > 1 else None,
             ffn=self.partial.kept_neurons,
-            decoder_ffn=decoder_ffn,
-            shared_prompt=shared_prompt,
-            prefixes=prefixes,
+            decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else None,
+            **sizes,
         )
-        return actual, full
+        return torch.tensor([actual, full], dtype=torch.float64)

@@ -221,19 +221,6 @@ class Trainer:
         return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
 
     # --- one step ----------------------------------------------------------------------------
-    def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """[this step's FLOPs on the current model, the same on the full model] for one batch."""
-        method = self.method
-        shared = method.num_tokens if self.backbone.shares_prompt_states(method) else 0
-        flops = self.stage_schedule.step_flops(
-            len(batch["labels"]),
-            batch["source_ids"].shape[1] + method.num_tokens,
-            batch["target_ids"].shape[1],
-            shared,
-            prefixes={stack: method.prefix_length for stack in method.prefix_stacks},
-        )
-        return torch.tensor(flops, dtype=torch.float64)
-
     def neuron_scoring_passes(self) -> Iterator[None]:
         """Forward passes with the untrained prompt over the first training examples (FPT's
         neuron importance); yields after each batch."""
@@ -262,7 +249,9 @@ class Trainer:
             batch = to_device(self.backbone.collate([self.data["train"][i] for i in mine]), self.device)
             weight = len(mine) / len(indices) / self.cfg.grad_accum
             totals[0] += backward_loss(self.method, self.backbone, batch, self.autocast, weight) * weight
-            totals[1:] += self.batch_flops(batch)
+            totals[1:] += self.stage_schedule.batch_flops(
+                batch, self.method, self.backbone.shares_prompt_states(self.method)
+            )
         self.world.sum_gradients(self.params)
         self.world.sum_(totals)
         if self.cfg.grad_clip:

@@ -22,7 +22,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
@@ -193,30 +196,64 @@ def matmul_flops_per_s(device, sync, repeats: int) -> float:
     return 2 * size**3 / interleaved({"mm": lambda: a @ a}, max(repeats, 10), sync)["mm"]
 
 
-def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> list:
-    """All comparisons on one backbone; returns the table rows and fills `results[name]`."""
-    rows = []
-    overrides = [*BACKBONES[name], f"method.prompt_length={args.prompt}"]
-    pipeline = build(overrides, args.seq_len)
-    backbone, method = pipeline.backbone.to(device), pipeline.method.to(device)
-    batch = to_device(batch_of(backbone, args.batch, args.seq_len), device)
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
-    step_flops = train_step_flops(
-        shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
-    )
+@dataclass
+class Bench:
+    """What every comparison shares: the options, the device's sync and autocast, and the output:
+    table rows (label, ptlab, reference, ratio) and the JSON results."""
 
-    ours_opt = torch.optim.AdamW(method.parameters(), lr=1e-3)
-    peft = peft_for(backbone, method, args.prompt).to(device)
-    peft_opt = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
+    args: argparse.Namespace
+    device: torch.device
+    sync: Callable[[], None]
+    autocast: Callable
+    rows: list = field(default_factory=list)
+    results: dict = field(default_factory=dict)
+
+    def row(self, label: str, ours: str, reference: str, ratio: str = "") -> None:
+        self.rows.append((label, ours, reference, ratio))
+
+    def interleaved(self, contenders: dict) -> dict:
+        """`interleaved` with this run's repeats and sync."""
+        return interleaved(contenders, self.args.repeats, self.sync)
+
+
+@dataclass
+class Setup:
+    """One backbone's fixed-shape contenders on one batch: ptlab's method and PEFT prompt tuning,
+    each with a training step and an evaluation call."""
+
+    name: str
+    backbone: Any
+    method: Any
+    peft: Any
+    batch: dict
+    shape: ModelShape
+    step_flops: float
+    optimizer: torch.optim.Optimizer  # the method's
+    autocast: Callable
+    peft_step: Callable[[], None]
+    peft_eval: Callable[[], list]
+
+    def step_on(self, model) -> Callable[[], None]:
+        """ptlab's training step with `model` as the backbone (this one, or a compiled copy)."""
+        return lambda: train_step(self.method, model, self.batch, self.optimizer, self.autocast)
+
+    def ours_step(self) -> None:
+        train_step(self.method, self.backbone, self.batch, self.optimizer, self.autocast)
+
+    def ours_eval(self) -> list:
+        """Rank classification of the batch in one pass."""
+        with torch.no_grad(), self.autocast():
+            return self.backbone.score(self.method, self.batch).argmax(-1).tolist()
+
+
+def peft_train_step(peft, backbone, batch, autocast) -> Callable[[], None]:
+    """PEFT's training step on `batch`: the model's own loss (a causal LM's on the target tokens
+    only), backward, AdamW."""
+    optimizer = torch.optim.AdamW([p for p in peft.parameters() if p.requires_grad], lr=1e-3)
     full_ids = torch.cat([batch["source_ids"], batch["target_ids"].clamp(min=0)], 1)
     causal_labels = torch.cat([torch.full_like(batch["source_ids"], -100), batch["target_ids"]], 1)
 
-    def step_on(model):
-        return lambda: train_step(method, model, batch, ours_opt, autocast)
-
-    ours_step = step_on(backbone)
-
-    def peft_step():
+    def step():
         with autocast():
             if backbone.family == "seq2seq":
                 out = peft(
@@ -227,76 +264,18 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
             else:
                 out = peft(input_ids=full_ids, attention_mask=torch.ones_like(full_ids), labels=causal_labels)
         out.loss.backward()
-        peft_opt.step()
-        peft_opt.zero_grad(set_to_none=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    backbone.train(), method.train(), peft.train()
-    backbone.model.eval()  # dropout off on both sides
-    floor = matmul_flops_per_s(device, sync, args.repeats)  # just before, under the same conditions
-    train = interleaved({"ptlab": ours_step, "peft": peft_step}, args.repeats, sync)
-    examples_s = {k: args.batch / v for k, v in train.items()}
-    rows.append(
-        (
-            f"{name}: train step, examples/s",
-            f"{examples_s['ptlab']:.1f}",
-            f"{examples_s['peft']:.1f}",
-            f"{examples_s['ptlab'] / examples_s['peft']:.2f}x",
-        )
-    )
-    rows.append(
-        (
-            f"{name}: train step, share of the matmul floor ({floor / 1e12:.2f} TFLOP/s)",
-            f"{step_flops / train['ptlab'] / floor:.0%}",
-            f"{step_flops / train['peft'] / floor:.0%}",
-            "",
-        )
-    )
-    memory = {"ptlab": step_memory_mb(ours_step, device), "peft": step_memory_mb(peft_step, device)}
-    rows.append(
-        (
-            f"{name}: train step, peak memory over the loaded model",
-            f"{memory['ptlab']:.0f} MiB",
-            f"{memory['peft']:.0f} MiB",
-            f"{memory['ptlab'] / memory['peft']:.2f}x",
-        )
-    )
-    if device.type == "cpu":
-        shares = {"ptlab": matmul_share(ours_step), "peft": matmul_share(peft_step)}
-        rows.append(
-            (
-                f"{name}: train step, time in matmul/attention kernels (profiler)",
-                f"{shares['ptlab']:.0%}",
-                f"{shares['peft']:.0%}",
-                "",
-            )
-        )
+    return step
 
-    if args.compile:  # trainer.compile=true: every transformer block through torch.compile
-        compiled = copy.deepcopy(backbone)
-        compile_blocks(compiled.model)
-        compiled_step = step_on(compiled)
-        started = time.perf_counter()
-        compiled_step()
-        compile_s = time.perf_counter() - started
-        timing = interleaved({"compiled": compiled_step, "eager": ours_step}, args.repeats, sync)
-        del compiled
-        rows.append(
-            (
-                f"{name}: train step, trainer.compile=true vs eager (first step {compile_s:.0f} s)",
-                f"{timing['compiled'] * 1000:.0f} ms",
-                f"{timing['eager'] * 1000:.0f} ms",
-                f"{timing['eager'] / timing['compiled']:.2f}x",
-            )
-        )
 
-    # evaluation: rank classification in one pass vs PEFT generate + exact match
+def peft_generate(peft, backbone, batch, autocast) -> Callable[[], list]:
+    """PEFT's evaluation of `batch`: generate 5 tokens, then each text's verbalizer by exact match
+    (-1: none)."""
     lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
 
-    def ours_eval():
-        with torch.no_grad(), autocast():
-            return backbone.score(method, batch).argmax(-1).tolist()
-
-    def peft_eval():
+    def evaluate():
         with torch.no_grad(), autocast():
             if backbone.family == "seq2seq":
                 out = peft.generate(
@@ -313,104 +292,216 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
                 texts = decode(backbone.tokenizer, out[:, batch["source_ids"].shape[1] :])
             return [lookup.get(t.strip(), -1) for t in texts]
 
-    evaluation = interleaved({"ptlab": ours_eval, "peft": peft_eval}, args.repeats, sync)
-    rows.append(
-        (
-            f"{name}: eval, examples/s (rank vs generate)",
-            f"{args.batch / evaluation['ptlab']:.1f}",
-            f"{args.batch / evaluation['peft']:.1f}",
-            f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
-        )
+    return evaluate
+
+
+def setup_backbone(bench: Bench, name: str) -> Setup:
+    """Backbone `name` with ptlab's method and PEFT prompt tuning, `--prompt` tokens each, on a
+    fixed batch of `--batch` x `--seq-len` tokens, and the FLOPs of a training step on it."""
+    args, device = bench.args, bench.device
+    pipeline = build([*BACKBONES[name], f"method.prompt_length={args.prompt}"], args.seq_len)
+    backbone, method = pipeline.backbone.to(device), pipeline.method.to(device)
+    batch = to_device(batch_of(backbone, args.batch, args.seq_len), device)
+    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    step_flops = train_step_flops(
+        shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
     )
-    results[name] = {
-        "train_s": train,
-        "eval_s": evaluation,
-        "step_flops": step_flops,
-        "step_memory_mb": memory,
-        "matmul_flops_per_s": floor,
+    optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
+    peft = peft_for(backbone, method, args.prompt).to(device)
+    return Setup(
+        name=name,
+        backbone=backbone,
+        method=method,
+        peft=peft,
+        batch=batch,
+        shape=shape,
+        step_flops=step_flops,
+        optimizer=optimizer,
+        autocast=bench.autocast,
+        peft_step=peft_train_step(peft, backbone, batch, bench.autocast),
+        peft_eval=peft_generate(peft, backbone, batch, bench.autocast),
+    )
+
+
+def bench_backbone(bench: Bench, name: str) -> None:
+    """All comparisons on one backbone: rows into `bench.rows`, measurements into `bench.results[name]`."""
+    setup = setup_backbone(bench, name)
+    bench.results[name] = {}
+    train_vs_peft(bench, setup)
+    if bench.args.compile:
+        compile_vs_eager(bench, setup)
+    rank_vs_generate(bench, setup)
+    if setup.backbone.family == "causal":
+        prompt_sharing(bench, setup)
+    methods_vs_pt100(bench, setup)
+    fpt_stages(bench, setup)
+
+
+def train_vs_peft(bench: Bench, setup: Setup) -> None:
+    """Training steps, ptlab vs PEFT: throughput, share of the matmul floor, peak memory and, on
+    CPU, the share of time in matmul/attention kernels."""
+    args, device, name = bench.args, bench.device, setup.name
+    setup.backbone.train(), setup.method.train(), setup.peft.train()
+    setup.backbone.model.eval()  # dropout off on both sides
+    floor = matmul_flops_per_s(device, bench.sync, args.repeats)  # just before, under the same conditions
+    train = bench.interleaved({"ptlab": setup.ours_step, "peft": setup.peft_step})
+    examples_s = {k: args.batch / v for k, v in train.items()}
+    bench.row(
+        f"{name}: train step, examples/s",
+        f"{examples_s['ptlab']:.1f}",
+        f"{examples_s['peft']:.1f}",
+        f"{examples_s['ptlab'] / examples_s['peft']:.2f}x",
+    )
+    bench.row(
+        f"{name}: train step, share of the matmul floor ({floor / 1e12:.2f} TFLOP/s)",
+        f"{setup.step_flops / train['ptlab'] / floor:.0%}",
+        f"{setup.step_flops / train['peft'] / floor:.0%}",
+    )
+    memory = {
+        "ptlab": step_memory_mb(setup.ours_step, device),
+        "peft": step_memory_mb(setup.peft_step, device),
     }
-    if backbone.family == "causal":  # the shared prompt's keys/values: once per batch vs per example
-        for label, fn in (("train step", ours_step), ("eval", ours_eval)):
-            timing = interleaved(
-                {"shared": sharing(backbone, True, fn), "per_example": sharing(backbone, False, fn)},
-                args.repeats,
-                sync,
-            )
-            results[name][f"prompt_sharing_{label}_s"] = timing
-            rows.append(
-                (
-                    f"{name}: {label}, prompt states shared vs per example",
-                    f"{timing['shared'] * 1000:.0f} ms",
-                    f"{timing['per_example'] * 1000:.0f} ms",
-                    f"{timing['per_example'] / timing['shared']:.2f}x faster",
-                )
-            )
-
-    # prompt length scaling and the methods' costs against prompt tuning with 100 tokens
-    contenders = {}
-    for label, extra in [
-        ("pt5", ["method.prompt_length=5"]),
-        ("pt20", ["method.prompt_length=20"]),
-        ("pt50", ["method.prompt_length=50"]),
-        ("pt100", ["method.prompt_length=100"]),
-        ("smop4x5", ["method=smop"]),
-        ("superpos", ["method=superpos"]),
-        ("residual", ["method=residual"]),
-    ]:
-        other = method_for(backbone, [*BACKBONES[name], *extra])
-        other.to(device).train()
-        opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
-
-        contenders[label] = lambda other=other, opt=opt: train_step(other, backbone, batch, opt, autocast)
-    scaling = interleaved(contenders, args.repeats, sync)
-    results[name]["methods_s"] = scaling
-    method_memory = {label: step_memory_mb(contenders[label], device) for label in ("smop4x5", "pt100")}
-    results[name]["methods_memory_mb"] = method_memory
-    for label in ("pt5", "pt20", "pt50"):
-        rows.append(
-            (
-                f"{name}: train step {label} vs pt100",
-                f"{scaling[label] * 1000:.0f} ms",
-                f"{scaling['pt100'] * 1000:.0f} ms",
-                f"{scaling['pt100'] / scaling[label]:.2f}x faster",
-            )
-        )
-    rows.append(
-        (
-            f"{name}: SMoP 4x5 vs PT-100 time",
-            f"{scaling['smop4x5'] * 1000:.0f} ms",
-            f"{scaling['pt100'] * 1000:.0f} ms",
-            f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
-        )
+    bench.row(
+        f"{name}: train step, peak memory over the loaded model",
+        f"{memory['ptlab']:.0f} MiB",
+        f"{memory['peft']:.0f} MiB",
+        f"{memory['ptlab'] / memory['peft']:.2f}x",
     )
-    rows.append(
-        (
-            f"{name}: SMoP 4x5 vs PT-100 peak memory over the loaded model",
-            f"{method_memory['smop4x5']:.0f} MiB",
-            f"{method_memory['pt100']:.0f} MiB",
-            f"{1 - method_memory['smop4x5'] / method_memory['pt100']:.1%} less (paper: 22.9%)",
+    if device.type == "cpu":
+        shares = {"ptlab": matmul_share(setup.ours_step), "peft": matmul_share(setup.peft_step)}
+        bench.row(
+            f"{name}: train step, time in matmul/attention kernels (profiler)",
+            f"{shares['ptlab']:.0%}",
+            f"{shares['peft']:.0%}",
         )
+    bench.results[name].update(
+        train_s=train, step_flops=setup.step_flops, step_memory_mb=memory, matmul_flops_per_s=floor
+    )
+
+
+def compile_vs_eager(bench: Bench, setup: Setup) -> None:
+    """ptlab's training step with trainer.compile=true (every transformer block through
+    torch.compile, on a copy of the backbone) vs eager."""
+    compiled = copy.deepcopy(setup.backbone)
+    compile_blocks(compiled.model)
+    compiled_step = setup.step_on(compiled)
+    started = time.perf_counter()
+    compiled_step()
+    compile_s = time.perf_counter() - started
+    timing = bench.interleaved({"compiled": compiled_step, "eager": setup.ours_step})
+    bench.row(
+        f"{setup.name}: train step, trainer.compile=true vs eager (first step {compile_s:.0f} s)",
+        f"{timing['compiled'] * 1000:.0f} ms",
+        f"{timing['eager'] * 1000:.0f} ms",
+        f"{timing['eager'] / timing['compiled']:.2f}x",
+    )
+
+
+def rank_vs_generate(bench: Bench, setup: Setup) -> None:
+    """Evaluation: ptlab's rank classification in one pass vs PEFT generate + exact match."""
+    evaluation = bench.interleaved({"ptlab": setup.ours_eval, "peft": setup.peft_eval})
+    bench.row(
+        f"{setup.name}: eval, examples/s (rank vs generate)",
+        f"{bench.args.batch / evaluation['ptlab']:.1f}",
+        f"{bench.args.batch / evaluation['peft']:.1f}",
+        f"{evaluation['peft'] / evaluation['ptlab']:.2f}x",
+    )
+    bench.results[setup.name]["eval_s"] = evaluation
+
+
+def prompt_sharing(bench: Bench, setup: Setup) -> None:
+    """A causal backbone's shared prompt keys/values: computed once per batch vs per example."""
+    for label, fn in (("train step", setup.ours_step), ("eval", setup.ours_eval)):
+        timing = bench.interleaved(
+            {"shared": sharing(setup.backbone, True, fn), "per_example": sharing(setup.backbone, False, fn)}
+        )
+        bench.results[setup.name][f"prompt_sharing_{label}_s"] = timing
+        bench.row(
+            f"{setup.name}: {label}, prompt states shared vs per example",
+            f"{timing['shared'] * 1000:.0f} ms",
+            f"{timing['per_example'] * 1000:.0f} ms",
+            f"{timing['per_example'] / timing['shared']:.2f}x faster",
+        )
+
+
+# the methods timed against each other: prompt tuning at four lengths and the other methods
+METHODS = [
+    ("pt5", ["method.prompt_length=5"]),
+    ("pt20", ["method.prompt_length=20"]),
+    ("pt50", ["method.prompt_length=50"]),
+    ("pt100", ["method.prompt_length=100"]),
+    ("smop4x5", ["method=smop"]),
+    ("superpos", ["method=superpos"]),
+    ("residual", ["method=residual"]),
+    ("deep_prompt", ["method=deep_prompt"]),
+]
+
+
+def method_steps(bench: Bench, setup: Setup) -> dict:
+    """A training step (own AdamW) of each of `METHODS` on the backbone and batch of `setup`."""
+    steps = {}
+    for label, extra in METHODS:
+        other = method_for(setup.backbone, [*BACKBONES[setup.name], *extra])
+        other.to(bench.device).train()
+        opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
+        steps[label] = lambda other=other, opt=opt: train_step(
+            other, setup.backbone, setup.batch, opt, bench.autocast
+        )
+    return steps
+
+
+def methods_vs_pt100(bench: Bench, setup: Setup) -> None:
+    """Prompt length scaling and the methods' costs against prompt tuning with 100 (or 20) tokens."""
+    name, steps = setup.name, method_steps(bench, setup)
+    scaling = bench.interleaved(steps)
+    memory = {label: step_memory_mb(steps[label], bench.device) for label in ("smop4x5", "pt100")}
+    bench.results[name].update(methods_s=scaling, methods_memory_mb=memory)
+    for label in ("pt5", "pt20", "pt50"):
+        bench.row(
+            f"{name}: train step {label} vs pt100",
+            f"{scaling[label] * 1000:.0f} ms",
+            f"{scaling['pt100'] * 1000:.0f} ms",
+            f"{scaling['pt100'] / scaling[label]:.2f}x faster",
+        )
+    bench.row(
+        f"{name}: SMoP 4x5 vs PT-100 time",
+        f"{scaling['smop4x5'] * 1000:.0f} ms",
+        f"{scaling['pt100'] * 1000:.0f} ms",
+        f"{1 - scaling['smop4x5'] / scaling['pt100']:.1%} less (paper: 14.6%)",
+    )
+    bench.row(
+        f"{name}: SMoP 4x5 vs PT-100 peak memory over the loaded model",
+        f"{memory['smop4x5']:.0f} MiB",
+        f"{memory['pt100']:.0f} MiB",
+        f"{1 - memory['smop4x5'] / memory['pt100']:.1%} less (paper: 22.9%)",
     )
     for label in ("superpos", "residual"):
-        rows.append(
-            (
-                f"{name}: {label} vs PT (10 vs 20 tok)",
-                f"{scaling[label] * 1000:.0f} ms",
-                f"{scaling['pt20'] * 1000:.0f} ms",
-                f"{scaling[label] / scaling['pt20']:.2f}x",
-            )
+        bench.row(
+            f"{name}: {label} vs PT (10 vs 20 tok)",
+            f"{scaling[label] * 1000:.0f} ms",
+            f"{scaling['pt20'] * 1000:.0f} ms",
+            f"{scaling[label] / scaling['pt20']:.2f}x",
         )
+    bench.row(
+        f"{name}: deep_prompt vs PT-20 time (20 positions per layer vs 20 input tokens)",
+        f"{scaling['deep_prompt'] * 1000:.0f} ms",
+        f"{scaling['pt20'] * 1000:.0f} ms",
+        f"{scaling['deep_prompt'] / scaling['pt20']:.2f}x",
+    )
 
-    # FPT: each compound stage's step time and FLOPs against the full model
+
+def fpt_stages(bench: Bench, setup: Setup) -> None:
+    """FPT: each compound stage's training step time and FLOPs against the full model."""
+    args, backbone, batch = bench.args, setup.backbone, setup.batch
     partial = PartialModel(backbone.model)
     with torch.no_grad(), backbone.per_example_prompt_states():
-        partial.score_neurons(lambda: iter([backbone.output_logits(method, batch)]))
+        partial.score_neurons(lambda: iter([backbone.output_logits(setup.method, batch)]))
     stage_times, stage_flops = {}, {}
     for depth in (0.25, 0.5, 0.75, 1.0):
         partial.set_stage(depth, depth)
-        stage_times[depth] = interleaved({"step": ours_step}, args.repeats, sync)["step"]
+        stage_times[depth] = bench.interleaved({"step": setup.ours_step})["step"]
         stage_flops[depth] = train_step_flops(
-            shape,
+            setup.shape,
             backbone.family,
             args.batch,
             args.seq_len + args.prompt,
@@ -419,25 +510,23 @@ def bench_backbone(name: str, args, device, sync, autocast, results: dict) -> li
             ffn=partial.kept_neurons,
         )
     partial.restore()
-    results[name]["fpt_stage_s"], results[name]["fpt_stage_flops"] = stage_times, stage_flops
+    bench.results[setup.name].update(fpt_stage_s=stage_times, fpt_stage_flops=stage_flops)
     for depth in (0.25, 0.5, 0.75):
-        rows.append(
-            (
-                f"{name}: FPT stage depth=width={depth} vs full",
-                f"{stage_times[depth] * 1000:.0f} ms",
-                f"{stage_times[1.0] * 1000:.0f} ms",
-                f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
-            )
+        bench.row(
+            f"{setup.name}: FPT stage depth=width={depth} vs full",
+            f"{stage_times[depth] * 1000:.0f} ms",
+            f"{stage_times[1.0] * 1000:.0f} ms",
+            f"time {stage_times[depth] / stage_times[1.0]:.2f}, FLOPs {stage_flops[depth] / stage_flops[1.0]:.2f}",
         )
-    return rows
 
 
-def length_grouping(args, device, sync, rows: list, results: dict) -> None:
+def length_grouping(bench: Bench) -> None:
     """Training throughput on real SST-2 batches with the default recipe's backbone and batch size:
     batches grouped by length vs plain random batches of the same epoch, timed batch by batch
     alternately, plus the padding each leaves over the whole epoch."""
     from ptlab.data import epoch_batches
 
+    args, device = bench.args, bench.device
     config, backbone, method, train = real_task([], "train", device)
     backbone.train(), method.train()
     lengths = [len(example.source_ids) for example in train]
@@ -459,40 +548,30 @@ def length_grouping(args, device, sync, rows: list, results: dict) -> None:
     seconds = {"grouped": 0.0, "plain": 0.0}
     for i in range(args.grouping_batches + 1):
         for label in seconds:
-            elapsed = timed(lambda indices=batches[label][i]: step(indices), sync)
+            elapsed = timed(lambda indices=batches[label][i]: step(indices), bench.sync)
             seconds[label] += elapsed if i else 0.0  # the first pair warms up
     examples_s = {label: args.grouping_batches * size / value for label, value in seconds.items()}
-    results["length_grouping"] = {"examples_per_s": examples_s, "padding_fraction": padding}
-    rows.append(
-        (
-            f"minilm_l6: SST-2 train, examples/s, length-grouped vs random batches ({args.grouping_batches} each)",
-            f"{examples_s['grouped']:.0f}",
-            f"{examples_s['plain']:.0f}",
-            f"{examples_s['grouped'] / examples_s['plain']:.2f}x",
-        )
+    bench.results["length_grouping"] = {"examples_per_s": examples_s, "padding_fraction": padding}
+    bench.row(
+        f"minilm_l6: SST-2 train, examples/s, length-grouped vs random batches ({args.grouping_batches} each)",
+        f"{examples_s['grouped']:.0f}",
+        f"{examples_s['plain']:.0f}",
+        f"{examples_s['grouped'] / examples_s['plain']:.2f}x",
     )
-    rows.append(
-        (
-            "minilm_l6: SST-2 train epoch, padding tokens per real token",
-            f"{padding['grouped']:.2f}",
-            f"{padding['plain']:.2f}",
-            "",
-        )
+    bench.row(
+        "minilm_l6: SST-2 train epoch, padding tokens per real token",
+        f"{padding['grouped']:.2f}",
+        f"{padding['plain']:.2f}",
     )
 
 
-def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
-    """Evaluation as users run it, on real SST-2 validation examples with SmolLM2: ptlab's
-    evaluation (length-sorted batches, rank classification) vs PEFT generate + exact match over
-    HF's DataCollatorWithPadding batches, the same prompt in both; also reports how often
-    ptlab's generate mode and PEFT's produce the same text."""
+def peft_generate_texts(bench: Bench, backbone, method, examples, size: int, new_tokens: int):
+    """PEFT generate over HF's DataCollatorWithPadding batches of `examples` (left padding), with
+    `method`'s prompt copied in: a call returning each example's stripped text."""
     from torch.utils.data import DataLoader
     from transformers import DataCollatorWithPadding
 
-    overrides = ["backbone=smollm2_135m", f"data.max_eval_examples={args.eval_examples}"]
-    config, backbone, method, examples = real_task(overrides, "validation", device)
-    size, new_tokens = config.trainer.eval_batch_size, 5
-    peft = peft_for(backbone, method, method.num_tokens).to(device)
+    peft = peft_for(backbone, method, method.num_tokens).to(bench.device)
     with torch.no_grad():
         peft.prompt_encoder["default"].embedding.weight.copy_(method.prompt())
     peft.eval()
@@ -500,6 +579,30 @@ def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
     tokenizer.padding_side = "left"
     encoded = [{"input_ids": e.source_ids, "attention_mask": [1] * len(e.source_ids)} for e in examples]
     loader = DataLoader(encoded, batch_size=size, collate_fn=DataCollatorWithPadding(tokenizer))
+
+    def texts():
+        out_texts = []
+        with torch.no_grad(), bench.autocast():
+            for batch in loader:
+                batch = to_device(batch, bench.device)
+                out = peft.generate(**batch, max_new_tokens=new_tokens, pad_token_id=backbone.pad_id)
+                new = out[:, batch["input_ids"].shape[1] :]
+                out_texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return out_texts
+
+    return texts
+
+
+def real_eval(bench: Bench) -> None:
+    """Evaluation as users run it, on real SST-2 validation examples with SmolLM2: ptlab's
+    evaluation (length-sorted batches, rank classification) vs PEFT generate + exact match over
+    HF's DataCollatorWithPadding batches, the same prompt in both; also reports how often
+    ptlab's generate mode and PEFT's produce the same text."""
+    device, autocast, sync = bench.device, bench.autocast, bench.sync
+    overrides = ["backbone=smollm2_135m", f"data.max_eval_examples={bench.args.eval_examples}"]
+    config, backbone, method, examples = real_task(overrides, "validation", device)
+    size, new_tokens = config.trainer.eval_batch_size, 5
+    theirs = peft_generate_texts(bench, backbone, method, examples, size, new_tokens)
 
     def ours():
         return predict_examples(backbone, method, examples, size, device, autocast, "rank")
@@ -514,40 +617,26 @@ def real_eval(args, device, sync, autocast, rows: list, results: dict) -> None:
             lambda batch: [text.strip() for text in backbone.generate(method, batch, new_tokens)],
         )
 
-    def theirs():
-        texts = []
-        with torch.no_grad(), autocast():
-            for batch in loader:
-                batch = to_device(batch, device)
-                out = peft.generate(**batch, max_new_tokens=new_tokens, pad_token_id=backbone.pad_id)
-                new = out[:, batch["input_ids"].shape[1] :]
-                texts += [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
-        return texts
-
     seconds = {"ptlab": timed(ours, sync), "peft": timed(theirs, sync)}
     seconds["ptlab_shared"] = timed(sharing(backbone, True, ours), sync)
     seconds["ptlab_per_example"] = timed(sharing(backbone, False, ours), sync)
     peft_texts, ptlab_texts = theirs(), ours_texts()
     same = sum(a == b for a, b in zip(peft_texts, ptlab_texts)) / len(examples)
-    results["real_eval"] = {"seconds": seconds, "examples": len(examples), "same_generated_text": same}
+    bench.results["real_eval"] = {"seconds": seconds, "examples": len(examples), "same_generated_text": same}
     rate = {k: len(examples) / v for k, v in seconds.items()}
-    rows.append(
-        (
-            f"smollm2_135m: SST-2 validation ({len(examples)}), eval examples/s (rank vs generate {new_tokens})",
-            f"{rate['ptlab']:.1f}",
-            f"{rate['peft']:.1f}",
-            f"{rate['ptlab'] / rate['peft']:.2f}x",
-        )
+    bench.row(
+        f"smollm2_135m: SST-2 validation ({len(examples)}), eval examples/s (rank vs generate {new_tokens})",
+        f"{rate['ptlab']:.1f}",
+        f"{rate['peft']:.1f}",
+        f"{rate['ptlab'] / rate['peft']:.2f}x",
     )
-    rows.append(
-        (
-            "smollm2_135m: SST-2 validation eval, prompt states shared vs per example",
-            f"{seconds['ptlab_shared']:.1f} s",
-            f"{seconds['ptlab_per_example']:.1f} s",
-            f"{seconds['ptlab_per_example'] / seconds['ptlab_shared']:.2f}x faster",
-        )
+    bench.row(
+        "smollm2_135m: SST-2 validation eval, prompt states shared vs per example",
+        f"{seconds['ptlab_shared']:.1f} s",
+        f"{seconds['ptlab_per_example']:.1f} s",
+        f"{seconds['ptlab_per_example'] / seconds['ptlab_shared']:.2f}x faster",
     )
-    rows.append(("smollm2_135m: same generated text, ptlab generate vs PEFT generate", f"{same:.1%}", "", ""))
+    bench.row("smollm2_135m: same generated text, ptlab generate vs PEFT generate", f"{same:.1%}", "")
 
 
 def peft_time_to_accuracy(args, config, splits, lr: float) -> tuple:
@@ -608,15 +697,28 @@ def peft_time_to_accuracy(args, config, splits, lr: float) -> tuple:
     return None, best, examples / train_s
 
 
-def time_to_accuracy(args, rows: list, results: dict) -> None:
-    """Wall time (training + evaluations, model load excluded) until validation accuracy first
-    reaches `args.tta_target` on SST-2 with MiniLM: ptlab's default recipe (`ptlab-train` as it
-    ships) vs PEFT prompt tuning at each of `args.tta_peft_lrs` (AdamW; PEFT's docs use 3e-2),
-    both evaluated on the same examples every `args.tta_eval_every` steps."""
+def ptlab_time_to_accuracy(args, cfg) -> tuple:
+    """(seconds until validation accuracy first reached the target or None, best accuracy,
+    training examples/s) of `ptlab-train` with config `cfg`, from its metrics and summary."""
     import tempfile
 
     from ptlab.job import run
 
+    with tempfile.TemporaryDirectory() as folder:
+        run(cfg, run_dir=Path(folder))
+        events = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
+        rate = json.loads((Path(folder) / "summary.json").read_text())["examples_per_s"]
+    validation = [e for e in events if e["split"] == "validation"]
+    seconds = next((e["wall_s"] for e in validation if e["acc"] >= args.tta_target), None)
+    return seconds, max(e["acc"] for e in validation), rate
+
+
+def time_to_accuracy(bench: Bench) -> None:
+    """Wall time (training + evaluations, model load excluded) until validation accuracy first
+    reaches `args.tta_target` on SST-2 with MiniLM: ptlab's default recipe (`ptlab-train` as it
+    ships) vs PEFT prompt tuning at each of `args.tta_peft_lrs` (AdamW; PEFT's docs use 3e-2),
+    both evaluated on the same examples every `args.tta_eval_every` steps."""
+    args = bench.args
     cfg = default_config(
         [
             f"trainer.max_steps={args.tta_max_steps}",
@@ -624,16 +726,10 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
             f"data.max_eval_examples={args.eval_examples}",
         ]
     )
-    with tempfile.TemporaryDirectory() as folder:
-        run(cfg, run_dir=Path(folder))
-        events = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-        ours_rate = json.loads((Path(folder) / "summary.json").read_text())["examples_per_s"]
-    validation = [e for e in events if e["split"] == "validation"]
-    ours = next((e["wall_s"] for e in validation if e["acc"] >= args.tta_target), None)
-    ours_best = max(e["acc"] for e in validation)
+    ours, ours_best, ours_rate = ptlab_time_to_accuracy(args, cfg)
     config = to_object(cfg)
     splits = raw_splits(config)
-    results["time_to_accuracy"] = {
+    results = bench.results["time_to_accuracy"] = {
         "target": args.tta_target,
         "max_steps": args.tta_max_steps,
         "ptlab": {"seconds": ours, "best": ours_best, "lr": config.trainer.lr, "examples_per_s": ours_rate},
@@ -649,30 +745,23 @@ def time_to_accuracy(args, rows: list, results: dict) -> None:
 
     for lr in args.tta_peft_lrs:
         theirs, best, rate = peft_time_to_accuracy(args, config, splits, lr)
-        results["time_to_accuracy"]["peft"][str(lr)] = {
-            "seconds": theirs,
-            "best": best,
-            "examples_per_s": rate,
-        }
-        rows.append(
-            (
-                f"minilm_l6: SST-2 training examples/s, default recipe vs PEFT + dynamic padding (lr {lr:g})",
-                f"{ours_rate:.0f}",
-                f"{rate:.0f}",
-                f"{ours_rate / rate:.2f}x",
-            )
+        results["peft"][str(lr)] = {"seconds": theirs, "best": best, "examples_per_s": rate}
+        bench.row(
+            f"minilm_l6: SST-2 training examples/s, default recipe vs PEFT + dynamic padding (lr {lr:g})",
+            f"{ours_rate:.0f}",
+            f"{rate:.0f}",
+            f"{ours_rate / rate:.2f}x",
         )
-        rows.append(
-            (
-                f"minilm_l6: time to {args.tta_target:.0%} SST-2 accuracy (PEFT at lr {lr:g})",
-                fmt(ours, ours_best),
-                fmt(theirs, best),
-                f"{theirs / ours:.2f}x faster" if ours and theirs else "n/a",
-            )
+        bench.row(
+            f"minilm_l6: time to {args.tta_target:.0%} SST-2 accuracy (PEFT at lr {lr:g})",
+            fmt(ours, ours_best),
+            fmt(theirs, best),
+            f"{theirs / ours:.2f}x faster" if ours and theirs else "n/a",
         )
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line, with --quick's and the default backbones filled in."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -716,32 +805,43 @@ def main() -> None:
         args.backbones = args.backbones or ["t5_base_shape"]
         args.eval_examples, args.tta_target, args.compile = 64, 0.0, False
     args.backbones = args.backbones or ["t5_base_shape", "smollm2_135m"]
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device(args.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if device.type == "cuda"
-        else contextlib.nullcontext
+    bench = Bench(
+        args,
+        device,
+        sync=torch.cuda.synchronize if device.type == "cuda" else (lambda: None),
+        autocast=(
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+            if device.type == "cuda"
+            else contextlib.nullcontext
+        ),
+        results={"args": vars(args) | {"out": str(args.out)}},
     )
-    results, rows = {"args": vars(args) | {"out": str(args.out)}}, []
 
     for name in args.backbones:
-        rows += bench_backbone(name, args, device, sync, autocast, results)
+        bench_backbone(bench, name)
     if args.grouping_batches > 0:
-        length_grouping(args, device, sync, rows, results)
+        length_grouping(bench)
     if args.real_eval:
-        real_eval(args, device, sync, autocast, rows, results)
+        real_eval(bench)
     if args.tta_target > 0 and device.type == "cpu":
-        time_to_accuracy(args, rows, results)
+        time_to_accuracy(bench)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (args.out / f"bench-{args.device}-{stamp}.json").write_text(json.dumps(results, indent=2, default=str))
+    (args.out / f"bench-{args.device}-{stamp}.json").write_text(
+        json.dumps(bench.results, indent=2, default=str)
+    )
     print(
         f"\n| measurement ({args.device}, batch {args.batch}, {args.seq_len} tokens, prompt {args.prompt}) | ptlab | reference | ratio |"
     )
     print("|---|---|---|---|")
-    for row in rows:
+    for row in bench.rows:
         print("| " + " | ".join(row) + " |")
     print(f"\nJSON: {args.out}/bench-{args.device}-{stamp}.json", file=sys.stderr)
 

@@ -106,7 +106,7 @@ def run_cli(*args, env_extra=None, cwd=None):
         (["backbone=nope"], "Could not find 'backbone/nope'"),
         (["trainer.lrr=0.1"], "Key 'lrr' not in 'TrainerConfig'"),
         (["trainer.lr=abc"], "trainer.lr=abc"),
-        (["method=nope"], "available in 'method': prompt_tuning"),
+        (["method=nope"], "available in 'method': deep_prompt prompt_tuning"),
         (["method.prompt_length=0"], "ptlab: error: method.prompt_length=0 must be >= 1"),
         (["backbone=tiny_bert", "data.max_source_length=1020"], "exceeds the backbone's 1024 positions"),
     ],

@@ -45,6 +45,7 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
     for row in (
         "| tiny_t5: train step, examples/s |",
         "| tiny_t5: SMoP 4x5 vs PT-100 peak memory over the loaded model |",
+        "| tiny_t5: deep_prompt vs PT-20 time (20 positions per layer vs 20 input tokens) |",
         "| tiny_llama: train step, prompt states shared vs per example |",
         "| minilm_l6: SST-2 train, examples/s, length-grouped vs random batches (2 each) |",
         "| minilm_l6: time to 99% SST-2 accuracy (PEFT at lr 0.03) | not reached in 2 steps",
@@ -54,6 +55,7 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
     data = json.loads(report.read_text())
     assert set(data["tiny_t5"]["train_s"]) == {"ptlab", "peft"} and data["tiny_t5"]["matmul_flops_per_s"] > 0
     assert all(value > 0 for value in data["tiny_llama"]["step_memory_mb"].values())
+    assert data["tiny_llama"]["methods_s"]["deep_prompt"] > 0
     assert data["real_eval"]["examples"] == 4 and 0.0 <= data["real_eval"]["same_generated_text"] <= 1.0
     assert data["time_to_accuracy"]["peft"]["0.03"]["examples_per_s"] > 0
     padding = data["length_grouping"]["padding_fraction"]
