@@ -11,7 +11,6 @@ The trainer only calls `loss`, `score` and `generate`; the prompt method supplie
 from __future__ import annotations
 
 import contextlib
-import inspect
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -25,7 +24,7 @@ from ptlab.data import Example
 from ptlab.errors import ConfigError
 from ptlab.methods.base import PromptContext, PromptInjection, PromptMethod, SharedPromptMethod, StackShape
 from ptlab.model_loading import load_model_and_tokenizer
-from ptlab.prefixes import EncoderPrefixes, decoder_cache
+from ptlab.prefixes import EncoderPrefixes, cache_parameter, decoder_cache
 
 Batch = Dict[str, torch.Tensor]
 
@@ -52,11 +51,6 @@ def join(
         torch.cat([embeds[:, :at], block, embeds[:, at:]], 1),
         torch.cat([mask[:, :at], ones, mask[:, at:]], 1),
     )
-
-
-def cache_argument(forward) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; whichever `forward` takes."""
-    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def no_generation_with_decoder_prefixes(injection: PromptInjection, stack: str) -> None:
@@ -187,6 +181,12 @@ class Backbone(nn.Module):
         injection = method.inject(source_embeds, batch["source_mask"])
         return (injection, *join(injection.block, source_embeds, batch["source_mask"], at))
 
+    def prefix_dtype(self) -> torch.dtype:
+        """The dtype of this pass's keys and values: autocast's where it is on (bf16 on a GPU), else
+        the model's; prefixes are cast to it so attention sees one dtype."""
+        device = self.model.device.type
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.model.dtype
+
     @contextlib.contextmanager
     def encoder_prefixes(self, injection: PromptInjection, size: int) -> Iterator[None]:
         """Inside this block the encoder stack attends to the injection's encoder prefixes."""
@@ -196,7 +196,7 @@ class Backbone(nn.Module):
             return
         if self.encoder_hooks is None:
             self.encoder_hooks = EncoderPrefixes(self_attentions(self.model)["encoder"])
-        with self.encoder_hooks.placed(prefixes, size, self.model.dtype):
+        with self.encoder_hooks.placed(prefixes, size, self.prefix_dtype()):
             yield
 
     # --- the family-specific part ----------------------------------------------------------
@@ -236,7 +236,7 @@ class Seq2SeqBackbone(Backbone):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.cache_key = cache_argument(self.model.forward)
+        self.cache_key = cache_parameter(self.model.forward)
 
     def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
         injection, inputs_embeds, mask = self.prompted(method, batch)
@@ -251,7 +251,7 @@ class Seq2SeqBackbone(Backbone):
         prefixes = injection.prefixes.get("decoder")
         cache = {}
         if prefixes:
-            own = decoder_cache(prefixes, len(targets), self.model.dtype)
+            own = decoder_cache(prefixes, len(targets), self.prefix_dtype())
             cache[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
         return self.model(
             inputs_embeds=None if encoded is not None else inputs_embeds,
@@ -305,7 +305,7 @@ class CausalBackbone(Backbone):
         self.dropout_free = getattr(self.model.config, "attention_dropout", 0.0) == 0 and not any(
             isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
         )
-        self.cache_key = cache_argument(self.model.base_model.forward)
+        self.cache_key = cache_parameter(self.model.base_model.forward)
 
     def shares_prompt_states(self, method: PromptMethod) -> bool:
         wanted = self.cfg.share_prompt_states
@@ -349,7 +349,7 @@ class CausalBackbone(Backbone):
         joined, prefix_mask = join(injection.block, source_embeds, batch["source_mask"])
         inputs = source_embeds if shared else joined
         prefixes = injection.prefixes.get("decoder")
-        cache = decoder_cache(prefixes, 1 if shared else size, self.model.dtype) if prefixes else None
+        cache = decoder_cache(prefixes, 1 if shared else size, self.prefix_dtype()) if prefixes else None
         width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
         prefix_mask = torch.cat([prefix_mask.new_ones(size, width), prefix_mask], 1)
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)

@@ -13,6 +13,7 @@ keep a subset of the original blocks, give each kept layer its own prefix.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Iterator, List, Optional
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue
 
 
@@ -44,12 +46,32 @@ def widened(mask: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
     return F.pad(mask, (width, 0), value=True if mask.dtype == torch.bool else 0.0)
 
 
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_parameter(forward) -> str:
+    """The name `forward` takes a key/value cache under: `cache` from transformers 5.2x on,
+    `past_key_values` before. A cache passed under another name would be silently dropped."""
+    names = inspect.signature(forward).parameters
+    found = [name for name in CACHE_NAMES if name in names]
+    if not found:
+        raise ConfigError(
+            f"{getattr(forward, '__qualname__', forward)} takes no key/value cache (none of {list(CACHE_NAMES)}): "
+            "per-layer prefixes need a transformers release whose attention layers take one"
+        )
+    return found[0]
+
+
 class EncoderPrefixes:
     """Hooks on a bidirectional stack's self-attention modules; they do nothing outside `placed`."""
 
     def __init__(self, attentions: List[nn.Module]) -> None:
         self.prefixes: Optional[List[KeyValue]] = None
+        self.calls = {}  # module -> (its forward's signature, its cache argument, its mask argument)
         for attention in attentions:
+            signature = inspect.signature(attention.forward)
+            mask = "mask" if "mask" in signature.parameters else "attention_mask"
+            self.calls[attention] = (signature, cache_parameter(attention.forward), mask)
             attention.register_forward_pre_hook(self.before_attention, with_kwargs=True)
 
     @contextlib.contextmanager
@@ -65,8 +87,9 @@ class EncoderPrefixes:
         if self.prefixes is None:
             return None
         key, value = self.prefixes[module.layer_idx]
+        signature, cache, mask = self.calls[module]
+        call = signature.bind_partial(*args, **kwargs)  # however the model passes them
         # a cache of this layer's prefix only, made for each pass: the module appends its own keys
-        kwargs["cache"] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
-        mask_name = "mask" if "mask" in kwargs else "attention_mask"
-        kwargs[mask_name] = widened(kwargs.get(mask_name), key.shape[2])
-        return args, kwargs
+        call.arguments[cache] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
+        call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2])
+        return call.args, call.kwargs

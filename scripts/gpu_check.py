@@ -6,7 +6,7 @@
 Installs the kit's wheels with no network, then runs, each step with its own time limit and all
 within --budget-s (8 minutes): the CUDA tests (`pytest -m cuda`), `scripts/bench.py --device cuda
 --quick` against PEFT, the default job with `hardware=gpu logger=none`, a `schedule=fpt` run, a
-`method=smop` run and the default job with `trainer.compile=true`. It writes one results file,
+`method=smop` run, a `method=deep_prompt` run and the default job with `trainer.compile=true`. It writes one results file,
 DIR/gpu-check.md (rewritten after every step, so a check cut short still reports what it measured),
 and DIR/gpu-check.log with every step's output; it exits non-zero if any step failed.
 
@@ -223,6 +223,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         training("default job", [], 120),
         training("fpt", ["schedule=fpt"], 90),
         training("smop", ["method=smop"], 90),
+        training("deep_prompt", ["method=deep_prompt"], 90),
         training("compile", ["trainer.compile=true"], 120),
     ]
 

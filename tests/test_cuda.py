@@ -47,9 +47,10 @@ def train(tmp_path, name, overrides):
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.parametrize("method_name", ["prompt_tuning", "deep_prompt"])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_bf16_training_step_keeps_an_fp32_prompt_with_finite_gradients(backbone):
-    _, model, method = build([f"backbone={backbone}"])
+def test_bf16_training_step_keeps_an_fp32_prompt_with_finite_gradients(backbone, method_name):
+    _, model, method = build([f"backbone={backbone}", f"method={method_name}"])
     model.to(DEVICE), method.to(DEVICE)
     batch = to_device(model.collate(examples(model)), DEVICE)
     with autocast():
@@ -64,9 +65,10 @@ def test_bf16_training_step_keeps_an_fp32_prompt_with_finite_gradients(backbone)
     assert all(p.grad is None for p in model.model.parameters())  # the backbone stays frozen
 
 
+@pytest.mark.parametrize("method_name", ["prompt_tuning", "deep_prompt"])
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_training_run_on_the_device(tmp_path, backbone):
-    run_dir, summary = train(tmp_path, backbone, [f"backbone={backbone}", *STEPS])
+def test_training_run_on_the_device(tmp_path, backbone, method_name):
+    run_dir, summary = train(tmp_path, backbone, [f"backbone={backbone}", f"method={method_name}", *STEPS])
     assert summary["steps"] == 6 and summary["peak_memory_mb"] > 0
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in events if e["split"] == "train")

@@ -20,6 +20,7 @@ from ptlab.errors import ConfigError
 from ptlab.export import check_exportable
 from ptlab.flops import ModelShape, train_step_flops
 from ptlab.partial import PartialModel
+from ptlab.prefixes import EncoderPrefixes
 
 from conftest import compose_config
 from helpers import build, examples
@@ -315,3 +316,44 @@ def test_t5_generation_with_encoder_prefixes_sees_them():
 def test_export_refuses_deep_prompts_that_peft_places_otherwise(backbone_name, message):
     with pytest.raises(ConfigError, match=message):
         check_exportable(to_object(compose_config(["method=deep_prompt", f"backbone={backbone_name}"])))
+
+
+@pytest.mark.parametrize("backbone_name", ["tiny_t5", "tiny_llama", "tiny_bert"])
+def test_under_bf16_autocast_the_prefixes_follow_the_pass_and_stay_fp32_parameters(backbone_name):
+    stacks = "[encoder,decoder]" if backbone_name == "tiny_t5" else "null"
+    _, backbone, method = build([*PREFIX, f"backbone={backbone_name}", f"method.stacks={stacks}"])
+    batch = backbone.collate(examples(backbone))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert backbone.prefix_dtype() == torch.bfloat16
+        logits = backbone.output_logits(method, batch)
+        loss = backbone.loss_from_logits(logits, batch)
+    loss.backward()
+    full = backbone.loss(method, batch)  # fp32
+    assert logits.dtype == torch.bfloat16 and loss.item() == pytest.approx(full.item(), rel=0.05)
+    for parameter in method.parameters():
+        assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all()
+
+
+class OlderAttention(torch.nn.Module):
+    """An attention layer as transformers 5.17 wrote them: the cache is `past_key_values`."""
+
+    layer_idx = 0
+
+    def forward(self, hidden_states, attention_mask=None, past_key_values=None):
+        keys = hidden_states.unsqueeze(1)  # [B, 1 head, L, d]
+        if past_key_values is not None:
+            keys, _ = past_key_values.update(keys, keys, self.layer_idx)
+        return keys, attention_mask
+
+
+def test_encoder_hooks_pass_the_prefix_under_the_name_the_attention_takes():
+    attention = OlderAttention()
+    hooks = EncoderPrefixes([attention])
+    prefix = torch.full((1, 1, 3, 4), 7.0)
+    hidden, mask = torch.zeros(2, 5, 4), torch.ones(2, 1, 1, 5, dtype=torch.bool)
+    with hooks.placed([(prefix, prefix)], size=2, dtype=torch.float32):
+        keys, widened_mask = attention(hidden, mask)  # the mask passed by position
+    assert keys.shape == (2, 1, 8, 4) and bool((keys[:, :, :3] == 7).all())
+    assert widened_mask.shape == (2, 1, 1, 8) and bool(widened_mask.all())
+    keys, same_mask = attention(hidden, mask)  # outside `placed`: untouched
+    assert keys.shape == (2, 1, 5, 4) and same_mask is mask
