@@ -153,7 +153,7 @@ class Backbone(nn.Module):
         self.model.train(mode and self.cfg.dropout)
         return self
 
-    def shares_prompt_states(self, method: PromptMethod) -> bool:
+    def runs_prompt_once(self, method: PromptMethod) -> bool:
         """Whether the next pass runs `method`'s prompt once per batch instead of per example."""
         return False
 
@@ -307,7 +307,7 @@ class CausalBackbone(Backbone):
         )
         self.cache_key = cache_parameter(self.model.base_model.forward)
 
-    def shares_prompt_states(self, method: PromptMethod) -> bool:
+    def runs_prompt_once(self, method: PromptMethod) -> bool:
         wanted = self.cfg.share_prompt_states
         if wanted is None:  # auto: where it measured faster
             wanted = self.model.device.type == "cpu"
@@ -341,7 +341,7 @@ class CausalBackbone(Backbone):
         equals the per-example pass."""
         source_embeds = self.embed(batch["source_ids"])
         size = len(source_embeds)
-        shared = self.shares_prompt_states(method)
+        shared = self.runs_prompt_once(method)
         if shared:
             injection = PromptInjection(block=method.prompt().unsqueeze(0).to(source_embeds.dtype))
         else:

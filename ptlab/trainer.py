@@ -250,7 +250,7 @@ class Trainer:
             weight = len(mine) / len(indices) / self.cfg.grad_accum
             totals[0] += backward_loss(self.method, self.backbone, batch, self.autocast, weight) * weight
             totals[1:] += self.stage_schedule.batch_flops(
-                batch, self.method, self.backbone.shares_prompt_states(self.method)
+                batch, self.method, self.backbone.runs_prompt_once(self.method)
             )
         self.world.sum_gradients(self.params)
         self.world.sum_(totals)

@@ -153,7 +153,7 @@ def test_causal_shared_prompt_runs_once_and_equals_the_per_example_pass(method_n
     _, backbone, method = build(["backbone=tiny_llama", f"method={method_name}", "backbone.dropout=false"])
     backbone.train(), method.train()
     batch = backbone.collate(examples(backbone))
-    assert backbone.shares_prompt_states(method)
+    assert backbone.runs_prompt_once(method)
     calls = []
     hook = backbone.model.base_model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
@@ -163,7 +163,7 @@ def test_causal_shared_prompt_runs_once_and_equals_the_per_example_pass(method_n
     assert calls == [1, len(batch["labels"])]  # the prompt alone, then the batch against its cache
     shared_grads = torch.autograd.grad(shared_loss, list(method.parameters()))
     with backbone.per_example_prompt_states():
-        assert not backbone.shares_prompt_states(method)
+        assert not backbone.runs_prompt_once(method)
         loss = backbone.loss(method, batch)
         grads = torch.autograd.grad(loss, list(method.parameters()))
         with torch.no_grad():
@@ -178,26 +178,26 @@ def test_causal_shared_prompt_runs_once_and_equals_the_per_example_pass(method_n
 def test_causal_prompt_is_run_per_example_when_dropout_or_routing_makes_examples_differ():
     _, backbone, method = build(["backbone=tiny_llama", "backbone.dropout=true"])  # attention dropout 0.1
     backbone.train()
-    assert not backbone.shares_prompt_states(method)
+    assert not backbone.runs_prompt_once(method)
     backbone.eval()
-    assert backbone.shares_prompt_states(method)  # no dropout at evaluation
+    assert backbone.runs_prompt_once(method)  # no dropout at evaluation
     _, backbone, smop = build(["backbone=tiny_llama", "method=smop"])
-    assert not backbone.shares_prompt_states(smop)  # a routed prompt differs per example
+    assert not backbone.runs_prompt_once(smop)  # a routed prompt differs per example
     _, seq2seq, method = build(["backbone=tiny_t5", "backbone.dropout=false"])
-    assert not seq2seq.shares_prompt_states(method)  # the encoder's prompt attends to the input
+    assert not seq2seq.runs_prompt_once(method)  # the encoder's prompt attends to the input
 
 
 def test_prompt_state_sharing_is_auto_by_device_and_can_be_forced():
     _, backbone, method = build(["backbone=tiny_llama", "backbone.dropout=false"])
     backbone.eval()
-    assert backbone.cfg.share_prompt_states is None and backbone.shares_prompt_states(method)  # CPU: on
+    assert backbone.cfg.share_prompt_states is None and backbone.runs_prompt_once(method)  # CPU: on
     meta = build(["backbone=tiny_llama", "backbone.dropout=false"])[1].to("meta").eval()
-    assert not meta.shares_prompt_states(method)  # auto: on for the CPU only (off on CUDA)
+    assert not meta.runs_prompt_once(method)  # auto: on for the CPU only (off on CUDA)
     meta.cfg.share_prompt_states = True
-    assert meta.shares_prompt_states(method)
+    assert meta.runs_prompt_once(method)
     _, forced_off, method = build(["backbone=tiny_llama", "backbone.share_prompt_states=false"])
     forced_off.eval()
-    assert not forced_off.shares_prompt_states(method)
+    assert not forced_off.runs_prompt_once(method)
 
 
 def test_causal_generate_equals_greedy_decoding_without_a_cache():

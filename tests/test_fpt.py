@@ -234,7 +234,7 @@ def test_analytic_flops_match_a_measured_count(name, per_example):
     batch = backbone.collate(examples(backbone))
     sharing = backbone.per_example_prompt_states() if per_example else contextlib.nullcontext()
     with sharing, FlopCounterMode(display=False) as counter:
-        shared = method.num_tokens if backbone.shares_prompt_states(method) else 0
+        shared = method.num_tokens if backbone.runs_prompt_once(method) else 0
         backbone.output_logits(method, batch)
     assert bool(shared) == (name == "tiny_llama" and not per_example)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)

@@ -30,6 +30,23 @@ def test_minilm_prompt_tuning_beats_the_majority_class_on_sst2(tmp_path):
     assert best >= summary["baseline"]["acc"] + 0.10
 
 
+def test_minilm_deep_prompts_beat_the_majority_class_on_sst2(tmp_path):
+    """P-tuning v2's setting (a BERT-family encoder, prefixes in every layer) learns real SST-2."""
+    cfg = compose_config(
+        [
+            "logger=none",
+            "backbone=minilm_l6",
+            "task=sst2",
+            "method=deep_prompt",
+            "trainer.max_steps=120",
+            "trainer.eval_every=60",
+            "data.max_train_examples=4000",
+        ]
+    )
+    best = run(cfg, run_dir=tmp_path)
+    assert best >= json.loads((tmp_path / "summary.json").read_text())["baseline"]["acc"] + 0.10
+
+
 def test_smollm2_loads_from_its_pypi_package_and_scores_verbalizers(tmp_path):
     cfg = compose_config(
         [
