@@ -82,3 +82,12 @@ def key_value_heads(config) -> Tuple[int, int]:
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+
+def key_value_projections(attention: nn.Module) -> Tuple[nn.Module, nn.Module]:
+    """The Linear layers an attention module computes its keys and values with (before any
+    rotary embedding, which bidirectional encoders here do not use)."""
+    for key, value in (("k", "v"), ("key", "value"), ("k_proj", "v_proj")):
+        if hasattr(attention, key) and hasattr(attention, value):
+            return getattr(attention, key), getattr(attention, value)
+    raise ConfigError(f"{type(attention).__name__}: ptlab does not know its key and value projections")

@@ -22,9 +22,16 @@ from ptlab.anatomy import key_value_heads, self_attentions
 from ptlab.config import BackboneConfig
 from ptlab.data import Example
 from ptlab.errors import ConfigError
-from ptlab.methods.base import PromptContext, PromptInjection, PromptMethod, SharedPromptMethod, StackShape
+from ptlab.methods.base import (
+    KeyValue,
+    PromptContext,
+    PromptInjection,
+    PromptMethod,
+    SharedPromptMethod,
+    StackShape,
+)
 from ptlab.model_loading import load_model_and_tokenizer
-from ptlab.prefixes import EncoderPrefixes, cache_parameter, decoder_cache
+from ptlab.prefixes import EncoderPrefixes, cache_parameter, decoder_cache, encoder_key_values
 
 Batch = Dict[str, torch.Tensor]
 
@@ -59,6 +66,17 @@ def no_generation_with_decoder_prefixes(injection: PromptInjection, stack: str) 
             f"trainer.eval_mode=generate is not available with prefixes in the {stack} stack "
             "(method.stacks): use trainer.eval_mode=rank"
         )
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """`model` without dropout inside the block, in its previous mode after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 # T5's relative attention has no position table; it was pretrained on 512 input tokens, and an
@@ -114,7 +132,23 @@ class Backbone(nn.Module):
             seed=seed,
             stacks=self.prefix_stacks(),
             input_stack=self.input_stack,
+            token_key_values=self.token_key_values,
         )
+
+    @torch.no_grad()
+    def token_key_values(self, ids: torch.Tensor) -> Dict[str, List[KeyValue]]:
+        """Per stack, each layer's keys and values for the tokens `ids` run alone through the
+        frozen model (in eval mode); the stacks it can compute (a bidirectional encoder's here)."""
+        attentions = self_attentions(self.model).get("encoder")
+        if attentions is None:
+            return {}
+        heads, _ = key_value_heads(self.model.config)
+        encoder = self.model.get_encoder() if self.family == "seq2seq" else self.model
+        with eval_mode(self.model):
+            layers = encoder_key_values(
+                attentions, heads, lambda: encoder(input_ids=ids[None].to(self.model.device))
+            )
+        return {"encoder": layers}
 
     def positions_taken(self, method: PromptMethod) -> int:
         """Positions the prompt occupies in front of the input: its block, and a prefix in the
@@ -318,6 +352,14 @@ class CausalBackbone(Backbone):
             and isinstance(method, SharedPromptMethod)
             and (self.dropout_free or not self.model.training)
         )
+
+    @torch.no_grad()
+    def token_key_values(self, ids: torch.Tensor) -> Dict[str, List[KeyValue]]:
+        """The layers' key/value cache of `ids` run alone: what a prompt of these tokens at
+        positions 0..n-1 puts in every layer, since it attends only to itself."""
+        with eval_mode(self.model):
+            _, cache = self.states(input_ids=ids[None].to(self.model.device))
+        return {"decoder": [(layer.keys.float(), layer.values.float()) for layer in cache.layers]}
 
     def states(self, cache=None, use_cache: bool = True, **inputs):
         """The base model's hidden states, attending to `cache` if given, and its key/value cache

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from ptlab.anatomy import key_value_projections
 from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue
 
@@ -93,3 +94,26 @@ class EncoderPrefixes:
         call.arguments[cache] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
         call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2])
         return call.args, call.kwargs
+
+
+@torch.no_grad()
+def encoder_key_values(attentions: List[nn.Module], heads: int, run: Callable[[], object]) -> List[KeyValue]:
+    """Each layer's keys and values `[1, heads, n, head_dim]` while `run()` passes n tokens through
+    a bidirectional encoder (read off the key and value projections)."""
+    seen: List[List[torch.Tensor]] = [[] for _ in attentions]
+    hooks = []
+    for layer, attention in enumerate(attentions):
+        for projection in key_value_projections(attention):
+            hooks.append(
+                projection.register_forward_hook(lambda m, i, out, layer=layer: seen[layer].append(out))
+            )
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def split(states: torch.Tensor) -> torch.Tensor:
+        return states.view(1, states.shape[1], heads, -1).transpose(1, 2).float()
+
+    return [(split(key), split(value)) for key, value in seen]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 import ptlab
 from ptlab.data import Example
 
@@ -26,3 +28,19 @@ def build(overrides: List[str], seed: int = 0):
 def examples(backbone, texts: List[str] = SENTENCES) -> List[Example]:
     ids = backbone.tokenize_sources([f"sst2 sentence: {text}" for text in texts])
     return [Example(source_ids=row, label=i % 2) for i, row in enumerate(ids)]
+
+
+def seq2seq_logits(model, batch) -> torch.Tensor:
+    """A HuggingFace (or PEFT) seq2seq model's teacher-forced logits on a ptlab batch."""
+    return model(
+        input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
+    ).logits
+
+
+def causal_target_logits(model, batch, prompt_length: int = 0) -> torch.Tensor:
+    """A HuggingFace (or PEFT) causal LM's logits at the positions that predict the targets, on a
+    batch of equal-length sources (PEFT's causal path takes no padding) after `prompt_length` rows."""
+    full = torch.cat([batch["source_ids"], batch["target_ids"]], 1)
+    logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits
+    start = prompt_length + batch["source_ids"].shape[1] - 1
+    return logits[:, start : start + batch["target_ids"].shape[1]]

@@ -19,24 +19,21 @@ from ptlab.config import to_object
 from ptlab.errors import ConfigError
 from ptlab.export import check_exportable
 from ptlab.flops import ModelShape, train_step_flops
+from ptlab.methods.base import sample_token_ids
+from ptlab.methods.deep_prompt import table_of
 from ptlab.partial import PartialModel
 from ptlab.prefixes import EncoderPrefixes
 
 from conftest import compose_config
-from helpers import build, examples
+from helpers import build, causal_target_logits, examples, seq2seq_logits
 
 PREFIX = ["method=deep_prompt", "backbone.dropout=false"]
 
 
 def set_layers(method, stack: str, layers) -> None:
     """Write per-layer (key, value) pairs, each [1, heads, n, head_dim], into the method's table."""
-    part = method.stacks[stack]
-    shape = part.shape
     with torch.no_grad():
-        table = part.table.view(part.table.shape[0], shape.layers * 2, shape.kv_heads, shape.head_dim)
-        for i, (key, value) in enumerate(layers):
-            table[:, 2 * i] = key[0].permute(1, 0, 2)
-            table[:, 2 * i + 1] = value[0].permute(1, 0, 2)
+        method.stacks[stack].table.copy_(table_of(layers))
 
 
 def peft_prefixes(backbone, n: int, task_type: TaskType):
@@ -64,16 +61,11 @@ def test_t5_decoder_prefixes_match_peft_prefix_tuning(length):
     set_layers(method, "decoder", layers)
     with torch.no_grad():
         ours = backbone.output_logits(method, batch)
-        theirs = peft(
-            input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
-        ).logits
+        theirs = seq2seq_logits(peft, batch)
+        plain = seq2seq_logits(backbone.model, batch)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5
     # the prefix matters: without it the logits are others
-    with torch.no_grad():
-        plain = backbone.model(
-            input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
-        ).logits
     assert (ours - plain).abs().max().item() > 1e-3
 
 
@@ -89,13 +81,10 @@ def test_llama_prefixes_match_peft_prefix_tuning(length):
     assert bool(batch["source_mask"].all()) and bool((batch["target_ids"] != -100).all())
     peft, layers = peft_prefixes(backbone, length, TaskType.CAUSAL_LM)
     set_layers(method, "decoder", layers)
-    full_ids = torch.cat([batch["source_ids"], batch["target_ids"]], 1)
     with torch.no_grad():
         ours = backbone.output_logits(method, batch)
-        theirs = peft(input_ids=full_ids, attention_mask=torch.ones_like(full_ids)).logits
+        theirs = causal_target_logits(peft, batch)
         scores = backbone.score(method, batch)
-    start = batch["source_ids"].shape[1] - 1
-    theirs = theirs[:, start : start + batch["target_ids"].shape[1]]
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5
     # rank scoring (prefix cache reused for every verbalizer) agrees with the teacher-forced pass
@@ -273,6 +262,8 @@ def test_analytic_flops_count_the_prefixes(backbone_name, extra):
         ),
         (["method.stacks=[encoder,encoder]"], r"must name each stack once"),
         (["method.dropout=1.5"], r"method.dropout=1.5 must be in \[0, 1\)"),
+        (["method.init=words"], r"method.init='words'"),
+        (["method.init=activations", "method.reparam=true"], r"use one of them"),
     ],
 )
 def test_bad_deep_prompt_settings_are_refused_before_the_model_loads(overrides, message):
@@ -357,3 +348,39 @@ def test_encoder_hooks_pass_the_prefix_under_the_name_the_attention_takes():
     assert widened_mask.shape == (2, 1, 1, 8) and bool(widened_mask.all())
     keys, same_mask = attention(hidden, mask)  # outside `placed`: untouched
     assert keys.shape == (2, 1, 5, 4) and same_mask is mask
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_activations_init_on_a_causal_lm_starts_as_the_vocabulary_initialised_prompt(share):
+    """A prompt attends only to itself, so its keys and values in every layer are those of its
+    tokens run alone: deep prompts initialised so score exactly as prompt tuning's vocab init."""
+    common = ["backbone=tiny_llama", "backbone.dropout=false", f"backbone.share_prompt_states={share}"]
+    _, backbone, deep = build([*common, "method=deep_prompt", "method.init=activations"])
+    _, _, prompt = build([*common, "method=prompt_tuning", "method.init=vocab"])
+    backbone.eval()
+    batch = backbone.collate(examples(backbone))
+    with torch.no_grad():
+        assert torch.allclose(
+            backbone.output_logits(deep, batch), backbone.output_logits(prompt, batch), atol=1e-5
+        )
+        assert torch.allclose(backbone.score(deep, batch), backbone.score(prompt, batch), atol=1e-5)
+
+
+def test_activations_init_on_t5s_encoder_holds_its_first_layers_keys_of_the_tokens():
+    _, backbone, method = build(["backbone=tiny_t5", "method=deep_prompt", "method.init=activations"])
+    context = backbone.prompt_context(0)
+    ids = sample_token_ids(context, 20, 5000, 0)
+    block = backbone.model.encoder.block[0]
+    attention = block.layer[0].SelfAttention
+    with torch.no_grad():
+        normed = block.layer[0].layer_norm(backbone.model.shared(ids))  # [n, d]
+        keys = attention.k(normed).view(20, attention.n_heads, -1)  # [n, heads, head_dim]
+    table = method.stacks["encoder"].table.view(20, -1, attention.n_heads, keys.shape[-1])
+    assert torch.allclose(table[:, 0], keys, atol=1e-6)  # layer 0's key slot
+
+
+def test_activations_init_is_refused_for_t5s_decoder_in_one_line():
+    with pytest.raises(ConfigError, match="cannot compute the decoder stack's keys and values"):
+        build(
+            ["backbone=tiny_t5", "method=deep_prompt", "method.init=activations", "method.stacks=[decoder]"]
+        )

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
-from helpers import build, examples
+from helpers import build, causal_target_logits, examples, seq2seq_logits
 
 
 def peft_model_with(backbone, prompt: torch.Tensor, task_type: TaskType):
@@ -32,9 +32,7 @@ def test_seq2seq_logits_match_peft(length):
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.SEQ_2_SEQ_LM)
     with torch.no_grad():
         ours = backbone.output_logits(method, batch)
-        theirs = peft(
-            input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
-        ).logits
+        theirs = seq2seq_logits(peft, batch)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5
 
@@ -51,11 +49,8 @@ def test_causal_logits_match_peft(length):
     )
     assert bool(batch["source_mask"].all()) and bool((batch["target_ids"] != -100).all())
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.CAUSAL_LM)
-    full_ids = torch.cat([batch["source_ids"], batch["target_ids"]], 1)
     with torch.no_grad():
         ours = backbone.output_logits(method, batch)
-        theirs = peft(input_ids=full_ids, attention_mask=torch.ones_like(full_ids)).logits
-    start = length + batch["source_ids"].shape[1] - 1
-    theirs = theirs[:, start : start + batch["target_ids"].shape[1]]
+        theirs = causal_target_logits(peft, batch, length)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5

@@ -19,6 +19,7 @@ from ptlab.data import Example
 from ptlab.saved_run import run_config
 
 from conftest import SHARED_DATA
+from helpers import causal_target_logits, seq2seq_logits
 
 TRAIN = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8", "trainer.lr=0.3"]
 FAMILIES = {"t5": "backbone=tiny_t5", "llama": "backbone=tiny_llama"}
@@ -146,14 +147,9 @@ def test_exported_peft_adapter_scores_like_ptlab(runs, tmp_path, family):
     with torch.no_grad():
         ours = backbone.output_logits(pipeline.method, batch)
         if pipeline.config.backbone.family == "seq2seq":
-            theirs = peft(
-                input_ids=batch["source_ids"], attention_mask=batch["source_mask"], labels=batch["target_ids"]
-            ).logits
+            theirs = seq2seq_logits(peft, batch)
         else:
-            full = torch.cat([batch["source_ids"], batch["target_ids"]], 1)
-            theirs = peft(input_ids=full, attention_mask=torch.ones_like(full)).logits
-            start = n + batch["source_ids"].shape[1] - 1
-            theirs = theirs[:, start : start + batch["target_ids"].shape[1]]
+            theirs = causal_target_logits(peft, batch, n)
     assert (ours - theirs).abs().max().item() < 1e-4
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -54,6 +54,9 @@ class PromptContext:
     # input goes through first (T5's and BERT's encoder, a causal LM's decoder)
     stacks: Dict[str, StackShape] = field(default_factory=dict)
     input_stack: str = "encoder"
+    # token ids [n] -> the keys and values each stack computes for them, run alone through the
+    # frozen model (per stack, one (key, value) per layer); prefix tuning's real-word init
+    token_key_values: Optional[Callable[[torch.Tensor], Dict[str, List[KeyValue]]]] = None
 
     @property
     def hidden_size(self) -> int:

@@ -7,6 +7,11 @@ weights load as they are). `reparam=true` is prefix tuning's reparameterisation:
 output of an MLP over n trained d-wide embeddings, Linear(d, h) -> tanh -> Linear(h, layers*2*kv),
 used while training only; `export_prompt` folds it into the plain table.
 
+Init: `random` draws the table from N(0, 1), as P-tuning v2 and PEFT do. `activations` is prefix
+tuning's real-word init (Li & Liang, sec. 7.2): the keys and values n sampled vocabulary tokens
+produce in each layer when run alone through the frozen model. On a causal LM that is exactly the
+cache of prompt tuning's vocabulary-initialised prompt, so the deep prompt starts as that prompt.
+
 Parameters per stack: layers x 2 x n x kv_width (= d without grouped-query attention), plus with
 `reparam` n*d + (d+1)*h + (h+1)*layers*2*kv_width.
 """
@@ -19,7 +24,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, check_choice
 from ptlab.methods import register
 from ptlab.methods.base import (
     KeyValue,
@@ -28,6 +33,7 @@ from ptlab.methods.base import (
     PromptInjection,
     PromptMethod,
     StackShape,
+    sample_token_ids,
 )
 
 STACKS = ("encoder", "decoder")
@@ -43,8 +49,16 @@ class DeepPromptConfig(MethodConfig):
     # layers, called `decoder`); [decoder] on T5 is where HuggingFace PEFT puts them
     stacks: Optional[List[str]] = None
     dropout: float = 0.0  # on the prefixes while training (P-tuning v2 uses the model's, 0.1)
+    init: str = "random"  # random: N(0, 1) | activations: real tokens' keys and values (see above)
+    init_vocab_top: Optional[int] = 5000  # activations: tokens drawn from the first ids (null: all)
 
     def __post_init__(self) -> None:
+        check_choice("method.init", self.init, ("random", "activations"))
+        if self.init == "activations" and self.reparam:
+            raise ConfigError(
+                "method.init=activations sets the prefix table, which method.reparam=true computes with "
+                "an MLP: use one of them"
+            )
         if self.prompt_length < 1:
             raise ConfigError(f"method.prompt_length={self.prompt_length} must be >= 1")
         if self.reparam_hidden < 1:
@@ -64,16 +78,26 @@ def reparam_mlp(cfg: DeepPromptConfig, hidden: int, width: int) -> nn.Sequential
     )
 
 
+def table_of(layers: List[KeyValue]) -> torch.Tensor:
+    """The `[n, layers*2*kv_width]` table holding per-layer (key, value) pairs `[1, heads, n, head_dim]`."""
+    rows = [tensor[0].permute(1, 0, 2) for pair in layers for tensor in pair]  # each [n, heads, head_dim]
+    return torch.stack(rows, 1).flatten(1).detach().float().clone()
+
+
 class StackPrefix(nn.Module):
     """One stack's prefixes: the `[n, layers*2*kv_width]` table, or the MLP that computes it."""
 
-    def __init__(self, cfg: DeepPromptConfig, shape: StackShape, hidden: int) -> None:
+    def __init__(
+        self, cfg: DeepPromptConfig, shape: StackShape, hidden: int, initial: Optional[List[KeyValue]] = None
+    ) -> None:
         super().__init__()
         self.shape = shape
         width = shape.layers * 2 * shape.kv_width
         if cfg.reparam:  # as PEFT's PrefixEncoder: embeddings N(0, 1), PyTorch's Linear init
             self.embedding = nn.Parameter(torch.randn(cfg.prompt_length, hidden))
             self.mlp = reparam_mlp(cfg, hidden, width)
+        elif initial is not None:
+            self.table = nn.Parameter(table_of(initial))
         else:
             self.table = nn.Parameter(torch.randn(cfg.prompt_length, width))
         self.dropout = nn.Dropout(cfg.dropout)
@@ -93,6 +117,21 @@ class StackPrefix(nn.Module):
         return (self.embedding if hasattr(self, "mlp") else self.table).shape[0]
 
 
+def initial_activations(
+    cfg: DeepPromptConfig, context: PromptContext, stacks: List[str]
+) -> Dict[str, List[KeyValue]]:
+    """Each stack's keys and values of n vocabulary tokens (drawn as prompt tuning's vocab init)."""
+    ids = sample_token_ids(context, cfg.prompt_length, cfg.init_vocab_top, context.seed)
+    computed = context.token_key_values(ids) if context.token_key_values else {}
+    missing = [stack for stack in stacks if stack not in computed]
+    if missing:
+        raise ConfigError(
+            f"method.init=activations: ptlab cannot compute the {missing[0]} stack's keys and values "
+            "of tokens run alone (T5's decoder needs an encoder input): use method.init=random there"
+        )
+    return computed
+
+
 @register("deep_prompt", DeepPromptConfig)
 class DeepPrompt(PromptMethod):
     def __init__(self, cfg: DeepPromptConfig, context: PromptContext) -> None:
@@ -108,10 +147,14 @@ class DeepPrompt(PromptMethod):
                 )
         self.prefix_length = cfg.prompt_length
         self.prefix_stacks = tuple(stacks)
+        initial = initial_activations(cfg, context, stacks) if cfg.init == "activations" else {}
         with torch.random.fork_rng():
             torch.manual_seed(context.seed)
             self.stacks = nn.ModuleDict(
-                {stack: StackPrefix(cfg, context.stacks[stack], context.hidden_size) for stack in stacks}
+                {
+                    stack: StackPrefix(cfg, context.stacks[stack], context.hidden_size, initial.get(stack))
+                    for stack in stacks
+                }
             )
 
     def inject(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> PromptInjection:
