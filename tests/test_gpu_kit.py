@@ -38,9 +38,9 @@ def test_gpu_kit_builds_and_its_check_passes_a_dry_run(tmp_path):
         line.split(" | ") for line in report.splitlines() if line.startswith("| ") and " | ok | " in line
     ]
     assert [row[0][2:] for row in steps] == [
-        "install kit", "environment", "cuda tests", "bench", "default job", "fpt", "smop", "compile",
+        "install kit", "environment", "cuda tests", "bench", "default job", "fpt", "smop", "deep_prompt", "compile",
     ]  # fmt: skip
-    assert "11 passed" in report  # the CUDA tests ran (on the CPU), none skipped
+    assert "17 passed" in report  # the CUDA tests ran (on the CPU), none skipped
     assert "| tiny_llama: train step, examples/s |" in report
-    assert report.count("(majority class 0.5") == 4  # the four training runs on real SST-2
+    assert report.count("(majority class 0.5") == 5  # the five training runs on real SST-2
     assert "default job | `hardware=cpu logger=none trainer.max_steps=8" in report

@@ -190,7 +190,7 @@ def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, j
 
 
 @pytest.mark.parametrize(
-    "experiment,jobs", [("smollm2_methods", 3 * 2 * 7), ("minilm_methods", 3 * 2 * 5), ("minilm_fpt", 3 * 4)]
+    "experiment,jobs", [("smollm2_methods", 3 * 2 * 9), ("minilm_methods", 3 * 2 * 5), ("minilm_fpt", 3 * 4)]
 )
 def test_comparison_experiments_compose_every_arm(experiment, jobs):
     """The CPU comparisons (scripts/compare.py presets): every swept value composes and validates,
