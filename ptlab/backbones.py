@@ -45,6 +45,11 @@ def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long)
 
 
+def with_visible(mask: torch.Tensor, columns: int, at: int = 0) -> torch.Tensor:
+    """`mask` with `columns` visible positions inserted before position `at`."""
+    return torch.cat([mask[:, :at], mask.new_ones(len(mask), columns), mask[:, at:]], 1)
+
+
 def join(
     block: Optional[torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor, at: int = 0
 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -53,17 +58,13 @@ def join(
     if block is None:
         return embeds, mask
     block = block.to(embeds.dtype).expand(len(embeds), -1, -1)
-    ones = mask.new_ones(block.shape[:2])
-    return (
-        torch.cat([embeds[:, :at], block, embeds[:, at:]], 1),
-        torch.cat([mask[:, :at], ones, mask[:, at:]], 1),
-    )
+    return torch.cat([embeds[:, :at], block, embeds[:, at:]], 1), with_visible(mask, block.shape[1], at)
 
 
-def no_generation_with_decoder_prefixes(injection: PromptInjection, stack: str) -> None:
-    if injection.prefixes.get(stack):
+def no_generation_with_decoder_prefixes(injection: PromptInjection) -> None:
+    if injection.prefixes.get("decoder"):
         raise ConfigError(
-            f"trainer.eval_mode=generate is not available with prefixes in the {stack} stack "
+            "trainer.eval_mode=generate is not available with prefixes in the decoder stack "
             "(method.stacks): use trainer.eval_mode=rank"
         )
 
@@ -283,16 +284,16 @@ class Seq2SeqBackbone(Backbone):
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=targets)
         encoder_outputs = None if encoded is None else (encoded,)
         prefixes = injection.prefixes.get("decoder")
-        cache = {}
+        cache_argument = {}
         if prefixes:
             own = decoder_cache(prefixes, len(targets), self.prefix_dtype())
-            cache[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
+            cache_argument[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
         return self.model(
             inputs_embeds=None if encoded is not None else inputs_embeds,
             encoder_outputs=encoder_outputs,
             attention_mask=mask,
             decoder_input_ids=decoder_input_ids,
-            **cache,
+            **cache_argument,
         ).logits
 
     def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
@@ -314,7 +315,7 @@ class Seq2SeqBackbone(Backbone):
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
         injection, inputs_embeds, mask = self.prompted(method, batch)
-        no_generation_with_decoder_prefixes(injection, "decoder")
+        no_generation_with_decoder_prefixes(injection)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
             output = self.model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
@@ -388,12 +389,14 @@ class CausalBackbone(Backbone):
             injection = PromptInjection(block=method.prompt().unsqueeze(0).to(source_embeds.dtype))
         else:
             injection = method.inject(source_embeds, batch["source_mask"])
-        joined, prefix_mask = join(injection.block, source_embeds, batch["source_mask"])
-        inputs = source_embeds if shared else joined
+        if shared:  # the block runs on its own below; the mask still covers it
+            inputs, prefix_mask = source_embeds, with_visible(batch["source_mask"], injection.block.shape[1])
+        else:
+            inputs, prefix_mask = join(injection.block, source_embeds, batch["source_mask"])
         prefixes = injection.prefixes.get("decoder")
         cache = decoder_cache(prefixes, 1 if shared else size, self.prefix_dtype()) if prefixes else None
         width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
-        prefix_mask = torch.cat([prefix_mask.new_ones(size, width), prefix_mask], 1)
+        prefix_mask = with_visible(prefix_mask, width)
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
         mask = prefix_mask
         if suffix is not None:
@@ -448,7 +451,7 @@ class CausalBackbone(Backbone):
 
     def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
         injection, inputs_embeds, mask = self.prompted(method, batch)
-        no_generation_with_decoder_prefixes(injection, "decoder")
+        no_generation_with_decoder_prefixes(injection)
         output = self.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,

@@ -87,7 +87,7 @@ class StageSchedule:
             source_tokens=batch["source_ids"].shape[1] + method.num_tokens,
             target_tokens=batch["target_ids"].shape[1],
             shared_prompt=method.num_tokens if shared_prompt else 0,
-            prefixes={stack: method.prefix_length for stack in method.prefix_stacks},
+            prefixes=method.prefix_positions,
         )
         full = train_step_flops(self.shape, self.family, **sizes)
         if self.is_full:

@@ -234,7 +234,7 @@ def test_analytic_flops_count_the_prefixes(backbone_name, extra):
     backbone.eval()
     backbone.model.set_attn_implementation("eager")  # CPU SDPA kernels are invisible to the counter
     batch = backbone.collate(examples(backbone))
-    prefixes = {stack: method.prefix_length for stack in method.prefix_stacks}
+    prefixes = method.prefix_positions
     with torch.no_grad():
         injection = method.inject(None, batch["source_mask"])
     method.inject = lambda *args: injection  # the table's reshaping is not the backbone's compute

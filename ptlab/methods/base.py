@@ -28,6 +28,9 @@ class MethodConfig:
         return self.label or self.name
 
 
+KeyValue = Tuple[torch.Tensor, torch.Tensor]  # one layer's prefix keys and values
+
+
 @dataclass(frozen=True)
 class StackShape:
     """One attention stack's key/value geometry: what a per-layer prefix must match."""
@@ -67,9 +70,6 @@ class PromptContext:
         return self.input_embeddings.shape[0]
 
 
-KeyValue = Tuple[torch.Tensor, torch.Tensor]
-
-
 @dataclass
 class PromptInjection:
     """What a method puts into the frozen network for one batch: an input block, per-layer
@@ -101,6 +101,11 @@ class PromptMethod(nn.Module):
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """The `[B, n, d]` input block of an input-block method."""
         raise NotImplementedError
+
+    @property
+    def prefix_positions(self) -> Dict[str, int]:
+        """Positions of the per-layer prefix in each stack that gets one (what the FLOPs model reads)."""
+        return {stack: self.prefix_length for stack in self.prefix_stacks}
 
     def inject(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> PromptInjection:
         """What this method puts into the network for a batch (by default: the input block)."""

@@ -91,7 +91,7 @@ class StackPrefix(nn.Module):
         self, cfg: DeepPromptConfig, shape: StackShape, hidden: int, initial: Optional[List[KeyValue]] = None
     ) -> None:
         super().__init__()
-        self.shape = shape
+        self.shape, self.length = shape, cfg.prompt_length
         width = shape.layers * 2 * shape.kv_width
         if cfg.reparam:  # as PEFT's PrefixEncoder: embeddings N(0, 1), PyTorch's Linear init
             self.embedding = nn.Parameter(torch.randn(cfg.prompt_length, hidden))
@@ -107,14 +107,10 @@ class StackPrefix(nn.Module):
 
     def layers(self) -> List[KeyValue]:
         """(key, value) of each layer, each `[1, kv_heads, n, head_dim]`."""
-        n, shape = self.table_length, self.shape
+        n, shape = self.length, self.shape
         rows = self.dropout(self.rows()).view(n, shape.layers * 2, shape.kv_heads, shape.head_dim)
         per_layer = rows.permute(1, 2, 0, 3).unsqueeze(1)  # [layers*2, 1, heads, n, head_dim]
         return [(per_layer[2 * i], per_layer[2 * i + 1]) for i in range(shape.layers)]
-
-    @property
-    def table_length(self) -> int:
-        return (self.embedding if hasattr(self, "mlp") else self.table).shape[0]
 
 
 def initial_activations(
