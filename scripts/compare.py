@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ptlab.compare import main as compare_main
+from ptlab.lab.compare import main as compare_main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,7 +50,7 @@ def main() -> int:
     args = parser.parse_intermixed_args()  # overrides may follow the options
     experiment, baseline, target = PRESETS[args.preset]
     sweep = args.runs_dir or REPO / "outputs" / "compare" / args.preset
-    command = [sys.executable, "-m", "ptlab.train", "-m", f"experiment={experiment}", "logger=none",
+    command = [sys.executable, "-m", "ptlab.cli.train", "-m", f"experiment={experiment}", "logger=none",
                f"hydra.sweep.dir={sweep}", *args.overrides]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TQDM_DISABLE": "1"}
     launched = subprocess.run(command, cwd=REPO, env=env)

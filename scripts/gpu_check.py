@@ -34,7 +34,7 @@ from gpu_pack import GPU_PLATFORM  # noqa: E402
 
 VERSIONS = """
 import importlib.metadata as m, platform, torch
-import ptlab.job  # every import a run needs
+import ptlab.training.job  # every import a run needs
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (CPU)"
 print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), GPU: {gpu}")
 print(", ".join(f"{n} {m.version(n)}" for n in
@@ -201,7 +201,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
     job = [
         python,
         "-m",
-        "ptlab.train",
+        "ptlab.cli.train",
         "hardware=cpu" if dry else "hardware=gpu",
         "logger=none",
         *(small if dry else []),

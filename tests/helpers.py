@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 import ptlab
-from ptlab.data import Example
+from ptlab.data.examples import Example
 
 from conftest import compose_config
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ptlab.errors import ConfigError
-from ptlab.evaluate import predict, predict_examples
+from ptlab.training.evaluate import predict, predict_examples
 
 from helpers import build, examples
 

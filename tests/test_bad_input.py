@@ -7,14 +7,14 @@ import pytest
 import torch
 from test_scale_out import QUICK, cli
 
-from ptlab import checkpoint as checkpoint_module
-from ptlab import data as data_module
-from ptlab.config import to_object
-from ptlab.data import load_raw_splits
+from ptlab.config.schema import to_object
+from ptlab.data import examples as data_module
+from ptlab.data.examples import load_raw_splits
+from ptlab.data.tasks import label_index
 from ptlab.errors import ConfigError, TrainingFault
-from ptlab.job import run
-from ptlab.tasks import label_index
-from ptlab.trainer import Trainer
+from ptlab.training import checkpoint as checkpoint_module
+from ptlab.training.job import run
+from ptlab.training.trainer import Trainer
 
 from conftest import SHARED_DATA, compose_config
 

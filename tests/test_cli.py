@@ -10,8 +10,8 @@ import time
 import pytest
 from test_scale_out import cli
 
-from ptlab import tracking
-from ptlab.job import run
+from ptlab.training import tracking
+from ptlab.training.job import run
 
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
@@ -28,7 +28,7 @@ def test_multirun_makes_one_folder_and_one_distinct_offline_wandb_run_per_job(tm
         [
             sys.executable,
             "-m",
-            "ptlab.train",
+            "ptlab.cli.train",
             "-m",
             *overrides,
             "logger=wandb",
@@ -180,7 +180,7 @@ def test_a_schema_is_not_a_value_of_its_group():
 
 def test_help_and_cfg_load_neither_transformers_nor_the_data_stack():
     probe = (
-        "import sys\nfrom ptlab.train import main\n"
+        "import sys\nfrom ptlab.cli.train import main\n"
         "for argv in (['--help'], ['--cfg', 'job', 'method=smop', 'task=cb']):\n"
         "    sys.argv = ['ptlab-train', *argv]\n"
         "    try:\n        main()\n    except SystemExit as stop:\n        assert not stop.code, stop.code\n"
@@ -195,13 +195,13 @@ def test_help_and_cfg_load_neither_transformers_nor_the_data_stack():
 def test_the_fast_help_is_the_text_hydra_prints():
     env = {**__import__("os").environ, **OFFLINE_ENV}
     fast = subprocess.run(
-        [sys.executable, "-m", "ptlab.launch", "--help"], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "ptlab.cli.entry", "--help"], capture_output=True, text=True, env=env
     )
     hydra = cli(["--help"], timeout=120)
     assert fast.returncode == 0 and hydra.returncode == 0
     assert fast.stdout == hydra.stdout and "task: " in fast.stdout
     assert "torch" not in subprocess.run(
-        [sys.executable, "-c", "import sys\nsys.argv = ['ptlab-train', '-h']\nfrom ptlab.launch import main\nmain()\n"
+        [sys.executable, "-c", "import sys\nsys.argv = ['ptlab-train', '-h']\nfrom ptlab.cli.entry import main\nmain()\n"
          "print(sorted(m for m in ('torch', 'hydra._internal.hydra') if m in sys.modules))"],
         capture_output=True, text=True, env=env,
     ).stdout.splitlines()[-1]  # fmt: skip

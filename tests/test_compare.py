@@ -12,8 +12,8 @@ import pytest
 from scipy import stats
 from test_scale_out import QUICK, cli
 
-from ptlab.compare import main as compare_main
-from ptlab.runs import find_runs
+from ptlab.lab.compare import main as compare_main
+from ptlab.lab.run_record import find_runs
 
 SWEEP = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1", "trainer.batch_size=8"]
 

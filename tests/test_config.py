@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from ptlab.config import Config, to_object
+from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 
 from conftest import METHOD_ALIASES, OFFLINE_ENV, REPO, compose_config, group_values
@@ -89,7 +89,7 @@ def test_bad_values_raise_config_error_naming_them(override, message):
 def run_cli(*args, env_extra=None, cwd=None):
     env = {**__import__("os").environ, **OFFLINE_ENV, **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-m", "ptlab.train", *args],
+        [sys.executable, "-m", "ptlab.cli.train", *args],
         capture_output=True,
         text=True,
         env=env,

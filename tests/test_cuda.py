@@ -14,10 +14,10 @@ import pytest
 import torch
 from test_scale_out import QUICK, cli, trained_prompt
 
-from ptlab import checkpoint
-from ptlab.evaluate import to_device
-from ptlab.job import run
-from ptlab.trainer import Trainer
+from ptlab.training import checkpoint
+from ptlab.training.evaluate import to_device
+from ptlab.training.job import run
+from ptlab.training.trainer import Trainer
 
 from conftest import TINY, compose_config
 from helpers import build, examples
@@ -129,7 +129,7 @@ def test_ddp_with_one_process_trains_the_single_process_prompt(tmp_path):
     steps = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8"]
     single = cli([*steps, HARDWARE, f"hydra.run.dir={tmp_path / 'single'}"], timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ptlab.train")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "ptlab.cli.train")
     ddp = cli([*steps, *distributed], cwd=tmp_path, launcher=launcher, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     (summary,) = (tmp_path / "outputs/runs").glob("**/summary.json")  # one rank: one run folder

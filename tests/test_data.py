@@ -11,11 +11,18 @@ import numpy as np
 import pytest
 
 import ptlab
-from ptlab.config import to_object
-from ptlab.data import chunks, epoch_batches, epoch_order, load_raw_splits, split_rows, tokenize_splits
+from ptlab.config.schema import to_object
+from ptlab.data.examples import (
+    chunks,
+    epoch_batches,
+    epoch_order,
+    load_raw_splits,
+    split_rows,
+    tokenize_splits,
+)
+from ptlab.data.tasks import render_source
+from ptlab.data.token_cache import cached_tokenize
 from ptlab.errors import ConfigError
-from ptlab.tasks import render_source
-from ptlab.token_cache import cached_tokenize
 
 from conftest import TINY, compose_config
 

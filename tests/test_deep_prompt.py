@@ -14,15 +14,15 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.t5.modeling_t5 import T5Attention
 
-from ptlab.anatomy import self_attentions
-from ptlab.config import to_object
+from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
-from ptlab.export import check_exportable
-from ptlab.flops import ModelShape, train_step_flops
+from ptlab.lab.export import check_exportable
 from ptlab.methods.base import sample_token_ids
 from ptlab.methods.deep_prompt import table_of
-from ptlab.partial import PartialModel
-from ptlab.prefixes import EncoderPrefixes
+from ptlab.model.anatomy import self_attentions
+from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.partial import PartialModel
+from ptlab.model.prefixes import EncoderPrefixes
 
 from conftest import compose_config
 from helpers import build, causal_target_logits, examples, seq2seq_logits

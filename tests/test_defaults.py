@@ -10,7 +10,7 @@ import pytest
 import yaml
 from omegaconf import MISSING
 
-from ptlab.config import (
+from ptlab.config.schema import (
     BackboneConfig,
     Config,
     DataConfig,

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from ptlab.config import to_object
+from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
-from ptlab.flops import ModelShape, train_step_flops
-from ptlab.job import run
-from ptlab.partial import PartialModel, evenly_spaced_layers
-from ptlab.trainer import Trainer
+from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.partial import PartialModel, evenly_spaced_layers
+from ptlab.training.job import run
+from ptlab.training.trainer import Trainer
 
 from conftest import TINY, compose_config
 from helpers import build, examples

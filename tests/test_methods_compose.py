@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ptlab.config import to_object
-from ptlab.job import run
+from ptlab.config.schema import to_object
+from ptlab.training.job import run
 
 from conftest import METHOD_ALIASES, TINY, compose_config, group_values
 

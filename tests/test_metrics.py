@@ -6,10 +6,10 @@ import math
 
 import pytest
 
-from ptlab.config import TaskConfig
-from ptlab.data import Example
-from ptlab.evaluate import baseline_metrics
-from ptlab.metrics import compute_metrics
+from ptlab.config.schema import TaskConfig
+from ptlab.data.examples import Example
+from ptlab.data.metrics import compute_metrics
+from ptlab.training.evaluate import baseline_metrics
 
 
 def test_binary_metrics_by_hand():

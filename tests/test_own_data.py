@@ -10,8 +10,8 @@ from collections import Counter
 import pandas as pd
 import pytest
 
-from ptlab.config import to_object
-from ptlab.data import load_raw_splits, split_rows
+from ptlab.config.schema import to_object
+from ptlab.data.examples import load_raw_splits, split_rows
 from ptlab.errors import ConfigError
 
 from conftest import compose_config

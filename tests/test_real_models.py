@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ptlab.job import run
+from ptlab.training.job import run
 
 from conftest import compose_config
 

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from test_scale_out import QUICK, cli
 
 import ptlab
-from ptlab.data import Example
-from ptlab.saved_run import run_config
+from ptlab.data.examples import Example
+from ptlab.lab.saved_run import saved_config
 
 from conftest import SHARED_DATA
 from helpers import causal_target_logits, seq2seq_logits
@@ -50,7 +50,7 @@ def best_prompt(run_dir):
 
 def pipeline_with_saved_prompt(run_dir, splits=()):
     """The run's pipeline built directly, with the saved tensors loaded by hand."""
-    pipeline = ptlab.build(run_config(run_dir), splits=splits)
+    pipeline = ptlab.build(saved_config(run_dir), splits=splits)
     state = {k[len("method.") :]: v for k, v in best_prompt(run_dir).items() if k.startswith("method.")}
     pipeline.method.load_state_dict(state)
     pipeline.backbone.eval()
@@ -60,7 +60,7 @@ def pipeline_with_saved_prompt(run_dir, splits=()):
 
 def test_eval_reproduces_the_runs_best_validation_score(runs):
     run_dir = runs / "t5"
-    result = cli([str(run_dir)], launcher=("-c", "from ptlab.cli import eval_main; eval_main()"), timeout=300)
+    result = cli([str(run_dir)], launcher=("-c", "from ptlab.cli.tools import eval_main; eval_main()"), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((run_dir / "eval" / "sst2_validation.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -71,7 +71,7 @@ def test_eval_reproduces_the_runs_best_validation_score(runs):
 def test_eval_on_another_split_and_with_overrides(runs):
     run_dir = runs / "t5"
     args = [str(run_dir), "split=train", "data.max_train_examples=16"]
-    result = cli(args, launcher=("-c", "from ptlab.cli import eval_main; eval_main()"), timeout=300)
+    result = cli(args, launcher=("-c", "from ptlab.cli.tools import eval_main; eval_main()"), timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((run_dir / "eval" / "sst2_train.json").read_text())
     assert saved["examples"] == 16 and 0.0 <= saved["metrics"]["acc"] <= 1.0
@@ -85,7 +85,7 @@ def test_predict_scores_equal_the_backbones_own_scores(runs, tmp_path, family):
     source.write_text(
         "".join(json.dumps({"sentence": r["sentence"], "id": i}) + "\n" for i, r in enumerate(rows))
     )
-    launcher = ("-c", "from ptlab.cli import predict_main; predict_main()")
+    launcher = ("-c", "from ptlab.cli.tools import predict_main; predict_main()")
     result = cli([str(run_dir), "--input", str(source)], launcher=launcher, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     predictions = [json.loads(line) for line in result.stdout.splitlines()]
@@ -104,7 +104,7 @@ def test_predict_scores_equal_the_backbones_own_scores(runs, tmp_path, family):
 
 def test_predict_reads_text_lines_and_writes_csv(runs, tmp_path):
     out = tmp_path / "out.csv"
-    launcher = ("-c", "from ptlab.cli import predict_main; predict_main()")
+    launcher = ("-c", "from ptlab.cli.tools import predict_main; predict_main()")
     result = cli([str(runs / "t5"), "--input", "-", "--output", str(out)], launcher=launcher, timeout=300,
                  input="a gripping film\n\nflat and dull\n")  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -123,7 +123,7 @@ def test_predict_reads_text_lines_and_writes_csv(runs, tmp_path):
 def test_predict_refuses_bad_rows_in_one_line(runs, tmp_path, rows, message):
     source = tmp_path / "in.jsonl"
     source.write_text(rows)
-    launcher = ("-c", "from ptlab.cli import predict_main; predict_main()")
+    launcher = ("-c", "from ptlab.cli.tools import predict_main; predict_main()")
     result = cli([str(runs / "t5"), "--input", str(source)], launcher=launcher, timeout=300)
     assert result.returncode == 2 and message in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
@@ -132,7 +132,7 @@ def test_predict_refuses_bad_rows_in_one_line(runs, tmp_path, rows, message):
 @pytest.mark.parametrize("family", ["t5", "llama", "superpos", "deep_llama"])
 def test_exported_peft_adapter_scores_like_ptlab(runs, tmp_path, family):
     run_dir, out = runs / family, tmp_path / "adapter"
-    launcher = ("-c", "from ptlab.cli import export_main; export_main()")
+    launcher = ("-c", "from ptlab.cli.tools import export_main; export_main()")
     result = cli([str(run_dir), str(out)], launcher=launcher, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
@@ -161,7 +161,7 @@ def test_exported_peft_adapter_scores_like_ptlab(runs, tmp_path, family):
     ],
 )
 def test_export_refuses_what_peft_cannot_hold(runs, tmp_path, name, message):
-    launcher = ("-c", "from ptlab.cli import export_main; export_main()")
+    launcher = ("-c", "from ptlab.cli.tools import export_main; export_main()")
     result = cli([str(runs / name), str(tmp_path / "out")], launcher=launcher, timeout=300)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -170,7 +170,7 @@ def test_export_refuses_what_peft_cannot_hold(runs, tmp_path, name, message):
 def test_init_from_starts_a_run_from_a_trained_prompt(runs, tmp_path):
     source = best_prompt(runs / "t5")["method.prompt_embeds"]
     pipeline = ptlab.build(
-        run_config(runs / "t5", [f"method.init_from={runs / 't5'}", "seed=7"]), splits=()
+        saved_config(runs / "t5", [f"method.init_from={runs / 't5'}", "seed=7"]), splits=()
     )  # another seed: its own initial draw is replaced by the trained prompt
     assert torch.equal(pipeline.method.prompt_embeds.detach(), source)
     result = cli([*TRAIN, "backbone=tiny_t5", f"method.init_from={runs / 't5'}", "task=cola",
@@ -191,7 +191,7 @@ def test_init_from_refuses_a_prompt_that_does_not_fit(runs, override, message):
 
 
 def test_reuse_commands_name_a_bad_run_folder(tmp_path):
-    launcher = ("-c", "from ptlab.cli import eval_main; eval_main()")
+    launcher = ("-c", "from ptlab.cli.tools import eval_main; eval_main()")
     missing = cli([str(tmp_path / "nowhere")], launcher=launcher, timeout=120)
     assert missing.returncode == 2 and "no such run folder" in missing.stderr
     bare = cli([str(tmp_path)], launcher=launcher, timeout=120)

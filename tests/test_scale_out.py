@@ -12,12 +12,10 @@ import time
 import pytest
 import torch
 import yaml
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
-from ptlab import checkpoint
-from ptlab.config import to_object
-from ptlab.train import CONF_DIR
+from ptlab.config.compose import compose
+from ptlab.config.schema import to_object
+from ptlab.training import checkpoint
 
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
@@ -30,7 +28,7 @@ QUICK = [
 ]
 
 
-def cli(args, cwd=REPO, launcher=("-m", "ptlab.train"), env_extra=None, **kwargs):
+def cli(args, cwd=REPO, launcher=("-m", "ptlab.cli.train"), env_extra=None, **kwargs):
     env = {**os.environ, **OFFLINE_ENV, **(env_extra or {})}
     return subprocess.run(
         [sys.executable, *launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, **kwargs
@@ -38,9 +36,7 @@ def cli(args, cwd=REPO, launcher=("-m", "ptlab.train"), env_extra=None, **kwargs
 
 
 def compose_config_with_hydra(overrides):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=True)
+    return compose(overrides, with_hydra=True)
 
 
 def trained_prompt(run_dir):
@@ -51,7 +47,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
     steps = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.batch_size=8"]
     single = cli([*steps, "logger=none", f"hydra.run.dir={tmp_path / 'single'}"], timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.train")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.cli.train")
     ddp = cli(
         [*steps, "logger=wandb", "hardware.distributed=true"],
         cwd=tmp_path,
@@ -71,7 +67,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_
 
 
 def test_single_process_config_refuses_a_multi_process_launch(tmp_path):
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.train")
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "ptlab.cli.train")
     result = cli([*QUICK, "logger=none"], cwd=tmp_path, launcher=launcher, timeout=300)
     assert result.returncode != 0 and "use hardware=multi_gpu" in result.stderr
 
@@ -91,7 +87,7 @@ def test_sigterm_checkpoints_and_the_rerun_ends_like_an_uninterrupted_run(tmp_pa
 
     run_dir = tmp_path / "preempted"
     env = {**os.environ, **OFFLINE_ENV}
-    command = [sys.executable, "-m", "ptlab.train", *steps, f"hydra.run.dir={run_dir}"]
+    command = [sys.executable, "-m", "ptlab.cli.train", *steps, f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )

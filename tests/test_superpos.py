@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptlab.config import to_object
+from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 
 from conftest import compose_config

@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file
 from test_scale_out import QUICK, cli
 
-from ptlab import checkpoint
-from ptlab.compile import compile_blocks
 from ptlab.errors import ConfigError
-from ptlab.job import run
-from ptlab.trainer import Trainer
+from ptlab.model.compile import compile_blocks
+from ptlab.training import checkpoint
+from ptlab.training.job import run
+from ptlab.training.trainer import Trainer
 
 from conftest import TINY, compose_config
 
@@ -260,7 +260,7 @@ def test_without_a_terminal_progress_comes_as_lines_in_stdout_and_train_log(tmp_
     result = cli([*QUICK, *steps], timeout=300)  # stdout is a pipe, as under SLURM or nohup
     assert result.returncode == 0, result.stderr[-2000:]
     for text in (result.stdout, (tmp_path / "train.log").read_text()):
-        lines = [line for line in text.splitlines() if "ptlab.progress" in line]
+        lines = [line for line in text.splitlines() if "ptlab.training.progress" in line]
         assert [line.split(" - ")[1].split()[1] for line in lines] == ["2/4", "2", "4/4", "4"]
         assert "loss" in lines[0] and "examples/s" in lines[0] and "ETA" in lines[0]
         assert "validation: acc" in lines[1] and "(best acc" in lines[1] and "majority class 0.5" in lines[1]

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptlab.errors import ConfigError, check_choice, check_range
+from ptlab.method_stats import routing_stats
 from ptlab.methods import register
 from ptlab.methods.base import PromptContext, PromptMethod
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
@@ -159,8 +160,7 @@ class SMoP(PromptMethod):
         total = float(self.routed_counts.sum())
         if total == 0:
             return {}
-        stats = {f"router_prompt{i}_fraction": float(c) / total for i, c in enumerate(self.routed_counts)}
-        stats["router_entropy"] = float(self.entropy_sum) / total
+        stats = routing_stats([float(c) / total for c in self.routed_counts], float(self.entropy_sum) / total)
         self.routed_counts.zero_()
         self.entropy_sum.zero_()
         return stats

@@ -1,0 +1,77 @@
+"""`ptlab-train`: Hydra's command line (compose the config, sweep, launch), ptlab's errors in one
+line, and ptlab's own `--help`. `python -m ptlab.cli.train` is the same command.
+
+The job itself (run folder, pipeline, trainer, summary) is `ptlab.training.job.run`, imported only when a
+run starts, so `--help` and `--cfg job` answer without loading transformers or the data stack.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from ptlab.config.compose import CONF_DIR, one_line, register_schemas
+from ptlab.errors import ConfigError, TrainingFault
+from ptlab.training.preemption import Preempted
+from ptlab.training.run_folder import record_failure
+
+register_schemas()
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def task(cfg: DictConfig) -> Optional[float]:
+    """One job: Hydra composes `cfg` (per job in a multirun) and calls this."""
+    from ptlab.training.job import run
+
+    try:
+        return run(cfg)
+    except (ConfigError, TrainingFault) as error:  # after a TrainingFault the last good checkpoint stays
+        print(f"ptlab: error: {error}", file=sys.stderr)
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failure(Path(HydraConfig.get().runtime.output_dir), error)
+            return None  # the sweep goes on; Optuna records a trial without a value as failed
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
+    except Preempted as stop:  # the checkpoint is written; the same command (or a requeue) resumes
+        print(f"ptlab: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
+
+
+def main() -> None:
+    """`ptlab-train`: Hydra's command line, whose own errors (an unknown group value, a misspelled
+    key, a bad type) print like ptlab's: `ptlab: error:`, one line, exit 2. PTLAB_DEBUG=1 shows
+    Hydra's full report instead. An Optuna sweep tolerates failed trials unless told otherwise."""
+    if "hydra/sweeper=optuna" in sys.argv and not any("max_failure_rate" in arg for arg in sys.argv):
+        sys.argv.append("hydra.sweeper.max_failure_rate=1.0")  # a failed trial must not end the study
+    if os.environ.get("PTLAB_DEBUG") == "1":
+        task()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
+    try:
+        task()
+    except (HydraException, OmegaConfBaseException) as error:
+        print(f"ptlab: error: {one_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:  # Hydra makes the run folder before ptlab runs: not a directory, read-only
+        if error.filename is None:
+            raise
+        print(f"ptlab: error: cannot write {error.filename} ({error.strerror}): choose another folder with "
+              "hydra.run.dir=... (hydra.sweep.dir=... for a multirun)", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # enter through the importable module, not __main__, so launchers that pickle the task
+    # function (submitit) pickle a reference to it rather than this script's globals
+    from ptlab.cli.train import main as entry
+
+    entry()

@@ -1,0 +1,64 @@
+"""Tokenized inputs cached on disk, so the jobs of a sweep (and every rerun) tokenize a split once:
+SST-2's 67k training rows take seconds to tokenize and a tenth of a second to load back.
+
+The key is a digest of the tokenizer's identity, the maximum length and the rendered input texts
+themselves, so a change of data file, template, subsample or tokenizer can never hit a stale entry.
+Entries live under `$PTLAB_CACHE/tokenized/` (default `~/.cache/ptlab`); `data.cache_tokenized=false`
+turns the cache off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from typing import Callable, List
+
+import numpy as np
+
+from ptlab.model.loading import cache_dir
+
+log = logging.getLogger(__name__)
+
+PROBE = "ptlab probe: Ünïcödé, 123 ✓ <s>"  # tokenizers that differ anywhere that matters differ here
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """Class, name or path, vocabulary size, and the ids it gives a probe text."""
+    ids = tokenizer(PROBE)["input_ids"]
+    return f"{type(tokenizer).__name__}|{getattr(tokenizer, 'name_or_path', '')}|{len(tokenizer)}|{ids}"
+
+
+def cache_key(texts: List[str], identity: str, max_length: int) -> str:
+    digest = hashlib.sha256(f"{identity}|{max_length}|{len(texts)}".encode())
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:32]
+
+
+def cached_tokenize(
+    texts: List[str], tokenize: Callable[[List[str]], List[List[int]]], identity: str, max_length: int
+) -> List[List[int]]:
+    """`tokenize(texts)`, from the disk cache when these texts were tokenized this way before."""
+    path = cache_dir() / "tokenized" / f"{cache_key(texts, identity, max_length)}.npz"
+    if path.exists():
+        try:
+            with np.load(path) as saved:
+                flat, lengths = saved["flat"], saved["lengths"]
+            ends = np.cumsum(lengths)
+            starts = ends - lengths
+            return [flat[start:end].tolist() for start, end in zip(starts, ends)]
+        except (OSError, ValueError, KeyError) as error:  # a damaged entry is rebuilt
+            log.warning("tokenized cache %s unreadable (%s): tokenizing again", path, error)
+    ids = tokenize(texts)
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    flat = np.fromiter((token for row in ids for token in row), dtype=np.int64, count=int(lengths.sum()))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, flat=flat, lengths=lengths)
+        os.replace(tmp, path)  # concurrent jobs of a sweep may race: the last complete file wins
+    except OSError as error:  # a read-only or full cache costs speed, never the run
+        log.warning("tokenized cache not written (%s)", error)
+    return ids

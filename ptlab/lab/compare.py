@@ -1,0 +1,270 @@
+"""`ptlab-compare`: turn run folders (a sweep, several sweeps, single runs) into one comparison.
+
+    ptlab-compare outputs/multirun/2026-11-26/10-00-00 --baseline method=prompt_tuning
+    ptlab-compare SWEEP_A SWEEP_B --by method method.prompt_length --out docs/results/mine
+
+Runs are grouped by the settings that vary between them (their command-line overrides, seed and
+task aside; `--by` names them instead), tasks become columns, seeds become the sample. Writes
+table.md and table.csv (mean, std, 95% confidence interval, difference to the baseline with a paired
+t-test over shared seeds or Welch's otherwise, costs) and PNG figures: learning curves against steps,
+training seconds and FLOPs; accuracy against cost (Pareto); SMoP's router use. Failed and
+unfinished runs are listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+from ptlab.lab.comparison import Cell, Comparison, difference
+from ptlab.lab.run_record import RunRecord, find_runs
+
+# never grouping keys: the sample (seed), the columns (task), and settings that do not change a result
+NOT_GROUPING = ("seed", "task", "trainer.resume", "logger", "experiment")
+
+
+def shown_path(path: Path) -> str:
+    """Relative to the working folder when inside it (tables stay valid on another machine)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def natural_key(path: Path) -> List[object]:
+    """Multirun job folders 0, 1, ..., 10 in launch order, not 0, 1, 10, 2."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def varying_keys(runs: Sequence[RunRecord]) -> List[str]:
+    """Override keys whose values differ between runs, in the order the command lines give them."""
+    keys: List[str] = []
+    for run in runs:
+        for key in run.overrides:
+            if key not in keys and not key.startswith("hydra.") and key not in NOT_GROUPING:
+                keys.append(key)
+    return [k for k in keys if len({str(r.lookup(k)) for r in runs}) > 1]
+
+
+def percent(value: float, metric_scale: float) -> str:
+    return "–" if math.isnan(value) else f"{metric_scale * value:.1f}"
+
+
+def score_cell(cell: Cell, scale: float) -> str:
+    if cell.n == 0:
+        return "–"
+    text = f"{scale * cell.mean:.1f}"  # one run has no spread to show
+    if cell.n > 1:
+        text += f" ± {scale * cell.std:.1f} [{scale * (cell.mean - cell.ci95):.1f}, {scale * (cell.mean + cell.ci95):.1f}]"
+    missing = len(cell.runs) - cell.n
+    return text + f" (n={cell.n}" + (f", {missing} not finished)" if missing else ")")
+
+
+def steps_to(run: RunRecord, metric: str, target: float) -> Optional[int]:
+    """The first validation step at which the run reached `target`; None if it never did."""
+    return next((e["step"] for e in run.curve("validation", metric) if e[metric] >= target), None)
+
+
+def table_head(comp: Comparison) -> List[str]:
+    return [f"| {' / '.join(comp.by)} | " + " | ".join(comp.tasks) + " |", "|---|" + "---|" * len(comp.tasks)]
+
+
+def score_section(comp: Comparison, scale: float) -> List[str]:
+    """What the score is, the floor, and one row of mean ± std [CI] per group."""
+    stat = {"auto": "test split when the runs have one, else best validation", "best": "best validation",
+            "final": "last validation", "test": "test split"}[comp.stat]  # fmt: skip
+    floors = ", ".join(
+        f"{task} {percent(comp.floor(task), scale)}" for task in comp.tasks if comp.floor(task) is not None
+    )
+    lines = [
+        f"{len(comp.runs)} runs. Score: {stat} of each task's main metric (in %: "
+        + ", ".join(f"{t}: {comp.metric_name(t)}" for t in comp.tasks)
+        + "), mean ± std over seeds [95 % confidence interval of the mean] (n = finished runs). "
+        + f"Floor (one constant prediction: the majority class, the mean for regression): {floors or 'not recorded'}.",
+        "",
+        *table_head(comp),
+    ]
+    for group in comp.groups:
+        cells = [score_cell(comp.cell(group, t), scale) for t in comp.tasks]
+        lines.append(f"| {comp.label(group)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def difference_section(comp: Comparison, baseline: Tuple[str, ...], scale: float) -> List[str]:
+    """Each group's difference to the baseline group, with its test."""
+    lines = ["", f"Difference to **{comp.label(baseline)}** in points (p: paired t-test over shared seeds, "
+             "else Welch's t-test):", "", *table_head(comp)]  # fmt: skip
+    for group in comp.groups:
+        if group == baseline:
+            continue
+        parts = []
+        for task in comp.tasks:
+            diff = difference(comp.cell(group, task), comp.cell(baseline, task))
+            if diff is None:
+                parts.append("–")
+            elif math.isnan(diff.p):
+                parts.append(f"{scale * diff.delta:+.1f} (the same in every seed: no test)")
+            else:
+                parts.append(f"{scale * diff.delta:+.1f} (p={diff.p:.2f}, {diff.test})")
+        lines.append(f"| {comp.label(group)} | " + " | ".join(parts) + " |")
+    return lines
+
+
+def cost_section(comp: Comparison, target: Optional[float], scale: float) -> List[str]:
+    """One row of costs per group and task (and steps to `target`)."""
+    lines = ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
+             "allocated memory on CUDA):", ""]  # fmt: skip
+    header = f"| {' / '.join(comp.by)} | task | trainable params | train s | ms/step | examples/s | peak MiB | train TFLOPs | FLOPs vs full |"
+    if target is not None:
+        header += f" steps to {scale * target:g} |"
+    lines += [header, "|---|" * 1 + "---|" * (header.count("|") - 2)]
+    for group in comp.groups:
+        for task in comp.tasks:
+            cell = comp.cell(group, task)
+            if not cell.finished:
+                continue
+            row = (
+                f"| {comp.label(group)} | {task} | {cell.cost('trainable_params'):,.0f} | {cell.cost('train_seconds'):.1f} "
+                f"| {cell.ms_per_step:.0f} | {cell.cost('examples_per_s'):.1f} | {cell.cost('peak_memory_mb'):.0f} "
+                f"| {cell.cost('train_flops') / 1e12:.2f} | {cell.cost('flops_ratio'):.2f} |"
+            )
+            if target is not None:
+                reached = [steps_to(r, comp.metric_name(task), target) for r in cell.finished]
+                hits = [s for s in reached if s is not None]
+                mean = f"{statistics.mean(hits):.0f}" if hits else "never"
+                row += f" {mean} ({len(hits)}/{len(reached)} runs) |"
+            lines.append(row)
+    return lines
+
+
+def problem_section(comp: Comparison) -> List[str]:
+    """The runs without a result, each with its error."""
+    problems = [r for r in comp.runs if r.status != "finished"]
+    if not problems:
+        return []
+    lines = ["", "Runs without a result:", ""]
+    for run in problems:
+        error = (run.summary or {}).get(
+            "error", "no summary.json: still running, cut short, or never started"
+        )
+        lines.append(f"- `{shown_path(run.path)}` ({run.status}): {error}")
+    return lines
+
+
+def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
+             figures: List[str], note: str = "") -> str:  # fmt: skip
+    scale = 100.0
+    lines = [f"Command: `{command}`", "", *([note, ""] if note else []), *score_section(comp, scale)]
+    if baseline is not None:
+        lines += difference_section(comp, baseline, scale)
+    lines += cost_section(comp, target, scale) + problem_section(comp)
+    lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(comp: Comparison, baseline: Optional[Tuple[str, ...]], path: Path) -> None:
+    """One row per group, task, metric and statistic (best / final validation, test when run)."""
+    costs = (
+        "trainable_params",
+        "train_seconds",
+        "examples_per_s",
+        "peak_memory_mb",
+        "train_flops",
+        "flops_ratio",
+    )
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([*comp.by, "task", "metric", "stat", "n", "runs", "mean", "std", "ci95", "delta", "p",
+                         "test", "ms_per_step", *costs])  # fmt: skip
+        for task in comp.tasks:
+            for metric in comp.metrics_of(task):
+                for stat in ("best", "final", "test"):
+                    for group in comp.groups:
+                        cell = comp.cell(group, task, metric, stat)
+                        if not cell.runs or (stat == "test" and not cell.n):
+                            continue
+                        diff = None
+                        if baseline is not None and group != baseline:
+                            diff = difference(cell, comp.cell(baseline, task, metric, stat))
+                        writer.writerow([*group, task, metric, stat, cell.n, len(cell.runs), cell.mean, cell.std,
+                                         cell.ci95, *(("", "", "") if diff is None else (diff.delta, diff.p, diff.test)),
+                                         cell.ms_per_step, *(cell.cost(c) for c in costs)])  # fmt: skip
+
+
+def expand(paths: Sequence[Path]) -> List[Path]:
+    """Glob patterns (quoted on the command line) become the folders they match."""
+    found: List[Path] = []
+    for path in paths:
+        text = str(path)
+        if any(c in text for c in "*?["):
+            anchor = Path("/") if text.startswith("/") else Path(".")
+            matches = sorted(anchor.glob(text.lstrip("/")))
+            if not matches:
+                raise FileNotFoundError(f"{text}: matches no folder")
+            found += matches
+        else:
+            found.append(path)
+    return found
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="ptlab-compare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", type=Path, metavar="RUN_OR_SWEEP_DIR")
+    parser.add_argument(
+        "--by", nargs="+", metavar="KEY", help="group by these settings (default: those that vary)"
+    )
+    parser.add_argument("--baseline", metavar="KEY=VALUE", help="the group the others are tested against")
+    parser.add_argument("--metric", help="default: each task's main metric")
+    parser.add_argument("--stat", choices=("auto", "best", "final", "test"), default="auto",
+                        help="auto: the test split when the runs have one, else the best validation score")  # fmt: skip
+    parser.add_argument("--target", type=float, help="also report steps to reach this score (e.g. 0.8)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <first path>/compare)")
+    parser.add_argument("--no-plots", action="store_true", help="tables only")
+    parser.add_argument(
+        "--note", default="", help="a sentence printed under the command (how the runs were made)"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        runs = sorted(find_runs(expand(args.paths)), key=lambda r: natural_key(r.path))
+    except FileNotFoundError as error:
+        raise SystemExit(f"ptlab-compare: {error}") from None
+    if not runs:
+        raise SystemExit(f"ptlab-compare: no run folders under {' '.join(map(str, args.paths))}")
+    by = [key for item in args.by or [] for key in item.split(",") if key] or varying_keys(runs) or ["method"]
+    comp = Comparison(runs, by, args.metric, args.stat)
+    baseline = comp.find_group(args.baseline) if args.baseline else None
+    out = args.out or args.paths[0] / "compare"
+    out.mkdir(parents=True, exist_ok=True)
+    figures: List[str] = []
+    if not args.no_plots:
+        from ptlab.lab.plots import write_figures
+
+        figures = write_figures(comp, out)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in given:  # the note is printed as itself, not as part of the command
+        at = given.index("--note")
+        del given[at : at + 2]
+    command = "ptlab-compare " + " ".join(shlex.quote(a) for a in given)
+    text = markdown(comp, baseline, args.target, command, figures, args.note)
+    (out / "table.md").write_text(text)
+    write_csv(comp, baseline, out / "table.csv")
+    print(text)
+    print(f"written to {out}/ (table.md, table.csv{', ' + ', '.join(figures) if figures else ''})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""A trained prompt's predictions for new inputs: rows in (jsonl, json, csv, tsv, or plain text lines
+for single-text tasks), the predicted verbalizer and every verbalizer's score out."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, TextIO
+
+import torch
+
+from ptlab.data.examples import Example
+from ptlab.data.tasks import render_source
+from ptlab.errors import ConfigError
+from ptlab.training.build import Pipeline
+from ptlab.training.evaluate import map_sorted_batches
+
+FORMATS = ("jsonl", "json", "csv", "tsv", "text")
+
+
+def input_format(name: str, text: str) -> str:
+    """By the file's suffix; for stdin (or an unknown suffix), JSON lines if it starts with `{`."""
+    suffix = Path(name).suffix.lstrip(".").lower()
+    if suffix in FORMATS or suffix == "txt":
+        return "text" if suffix == "txt" else suffix
+    return "jsonl" if text.lstrip().startswith("{") else "text"
+
+
+def parse_rows(text: str, fmt: str, fields: List[str], source: str) -> List[Dict[str, Any]]:
+    if fmt == "text":
+        if len(fields) != 1:
+            raise ConfigError(
+                f"{source}: plain text lines fit a task with one input field; this template needs "
+                f"{fields}: give jsonl, csv or tsv rows with those fields"
+            )
+        return [{fields[0]: line} for line in text.splitlines() if line.strip()]
+    if fmt in ("csv", "tsv"):
+        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
+    if fmt == "json":
+        rows = json.loads(text)
+        return rows if isinstance(rows, list) else [rows]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as error:
+                raise ConfigError(f"{source}, line {number}: not a JSON object ({error})") from None
+    return rows
+
+
+def read_rows(source: str, fields: List[str], stdin: Optional[TextIO] = None) -> List[Dict[str, Any]]:
+    """Rows holding the template's `fields`; `source` is a file path or `-` for stdin."""
+    if source == "-":
+        text = (stdin or sys.stdin).read()
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"--input {source}: no such file")
+        text = path.read_text()
+    rows = parse_rows(text, input_format(source, text), fields, "stdin" if source == "-" else source)
+    if not rows:
+        raise ConfigError(f"--input {source}: no rows")
+    for number, row in enumerate(rows, 1):
+        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+        if missing:
+            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ConfigError(f"--input {source}, row {number}: no field {missing[0]!r} (it has {have})")
+    return rows
+
+
+def predict_rows(
+    pipeline: Pipeline, rows: List[Dict[str, Any]], batch_size: int = 32
+) -> List[Dict[str, Any]]:
+    """Each row with `prediction` (the best verbalizer) and `scores` (every verbalizer's score:
+    log-likelihood for generative backbones, the head's logit for the encoder family)."""
+    task, backbone, method = pipeline.config.task, pipeline.backbone, pipeline.method
+    ids = backbone.tokenize_sources([render_source(task, row) for row in rows])
+    examples = [Example(source_ids=row, label=0) for row in ids]
+    backbone.eval()
+    method.eval()
+    scores = map_sorted_batches(
+        backbone, examples, batch_size, pipeline.device, pipeline.autocast,
+        lambda batch: backbone.score(method, batch).float().cpu(),
+    )  # fmt: skip
+    verbalizers = list(task.verbalizers)
+    return [
+        {**row, "prediction": verbalizers[int(torch.argmax(s))], "scores": dict(zip(verbalizers, s.tolist()))}
+        for row, s in zip(rows, scores)
+    ]
+
+
+def write_predictions(predictions: List[Dict[str, Any]], out: TextIO, fmt: str) -> None:
+    if fmt == "jsonl":
+        for row in predictions:
+            out.write(json.dumps(row) + "\n")
+        return
+    flat = [{**{k: v for k, v in row.items() if k != "scores"},
+             **{f"score_{name}": value for name, value in row["scores"].items()}} for row in predictions]  # fmt: skip
+    writer = csv.DictWriter(out, fieldnames=list(flat[0]), delimiter="\t" if fmt == "tsv" else ",")
+    writer.writeheader()
+    writer.writerows(flat)

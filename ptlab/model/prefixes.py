@@ -1,0 +1,119 @@
+"""Per-layer key/value prefixes inside a frozen model's self-attention (P-tuning v2, prefix tuning).
+
+Two placements, one per kind of stack:
+- a decoder stack (a causal LM, T5's decoder) takes them as a key/value cache of n earlier
+  positions, which is what HuggingFace PEFT's prefix tuning does (`decoder_cache`);
+- a bidirectional stack (T5's and BERT's encoder) ignores caches, so hooks on its self-attention
+  modules hand each layer a cache holding its prefix and widen the mask by n visible columns
+  (`EncoderPrefixes`). T5's relative position bias then sees the prefix at positions -n..-1.
+Prefixes are indexed by each attention module's own `layer_idx`, so FPT's partial models, which
+keep a subset of the original blocks, give each kept layer its own prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from typing import Callable, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache
+
+from ptlab.errors import ConfigError
+from ptlab.methods.base import KeyValue
+from ptlab.model.anatomy import key_value_projections
+
+
+def batch_of(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> List[KeyValue]:
+    """Each layer's (key, value) for a batch of `size`, in the model's dtype."""
+    return [
+        (key.to(dtype).expand(size, -1, -1, -1), value.to(dtype).expand(size, -1, -1, -1))
+        for key, value in prefixes
+    ]
+
+
+def decoder_cache(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> DynamicCache:
+    """A decoder stack's key/value cache that holds only the prefixes."""
+    return DynamicCache(batch_of(prefixes, size, dtype))
+
+
+def widened(mask: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
+    """An attention mask (`[B, 1, Q, K]`, boolean or additive) with `width` visible key columns
+    in front; None (everything visible) stays None."""
+    if mask is None:
+        return None
+    return F.pad(mask, (width, 0), value=True if mask.dtype == torch.bool else 0.0)
+
+
+CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
+
+
+def cache_parameter(forward) -> str:
+    """The name `forward` takes a key/value cache under: `cache` from transformers 5.2x on,
+    `past_key_values` before. A cache passed under another name would be silently dropped."""
+    names = inspect.signature(forward).parameters
+    found = [name for name in CACHE_NAMES if name in names]
+    if not found:
+        raise ConfigError(
+            f"{getattr(forward, '__qualname__', forward)} takes no key/value cache (none of {list(CACHE_NAMES)}): "
+            "per-layer prefixes need a transformers release whose attention layers take one"
+        )
+    return found[0]
+
+
+class EncoderPrefixes:
+    """Hooks on a bidirectional stack's self-attention modules; they do nothing outside `placed`."""
+
+    def __init__(self, attentions: List[nn.Module]) -> None:
+        self.prefixes: Optional[List[KeyValue]] = None
+        self.calls = {}  # module -> (its forward's signature, its cache argument, its mask argument)
+        for attention in attentions:
+            signature = inspect.signature(attention.forward)
+            mask = "mask" if "mask" in signature.parameters else "attention_mask"
+            self.calls[attention] = (signature, cache_parameter(attention.forward), mask)
+            attention.register_forward_pre_hook(self.before_attention, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def placed(self, prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> Iterator[None]:
+        """Every pass of the stack inside this block attends to `prefixes` ([1, ...] per layer)."""
+        self.prefixes = batch_of(prefixes, size, dtype)
+        try:
+            yield
+        finally:
+            self.prefixes = None
+
+    def before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self.prefixes is None:
+            return None
+        key, value = self.prefixes[module.layer_idx]
+        signature, cache, mask = self.calls[module]
+        call = signature.bind_partial(*args, **kwargs)  # however the model passes them
+        # a cache of this layer's prefix only, made for each pass: the module appends its own keys
+        call.arguments[cache] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
+        call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2])
+        return call.args, call.kwargs
+
+
+@torch.no_grad()
+def encoder_key_values(attentions: List[nn.Module], heads: int, run: Callable[[], object]) -> List[KeyValue]:
+    """Each layer's keys and values `[1, heads, n, head_dim]` while `run()` passes n tokens through
+    a bidirectional encoder (read off the key and value projections)."""
+    seen: List[List[torch.Tensor]] = [[] for _ in attentions]
+    hooks = []
+    for layer, attention in enumerate(attentions):
+        for projection in key_value_projections(attention):
+            hooks.append(
+                projection.register_forward_hook(lambda m, i, out, layer=layer: seen[layer].append(out))
+            )
+    try:
+        run()
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    def split(states: torch.Tensor) -> torch.Tensor:
+        return states.view(1, states.shape[1], heads, -1).transpose(1, 2).float()
+
+    return [(split(key), split(value)) for key, value in seen]

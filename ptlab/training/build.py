@@ -1,0 +1,142 @@
+"""Assemble a run from its config: task rows -> backbone -> method -> tokenized data.
+
+`ptlab.build(config)` is the one way to get a ready pipeline; training, the tests, the
+benchmark and any tool that evaluates or predicts with a prompt all call it, so they see the same
+data, the same model and the same prompt as `ptlab-train` would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ContextManager, Dict, Optional, Sequence, Union
+
+import torch
+from omegaconf import DictConfig
+
+from ptlab.config.schema import Config, to_object
+from ptlab.data.examples import TaskData, load_raw_splits, split_rows, tokenize_splits
+from ptlab.data.token_cache import tokenizer_identity
+from ptlab.errors import ConfigError
+from ptlab.methods import build_method
+from ptlab.methods.base import MethodConfig, PromptMethod
+from ptlab.model.backbone import Backbone, build_backbone
+from ptlab.model.compile import compile_blocks
+from ptlab.training.checkpoint import saved_prompt
+from ptlab.training.distributed import World
+from ptlab.training.evaluate import split_metrics
+
+log = logging.getLogger("ptlab")
+
+
+@dataclass
+class Pipeline:
+    """Everything a run trains and evaluates with, built once."""
+
+    config: Config
+    backbone: Backbone
+    method: PromptMethod
+    data: TaskData
+    world: World = field(default_factory=World)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where place() put it
+
+    def place(self) -> torch.device:
+        """Move the backbone and the method to the run's device (this rank's GPU on CUDA)."""
+        cuda = self.config.hardware.device == "cuda"
+        device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
+        self.backbone.to(device)
+        self.method.to(device)
+        self.device = device
+        return device
+
+    def autocast(self) -> ContextManager:
+        """bf16 autocast on CUDA when `hardware.precision=bf16` (the prompt itself stays fp32)."""
+        if self.config.hardware.precision == "bf16" and self.config.hardware.device == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def evaluate(self, split: str, batch_size: Optional[int] = None) -> Dict[str, float]:
+        """The task's metrics on a split, as the trainer computes them (rank or generate mode)."""
+        cfg = self.config.trainer
+        return split_metrics(self.backbone, self.method, self.data[split], self.config.task, self.world,
+                             batch_size or cfg.eval_batch_size or 2 * cfg.batch_size, self.device, self.autocast,
+                             cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
+
+    def prompt_config(self) -> Dict[str, Any]:
+        """What a saved prompt needs beside its tensors to be reloaded (checkpoints/best)."""
+        return {
+            "method": dataclasses.asdict(self.config.method),
+            "backbone": self.config.backbone.name,
+            "task": self.config.task.name,
+            "family": self.config.backbone.family,
+            "hidden_size": self.backbone.hidden_size,
+            "num_prompt_tokens": self.method.num_tokens,
+            "verbalizers": list(self.config.task.verbalizers),
+            "data": self.data.digest(),
+        }
+
+
+def read_init_prompt(cfg: MethodConfig) -> Dict[str, torch.Tensor]:
+    """The trained method tensors of `method.init_from` (read before any model loads)."""
+    try:
+        tensors, record = saved_prompt(Path(cfg.init_from))
+    except ConfigError as error:
+        raise ConfigError(f"method.init_from={cfg.init_from!r}: {error}") from None
+    if record["method"]["name"] != cfg.name:
+        raise ConfigError(
+            f"method.init_from={cfg.init_from!r} holds a {record['method']['name']} prompt; this run's "
+            f"method is {cfg.name}"
+        )
+    return {key[len("method.") :]: value for key, value in tensors.items() if key.startswith("method.")}
+
+
+def start_from(method: PromptMethod, cfg: MethodConfig, loaded: Dict[str, torch.Tensor]) -> None:
+    """Prompt transfer (SPoT, Vu et al. 2022): the method starts from another run's trained tensors."""
+    for key, value in method.state_dict().items():
+        if key not in loaded or loaded[key].shape != value.shape:
+            found = tuple(loaded[key].shape) if key in loaded else "nothing"
+            raise ConfigError(
+                f"method.init_from={cfg.init_from!r}: its {key} has shape {found}, this run's has "
+                f"{tuple(value.shape)}: give the same prompt length, hidden size and method options"
+            )
+    method.load_state_dict(loaded)
+    log.info("method.init_from: starting from the trained prompt of %s", cfg.init_from)
+
+
+def build(
+    config: Union[Config, DictConfig], world: Optional[World] = None, splits: Optional[Sequence[str]] = None
+) -> Pipeline:
+    """The pipeline `ptlab-train` runs for `config`. `splits` limits which splits are loaded and
+    tokenized (None: all of the task's; empty: none, for a model without data). The task's rows
+    are read before the model loads, so a data error surfaces first."""
+    if isinstance(config, DictConfig):
+        config = to_object(config)
+    initial = read_init_prompt(config.method) if config.method.init_from else None
+    rows = {}
+    if splits is None or splits:
+        rows = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+        rows = {name: part for name, part in rows.items() if splits is None or name in splits}
+    backbone = build_backbone(
+        config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
+    )
+    method = build_method(config.method, backbone.prompt_context(config.seed))
+    if initial is not None:
+        start_from(method, config.method, initial)
+    backbone.check_fits(method)
+    if method.backbone_dropout is not None and method.backbone_dropout != config.backbone.dropout:
+        wanted = str(method.backbone_dropout).lower()
+        log.warning(
+            "method=%s is designed for backbone.dropout=%s; this run has backbone.dropout=%s "
+            "(set backbone.dropout=%s to follow the method's paper)",
+            config.method.run_label, wanted, str(config.backbone.dropout).lower(), wanted,
+        )  # fmt: skip
+    if config.trainer.compile:
+        log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
+    identity = tokenizer_identity(backbone.tokenizer) if config.data.cache_tokenized and rows else None
+    data = tokenize_splits(
+        rows, config.task, backbone.tokenize_sources, config.data.max_source_length, identity
+    )
+    return Pipeline(config, backbone, method, data, world or World())

@@ -1,0 +1,209 @@
+"""One training job: its run folder, the pipeline, the trainer and the summary.
+
+`run(cfg)` is a plain function returning the best validation score, so tests and Optuna sweeps can
+call it directly; `ptlab-train` (ptlab/cli/train.py) calls it once the command line is parsed. This
+module imports torch and transformers, which the command line itself does not need for `--help`
+or `--cfg`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from ptlab.config.schema import Config, to_object
+from ptlab.errors import ConfigError
+from ptlab.training.build import build
+from ptlab.training.checkpoint import prompt_identity
+from ptlab.training.distributed import World, close_world, init_world
+from ptlab.training.run_folder import FAILURE_FILE, RunLog, save_snapshots
+from ptlab.training.tracking import Tracker, run_name, wandb_config
+from ptlab.training.trainer import Trainer, seed_everything
+
+log = logging.getLogger("ptlab")
+
+
+def hydra_facts() -> Dict[str, Any]:
+    """Run folder, sweep name and overrides from Hydra, when Hydra launched us."""
+    if not HydraConfig.initialized():
+        return {}
+    hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
+    experiment = OmegaConf.select(hydra_cfg, "runtime.choices.experiment", default=None)
+    return {
+        "run_dir": Path(output_dir) if output_dir else None,
+        # W&B group: the experiment's name, else the sweep folder, so all jobs of one multirun share it
+        "group": experiment or ("_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None),
+        "experiment": experiment,
+        "overrides": list(hydra_cfg.overrides.task),
+        "swept": swept_keys(hydra_cfg) if multirun else [],
+    }
+
+
+def swept_keys(hydra_cfg: DictConfig) -> List[str]:
+    """The keys a multirun varies: its sweeper's params and the command-line overrides that list
+    several values (the sweep's multirun.yaml keeps them as typed)."""
+    keys = [str(k) for k in (OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})]
+    try:
+        typed = OmegaConf.load(Path(hydra_cfg.sweep.dir) / "multirun.yaml").hydra.overrides.task
+    except (OSError, OmegaConfBaseException):
+        typed = []
+    for item in typed:
+        key, _, value = str(item).partition("=")
+        if "," in value or value.startswith(("range(", "choice(", "interval(", "glob(")):
+            keys.append(key.lstrip("+~"))
+    return list(dict.fromkeys(keys))
+
+
+def setup_hardware(config: Config) -> None:
+    if config.hardware.num_threads:
+        torch.set_num_threads(config.hardware.num_threads)
+    if config.hardware.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
+    """Train one configuration; returns the best validation value of the task's main metric."""
+    config = to_object(cfg)
+    world = init_world(config.hardware)
+    try:
+        return run_config(config, cfg, run_dir, world)
+    finally:
+        close_world(world)
+
+
+def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: World) -> float:
+    facts = hydra_facts()
+    run_dir = Path(run_dir or facts.get("run_dir") or "outputs/runs/unnamed")
+    if isinstance(config.trainer.resume, str) and config.trainer.resume != "auto":
+        run_dir = Path(config.trainer.resume)
+        if not run_dir.is_dir():
+            raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".ptlab_write_check.{os.getpid()}"  # one per process: DDP ranks share the folder
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
+                          "choose another one with hydra.run.dir=...") from None  # fmt: skip
+    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's; this one may succeed
+    with RunLog() as run_log:
+        return train_in(run_dir, config, cfg, world, facts, run_log)
+
+
+def train_in(
+    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any], run_log: RunLog
+) -> float:
+    """The run in its (writable) folder: skipped when it finished before, else built, recorded
+    (config snapshots, log file: only now, so a run that fails its checks leaves the folder as it
+    was), trained and summarised."""
+    finished = finished_summary(run_dir, config) if config.trainer.resume else None
+    if finished is not None:  # a rerun sweep skips its finished jobs
+        best = finished["best"][config.task.main_metric]
+        log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
+                 "it again", run_dir, config.task.main_metric, best)  # fmt: skip
+        return best
+    setup_hardware(config)
+    seed_everything(config.seed)
+    started = time.perf_counter()
+    pipeline = build(config, world)
+    load_seconds = time.perf_counter() - started
+    tracker = open_tracker(run_dir, config, cfg, world, facts)
+    try:
+        trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
+        if not (
+            config.trainer.resume and trainer.resume(run_dir)
+        ):  # a checkpoint that does not fit stops here
+            tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
+        record_start(run_dir, cfg, world, run_log)
+        tracker.start()
+        names = (config.method.run_label, config.backbone.name, config.task.name)
+        log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
+                 *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
+        summary = trainer.fit()
+        summary.update(
+            status="finished",
+            method=config.method.run_label,
+            backbone=config.backbone.name,
+            task=config.task.name,
+            seed=config.seed,
+            load_seconds=load_seconds,
+            wall_seconds=time.perf_counter() - started,
+            wandb=tracker.wandb_info(),
+        )
+        tracker.summary(summary)
+        if config.logger.log_prompt:
+            name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
+            metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
+            tracker.log_prompt(run_dir / "checkpoints" / "best", name, metadata)
+    finally:
+        tracker.finish()
+    metric, baseline = config.task.main_metric, summary["baseline"]
+    best = summary["best"][metric]
+    log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
+             baseline["name"], baseline[metric], run_dir / "summary.json")  # fmt: skip
+    return best
+
+
+def record_start(run_dir: Path, cfg: DictConfig, world: World, run_log: RunLog) -> None:
+    """The run has passed every check (config, data, model, checkpoint): its config snapshots and
+    log file go into the folder now, not before."""
+    if HydraConfig.initialized():
+        if world.is_main:
+            save_snapshots(run_dir, cfg)
+        suffix = "" if world.rank == 0 else f"_rank{world.rank}"
+        run_log.start(run_dir / f"{HydraConfig.get().job.name}{suffix}.log")
+
+
+def open_tracker(
+    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any]
+) -> Tracker:
+    """The run's metrics log and W&B run (rank 0 only), named and grouped for the sweep it is in."""
+    return Tracker(
+        run_dir,
+        config.logger,
+        enabled=world.is_main,
+        wandb_init={
+            "config": wandb_config(cfg, config, facts.get("experiment")),
+            "group": config.logger.group or facts.get("group"),
+            "job_type": config.method.run_label,
+            "name": run_name(facts.get("overrides", []), facts.get("swept", [])),
+            "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
+        },
+    )
+
+
+def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
+    """The run folder's summary when its run finished with this method, backbone and task (and
+    `trainer.max_steps` asks for no more steps than it trained: a larger one continues it), else
+    None: never run, cut short, failed, or another setup (whose resume then says why it cannot)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        record = json.loads((run_dir / "checkpoints" / "best" / "prompt_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "finished":
+        return None
+    same = prompt_identity(record.get("method")) == prompt_identity(dataclasses.asdict(config.method)) and (
+        record.get("backbone"),
+        record.get("task"),
+    ) == (config.backbone.name, config.task.name)
+    max_steps = config.trainer.max_steps
+    longer = (
+        max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)
+    )
+    return summary if same and not longer else None

@@ -1,0 +1,85 @@
+"""What a run leaves in its folder besides checkpoints: its config snapshots (`.hydra/`), its log
+(`train.log`) and, when it fails, its one-line error.
+
+Snapshots and log wait until the run has started (config, data and model checked), so a rerun that
+fails its checks in the folder of an earlier good run leaves that run's record as it was; the log
+lines written before the start are kept in memory and land in the file once it opens.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from logging.handlers import MemoryHandler
+from pathlib import Path
+from typing import Optional
+
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+FAILURE_FILE = "failure.json"
+
+
+class RunLog:
+    """The run's log file, opened by `start()`; what was logged before is buffered until then and
+    dropped if the run never starts."""
+
+    def __init__(self) -> None:
+        self.buffer = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.file: Optional[logging.FileHandler] = None
+
+    def __enter__(self) -> RunLog:
+        logging.getLogger().addHandler(self.buffer)
+        return self
+
+    def start(self, path: Path) -> None:
+        """Open the log (appending: a resumed run continues its log) and write the buffered lines."""
+        root = logging.getLogger()
+        self.file = logging.FileHandler(path, encoding="utf-8")
+        formatters = [handler.formatter for handler in root.handlers if handler.formatter is not None]
+        if formatters:
+            self.file.setFormatter(formatters[0])  # the console's: conf/hydra/job_logging/ptlab.yaml
+        self.buffer.setTarget(self.file)
+        self.buffer.flush()
+        root.removeHandler(self.buffer)
+        root.addHandler(self.file)
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        root.removeHandler(self.buffer)
+        self.buffer.buffer.clear()
+        if self.file is not None:
+            root.removeHandler(self.file)
+            self.file.close()
+
+
+def save_snapshots(run_dir: Path, cfg: DictConfig) -> None:
+    """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them (with
+    `hydra.output_subdir=null` it does not): what `ptlab-eval`, `ptlab-compare` and a resume read."""
+    if not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.instance().cfg
+    folder = run_dir / ".hydra"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, node in (
+        ("config.yaml", cfg),
+        ("hydra.yaml", hydra_cfg),
+        ("overrides.yaml", hydra_cfg.hydra.overrides.task),
+    ):
+        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+def record_failure(run_dir: Path, error: Exception) -> None:
+    """A failed job's one-line error, for ptlab's sweep report (ptlab/lab/sweep_report.py) and
+    `ptlab-compare`. A finished run's summary is never replaced: a failed rerun of it leaves its
+    result standing and says only, in `failure.json`, that the rerun failed."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    failure = json.dumps({"status": "failed", "error": str(error), "kind": type(error).__name__}, indent=2)
+    (run_dir / FAILURE_FILE).write_text(failure)
+    summary = run_dir / "summary.json"
+    try:
+        finished = json.loads(summary.read_text()).get("status") == "finished"
+    except (OSError, ValueError, AttributeError):
+        finished = False
+    if not finished:
+        summary.write_text(failure)

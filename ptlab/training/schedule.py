@@ -1,0 +1,105 @@
+"""Training schedules: which (partial) model each step trains, and what each step costs in FLOPs.
+
+`schedule=constant` is one stage on the full model; `schedule=fpt*` (Huang et al. 2022) trains on
+partial models first and grows them stage by stage. The prompt and the optimizer are untouched by
+a stage change: the same tensors and the same optimizer state carry over ("prompt recycling").
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from ptlab.config.schema import ScheduleConfig
+from ptlab.methods.base import PromptMethod
+from ptlab.model.backbone import Backbone
+from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.partial import PartialModel
+
+log = logging.getLogger(__name__)
+
+
+class StageSchedule:
+    def __init__(self, cfg: ScheduleConfig, backbone: Backbone, total_steps: int) -> None:
+        self.cfg = cfg
+        self.family = backbone.family
+        self.shape = ModelShape.from_config(backbone.model.config, backbone.family)
+        ends, done = [], 0.0
+        for stage in cfg.stages:
+            done += stage.steps_fraction
+            ends.append(round(done * total_steps))
+        ends[-1] = total_steps
+        self.stage_ends = ends
+        needs_partial = any((stage.depth, stage.width) != (1.0, 1.0) for stage in cfg.stages)
+        self.partial = PartialModel(backbone.model, cfg.with_decoder) if needs_partial else None
+        self.current: Optional[int] = None
+
+    @property
+    def needs_scores(self) -> bool:
+        return any(stage.width < 1.0 for stage in self.cfg.stages)
+
+    @property
+    def is_full(self) -> bool:
+        return self.partial is None or self.partial.is_full
+
+    def stage_of(self, step: int) -> int:
+        return next(i for i, end in enumerate(self.stage_ends) if step < end or i == len(self.stage_ends) - 1)
+
+    def prepare_scores(self, run_dir: Path, run_batches: Callable[[], Iterable], write: bool = True) -> None:
+        """FFN neuron scores, computed once with the untrained prompt and cached in the run folder
+        (a resumed run reloads them rather than scoring with its trained prompt)."""
+        cache = run_dir / "ffn_scores.pt"
+        if cache.exists():
+            self.partial.scores = torch.load(cache)
+            return
+        log.info("scoring FFN neurons on %d training examples", self.cfg.score_examples)
+        scores = self.partial.score_neurons(run_batches)
+        if not write:  # ranks other than 0 compute the same scores and leave the file to rank 0
+            return
+        tmp = cache.with_suffix(".tmp")
+        torch.save(scores, tmp)
+        tmp.replace(cache)
+
+    def enter(self, step: int) -> Optional[Dict[str, object]]:
+        """Switch the model to the stage of `step`; returns the new stage's facts on a change."""
+        index = self.stage_of(step)
+        if index == self.current:
+            return None
+        self.current = index
+        stage = self.cfg.stages[index]
+        if self.partial is not None:
+            self.partial.set_stage(stage.depth, stage.width)
+        facts = {"stage": index, "depth": stage.depth, "width": stage.width}
+        if self.partial is not None:
+            facts.update(self.partial.stage_facts())
+        return facts
+
+    def batch_flops(
+        self, batch: Dict[str, torch.Tensor], method: PromptMethod, shared_prompt: bool
+    ) -> torch.Tensor:
+        """[FLOPs of a training step on `batch` on the current model, the same on the full model];
+        `shared_prompt`: the method's block runs once per batch (a causal LM's shared prompt)."""
+        sizes = dict(
+            batch=len(batch["labels"]),
+            source_tokens=batch["source_ids"].shape[1] + method.num_tokens,
+            target_tokens=batch["target_ids"].shape[1],
+            shared_prompt=method.num_tokens if shared_prompt else 0,
+            prefixes=method.prefix_positions,
+        )
+        full = train_step_flops(self.shape, self.family, **sizes)
+        if self.is_full:
+            return torch.tensor([full, full], dtype=torch.float64)
+        layers: List[List[int]] = self.partial.kept_layers
+        actual = train_step_flops(
+            self.shape,
+            self.family,
+            encoder_layers=len(layers[0]),
+            decoder_layers=len(layers[1]) if len(layers) > 1 else None,
+            ffn=self.partial.kept_neurons,
+            decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else None,
+            **sizes,
+        )
+        return torch.tensor([actual, full], dtype=torch.float64)

@@ -1,0 +1,365 @@
+"""The training loop: plain PyTorch, readable top to bottom.
+
+Only the prompt method's parameters (and the encoder family's head) are trained. The loop's
+state is checkpointed at every evaluation (ptlab/training/checkpoint.py), so a killed run resumed with
+`trainer.resume` ends with the same metrics as an uninterrupted one; termination signals
+checkpoint at the next step boundary (ptlab/training/preemption.py); evaluation is ptlab/training/evaluate.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from transformers import get_constant_schedule_with_warmup, get_linear_schedule_with_warmup
+from transformers.optimization import Adafactor
+
+from ptlab.config.schema import Config, TrainerConfig
+from ptlab.data.examples import chunks, training_batches
+from ptlab.errors import ConfigError, TrainingFault
+from ptlab.methods.base import PromptMethod
+from ptlab.model.backbone import Backbone, trainable_parameters
+from ptlab.training.build import Pipeline
+from ptlab.training.checkpoint import RunCheckpoint
+from ptlab.training.evaluate import baseline_metrics, to_device
+from ptlab.training.memory import peak_memory_mb, reset_peak_memory
+from ptlab.training.preemption import PreemptionGuard
+from ptlab.training.progress import Progress
+from ptlab.training.schedule import StageSchedule
+from ptlab.training.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainState:
+    """Everything besides tensors that a resumed run needs to continue exactly."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    examples_seen: int = 0
+    train_seconds: float = 0.0
+    best_score: Optional[float] = None
+    best_step: Optional[int] = None
+    best_metrics: Dict[str, float] = field(default_factory=dict)
+    evals_without_improvement: int = 0
+    last_metrics: Dict[str, float] = field(default_factory=dict)
+    flops: float = 0.0  # analytic training FLOPs so far (ptlab/model/flops.py)
+    full_model_flops: float = 0.0  # the same steps on the full model
+    stages: List[Dict[str, float]] = field(default_factory=list)  # per stage: steps, flops, seconds
+
+
+@dataclass
+class LogWindow:
+    """Losses and examples since the last train log line."""
+
+    losses: List[float] = field(default_factory=list)
+    examples: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> Tuple[float, float, float]:
+        """Log the mean loss and throughput of the window; returns (loss, lr, examples/s)."""
+        loss = float(np.mean(self.losses))
+        examples_per_s = self.examples / max(time.perf_counter() - self.started, 1e-9)
+        tracker.log(step, "train", {"loss": loss, "lr": lr, "examples_per_s": examples_per_s, "flops": flops})
+        return loss, lr, examples_per_s
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(
+    params: List[torch.nn.Parameter], cfg: TrainerConfig, device: torch.device
+) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adafactor":
+        # the prompt-tuning recipe: fixed lr, no relative step, no parameter scaling (Lester et al.)
+        return Adafactor(
+            params,
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int):
+    warmup = int(cfg.warmup_ratio * total_steps)
+    if cfg.lr_schedule == "linear":
+        return get_linear_schedule_with_warmup(optimizer, warmup, num_training_steps=total_steps)
+    return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
+
+
+def backward_loss(
+    method: PromptMethod, backbone: Backbone, batch: Dict[str, torch.Tensor], autocast, weight: float = 1.0
+) -> float:
+    """One batch's training loss, backpropagated scaled by `weight`; returns the unscaled loss.
+    The training step's core, shared by the Trainer and the benchmark."""
+    with autocast():
+        loss = method.training_loss(backbone, batch)
+    (loss if weight == 1.0 else loss * weight).backward()
+    return loss.item()
+
+
+def non_finite_loss(
+    loss: float, step: int, last_finite: Optional[float], lr: float, last_dir: Path
+) -> TrainingFault:
+    """The one-line report of a loss that is nan or inf, with what to try and what was kept."""
+    kept = last_dir if last_dir.exists() else "none yet"
+    return TrainingFault(
+        f"training loss is {loss} at step {step} (last finite loss {last_finite}, lr {lr:g}): "
+        f"lower trainer.lr or set trainer.grad_clip; last good checkpoint: {kept}"
+    )
+
+
+def out_of_memory(error: Exception, cfg: TrainerConfig, max_length: int, last_dir: Path) -> TrainingFault:
+    """The one-line report of a training step that ran out of memory, with the sizes to lower."""
+    kept = last_dir if last_dir.exists() else "none yet"
+    first = str(error).strip().splitlines()[0][:160]
+    return TrainingFault(
+        f"out of memory in a training step ({first}) at trainer.batch_size={cfg.batch_size}, "
+        f"data.max_source_length={max_length}: lower them, or raise trainer.grad_accum to keep the "
+        f"effective batch; last good checkpoint: {kept}"
+    )
+
+
+def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
+    if cfg.max_steps is not None:
+        return cfg.max_steps
+    per_epoch = math.ceil(num_train_examples / cfg.batch_size / cfg.grad_accum)
+    return max(1, math.ceil(cfg.epochs * per_epoch))
+
+
+class Trainer:
+    """Trains a pipeline's prompt: optimizer steps, evaluation every `eval_every`, checkpoints."""
+
+    def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
+        self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
+        self.pipeline, self.backbone, self.method = pipeline, pipeline.backbone, pipeline.method
+        self.data, self.world = pipeline.data, pipeline.world
+        self.tracker, self.run_dir = tracker, run_dir
+        self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
+        self.baseline = baseline_metrics(self.task, self.data["validation"])  # the floor a prompt must beat
+        self.device, self.autocast = pipeline.place(), pipeline.autocast
+        self.params = trainable_parameters(self.method, self.backbone)
+        if not self.params:
+            raise ConfigError("the method has no trainable parameters")
+        self.num_trainable = sum(p.numel() for p in self.params)
+        self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.total_steps = total_steps(self.cfg, len(self.data["train"]))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
+        self.eval_batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
+        self.stage_schedule = StageSchedule(config.schedule, self.backbone, self.total_steps)
+        stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.schedule.stages]
+        self.state = TrainState(stages=stages)
+        self.checkpoint = RunCheckpoint(
+            run_dir,
+            self.method,
+            self.backbone,
+            self.optimizer,
+            self.lr_scheduler,
+            pipeline.prompt_config(),
+            writes=self.world.is_main,
+        )
+        self.fit_started = time.perf_counter()
+        self.scoring_seconds = 0.0  # FPT's neuron scoring in this process (0: none, or cached)
+        self.last_finite_loss: Optional[float] = None
+
+    # --- checkpoints and evaluation --------------------------------------------------------
+    def resume(self, run_dir: Path) -> bool:
+        """Continue from `run_dir/checkpoints/last` if there is one; True when the run does."""
+        saved = self.checkpoint.restore(run_dir)
+        if saved is None:
+            return False
+        self.state = TrainState(**saved)
+        self.tracker.truncate_after(self.state.step)
+        return True
+
+    def save_last(self) -> None:
+        self.checkpoint.save_last(asdict(self.state))
+
+    def run_eval(self, split: str) -> Dict[str, float]:
+        return self.pipeline.evaluate(split, self.eval_batch_size)
+
+    def eval_and_checkpoint(self) -> bool:
+        """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
+        metrics = self.run_eval("validation")
+        self.state.last_metrics = metrics
+        # curves against compute: train_s (training seconds, all sessions of the run), flops (training
+        # FLOPs so far) and wall_s (this process's training and evaluation seconds)
+        clocks = {
+            "train_s": self.state.train_seconds,
+            "flops": self.state.flops,
+            "wall_s": time.perf_counter() - self.fit_started,
+        }
+        self.tracker.log(self.state.step, "validation", {**metrics, **clocks})
+        score = metrics[self.task.main_metric]
+        if self.state.best_score is None or score > self.state.best_score:
+            self.state.best_score, self.state.best_step, self.state.best_metrics = (
+                score,
+                self.state.step,
+                metrics,
+            )
+            self.state.evals_without_improvement = 0
+            self.checkpoint.save_best(self.method.export_prompt())
+        else:
+            self.state.evals_without_improvement += 1
+        self.save_last()
+        self.world.barrier()
+        return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
+
+    # --- one step ----------------------------------------------------------------------------
+    def neuron_scoring_passes(self) -> Iterator[None]:
+        """Forward passes with the untrained prompt over the first training examples (FPT's
+        neuron importance); yields after each batch."""
+        examples = self.data["train"][: self.stage_schedule.cfg.score_examples]
+        self.backbone.eval()
+        self.method.eval()
+        with torch.no_grad(), self.backbone.per_example_prompt_states():
+            for group in chunks(examples, self.eval_batch_size):
+                with self.autocast():
+                    self.backbone.output_logits(
+                        self.method, to_device(self.backbone.collate(group), self.device)
+                    )
+                yield
+
+    def train_step(self, stream: Iterator[List[int]]) -> float:
+        """One optimizer step over `grad_accum` global batches; each rank takes its shard and
+        weights its loss by the shard's share, so the summed gradients equal one process's."""
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss, FLOPs, full-model FLOPs
+        for _ in range(self.cfg.grad_accum):
+            indices = next(stream)
+            mine = self.world.shard(indices)
+            self.state.examples_seen += len(indices)
+            if not mine:
+                continue
+            batch = to_device(self.backbone.collate([self.data["train"][i] for i in mine]), self.device)
+            weight = len(mine) / len(indices) / self.cfg.grad_accum
+            totals[0] += backward_loss(self.method, self.backbone, batch, self.autocast, weight) * weight
+            totals[1:] += self.stage_schedule.batch_flops(
+                batch, self.method, self.backbone.runs_prompt_once(self.method)
+            )
+        self.world.sum_gradients(self.params)
+        self.world.sum_(totals)
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.state.step += 1
+        self.state.flops += float(totals[1])
+        self.state.full_model_flops += float(totals[2])
+        self.state.stages[self.stage_schedule.current]["flops"] += float(totals[1])
+        return float(totals[0])
+
+    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
+        """One training step in the current stage, timed and counted."""
+        stage = self.stage_schedule.enter(self.state.step)
+        if stage is not None and len(self.state.stages) > 1:
+            log.info("step %d: stage %s", self.state.step, stage)
+            self.tracker.log(self.state.step, "stage", stage)
+        self.backbone.train()
+        self.method.train()
+        seen_before, started = self.state.examples_seen, time.perf_counter()
+        try:
+            loss = self.train_step(stream)
+        except torch.OutOfMemoryError as error:
+            raise out_of_memory(
+                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+            ) from None
+        except RuntimeError as error:  # the CPU allocator's own words
+            if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
+                raise
+            raise out_of_memory(
+                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+            ) from None
+        elapsed = time.perf_counter() - started
+        self.state.train_seconds += elapsed
+        self.state.stages[self.stage_schedule.current]["seconds"] += elapsed
+        self.state.stages[self.stage_schedule.current]["steps"] += 1
+        if not math.isfinite(loss):
+            lr = self.lr_scheduler.get_last_lr()[0]
+            raise non_finite_loss(loss, self.state.step, self.last_finite_loss, lr, self.checkpoint.last_dir)
+        self.last_finite_loss = loss
+        window.losses.append(loss)
+        window.examples += self.state.examples_seen - seen_before
+
+    # --- the loop -------------------------------------------------------------------------------
+    def fit(self) -> Dict[str, Any]:
+        """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
+        self.fit_started = time.perf_counter()
+        reset_peak_memory(self.device)  # peak_memory_mb: this run's training, not earlier jobs'
+        stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
+        if self.stage_schedule.needs_scores:  # FPT's width reduction: a fixed cost outside train_seconds
+            started = time.perf_counter()
+            self.stage_schedule.prepare_scores(
+                self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
+            )
+            self.scoring_seconds = time.perf_counter() - started
+        progress = Progress(
+            self.total_steps, self.state.step, self.world.is_main, self.task.main_metric, self.baseline,
+        )  # fmt: skip
+        window, stopped_early = LogWindow(), False
+        with PreemptionGuard() as guard:
+            while self.state.step < self.total_steps and not stopped_early:
+                self.timed_step(stream, window)
+                progress.advance()
+                last = self.state.step == self.total_steps
+                if self.state.step % self.cfg.log_every == 0 or last:
+                    lr = self.lr_scheduler.get_last_lr()[0]
+                    progress.trained(
+                        self.state.step, *window.log(self.tracker, self.state.step, lr, self.state.flops)
+                    )
+                    window = LogWindow()
+                if (self.state.step % self.cfg.eval_every == 0 or last) and self.stage_schedule.is_full:
+                    stopped_early = self.eval_and_checkpoint()  # partial models are not evaluated
+                    state = self.state
+                    progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
+                guard.stop_if_signalled(self.save_last, self.state.step)
+        progress.close()
+        test_metrics = None
+        if "test" in self.data:  # the SMoP protocol's held-out test split, scored with the best prompt
+            self.checkpoint.load_best()
+            test_metrics = self.run_eval("test")
+            self.tracker.log(self.state.step, "test", test_metrics)
+        return run_summary(self, stopped_early, test_metrics)
+
+
+def run_summary(
+    trainer: Trainer, stopped_early: bool, test_metrics: Optional[Dict[str, float]]
+) -> Dict[str, Any]:
+    """The numbers a finished run reports (summary.json, W&B summary)."""
+    state = trainer.state
+    return {
+        "best": {"step": state.best_step, **state.best_metrics},
+        "final": state.last_metrics,
+        "test": test_metrics,
+        "main_metric": trainer.task.main_metric,
+        "baseline": trainer.baseline,
+        "steps": state.step,
+        "stopped_early": stopped_early,
+        "trainable_params": trainer.num_trainable,
+        "train_seconds": state.train_seconds,
+        "neuron_scoring_seconds": trainer.scoring_seconds,
+        "examples_per_s": state.examples_seen / max(state.train_seconds, 1e-9),
+        "peak_memory_mb": peak_memory_mb(trainer.device),
+        "train_flops": state.flops,
+        "full_model_flops": state.full_model_flops,
+        "flops_ratio": state.flops / max(state.full_model_flops, 1.0),
+        "stages": [
+            {**asdict(stage), **stats}
+            for stage, stats in zip(trainer.stage_schedule.cfg.stages, state.stages)
+        ],
+    }

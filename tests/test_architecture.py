@@ -1,0 +1,108 @@
+"""The package's shape: no import circle (imports inside functions count), the wheel's package list
+is every folder of ptlab/, and docs/architecture.md names every module there is."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Dict, List, Set
+
+import tomllib
+
+from conftest import REPO
+
+PACKAGE = REPO / "ptlab"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def modules() -> Dict[str, Path]:
+    return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imported_modules(path: Path, known: Set[str]) -> Set[str]:
+    """Every ptlab module `path` imports anywhere (top level, functions, TYPE_CHECKING blocks):
+    `from a.b import c` is the module a.b.c when there is one, else a.b."""
+    found: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in known else node.module
+                     for alias in node.names]  # fmt: skip
+        else:
+            continue
+        found |= {name for name in names if name in known}
+    return found
+
+
+def import_graph() -> Dict[str, Set[str]]:
+    known = set(modules())
+    return {name: imported_modules(path, known) - {name} for name, path in modules().items()}
+
+
+def circles(graph: Dict[str, Set[str]]) -> List[List[str]]:
+    """The strongly connected components of more than one module (Tarjan)."""
+    index: Dict[str, int] = {}
+    low: Dict[str, int] = {}
+    stack: List[str] = []
+    found: List[List[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in stack:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_package_has_no_import_circle():
+    graph = import_graph()
+    assert len(graph) > 40 and sum(map(len, graph.values())) > 100  # the walk sees the real package
+    assert circles(graph) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_function_level_imports_are_counted():
+    graph = import_graph()
+    # ptlab-train's entry imports the Hydra app only when a run starts, inside a function
+    assert "ptlab.cli.train" in graph["ptlab.cli.entry"]
+
+
+def test_the_wheel_lists_every_package_and_ships_conf():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {module_name(init) for init in PACKAGE.rglob("__init__.py")}
+    assert set(config["packages"]) == folders | {"ptlab.conf"}
+    assert config["package-dir"]["ptlab.conf"] == "conf"
+
+
+def test_architecture_doc_names_every_module():
+    text = (REPO / "docs" / "architecture.md").read_text()
+    section = text.split("## Modules", 1)[1].split("\n## ", 1)[0]
+    named = set(re.findall(r"`(ptlab/[\w/]+\.py)`", section))
+    actual = {str(path.relative_to(REPO)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
+    assert named == actual, (sorted(actual - named), sorted(named - actual))
