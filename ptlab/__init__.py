@@ -12,7 +12,7 @@ __all__ = ["Pipeline", "build"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from ptlab import pipeline
+        from ptlab.training import build as pipeline_module
 
-        return getattr(pipeline, name)
+        return getattr(pipeline_module, name)
     raise AttributeError(f"module 'ptlab' has no attribute {name!r}")

@@ -83,6 +83,38 @@ def test_the_package_has_no_import_circle():
     assert circles(graph) == []
 
 
+def test_every_ptlab_import_names_a_module_that_exists():
+    """In the package, the tests and the scripts: a module moved leaves no import of its old name."""
+    known = set(modules())
+    stale = []
+    sources = {
+        **modules(),
+        **{str(p.relative_to(REPO)): p for d in ("tests", "scripts") for p in (REPO / d).glob("*.py")},
+    }
+    for name, path in sources.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                stale += [
+                    f"{name}: import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("ptlab") and a.name not in known
+                ]
+            elif (
+                isinstance(node, ast.ImportFrom)
+                and node.level == 0
+                and (node.module or "").startswith("ptlab")
+            ):
+                if node.module not in known:
+                    stale.append(f"{name}: from {node.module}")
+                elif node.module == "ptlab":
+                    stale += [
+                        f"{name}: from ptlab import {a.name}"
+                        for a in node.names
+                        if f"ptlab.{a.name}" not in known
+                    ]
+    assert stale == []
+
+
 def test_the_circle_check_finds_a_circle():
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

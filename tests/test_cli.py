@@ -156,13 +156,13 @@ def test_help_is_ptlabs_own_and_lists_every_user_facing_value_and_no_schema():
     text = result.stdout
     assert text.startswith("ptlab-train: soft-prompt tuning") and "powered by Hydra" not in text
     for group in (
-        "arm",
         "backbone",
         "experiment",
         "hardware",
         "logger",
         "method",
-        "preset",
+        "optim",
+        "recipe",
         "schedule",
         "task",
     ):

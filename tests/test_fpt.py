@@ -207,7 +207,7 @@ def test_fpt_composes_with_every_method(tmp_path, method):
 
 
 def test_method_fpt_is_prompt_tuning_on_the_fpt_schedule():
-    config = to_object(compose_config(["preset=fpt"]))
+    config = to_object(compose_config(["recipe=fpt"]))
     assert config.method.name == "prompt_tuning" and config.schedule.name == "fpt"
     assert config.method.init == "random" and config.backbone.dropout is False
 

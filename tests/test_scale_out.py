@@ -35,10 +35,6 @@ def cli(args, cwd=REPO, launcher=("-m", "ptlab.cli.train"), env_extra=None, **kw
     )
 
 
-def compose_config_with_hydra(overrides):
-    return compose(overrides, with_hydra=True)
-
-
 def trained_prompt(run_dir):
     return checkpoint.load_training_state(run_dir / "checkpoints/last")["trainable"]["method.prompt_embeds"]
 
@@ -171,7 +167,7 @@ def test_optuna_sweep_optimises_the_returned_validation_metric(tmp_path):
     [("smop_superglue", 6 * 2 * 3), ("superpos_glue", 2 * 3 * 2 * 13 * 3), ("fpt_t5large", 4 * 2 * 3)],
 )
 def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, jobs):
-    cfg = compose_config_with_hydra([f"experiment={experiment}"])
+    cfg = compose([f"experiment={experiment}"], with_hydra=True)
     params = cfg.hydra.sweeper.params
     count = 1
     for key, values in params.items():
@@ -186,12 +182,34 @@ def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, j
 
 
 @pytest.mark.parametrize(
+    "recipe,expected",
+    [
+        ("lester2021", dict(optimizer="adafactor", lr=0.3, weight_decay=1e-5, lr_schedule="constant")),
+        ("smop2023", dict(optimizer="adafactor", lr=0.5, weight_decay=1e-5, lr_schedule="linear", warmup_ratio=0.06)),
+        ("fpt2022", dict(optimizer="adafactor", lr=0.3, lr_schedule="constant", grad_clip=1.0)),
+    ],
+)
+def test_the_papers_optimizer_recipes_are_choices_the_command_line_overrides(recipe, expected):
+    trainer = to_object(compose_config([f"optim={recipe}"])).trainer
+    assert {key: getattr(trainer, key) for key in expected} == expected
+    assert to_object(compose_config([f"optim={recipe}", "trainer.lr=0.1"])).trainer.lr == 0.1
+    assert to_object(compose_config([])).trainer.optimizer == "adamw"  # no recipe: the schema's defaults
+
+
+def test_experiments_take_their_papers_optimizer_recipe():
+    smop = to_object(compose_config(["experiment=smop_superglue"])).trainer
+    assert (smop.lr, smop.warmup_ratio, smop.lr_schedule, smop.batch_size) == (0.5, 0.06, "linear", 32)
+    fpt = to_object(compose_config(["experiment=fpt_t5large"]))
+    assert (fpt.trainer.lr, fpt.trainer.grad_clip, fpt.method.run_label, fpt.schedule.name) == (0.3, 1.0, "fpt", "fpt")
+
+
+@pytest.mark.parametrize(
     "experiment,jobs", [("smollm2_methods", 3 * 2 * 9), ("minilm_methods", 3 * 2 * 5), ("minilm_fpt", 3 * 4)]
 )
-def test_comparison_experiments_compose_every_arm(experiment, jobs):
+def test_comparison_experiments_compose_every_recipe(experiment, jobs):
     """The CPU comparisons (scripts/compare.py presets): every swept value composes and validates,
     seeds vary slowest (a finished prefix holds every arm), and each arm is what it says."""
-    params = compose_config_with_hydra([f"experiment={experiment}"]).hydra.sweeper.params
+    params = compose([f"experiment={experiment}"], with_hydra=True).hydra.sweeper.params
     assert list(params)[0] == "seed"
     count = 1
     for key, values in params.items():
@@ -200,7 +218,7 @@ def test_comparison_experiments_compose_every_arm(experiment, jobs):
         for option in options:
             config = to_object(compose_config([f"experiment={experiment}", f"{key}={option}"]))
             assert config.hardware.device == "cpu" and config.logger.group == experiment
-            if key == "arm":
+            if key == "recipe":
                 assert config.backbone.dropout == (option == "superpos_dropout_on")
                 assert config.method.run_label == {"pt20": "pt20", "fpt_cr": "fpt_cr"}.get(option, option)
                 assert (config.schedule.name == "fpt") == (option == "fpt_cr")

@@ -68,10 +68,10 @@ def test_m_larger_than_the_vocabulary_is_a_clear_error():
         superpos("method.num_vocab_samples=5000")
 
 
-def test_the_method_leaves_dropout_to_the_backbone_and_the_preset_switches_it_off(caplog):
+def test_the_method_leaves_dropout_to_the_backbone_and_the_recipe_switches_it_off(caplog):
     assert to_object(compose_config(["method=superpos"])).backbone.dropout is True  # no cross-group setting
-    assert to_object(compose_config(["preset=superpos"])).backbone.dropout is False
-    assert to_object(compose_config(["preset=superpos", "backbone.dropout=true"])).backbone.dropout is True
+    assert to_object(compose_config(["recipe=superpos"])).backbone.dropout is False
+    assert to_object(compose_config(["recipe=superpos", "backbone.dropout=true"])).backbone.dropout is True
     with caplog.at_level("WARNING", logger="ptlab"):
         superpos("backbone.dropout=true")
     assert "method=superpos is designed for backbone.dropout=false" in caplog.text

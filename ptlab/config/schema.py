@@ -222,6 +222,11 @@ class TrainerConfig:
     log_every: int = 10
     max_new_tokens: int = 8
 
+    @property
+    def eval_batch(self) -> int:
+        """The evaluation batch size: `eval_batch_size`, or twice the training batch when null."""
+        return self.eval_batch_size or 2 * self.batch_size
+
     def __post_init__(self) -> None:
         check_choice("trainer.optimizer", self.optimizer, ("adafactor", "adamw"))
         check_choice("trainer.lr_schedule", self.lr_schedule, ("linear", "constant"))

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from typing import Callable, List
 
 import numpy as np
 
+from ptlab.files import write_file_atomically
 from ptlab.model.loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,8 @@ def cached_tokenize(
     flat = np.fromiter((token for row in ids for token in row), dtype=np.int64, count=int(lengths.sum()))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, flat=flat, lengths=lengths)
-        os.replace(tmp, path)  # concurrent jobs of a sweep may race: the last complete file wins
+        # concurrent jobs of a sweep may race: the last complete file wins
+        write_file_atomically(path, lambda tmp: np.savez(tmp, flat=flat, lengths=lengths))
     except OSError as error:  # a read-only or full cache costs speed, never the run
         log.warning("tokenized cache not written (%s)", error)
     return ids

@@ -12,6 +12,8 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
+from ptlab.training.run_folder import SUMMARY_FILE, read_summary
+
 
 @dataclass
 class RunRecord:
@@ -78,10 +80,7 @@ def read_run(path: Path) -> RunRecord:
             record.overrides[key.lstrip("+~")] = value
     if (hydra_dir / "config.yaml").exists():
         record.config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
-    try:
-        record.summary = json.loads((path / "summary.json").read_text())
-    except (OSError, ValueError):
-        record.summary = None
+    record.summary = read_summary(path)
     if (path / "metrics.jsonl").exists():
         for line in (path / "metrics.jsonl").read_text().splitlines():
             try:
@@ -92,7 +91,7 @@ def read_run(path: Path) -> RunRecord:
 
 
 def is_run_folder(path: Path) -> bool:
-    return (path / "summary.json").exists() or (path / ".hydra" / "config.yaml").exists()
+    return (path / SUMMARY_FILE).exists() or (path / ".hydra" / "config.yaml").exists()
 
 
 def find_runs(paths: Iterable[Path]) -> List[RunRecord]:
@@ -106,7 +105,7 @@ def find_runs(paths: Iterable[Path]) -> List[RunRecord]:
             found[root.resolve()] = None
             continue
         candidates = sorted({p.parent.parent for p in root.rglob(".hydra/config.yaml")} | {
-            p.parent for p in root.rglob("summary.json")
+            p.parent for p in root.rglob(SUMMARY_FILE)
         })  # fmt: skip
         for candidate in candidates:
             if is_run_folder(candidate) and "checkpoints" not in candidate.parts:

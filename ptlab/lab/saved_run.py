@@ -43,16 +43,16 @@ def check_prompt_fits(record: Dict[str, Any], pipeline: Pipeline, source: Path) 
     """The prompt must come from this method and backbone; the task may differ when its verbalizers
     are the same (evaluating a prompt on a related task)."""
     mine = pipeline.prompt_config()
-    for key in ("method", "backbone", "hidden_size"):
-        if checkpoint.prompt_identity(record.get(key)) != checkpoint.prompt_identity(mine.get(key)):
-            raise ConfigError(
-                f"the prompt in {source} was trained with {key}={record.get(key)!r}; this config has "
-                f"{mine.get(key)!r}: the conf/ files changed since the run, or an override changed it"
-            )
-    if record.get("verbalizers") != mine.get("verbalizers"):
+    key = checkpoint.record_difference(record, mine, checkpoint.PROMPT_KEYS)
+    if key == "verbalizers":
         raise ConfigError(
-            f"the prompt in {source} scores the verbalizers {record.get('verbalizers')}; task "
-            f"{pipeline.config.task.name!r} has {mine.get('verbalizers')}: use a task with the same ones"
+            f"the prompt in {source} scores the verbalizers {record[key]}; task "
+            f"{pipeline.config.task.name!r} has {mine[key]}: use a task with the same ones"
+        )
+    if key is not None:
+        raise ConfigError(
+            f"the prompt in {source} was trained with {key}={record[key]!r}; this config has "
+            f"{mine[key]!r}: the conf/ files changed since the run, or an override changed it"
         )
 
 

@@ -1,5 +1,7 @@
-"""Where each supported model family keeps its transformer blocks and their feed-forward layers:
-what FPT's partial models shrink, what `trainer.compile` compiles and where deep prompts go."""
+"""Where each supported kind of transformer keeps its blocks, feed-forward layers and attention:
+what FPT's partial models shrink, what `trainer.compile` compiles, where deep prompts go and what
+the FLOPs model counts. One `Layout` per kind, found by the model config's `model_type`; adding a
+kind of model is one subclass here."""
 
 from __future__ import annotations
 
@@ -10,78 +12,149 @@ from torch import nn
 
 from ptlab.errors import ConfigError
 
+Place = Tuple[nn.Module, str]  # (parent module, attribute name)
+
 
 @dataclass
 class FFN:
     """One block's feed-forward: the projections into the hidden width and the one out of it."""
 
-    inputs: List[Tuple[nn.Module, str]]  # (parent, attribute) of each d -> f Linear (two if gated)
-    output: Tuple[nn.Module, str]  # (parent, attribute) of the f -> d Linear
+    inputs: List[Place]  # (parent, attribute) of each d -> f Linear (two if gated)
+    output: Place  # (parent, attribute) of the f -> d Linear
 
 
-def stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Tuple[nn.Module, str]], List[FFN]]:
-    """Where the block lists and the FFNs of each supported family live."""
-    kind = model.config.model_type
-    if kind in ("t5", "mt5", "umt5"):
-        stacks = [(model.encoder, "block")] + ([(model.decoder, "block")] if with_decoder else [])
-        ffns = []
-        for parent, attr in stacks:
-            for block in getattr(parent, attr):
-                dense = block.layer[-1].DenseReluDense
-                names = ["wi_0", "wi_1"] if hasattr(dense, "wi_0") else ["wi"]
-                ffns.append(FFN([(dense, n) for n in names], (dense, "wo")))
-        return stacks, ffns
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        stacks = [(model.base_model, "layers")]
-        ffns = [
-            FFN([(b.mlp, "gate_proj"), (b.mlp, "up_proj")], (b.mlp, "down_proj"))
-            for b in model.base_model.layers
-        ]
-        return stacks, ffns
-    if kind in ("bert", "roberta"):
-        stacks = [(model.encoder, "layer")]
-        ffns = [FFN([(b.intermediate, "dense")], (b.output, "dense")) for b in model.encoder.layer]
-        return stacks, ffns
-    raise ConfigError(
-        f"model_type={kind!r}: ptlab knows the blocks of t5, llama and bert models only, which "
-        "partial models (schedule=fpt) and trainer.compile=true need"
-    )
+class Layout:
+    """The shapes every Hugging Face transformer config states (hidden_size, num_attention_heads,
+    ...), for model types ptlab knows only the sizes of; subclasses know where the modules are."""
+
+    model_types: Tuple[str, ...] = ()
+
+    def width(self, config) -> int:
+        return config.hidden_size
+
+    def attention(self, config) -> Tuple[int, int, int]:
+        """(query heads, key/value heads, head width): fewer key/value heads with grouped queries."""
+        heads = config.num_attention_heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
+
+    def ffn_shape(self, config, family: str) -> Tuple[int, int]:
+        """(FFN width, input projections: 2 when gated)."""
+        return config.intermediate_size, 2 if family == "causal" and config.model_type != "gpt2" else 1
+
+    def layers(self, config) -> Tuple[int, int]:
+        """(encoder or only stack's blocks, decoder blocks: 0 without a decoder)."""
+        return config.num_hidden_layers, 0
+
+    def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
+        raise ConfigError(
+            f"model_type={model.config.model_type!r}: ptlab knows the blocks of t5, llama and bert models "
+            "only, which partial models (schedule=fpt) and trainer.compile=true need"
+        )
+
+    def ffn(self, block: nn.Module) -> FFN:
+        raise NotImplementedError
+
+    def self_attentions(self, model: nn.Module) -> Dict[str, List[nn.Module]]:
+        raise ConfigError(
+            f"model_type={model.config.model_type!r}: ptlab knows the attention layers of t5, llama and "
+            "bert models only, which per-layer prefixes (method=deep_prompt) need"
+        )
+
+
+class T5Layout(Layout):
+    model_types = ("t5", "mt5", "umt5")
+
+    def width(self, config) -> int:
+        return config.d_model
+
+    def attention(self, config) -> Tuple[int, int, int]:
+        return config.num_heads, config.num_heads, config.d_kv
+
+    def ffn_shape(self, config, family: str) -> Tuple[int, int]:
+        return config.d_ff, 2 if config.feed_forward_proj.startswith("gated") else 1
+
+    def layers(self, config) -> Tuple[int, int]:
+        return config.num_layers, config.num_decoder_layers
+
+    def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
+        return [(model.encoder, "block")] + ([(model.decoder, "block")] if with_decoder else [])
+
+    def ffn(self, block: nn.Module) -> FFN:
+        dense = block.layer[-1].DenseReluDense
+        names = ["wi_0", "wi_1"] if hasattr(dense, "wi_0") else ["wi"]
+        return FFN([(dense, name) for name in names], (dense, "wo"))
+
+    def self_attentions(self, model: nn.Module) -> Dict[str, List[nn.Module]]:
+        return {
+            name: [block.layer[0].SelfAttention for block in getattr(model, name).block]
+            for name in ("encoder", "decoder")
+        }
+
+
+class LlamaLayout(Layout):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
+        return [(model.base_model, "layers")]
+
+    def ffn(self, block: nn.Module) -> FFN:
+        return FFN([(block.mlp, "gate_proj"), (block.mlp, "up_proj")], (block.mlp, "down_proj"))
+
+    def self_attentions(self, model: nn.Module) -> Dict[str, List[nn.Module]]:
+        return {"decoder": [layer.self_attn for layer in model.base_model.layers]}
+
+
+class BertLayout(Layout):
+    model_types = ("bert", "roberta")
+
+    def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
+        return [(model.base_model.encoder, "layer")]
+
+    def ffn(self, block: nn.Module) -> FFN:
+        return FFN([(block.intermediate, "dense")], (block.output, "dense"))
+
+    def self_attentions(self, model: nn.Module) -> Dict[str, List[nn.Module]]:
+        return {"encoder": [layer.attention.self for layer in model.base_model.encoder.layer]}
+
+
+LAYOUTS = {
+    kind: layout for layout in (T5Layout(), LlamaLayout(), BertLayout()) for kind in layout.model_types
+}
+
+
+def layout_of(config) -> Layout:
+    """The layout of a model config's `model_type` (the generic shapes for one ptlab does not know)."""
+    return LAYOUTS.get(config.model_type, Layout())
+
+
+def stacks_and_ffns(model: nn.Module, with_decoder: bool) -> Tuple[List[Place], List[FFN]]:
+    """Where the block lists and the FFNs of the model live."""
+    layout = layout_of(model.config)
+    stacks = layout.stacks(model, with_decoder)
+    return stacks, [layout.ffn(block) for parent, attr in stacks for block in getattr(parent, attr)]
 
 
 def transformer_blocks(model: nn.Module) -> List[nn.Module]:
     """Every transformer block of the model, the decoder's too."""
-    stacks, _ = stacks_and_ffns(model, with_decoder=True)
-    return [block for parent, attr in stacks for block in getattr(parent, attr)]
+    return [
+        block
+        for parent, attr in layout_of(model.config).stacks(model, True)
+        for block in getattr(parent, attr)
+    ]
 
 
 def self_attentions(model: nn.Module) -> Dict[str, List[nn.Module]]:
     """Each stack's self-attention modules in layer order, by the stack's name (`encoder`: T5's
     and BERT's bidirectional one; `decoder`: T5's decoder, a causal LM's layers): where per-layer
     key/value prefixes go."""
-    kind = model.config.model_type
-    if kind in ("t5", "mt5", "umt5"):
-        return {
-            name: [block.layer[0].SelfAttention for block in getattr(model, name).block]
-            for name in ("encoder", "decoder")
-        }
-    if kind in ("llama", "mistral", "qwen2", "qwen3"):
-        return {"decoder": [layer.self_attn for layer in model.base_model.layers]}
-    if kind in ("bert", "roberta"):
-        return {"encoder": [layer.attention.self for layer in model.base_model.encoder.layer]}
-    raise ConfigError(
-        f"model_type={kind!r}: ptlab knows the attention layers of t5, llama and bert models only, "
-        "which per-layer prefixes (method=deep_prompt) need"
-    )
+    return layout_of(model.config).self_attentions(model)
 
 
 def key_value_heads(config) -> Tuple[int, int]:
-    """(key/value heads, head width) of one attention layer; fewer key/value heads than query
-    heads with grouped-query attention."""
-    if config.model_type in ("t5", "mt5", "umt5"):
-        return config.num_heads, config.d_kv
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return getattr(config, "num_key_value_heads", None) or heads, head_dim
+    """(key/value heads, head width) of one attention layer."""
+    _, kv_heads, head_dim = layout_of(config).attention(config)
+    return kv_heads, head_dim
 
 
 def key_value_projections(attention: nn.Module) -> Tuple[nn.Module, nn.Module]:

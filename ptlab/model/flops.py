@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
+from ptlab.model.anatomy import layout_of
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -32,34 +34,12 @@ class ModelShape:
 
     @classmethod
     def from_config(cls, config, family: str) -> ModelShape:
-        kind = config.model_type
-        if kind in ("t5", "mt5", "umt5"):
-            attn = config.num_heads * config.d_kv
-            gated = config.feed_forward_proj.startswith("gated")
-            return cls(
-                config.d_model,
-                attn,
-                attn,
-                config.d_ff,
-                2 if gated else 1,
-                config.vocab_size,
-                config.num_layers,
-                config.num_decoder_layers,
-            )
-        heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        gated = family == "causal" and kind != "gpt2"
-        return cls(
-            config.hidden_size,
-            heads * head_dim,
-            kv_heads * head_dim,
-            config.intermediate_size,
-            2 if gated else 1,
-            config.vocab_size,
-            config.num_hidden_layers,
-            0,
-        )
+        layout = layout_of(config)
+        heads, kv_heads, head_dim = layout.attention(config)
+        ffn, ffn_inputs = layout.ffn_shape(config, family)
+        encoder_layers, decoder_layers = layout.layers(config)
+        return cls(layout.width(config), heads * head_dim, kv_heads * head_dim, ffn, ffn_inputs,
+                   config.vocab_size, encoder_layers, decoder_layers)  # fmt: skip
 
 
 def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0, cached: int = 0) -> float:

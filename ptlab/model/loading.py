@@ -26,6 +26,7 @@ from transformers import (
 
 from ptlab.config.schema import BackboneConfig
 from ptlab.errors import ConfigError
+from ptlab.files import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +69,12 @@ def _dequantized_gguf(folder: Path, gguf_file: str, family: str) -> Path:
         del config.quantization_config
     clean = AUTO_CLASSES[family].from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-    clean.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    tmp.rename(target)
+
+    def write(folder: Path) -> None:
+        clean.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    write_folder_atomically(target, write, shared=True)
     return target
 
 

@@ -8,7 +8,6 @@ data, the same model and the same prompt as `ptlab-train` would.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,7 @@ from ptlab.methods import build_method
 from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone, build_backbone
 from ptlab.model.compile import compile_blocks
-from ptlab.training.checkpoint import saved_prompt
+from ptlab.training.checkpoint import config_record, saved_prompt
 from ptlab.training.distributed import World
 from ptlab.training.evaluate import split_metrics
 
@@ -62,19 +61,15 @@ class Pipeline:
         """The task's metrics on a split, as the trainer computes them (rank or generate mode)."""
         cfg = self.config.trainer
         return split_metrics(self.backbone, self.method, self.data[split], self.config.task, self.world,
-                             batch_size or cfg.eval_batch_size or 2 * cfg.batch_size, self.device, self.autocast,
+                             batch_size or cfg.eval_batch, self.device, self.autocast,
                              cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
 
     def prompt_config(self) -> Dict[str, Any]:
         """What a saved prompt needs beside its tensors to be reloaded (checkpoints/best)."""
         return {
-            "method": dataclasses.asdict(self.config.method),
-            "backbone": self.config.backbone.name,
-            "task": self.config.task.name,
-            "family": self.config.backbone.family,
+            **config_record(self.config),
             "hidden_size": self.backbone.hidden_size,
             "num_prompt_tokens": self.method.num_tokens,
-            "verbalizers": list(self.config.task.verbalizers),
             "data": self.data.digest(),
         }
 

@@ -7,62 +7,35 @@ for the instant between the two renames and picked up by `find`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptlab.config.schema import Config
 from ptlab.errors import ConfigError, TrainingFault
+from ptlab.files import write_folder_atomically
 
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp_folder)`, then make that folder `target` without a window of no checkpoint.
-    A write that fails (a full disk, a read-only folder) removes its temporary folder and raises a
-    TrainingFault naming the path; the previous checkpoint is untouched."""
-    tmp = target.with_name(f".{target.name}.tmp")
+    """A checkpoint folder written atomically (ptlab.files). A write that fails (a full disk, a
+    read-only folder) raises a TrainingFault naming the path; the previous checkpoint is untouched."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
+        write_folder_atomically(target, write)
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         kept = f"the previous one ({target}) is intact" if target.exists() else "there is no earlier one"
         reason = getattr(error, "strerror", None) or str(error).strip().splitlines()[0]
         raise TrainingFault(f"cannot write the checkpoint {target} ({reason}); {kept}") from None
-    _swap_in(tmp, target)
-
-
-def _swap_in(tmp: Path, target: Path) -> None:
-    old = target.with_name(f"{target.name}.old")
-    for item in tmp.iterdir():
-        with open(item, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    _fsync_dir(target.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def find(target: Path) -> Optional[Path]:
@@ -112,11 +85,38 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
 
 # method settings that do not change what a prompt is: how runs are named, where training started
 NOT_IDENTITY = ("label", "init_from")
+# the entries of a prompt record (checkpoints/*/prompt_config.json) that say what the prompt is,
+# and those that say what its run trained on besides (a resume and a finished-run skip check both)
+PROMPT_KEYS = ("method", "backbone", "hidden_size", "verbalizers")
+RUN_KEYS = (*PROMPT_KEYS, "task", "data")
 
 
 def prompt_identity(value: Any) -> Any:
     """A method config less the settings that do not change the trained prompt's meaning."""
     return {k: v for k, v in value.items() if k not in NOT_IDENTITY} if isinstance(value, dict) else value
+
+
+def config_record(config: Config) -> Dict[str, Any]:
+    """The part of a prompt record known from the config alone, before any model or data loads."""
+    return {
+        "method": dataclasses.asdict(config.method),
+        "backbone": config.backbone.name,
+        "task": config.task.name,
+        "family": config.backbone.family,
+        "verbalizers": list(config.task.verbalizers),
+    }
+
+
+def record_difference(
+    saved: Dict[str, Any], current: Dict[str, Any], keys: Sequence[str] = RUN_KEYS
+) -> Optional[str]:
+    """The first of `keys` whose value differs between a saved prompt record and this run's, or
+    None. The one check of whether a prompt fits (resume, finished-run skip, reuse); a key either
+    record lacks (not recorded by an older ptlab, or not known yet) is not compared."""
+    for key in keys:
+        if key in saved and key in current and prompt_identity(saved[key]) != prompt_identity(current[key]):
+            return key
+    return None
 
 
 def load_trainable(method: nn.Module, backbone: nn.Module, state: Dict[str, torch.Tensor]) -> None:
@@ -200,19 +200,16 @@ class RunCheckpoint:
             raise ConfigError(
                 f"{folder / 'state.pt'} cannot be read ({type(error).__name__}: {error}): {fix}"
             ) from None
-        for key in ("method", "backbone", "task"):
-            if prompt_identity(saved["prompt_config"].get(key)) != prompt_identity(
-                self.prompt_config.get(key)
-            ):
-                raise ConfigError(
-                    f"trainer.resume: the checkpoint in {folder} was trained with {key}="
-                    f"{saved['prompt_config'].get(key)!r}, this run has {self.prompt_config.get(key)!r}"
-                )
-        trained_on = saved["prompt_config"].get("data")  # absent in checkpoints of before 2026-11-27
-        if trained_on is not None and trained_on != self.prompt_config.get("data"):
+        key = record_difference(saved["prompt_config"], self.prompt_config)
+        if key == "data":
             raise ConfigError(
                 f"trainer.resume: the task's rows are not those the checkpoint in {folder} was trained on "
                 "(a data file changed, or a data.* setting): resume with the same data, or " + fix
+            )
+        if key is not None:
+            raise ConfigError(
+                f"trainer.resume: the checkpoint in {folder} was trained with {key}="
+                f"{saved['prompt_config'][key]!r}, this run has {self.prompt_config[key]!r}: {fix}"
             )
         try:
             load_trainable(self.method, self.backbone, saved["trainable"])

@@ -8,8 +8,6 @@ or `--cfg`.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import time
@@ -25,9 +23,16 @@ from omegaconf.errors import OmegaConfBaseException
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 from ptlab.training.build import build
-from ptlab.training.checkpoint import prompt_identity
+from ptlab.training.checkpoint import config_record, record_difference
 from ptlab.training.distributed import World, close_world, init_world
-from ptlab.training.run_folder import FAILURE_FILE, RunLog, save_snapshots
+from ptlab.training.run_folder import (
+    FAILURE_FILE,
+    RunLog,
+    is_finished,
+    read_json_record,
+    read_summary,
+    save_snapshots,
+)
 from ptlab.training.tracking import Tracker, run_name, wandb_config
 from ptlab.training.trainer import Trainer, seed_everything
 
@@ -191,17 +196,11 @@ def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
     """The run folder's summary when its run finished with this method, backbone and task (and
     `trainer.max_steps` asks for no more steps than it trained: a larger one continues it), else
     None: never run, cut short, failed, or another setup (whose resume then says why it cannot)."""
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text())
-        record = json.loads((run_dir / "checkpoints" / "best" / "prompt_config.json").read_text())
-    except (OSError, ValueError):
+    summary = read_summary(run_dir)
+    record = read_json_record(run_dir / "checkpoints" / "best" / "prompt_config.json")
+    if not is_finished(summary) or record is None:
         return None
-    if not isinstance(summary, dict) or summary.get("status") != "finished":
-        return None
-    same = prompt_identity(record.get("method")) == prompt_identity(dataclasses.asdict(config.method)) and (
-        record.get("backbone"),
-        record.get("task"),
-    ) == (config.backbone.name, config.task.name)
+    same = record_difference(record, config_record(config)) is None
     max_steps = config.trainer.max_steps
     longer = (
         max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)

@@ -1,5 +1,6 @@
-"""What a run leaves in its folder besides checkpoints: its config snapshots (`.hydra/`), its log
-(`train.log`) and, when it fails, its one-line error.
+"""What a run leaves in its folder besides checkpoints and metrics: its config snapshots
+(`.hydra/`), its log (`train.log`), its summary and, when it fails, its one-line error; and the one
+reader of the summary and failure records (the finished-run skip, the sweep report, ptlab-compare).
 
 Snapshots and log wait until the run has started (config, data and model checked), so a rerun that
 fails its checks in the folder of an earlier good run leaves that run's record as it was; the log
@@ -12,12 +13,36 @@ import json
 import logging
 from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ptlab.files import write_text_atomically
+
 FAILURE_FILE = "failure.json"
+SUMMARY_FILE = "summary.json"
+
+
+def read_json_record(path: Path) -> Optional[Dict[str, Any]]:
+    """A summary or failure record, or None when it is missing, torn or not a JSON object."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
+    return read_json_record(run_dir / SUMMARY_FILE)
+
+
+def is_finished(summary: Optional[Dict[str, Any]]) -> bool:
+    return summary is not None and summary.get("status") == "finished"
+
+
+def write_summary(run_dir: Path, values: Dict[str, Any]) -> None:
+    write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(values, indent=2, default=str))
 
 
 class RunLog:
@@ -74,12 +99,7 @@ def record_failure(run_dir: Path, error: Exception) -> None:
     `ptlab-compare`. A finished run's summary is never replaced: a failed rerun of it leaves its
     result standing and says only, in `failure.json`, that the rerun failed."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    failure = json.dumps({"status": "failed", "error": str(error), "kind": type(error).__name__}, indent=2)
-    (run_dir / FAILURE_FILE).write_text(failure)
-    summary = run_dir / "summary.json"
-    try:
-        finished = json.loads(summary.read_text()).get("status") == "finished"
-    except (OSError, ValueError, AttributeError):
-        finished = False
-    if not finished:
-        summary.write_text(failure)
+    failure = {"status": "failed", "error": str(error), "kind": type(error).__name__}
+    write_text_atomically(run_dir / FAILURE_FILE, json.dumps(failure, indent=2))
+    if not is_finished(read_summary(run_dir)):
+        write_summary(run_dir, failure)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ptlab.config.schema import LoggerConfig
+from ptlab.training.run_folder import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,7 @@ class Tracker:
     def summary(self, values: Dict[str, Any]) -> None:
         if not self.enabled:
             return
-        tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(values, indent=2, default=str))
-        tmp.replace(self.run_dir / "summary.json")
+        write_summary(self.run_dir, values)
         if self.wandb_run is not None:
             flat = {f"{k}/{kk}": vv for k, v in values.items() if isinstance(v, dict) for kk, vv in v.items()}
             flat.update({k: v for k, v in values.items() if not isinstance(v, dict)})

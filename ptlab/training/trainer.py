@@ -160,7 +160,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.params, self.cfg, self.device)
         self.total_steps = total_steps(self.cfg, len(self.data["train"]))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
-        self.eval_batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
+        self.eval_batch_size = self.cfg.eval_batch
         self.stage_schedule = StageSchedule(config.schedule, self.backbone, self.total_steps)
         stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.schedule.stages]
         self.state = TrainState(stages=stages)
