@@ -3,6 +3,8 @@ hardware that is not there; a non-finite loss stops with one line naming the ste
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from test_scale_out import QUICK, cli
@@ -12,6 +14,7 @@ from ptlab.data import examples as data_module
 from ptlab.data.examples import load_raw_splits
 from ptlab.data.tasks import label_index
 from ptlab.errors import ConfigError, TrainingFault
+from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.training import checkpoint as checkpoint_module
 from ptlab.training.job import run
 from ptlab.training.trainer import Trainer
@@ -352,3 +355,21 @@ def test_a_resume_on_other_rows_than_the_checkpoints_is_refused(tmp_path):
         [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
     )
     assert same.returncode == 0 and "resumed from" in same.stdout
+
+
+def test_a_model_folder_that_is_empty_or_lacks_its_tokenizer_is_one_line(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    line = one_line_error(cli([*QUICK, "backbone=t5_small", f"backbone.path={empty}"], timeout=300), 2)
+    assert (
+        f"backbone.path='{empty}' is not a complete model folder: it has no config.json, no weights, no tokenizer"
+        in line
+    )
+    weights_only = tmp_path / "weights"
+    tiny = to_object(compose_config(["backbone=tiny_t5"])).backbone
+    model, _ = load_model_and_tokenizer(tiny)
+    model.save_pretrained(weights_only)
+    with pytest.raises(
+        ConfigError, match=r"it has no tokenizer \(it holds: config.json, .*model.safetensors\)"
+    ):
+        load_model_and_tokenizer(dataclasses.replace(tiny, random_init=None, path=str(weights_only)))

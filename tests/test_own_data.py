@@ -112,3 +112,39 @@ def test_smop_protocol_on_one_file_tests_on_the_held_out_rows(tmp_path):
     assert {name: len(rows) for name, rows in splits.items()} == {"train": 48, "validation": 6, "test": 6}
     texts = [set(rows["text"]) for rows in splits.values()]
     assert not (texts[0] & texts[1] or texts[0] & texts[2] or texts[1] & texts[2])
+
+
+ACCENTED = [{"text": f"café número {i} à la carte", "topic": TOPICS[i % 3]} for i in range(30)]
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "jsonl"])
+def test_a_latin1_file_is_one_line_naming_the_byte_and_reads_with_its_encoding(tmp_path, fmt):
+    path = tmp_path / f"tweets.{fmt}"
+    if fmt == "jsonl":
+        path.write_bytes(
+            "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in ACCENTED).encode("latin-1")
+        )
+    else:
+        pd.DataFrame(ACCENTED).to_csv(
+            path, index=False, sep="\t" if fmt == "tsv" else ",", encoding="latin-1"
+        )
+    first = path.read_bytes().index("é".encode("latin-1"))
+    files = [f"data.dir={tmp_path}", f"task.local.train={path.name}", "task.local.validation=null"]
+    with pytest.raises(ConfigError) as error:
+        load_raw_splits(topics_task(*files).task, topics_task(*files).data)
+    message = str(error.value)
+    assert (
+        f"{path}: byte {first} (0xe9) is not valid utf-8" in message
+        and "task.local.encoding=latin-1" in message
+    )
+    config = topics_task(*files, "task.local.encoding=latin-1")
+    splits = load_raw_splits(config.task, config.data)
+    texts = sorted([*splits["train"]["text"], *splits["validation"]["text"]])
+    assert texts == sorted(row["text"] for row in ACCENTED)
+
+
+def test_an_unknown_encoding_is_refused_when_the_config_composes():
+    with pytest.raises(
+        ConfigError, match=r"task.local.encoding='latin-9000' is not an encoding Python knows"
+    ):
+        topics_task("task.local.encoding=latin-9000")

@@ -9,6 +9,8 @@ Method schemas live beside their modules in ``ptlab/methods/`` and register them
 
 from __future__ import annotations
 
+import codecs
+
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -78,10 +80,19 @@ class LocalSource:
     column_names: Optional[List[str]] = None
     # file column -> canonical (hub) field name, so one template serves both sources
     rename: Dict[str, str] = field(default_factory=dict)
+    # the text encoding of csv, tsv, jsonl and json files (spreadsheet exports are often latin-1/cp1252)
+    encoding: str = "utf-8"
 
     def __post_init__(self) -> None:
         if self.format is not None:
             check_choice("task.local.format", self.format, LOCAL_FORMATS)
+        try:
+            codecs.lookup(self.encoding)
+        except LookupError:
+            raise ConfigError(
+                f"task.local.encoding={self.encoding!r} is not an encoding Python knows: give one such as "
+                "utf-8, latin-1 or cp1252"
+            ) from None
 
 
 @dataclass

@@ -69,9 +69,21 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
     return files
 
 
-def _check_jsonl(path: Path) -> None:
+def _check_decodes(path: Path, encoding: str) -> None:
+    """Name the first byte the file's encoding cannot decode, and the setting that reads it."""
+    data = path.read_bytes()
+    try:
+        data.decode(encoding)
+    except UnicodeDecodeError as error:
+        raise ConfigError(
+            f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not valid {encoding} ({error.reason}): "
+            "name the file's encoding, e.g. task.local.encoding=latin-1 (or cp1252 for a Windows export)"
+        ) from None
+
+
+def _check_jsonl(path: Path, encoding: str) -> None:
     """Name the first line that is not a JSON object (a line cut short, a stray character)."""
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding=encoding) as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -102,11 +114,15 @@ def _read_file(task: TaskConfig, path: Path) -> Dataset:
     if path.stat().st_size == 0:
         raise ConfigError(f"{path} is empty: give the task's file with its rows (task.local)")
     fmt = file_format(task, path)
-    if fmt == "jsonl":
-        _check_jsonl(path)
+    encoding = task.local.encoding
     options: Dict[str, Any] = {}
+    if fmt != "parquet":  # a binary format: no text encoding
+        _check_decodes(path, encoding)
+        options["encoding"] = encoding
+    if fmt == "jsonl":
+        _check_jsonl(path, encoding)
     if fmt in ("csv", "tsv"):
-        options = dict(TSV_OPTIONS) if fmt == "tsv" else {"keep_default_na": False, "na_filter": False}
+        options.update(TSV_OPTIONS if fmt == "tsv" else {"keep_default_na": False, "na_filter": False})
         if task.local.column_names:
             options["column_names"] = list(task.local.column_names)
     try:

@@ -78,6 +78,44 @@ def _dequantized_gguf(folder: Path, gguf_file: str, family: str) -> Path:
     return target
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "spiece.model",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+)
+
+
+def check_model_folder(folder: Path, given: str) -> None:
+    """A local model folder needs a config, weights and a tokenizer: name what is missing in one
+    line, before transformers answers with a traceback from deep inside its tokenizer loading."""
+    present = {item.name for item in folder.iterdir()}
+    missing = [
+        what
+        for what, names in (
+            ("config.json", ("config.json",)),
+            ("weights", WEIGHT_FILES),
+            ("tokenizer", TOKENIZER_FILES),
+        )
+        if not present & set(names)
+    ]
+    if missing:
+        holds = ", ".join(sorted(present)[:8]) or "nothing"
+        raise ConfigError(
+            f"backbone.path={given!r} is not a complete model folder: it has no {', no '.join(missing)} "
+            f"(it holds: {holds}); save the model and its tokenizer there (save_pretrained), or point "
+            "backbone.path at such a folder"
+        )
+
+
 def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, object]:
     """The pretrained (or random-init) model of the configured family, in fp32, and its tokenizer."""
     auto_class = AUTO_CLASSES[cfg.family]
@@ -105,10 +143,12 @@ def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, obje
         raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
     if cfg.gguf_file:
         path = str(_dequantized_gguf(Path(path), cfg.gguf_file, cfg.family))
+    if Path(path).expanduser().is_dir():
+        check_model_folder(Path(path).expanduser(), cfg.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = auto_class.from_pretrained(path, dtype=torch.float32)
-    except OSError as error:
+    except (OSError, ValueError) as error:
         raise ConfigError(
             f"backbone.path={cfg.path!r} could not be loaded ({str(error).splitlines()[0]}). "
             "Offline? Point backbone.path at a local model folder, or use backbone=minilm_l6|smollm2_135m."
