@@ -4,8 +4,11 @@
     ptlab-predict RUN_DIR --input FILE|- [--output FILE]       predict labels for new inputs
     ptlab-export RUN_DIR --format peft OUT                     a PEFT adapter folder
 
-OVERRIDEs are `ptlab-train` overrides applied on top of the run's own (`data.dir=...`,
-`backbone.path=...`, `task=rte` for a task with the same verbalizers, `hardware=gpu`). Every
+RUN_DIR is a run folder, or a prompt folder alone (its checkpoints/best, copied anywhere). The run's
+own composed config is used (ptlab/config/saved.py); OVERRIDEs are `ptlab-train` overrides applied
+on top of it (`data.dir=...`, `backbone.path=...`, `task=rte` for a task with the same
+verbalizers, `hardware=gpu`), and each change is said. A prompt is refused on a backbone whose
+weights or tokenizer differ from those it was trained on unless `--allow-other-weights`. Every
 mistake ends in one line, `ptlab: error: ...`, and exit status 2.
 """
 
@@ -19,6 +22,10 @@ from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
 from ptlab.errors import ConfigError
+
+OTHER_WEIGHTS = (
+    "score even if the backbone's weights or tokenizer differ from those the prompt was trained on"
+)
 
 
 def one_line_errors(command: Callable[[Optional[Sequence[str]]], None]) -> Callable:
@@ -54,11 +61,12 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog="ptlab-eval", description=eval_main.__doc__)
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     parser.add_argument("items", nargs="*", metavar="split=NAME|OVERRIDE")
+    parser.add_argument("--allow-other-weights", action="store_true", help=OTHER_WEIGHTS)
     args = parser.parse_args(argv)
     split, overrides = split_overrides(args.items, "validation")
     if split not in ("train", "validation", "test"):
         raise ConfigError(f"split={split!r} is not one of train, validation, test")
-    pipeline = load_run(args.run_dir, overrides, splits=[split])
+    pipeline = load_run(args.run_dir, overrides, splits=[split], allow_other_weights=args.allow_other_weights)
     if split not in pipeline.data:
         raise ConfigError(f"split={split!r}: task {pipeline.config.task.name!r} has no {split} split with "
                           f"data.split_protocol={pipeline.config.data.split_protocol}")  # fmt: skip
@@ -90,13 +98,14 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
         "--format", choices=("jsonl", "csv", "tsv"), help="default: the output's suffix, else jsonl"
     )
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--allow-other-weights", action="store_true", help=OTHER_WEIGHTS)
     parser.add_argument("overrides", nargs="*", metavar="OVERRIDE")
     args = parser.parse_args(argv)
     config = saved_config(args.run_dir, args.overrides)
     rows = read_rows(
         args.input, template_fields(config.task.template)
     )  # bad input fails before the model loads
-    pipeline = load_run(args.run_dir, splits=(), config=config)
+    pipeline = load_run(args.run_dir, splits=(), config=config, allow_other_weights=args.allow_other_weights)
     pipeline.place()
     predictions = predict_rows(pipeline, rows, args.batch_size)
     fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "jsonl")

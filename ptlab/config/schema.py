@@ -10,7 +10,6 @@ Method schemas live beside their modules in ``ptlab/methods/`` and register them
 from __future__ import annotations
 
 import codecs
-
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union

@@ -8,6 +8,7 @@ data, the same model and the same prompt as `ptlab-train` would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,8 @@ from ptlab.methods import build_method
 from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone, build_backbone
 from ptlab.model.compile import compile_blocks
+from ptlab.model.fingerprint import fingerprint
+from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
 from ptlab.training.distributed import World
 from ptlab.training.evaluate import split_metrics
@@ -40,6 +43,7 @@ class Pipeline:
     method: PromptMethod
     data: TaskData
     world: World = field(default_factory=World)
+    fingerprint: str = ""  # the frozen weights' and tokenizer's (ptlab/model/fingerprint.py)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where place() put it
 
     def place(self) -> torch.device:
@@ -65,12 +69,16 @@ class Pipeline:
                              cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
 
     def prompt_config(self) -> Dict[str, Any]:
-        """What a saved prompt needs beside its tensors to be reloaded (checkpoints/best)."""
+        """What a saved prompt needs beside its tensors to be reloaded and scored, from its folder
+        alone (checkpoints/best, copied anywhere): the run's whole config among it."""
         return {
             **config_record(self.config),
             "hidden_size": self.backbone.hidden_size,
             "num_prompt_tokens": self.method.num_tokens,
             "data": self.data.digest(),
+            "fingerprint": self.fingerprint,
+            "config": dataclasses.asdict(self.config),
+            "code": code_version(),
         }
 
 
@@ -134,4 +142,6 @@ def build(
     data = tokenize_splits(
         rows, config.task, backbone.tokenize_sources, config.data.max_source_length, identity
     )
-    return Pipeline(config, backbone, method, data, world or World())
+    return Pipeline(
+        config, backbone, method, data, world or World(), fingerprint(backbone.model, backbone.tokenizer)
+    )

@@ -87,8 +87,14 @@ def restore_rng_states(states: Dict[str, Any]) -> None:
 NOT_IDENTITY = ("label", "init_from")
 # the entries of a prompt record (checkpoints/*/prompt_config.json) that say what the prompt is,
 # and those that say what its run trained on besides (a resume and a finished-run skip check both)
-PROMPT_KEYS = ("method", "backbone", "hidden_size", "verbalizers")
+PROMPT_KEYS = ("method", "backbone", "hidden_size", "verbalizers", "fingerprint")
 RUN_KEYS = (*PROMPT_KEYS, "task", "data")
+# settings a resumed (or skipped) run may change: where it reads and writes, what it logs to, the
+# machine it runs on, how far it trains; any other setting that differs from its checkpoint's stops it
+MAY_CHANGE_ON_RESUME = (
+    "trainer.resume", "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_batch_size",
+    "trainer.compile", "logger.", "hardware.", "data.dir", "backbone.path", "method.label", "method.init_from",
+)  # fmt: skip
 
 
 def prompt_identity(value: Any) -> Any:
@@ -105,6 +111,27 @@ def config_record(config: Config) -> Dict[str, Any]:
         "family": config.backbone.family,
         "verbalizers": list(config.task.verbalizers),
     }
+
+
+def _leaves(node: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): node}
+
+
+def config_difference(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Optional[str]:
+    """The first setting (`key: saved -> current`) in which a run's config differs from the config
+    its checkpoint was trained with, the settings a resume may change aside; None when the same
+    (or when the checkpoint, older than the record of its config, cannot say)."""
+    if saved is None:
+        return None
+    before, after = _leaves(saved), _leaves(current)
+    for key in sorted(before.keys() | after.keys()):
+        if key.startswith(MAY_CHANGE_ON_RESUME):
+            continue
+        if before.get(key, "(not set)") != after.get(key, "(not set)"):
+            return f"{key}: {before.get(key, '(not set)')!r} -> {after.get(key, '(not set)')!r}"
+    return None
 
 
 def record_difference(
@@ -201,6 +228,19 @@ class RunCheckpoint:
                 f"{folder / 'state.pt'} cannot be read ({type(error).__name__}: {error}): {fix}"
             ) from None
         key = record_difference(saved["prompt_config"], self.prompt_config)
+        if key == "fingerprint":
+            raise ConfigError(
+                f"trainer.resume: the checkpoint in {folder} was trained on backbone weights and tokenizer "
+                f"{saved['prompt_config'][key]}; {self.prompt_config['backbone']} now gives "
+                f"{self.prompt_config[key]} (other weights behind the same name or path): point backbone.path "
+                "at the weights it was trained on, or " + fix
+            )
+        changed = config_difference(
+            saved["prompt_config"].get("config"), self.prompt_config.get("config", {})
+        )
+        if changed is not None and key is None:
+            raise ConfigError(f"trainer.resume: the checkpoint in {folder} was trained with another config "
+                              f"({changed}): resume with its settings, or " + fix)  # fmt: skip
         if key == "data":
             raise ConfigError(
                 f"trainer.resume: the task's rows are not those the checkpoint in {folder} was trained on "
@@ -224,6 +264,9 @@ class RunCheckpoint:
 
 
 def best_prompt_dir(run_dir: Path) -> Path:
+    """A run folder's `checkpoints/best`, or the folder itself when it is a prompt folder."""
+    if (run_dir / "prompt.safetensors").is_file():
+        return run_dir
     folder = find(run_dir / "checkpoints" / "best")
     if folder is None:
         raise ConfigError(

@@ -8,6 +8,7 @@ or `--cfg`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -22,8 +23,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
+from ptlab.provenance import code_version
 from ptlab.training.build import build
-from ptlab.training.checkpoint import config_record, record_difference
+from ptlab.training.checkpoint import config_difference, config_record, record_difference
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.run_folder import (
     FAILURE_FILE,
@@ -149,6 +151,7 @@ def train_in(
             load_seconds=load_seconds,
             wall_seconds=time.perf_counter() - started,
             wandb=tracker.wandb_info(),
+            code=code_version(),
         )
         tracker.summary(summary)
         if config.logger.log_prompt:
@@ -200,7 +203,10 @@ def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:
     record = read_json_record(run_dir / "checkpoints" / "best" / "prompt_config.json")
     if not is_finished(summary) or record is None:
         return None
-    same = record_difference(record, config_record(config)) is None
+    same = (
+        record_difference(record, config_record(config)) is None
+        and config_difference(record.get("config"), dataclasses.asdict(config)) is None
+    )
     max_steps = config.trainer.max_steps
     longer = (
         max_steps is not None and not summary.get("stopped_early") and max_steps > summary.get("steps", 0)
