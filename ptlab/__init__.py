@@ -12,7 +12,7 @@ __all__ = ["Pipeline", "build"]
 
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        from ptlab import pipeline
+        from ptlab.training import build
 
-        return getattr(pipeline, name)
+        return getattr(build, name)
     raise AttributeError(f"module 'ptlab' has no attribute {name!r}")
