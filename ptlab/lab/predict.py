@@ -77,12 +77,8 @@ def predict_rows(
 ) -> List[Dict[str, Any]]:
     """Each row with `prediction` (the best verbalizer) and `scores` (every verbalizer's score:
     log-likelihood for generative backbones, the head's logit for the encoder family)."""
-    task, backbone, readout, method = (
-        pipeline.config.task,
-        pipeline.backbone,
-        pipeline.readout,
-        pipeline.method,
-    )
+    task, backbone, method = pipeline.config.task, pipeline.backbone, pipeline.method
+    readout = pipeline.readout
     ids = backbone.tokenize_sources(readout, [render_source(task, row) for row in rows])
     examples = [Example(source_ids=row, label=0) for row in ids]
     backbone.eval()

@@ -76,8 +76,9 @@ class PromptInjection:
     key/value prefixes, or both. The backbone places each where its family needs it.
 
     One run's injection has every position real (no masks). `stack` joins several runs' rows into
-    one batch; each row's positions are then padded on the left to the widest run's, and the masks
-    say which are real, so that every real token keeps the positions it has in its run alone."""
+    one batch: each row's block and prefixes are padded on the left (padding first) to the widest
+    run's, and the masks say which positions are real; the backbone then gives every real token the
+    positions it has in its run alone (explicit position ids, or T5's real positions first)."""
 
     # [B or 1, n, d]: rows joined to the input embeddings (before the input; after [CLS] in BERT)
     block: Optional[torch.Tensor] = None
@@ -118,14 +119,12 @@ def padded_on_left(
     rows, masks = [], []
     for part, size in zip(parts, sizes):
         length = 0 if part is None else part.shape[dim]
-        shape = list(like.shape)
-        shape[0], shape[dim] = size, width - length
-        filler = like.new_zeros(shape)
+        padding = list(like.shape)
+        padding[0], padding[dim] = size, width - length
+        pieces = [like.new_zeros(padding)]
         if part is not None:
-            grown = list(part.shape)
-            grown[0] = size
-            filler = torch.cat([filler, part.expand(grown)], dim)
-        rows.append(filler)
+            pieces.append(part.expand(size, *part.shape[1:]))
+        rows.append(torch.cat(pieces, dim))
         masks.append(torch.cat([torch.zeros(size, width - length), torch.ones(size, length)], 1))
     return torch.cat(rows), torch.cat(masks).to(like.device, torch.long)
 
