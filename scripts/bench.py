@@ -84,23 +84,26 @@ def raw_splits(config):
     return split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
 
 
-def method_for(backbone, overrides: list[str]):
+def method_for(backbone, readout, overrides: list[str]):
     """The method `overrides` configure, on a backbone already built (no second model load)."""
     config = to_object(default_config(overrides))
-    return build_method(config.method, backbone.prompt_context(config.seed))
+    return build_method(config.method, backbone.prompt_context(readout, config.seed))
 
 
 def real_task(overrides: list[str], split: str, device):
-    """Config, backbone and method on `device`, and the tokenized rows of one real SST-2 split."""
+    """Config, backbone, readout and method on `device`, and the tokenized rows of one real SST-2 split."""
     pipeline = build(overrides, splits=(split,))
-    pipeline.backbone.to(device), pipeline.method.to(device)
-    return pipeline.config, pipeline.backbone, pipeline.method, pipeline.data[split]
+    pipeline.backbone.to(device), pipeline.readout.to(device), pipeline.method.to(device)
+    return pipeline.config, pipeline.backbone, pipeline.readout, pipeline.method, pipeline.data[split]
 
 
-def batch_of(backbone, size: int, seq_len: int):
+def batch_of(backbone, readout, size: int, seq_len: int):
     """`size` examples of exactly `seq_len` source tokens (fixed shapes for both contenders)."""
-    ids = backbone.tokenize_sources(["sst2 sentence: " + "a moving, beautifully acted film " * 64] * size)
-    return backbone.collate([Example(source_ids=row[:seq_len], label=i % 2) for i, row in enumerate(ids)])
+    ids = backbone.tokenize_sources(
+        readout, ["sst2 sentence: " + "a moving, beautifully acted film " * 64] * size
+    )
+    examples = [Example(source_ids=row[:seq_len], label=i % 2) for i, row in enumerate(ids)]
+    return backbone.collate(readout, examples)
 
 
 def decode(tokenizer, ids: torch.Tensor) -> list[str]:
@@ -110,9 +113,9 @@ def decode(tokenizer, ids: torch.Tensor) -> list[str]:
     return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-def train_step(method, backbone, batch, optimizer, autocast) -> None:
+def train_step(method, backbone, readout, batch, optimizer, autocast) -> None:
     """ptlab's training step: the Trainer's loss and backward (`backward_loss`), then the update."""
-    backward_loss(method, backbone, batch, autocast)
+    backward_loss(method, backbone, readout, batch, autocast)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -219,6 +222,7 @@ class Setup:
 
     name: str
     backbone: Any
+    readout: Any
     method: Any
     peft: Any
     batch: dict
@@ -231,15 +235,15 @@ class Setup:
 
     def step_on(self, model) -> Callable[[], None]:
         """ptlab's training step with `model` as the backbone (this one, or a compiled copy)."""
-        return lambda: train_step(self.method, model, self.batch, self.optimizer, self.autocast)
+        return lambda: train_step(self.method, model, self.readout, self.batch, self.optimizer, self.autocast)
 
     def ours_step(self) -> None:
-        train_step(self.method, self.backbone, self.batch, self.optimizer, self.autocast)
+        train_step(self.method, self.backbone, self.readout, self.batch, self.optimizer, self.autocast)
 
     def ours_eval(self) -> list:
         """Rank classification of the batch in one pass."""
         with torch.no_grad(), self.autocast():
-            return self.backbone.score(self.method, self.batch).argmax(-1).tolist()
+            return self.backbone.score(self.readout, self.method, self.batch).argmax(-1).tolist()
 
 
 def peft_train_step(peft, backbone, batch, autocast) -> Callable[[], None]:
@@ -266,10 +270,10 @@ def peft_train_step(peft, backbone, batch, autocast) -> Callable[[], None]:
     return step
 
 
-def peft_generate(peft, backbone, batch, autocast) -> Callable[[], list]:
+def peft_generate(peft, backbone, readout, batch, autocast) -> Callable[[], list]:
     """PEFT's evaluation of `batch`: generate 5 tokens, then each text's verbalizer by exact match
     (-1: none)."""
-    lookup = {text: i for i, text in enumerate(backbone.verbalizers)}
+    lookup = {text: i for i, text in enumerate(readout.verbalizers)}
 
     def evaluate():
         with torch.no_grad(), autocast():
@@ -297,7 +301,8 @@ def setup_backbone(bench: Bench, name: str) -> Setup:
     args, device = bench.args, bench.device
     pipeline = build([*BACKBONES[name], f"method.prompt_length={args.prompt}"], args.seq_len)
     backbone, method = pipeline.backbone.to(device), pipeline.method.to(device)
-    batch = to_device(batch_of(backbone, args.batch, args.seq_len), device)
+    readout = pipeline.readout.to(device)
+    batch = to_device(batch_of(backbone, readout, args.batch, args.seq_len), device)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     step_flops = train_step_flops(
         shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
@@ -307,6 +312,7 @@ def setup_backbone(bench: Bench, name: str) -> Setup:
     return Setup(
         name=name,
         backbone=backbone,
+        readout=readout,
         method=method,
         peft=peft,
         batch=batch,
@@ -315,7 +321,7 @@ def setup_backbone(bench: Bench, name: str) -> Setup:
         optimizer=optimizer,
         autocast=bench.autocast,
         peft_step=peft_train_step(peft, backbone, batch, bench.autocast),
-        peft_eval=peft_generate(peft, backbone, batch, bench.autocast),
+        peft_eval=peft_generate(peft, backbone, readout, batch, bench.autocast),
     )
 
 
@@ -437,11 +443,11 @@ def method_steps(bench: Bench, setup: Setup) -> dict:
     """A training step (own AdamW) of each of `METHODS` on the backbone and batch of `setup`."""
     steps = {}
     for label, extra in METHODS:
-        other = method_for(setup.backbone, [*BACKBONES[setup.name], *extra])
+        other = method_for(setup.backbone, setup.readout, [*BACKBONES[setup.name], *extra])
         other.to(bench.device).train()
         opt = torch.optim.AdamW(other.parameters(), lr=1e-3)
         steps[label] = lambda other=other, opt=opt: train_step(
-            other, setup.backbone, setup.batch, opt, bench.autocast
+            other, setup.backbone, setup.readout, setup.batch, opt, bench.autocast
         )
     return steps
 
@@ -491,7 +497,7 @@ def fpt_stages(bench: Bench, setup: Setup) -> None:
     args, backbone, batch = bench.args, setup.backbone, setup.batch
     partial = PartialModel(backbone.model)
     with torch.no_grad(), backbone.per_example_prompt_states():
-        partial.score_neurons(lambda: iter([backbone.output_logits(setup.method, batch)]))
+        partial.score_neurons(lambda: iter([backbone.output_logits(setup.readout, setup.method, batch)]))
     stage_times, stage_flops = {}, {}
     for depth in (0.25, 0.5, 0.75, 1.0):
         partial.set_stage(depth, depth)
@@ -523,7 +529,7 @@ def length_grouping(bench: Bench) -> None:
     from ptlab.data.examples import epoch_batches
 
     args, device = bench.args, bench.device
-    config, backbone, method, train = real_task([], "train", device)
+    config, backbone, readout, method, train = real_task([], "train", device)
     backbone.train(), method.train()
     lengths = [len(example.source_ids) for example in train]
     size = config.trainer.batch_size
@@ -535,11 +541,11 @@ def length_grouping(bench: Bench) -> None:
         label: sum(len(b) * max(lengths[i] for i in b) for b in epoch) / sum(lengths) - 1
         for label, epoch in batches.items()
     }
-    optimizer = torch.optim.AdamW(list(method.parameters()) + list(backbone.head.parameters()), lr=1e-3)
+    optimizer = torch.optim.AdamW(list(method.parameters()) + list(readout.head.parameters()), lr=1e-3)
 
     def step(indices):
-        batch = to_device(backbone.collate([train[i] for i in indices]), device)
-        train_step(method, backbone, batch, optimizer, contextlib.nullcontext)
+        batch = to_device(backbone.collate(readout, [train[i] for i in indices]), device)
+        train_step(method, backbone, readout, batch, optimizer, contextlib.nullcontext)
 
     seconds = {"grouped": 0.0, "plain": 0.0}
     for i in range(args.grouping_batches + 1):
@@ -596,21 +602,22 @@ def real_eval(bench: Bench) -> None:
     ptlab's generate mode and PEFT's produce the same text."""
     device, autocast, sync = bench.device, bench.autocast, bench.sync
     overrides = ["backbone=smollm2_135m", f"data.max_eval_examples={bench.args.eval_examples}"]
-    config, backbone, method, examples = real_task(overrides, "validation", device)
+    config, backbone, readout, method, examples = real_task(overrides, "validation", device)
     size, new_tokens = config.trainer.eval_batch_size, 5
     theirs = peft_generate_texts(bench, backbone, method, examples, size, new_tokens)
 
     def ours():
-        return predict_examples(backbone, method, examples, size, device, autocast, "rank")
+        return predict_examples(backbone, readout, method, examples, size, device, autocast, "rank")
 
     def ours_texts():
         return map_sorted_batches(
             backbone,
+            readout,
             examples,
             size,
             device,
             autocast,
-            lambda batch: [text.strip() for text in backbone.generate(method, batch, new_tokens)],
+            lambda batch: [text.strip() for text in backbone.generate(readout, method, batch, new_tokens)],
         )
 
     seconds = {"ptlab": timed(ours, sync), "peft": timed(theirs, sync)}

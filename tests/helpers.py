@@ -20,13 +20,13 @@ SENTENCES = [
 
 
 def build(overrides: List[str], seed: int = 0):
-    """Config, backbone and method as `ptlab-train` builds them, without data."""
+    """Config, backbone, task readout and method as `ptlab-train` builds them, without data."""
     pipeline = ptlab.build(compose_config([*overrides, f"seed={seed}"]), splits=())
-    return pipeline.config, pipeline.backbone, pipeline.method
+    return pipeline.config, pipeline.backbone, pipeline.readout, pipeline.method
 
 
-def examples(backbone, texts: List[str] = SENTENCES) -> List[Example]:
-    ids = backbone.tokenize_sources([f"sst2 sentence: {text}" for text in texts])
+def examples(backbone, readout, texts: List[str] = SENTENCES) -> List[Example]:
+    ids = backbone.tokenize_sources(readout, [f"sst2 sentence: {text}" for text in texts])
     return [Example(source_ids=row, label=i % 2) for i, row in enumerate(ids)]
 
 

@@ -50,11 +50,11 @@ def train(tmp_path, name, overrides):
 @pytest.mark.parametrize("method_name", ["prompt_tuning", "deep_prompt"])
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_bf16_training_step_keeps_an_fp32_prompt_with_finite_gradients(backbone, method_name):
-    _, model, method = build([f"backbone={backbone}", f"method={method_name}"])
+    _, model, readout, method = build([f"backbone={backbone}", f"method={method_name}"])
     model.to(DEVICE), method.to(DEVICE)
-    batch = to_device(model.collate(examples(model)), DEVICE)
+    batch = to_device(model.collate(readout, examples(model, readout)), DEVICE)
     with autocast():
-        logits = model.output_logits(method, batch)
+        logits = model.output_logits(readout, method, batch)
         loss = model.loss_from_logits(logits, batch)
     loss.backward()
     expected = torch.bfloat16 if ON_CUDA else torch.float32
@@ -77,20 +77,20 @@ def test_training_run_on_the_device(tmp_path, backbone, method_name):
 
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_device_scores_equal_cpu_scores_in_fp32_and_stay_close_in_bf16(backbone):
-    _, model, method = build([f"backbone={backbone}", "backbone.dropout=false"])
+    _, model, readout, method = build([f"backbone={backbone}", "backbone.dropout=false"])
     model.eval()
-    batch = model.collate(examples(model))
+    batch = model.collate(readout, examples(model, readout))
     with torch.no_grad():
-        cpu = model.score(method, batch)
+        cpu = model.score(readout, method, batch)
         model.to(DEVICE), method.to(DEVICE)
         tf32 = torch.backends.cuda.matmul.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = False
         try:
-            fp32 = model.score(method, to_device(batch, DEVICE)).float().cpu()
+            fp32 = model.score(readout, method, to_device(batch, DEVICE)).float().cpu()
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
         with autocast():
-            bf16 = model.score(method, to_device(batch, DEVICE)).float().cpu()
+            bf16 = model.score(readout, method, to_device(batch, DEVICE)).float().cpu()
     torch.testing.assert_close(fp32, cpu, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bf16, cpu, atol=0.1 * cpu.abs().max().item() + 1e-3, rtol=0.05)
 

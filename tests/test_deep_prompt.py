@@ -52,15 +52,15 @@ def peft_prefixes(backbone, n: int, task_type: TaskType):
 
 @pytest.mark.parametrize("length", [1, 5])
 def test_t5_decoder_prefixes_match_peft_prefix_tuning(length):
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         [*PREFIX, "backbone=tiny_t5", f"method.prompt_length={length}", "method.stacks=[decoder]"]
     )
     backbone.eval()
-    batch = backbone.collate(examples(backbone))  # different lengths: padding + mask
+    batch = backbone.collate(readout, examples(backbone, readout))  # different lengths: padding + mask
     peft, layers = peft_prefixes(backbone, length, TaskType.SEQ_2_SEQ_LM)
     set_layers(method, "decoder", layers)
     with torch.no_grad():
-        ours = backbone.output_logits(method, batch)
+        ours = backbone.output_logits(readout, method, batch)
         theirs = seq2seq_logits(peft, batch)
         plain = seq2seq_logits(backbone.model, batch)
     assert ours.shape == theirs.shape
@@ -71,20 +71,21 @@ def test_t5_decoder_prefixes_match_peft_prefix_tuning(length):
 
 @pytest.mark.parametrize("length", [1, 5])
 def test_llama_prefixes_match_peft_prefix_tuning(length):
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         [*PREFIX, "backbone=tiny_llama", f"method.prompt_length={length}", "data.max_source_length=16"]
     )
     backbone.eval()
     batch = backbone.collate(
-        examples(backbone, ["a gripping, beautifully shot film", "the plot goes nowhere at all"])
+        readout,
+        examples(backbone, readout, ["a gripping, beautifully shot film", "the plot goes nowhere at all"]),
     )
     assert bool(batch["source_mask"].all()) and bool((batch["target_ids"] != -100).all())
     peft, layers = peft_prefixes(backbone, length, TaskType.CAUSAL_LM)
     set_layers(method, "decoder", layers)
     with torch.no_grad():
-        ours = backbone.output_logits(method, batch)
+        ours = backbone.output_logits(readout, method, batch)
         theirs = causal_target_logits(peft, batch)
-        scores = backbone.score(method, batch)
+        scores = backbone.score(readout, method, batch)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5
     # rank scoring (prefix cache reused for every verbalizer) agrees with the teacher-forced pass
@@ -133,9 +134,9 @@ def reference_attention(module, prefix, visible, bias_module=None):
 
 @pytest.mark.parametrize("backbone_name", ["tiny_t5", "tiny_bert"])
 def test_encoder_prefixes_match_a_hand_written_attention(backbone_name, monkeypatch):
-    _, backbone, method = build([*PREFIX, f"backbone={backbone_name}", "method.prompt_length=4"])
+    _, backbone, readout, method = build([*PREFIX, f"backbone={backbone_name}", "method.prompt_length=4"])
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     encoder = backbone.model.get_encoder() if backbone.family == "seq2seq" else backbone.model
     inputs = {"input_ids": batch["source_ids"], "attention_mask": batch["source_mask"]}
     with torch.no_grad():
@@ -171,7 +172,7 @@ def test_encoder_prefixes_match_a_hand_written_attention(backbone_name, monkeypa
 @pytest.mark.parametrize("reparam", [False, True])
 def test_parameter_count_is_layers_x_2_x_n_x_kv_width(backbone_name, extra, stacks, reparam):
     n, h = 6, 24
-    _, backbone, method = build(
+    _, backbone, _, method = build(
         [*PREFIX, f"backbone={backbone_name}", f"method.prompt_length={n}", f"method.reparam={reparam}",
          f"method.reparam_hidden={h}", *extra]
     )  # fmt: skip
@@ -185,30 +186,32 @@ def test_parameter_count_is_layers_x_2_x_n_x_kv_width(backbone_name, extra, stac
 
 
 def test_the_reparameterised_prefix_exports_as_the_plain_table_it_computes():
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         [*PREFIX, "backbone=tiny_t5", "method.reparam=true", "method.prompt_length=3"]
     )
-    _, _, plain = build([*PREFIX, "backbone=tiny_t5", "method.prompt_length=3"])
+    _, _, readout, plain = build([*PREFIX, "backbone=tiny_t5", "method.prompt_length=3"])
     plain.load_state_dict({"stacks.encoder.table": method.export_prompt()["encoder.prefix"]})
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     with torch.no_grad():
         assert torch.allclose(
-            backbone.output_logits(method, batch), backbone.output_logits(plain, batch), atol=1e-6
+            backbone.output_logits(readout, method, batch),
+            backbone.output_logits(readout, plain, batch),
+            atol=1e-6,
         )
 
 
 @pytest.mark.parametrize("backbone_name", ["tiny_t5", "tiny_llama", "tiny_bert"])
 def test_a_partial_model_uses_the_prefixes_of_the_layers_it_keeps(backbone_name):
     key = {"tiny_t5": "num_layers", "tiny_llama": "num_hidden_layers", "tiny_bert": "num_hidden_layers"}
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         [*PREFIX, f"backbone={backbone_name}", f"++backbone.random_init.{key[backbone_name]}=4"]
     )
     backbone.eval()
     partial = PartialModel(backbone.model)
     partial.set_stage(depth=0.5, width=1.0)
     assert partial.kept_layers[0] == [0, 3]
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     stack = method.prefix_stacks[0]
     table = method.stacks[stack].table
     layer_width = table.shape[1] // 4
@@ -217,10 +220,10 @@ def test_a_partial_model_uses_the_prefixes_of_the_layers_it_keeps(backbone_name)
         changed = copy.deepcopy(method)
         with torch.no_grad():
             changed.stacks[stack].table[:, layer * layer_width : (layer + 1) * layer_width] += 1.0
-            return backbone.output_logits(changed, batch)
+            return backbone.output_logits(readout, changed, batch)
 
     with torch.no_grad():
-        base = backbone.output_logits(method, batch)
+        base = backbone.output_logits(readout, method, batch)
     assert torch.equal(logits_with_layer_changed(1), base)  # layer 1 is dropped: its prefix is unused
     assert (logits_with_layer_changed(3) - base).abs().max().item() > 1e-4  # layer 3 is kept at index 1
 
@@ -230,16 +233,18 @@ def test_a_partial_model_uses_the_prefixes_of_the_layers_it_keeps(backbone_name)
     [("tiny_t5", ["method.stacks=[encoder,decoder]"]), ("tiny_llama", []), ("tiny_bert", [])],
 )
 def test_analytic_flops_count_the_prefixes(backbone_name, extra):
-    _, backbone, method = build([*PREFIX, f"backbone={backbone_name}", "method.prompt_length=7", *extra])
+    _, backbone, readout, method = build(
+        [*PREFIX, f"backbone={backbone_name}", "method.prompt_length=7", *extra]
+    )
     backbone.eval()
     backbone.model.set_attn_implementation("eager")  # CPU SDPA kernels are invisible to the counter
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     prefixes = method.prefix_positions
     with torch.no_grad():
         injection = method.inject(None, batch["source_mask"])
     method.inject = lambda *args: injection  # the table's reshaping is not the backbone's compute
     with FlopCounterMode(display=False) as counter:
-        backbone.output_logits(method, batch)
+        backbone.output_logits(readout, method, batch)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     source, target = batch["source_ids"].shape[1], batch["target_ids"].shape[1]
     analytic = (
@@ -280,20 +285,20 @@ def test_a_stack_the_backbone_lacks_is_named():
 
 @pytest.mark.parametrize("backbone_name,stacks", [("tiny_llama", "[decoder]"), ("tiny_t5", "[decoder]")])
 def test_generation_with_decoder_prefixes_is_refused_in_one_line(backbone_name, stacks):
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         ["method=deep_prompt", f"backbone={backbone_name}", f"method.stacks={stacks}"]
     )
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     with pytest.raises(ConfigError, match="trainer.eval_mode=generate is not available with prefixes"):
-        backbone.generate(method, batch, max_new_tokens=2)
+        backbone.generate(readout, method, batch, max_new_tokens=2)
 
 
 def test_t5_generation_with_encoder_prefixes_sees_them():
-    _, backbone, method = build(["method=deep_prompt", "backbone=tiny_t5", "method.prompt_length=4"])
+    _, backbone, readout, method = build(["method=deep_prompt", "backbone=tiny_t5", "method.prompt_length=4"])
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     with torch.no_grad(), contextlib.ExitStack():
-        generated = backbone.generate(method, batch, max_new_tokens=3)
+        generated = backbone.generate(readout, method, batch, max_new_tokens=3)
     assert len(generated) == len(batch["labels"])
 
 
@@ -312,14 +317,14 @@ def test_export_refuses_deep_prompts_that_peft_places_otherwise(backbone_name, m
 @pytest.mark.parametrize("backbone_name", ["tiny_t5", "tiny_llama", "tiny_bert"])
 def test_under_bf16_autocast_the_prefixes_follow_the_pass_and_stay_fp32_parameters(backbone_name):
     stacks = "[encoder,decoder]" if backbone_name == "tiny_t5" else "null"
-    _, backbone, method = build([*PREFIX, f"backbone={backbone_name}", f"method.stacks={stacks}"])
-    batch = backbone.collate(examples(backbone))
+    _, backbone, readout, method = build([*PREFIX, f"backbone={backbone_name}", f"method.stacks={stacks}"])
+    batch = backbone.collate(readout, examples(backbone, readout))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert backbone.prefix_dtype() == torch.bfloat16
-        logits = backbone.output_logits(method, batch)
+        logits = backbone.output_logits(readout, method, batch)
         loss = backbone.loss_from_logits(logits, batch)
     loss.backward()
-    full = backbone.loss(method, batch)  # fp32
+    full = backbone.loss(readout, method, batch)  # fp32
     assert logits.dtype == torch.bfloat16 and loss.item() == pytest.approx(full.item(), rel=0.05)
     for parameter in method.parameters():
         assert parameter.dtype == torch.float32 and torch.isfinite(parameter.grad).all()
@@ -355,20 +360,26 @@ def test_activations_init_on_a_causal_lm_starts_as_the_vocabulary_initialised_pr
     """A prompt attends only to itself, so its keys and values in every layer are those of its
     tokens run alone: deep prompts initialised so score exactly as prompt tuning's vocab init."""
     common = ["backbone=tiny_llama", "backbone.dropout=false", f"backbone.share_prompt_states={share}"]
-    _, backbone, deep = build([*common, "method=deep_prompt", "method.init=activations"])
-    _, _, prompt = build([*common, "method=prompt_tuning", "method.init=vocab"])
+    _, backbone, readout, deep = build([*common, "method=deep_prompt", "method.init=activations"])
+    _, _, readout, prompt = build([*common, "method=prompt_tuning", "method.init=vocab"])
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     with torch.no_grad():
         assert torch.allclose(
-            backbone.output_logits(deep, batch), backbone.output_logits(prompt, batch), atol=1e-5
+            backbone.output_logits(readout, deep, batch),
+            backbone.output_logits(readout, prompt, batch),
+            atol=1e-5,
         )
-        assert torch.allclose(backbone.score(deep, batch), backbone.score(prompt, batch), atol=1e-5)
+        assert torch.allclose(
+            backbone.score(readout, deep, batch), backbone.score(readout, prompt, batch), atol=1e-5
+        )
 
 
 def test_activations_init_on_t5s_encoder_holds_its_first_layers_keys_of_the_tokens():
-    _, backbone, method = build(["backbone=tiny_t5", "method=deep_prompt", "method.init=activations"])
-    context = backbone.prompt_context(0)
+    _, backbone, readout, method = build(
+        ["backbone=tiny_t5", "method=deep_prompt", "method.init=activations"]
+    )
+    context = backbone.prompt_context(readout, 0)
     ids = sample_token_ids(context, 20, 5000, 0)
     block = backbone.model.encoder.block[0]
     attention = block.layer[0].SelfAttention

@@ -42,16 +42,16 @@ def test_evenly_spaced_layers_equal_the_official_lists_for_24():
         assert len(layers) == kept and layers[0] == 0 and layers[-1] == 23 and layers == sorted(set(layers))
 
 
-def outputs(backbone, method, batch):
+def outputs(backbone, readout, method, batch):
     with torch.no_grad():
-        return backbone.output_logits(method, batch)
+        return backbone.output_logits(readout, method, batch)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_neuron_slicing_equals_masking_those_neurons(name):
-    _, backbone, method = build(deep(name, 2))
+    _, backbone, readout, method = build(deep(name, 2))
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     partial = PartialModel(backbone.model)
     partial.scores = [
         torch.randn(partial.ffn_width, generator=torch.Generator().manual_seed(i))
@@ -65,25 +65,27 @@ def test_neuron_slicing_equals_masking_those_neurons(name):
             getattr(*masked_ffn.output).weight[:, dropped] = 0.0
     partial.set_stage(depth=1.0, width=0.5)
     assert partial.kept_neurons == keep_count
-    assert torch.allclose(outputs(backbone, method, batch), outputs(masked, method, batch), atol=1e-5)
+    assert torch.allclose(
+        outputs(backbone, readout, method, batch), outputs(masked, readout, method, batch), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_growing_back_restores_exactly_the_original_function(name):
-    _, backbone, method = build(deep(name))
+    _, backbone, readout, method = build(deep(name))
     backbone.eval()
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     untouched = copy.deepcopy(backbone)
     partial = PartialModel(backbone.model)
     with backbone.per_example_prompt_states():
-        partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+        partial.score_neurons(lambda: (outputs(backbone, readout, method, batch) for _ in range(1)))
     for depth, width in [(0.25, 0.25), (0.5, 0.5), (0.75, 0.75)]:
         partial.set_stage(depth, width)
-        shrunk = outputs(backbone, method, batch)
-        assert not torch.allclose(shrunk, outputs(untouched, method, batch))
+        shrunk = outputs(backbone, readout, method, batch)
+        assert not torch.allclose(shrunk, outputs(untouched, readout, method, batch))
     partial.set_stage(1.0, 1.0)
     assert partial.is_full
-    assert torch.equal(outputs(backbone, method, batch), outputs(untouched, method, batch))
+    assert torch.equal(outputs(backbone, readout, method, batch), outputs(untouched, readout, method, batch))
     assert all(
         torch.equal(a, b)
         for a, b in zip(backbone.model.state_dict().values(), untouched.model.state_dict().values())
@@ -91,7 +93,7 @@ def test_growing_back_restores_exactly_the_original_function(name):
 
 
 def test_depth_reduction_keeps_first_and_last_block_and_t5_position_bias():
-    _, backbone, _ = build(deep("tiny_t5"))
+    _, backbone, _, _ = build(deep("tiny_t5"))
     partial = PartialModel(backbone.model)
     partial.set_stage(depth=0.25, width=1.0)
     blocks = backbone.model.encoder.block
@@ -101,19 +103,19 @@ def test_depth_reduction_keeps_first_and_last_block_and_t5_position_bias():
 
 
 def test_neuron_scores_are_mean_absolute_activations_over_real_tokens():
-    _, backbone, method = build(deep("tiny_bert", 2))
+    _, backbone, readout, method = build(deep("tiny_bert", 2))
     backbone.eval()
-    items = examples(backbone)
-    batch = backbone.collate(items)
+    items = examples(backbone, readout)
+    batch = backbone.collate(readout, items)
     partial = PartialModel(backbone.model)
     with backbone.per_example_prompt_states():
-        scores = partial.score_neurons(lambda: (outputs(backbone, method, batch) for _ in range(1)))
+        scores = partial.score_neurons(lambda: (outputs(backbone, readout, method, batch) for _ in range(1)))
     # independent: hook the intermediate activation of layer 0 and average |.| over unmasked positions
     seen = {}
     hook = backbone.model.encoder.layer[0].output.dense.register_forward_pre_hook(
         lambda m, i: seen.update(x=i[0])
     )
-    outputs(backbone, method, batch)
+    outputs(backbone, readout, method, batch)
     hook.remove()
     mask = torch.cat(
         [batch["source_mask"][:, :1], torch.ones(len(items), method.num_tokens), batch["source_mask"][:, 1:]],
@@ -228,14 +230,14 @@ def test_bad_schedules_are_clear_config_errors(override, message):
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("per_example", [False, True])
 def test_analytic_flops_match_a_measured_count(name, per_example):
-    _, backbone, method = build(deep(name, 4))
+    _, backbone, readout, method = build(deep(name, 4))
     backbone.eval()
     backbone.model.set_attn_implementation("eager")  # CPU SDPA kernels are invisible to the counter
-    batch = backbone.collate(examples(backbone))
+    batch = backbone.collate(readout, examples(backbone, readout))
     sharing = backbone.per_example_prompt_states() if per_example else contextlib.nullcontext()
     with sharing, FlopCounterMode(display=False) as counter:
         shared = method.num_tokens if backbone.runs_prompt_once(method) else 0
-        backbone.output_logits(method, batch)
+        backbone.output_logits(readout, method, batch)
     assert bool(shared) == (name == "tiny_llama" and not per_example)
     shape = ModelShape.from_config(backbone.model.config, backbone.family)
     source = batch["source_ids"].shape[1] + method.num_tokens

@@ -24,14 +24,14 @@ def peft_model_with(backbone, prompt: torch.Tensor, task_type: TaskType):
 
 @pytest.mark.parametrize("length", [1, 5, 20])
 def test_seq2seq_logits_match_peft(length):
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         ["backbone=tiny_t5", f"method.prompt_length={length}", "data.max_source_length=64"]
     )
     backbone.eval()
-    batch = backbone.collate(examples(backbone))  # different lengths: right padding + mask
+    batch = backbone.collate(readout, examples(backbone, readout))  # different lengths: right padding + mask
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.SEQ_2_SEQ_LM)
     with torch.no_grad():
-        ours = backbone.output_logits(method, batch)
+        ours = backbone.output_logits(readout, method, batch)
         theirs = seq2seq_logits(peft, batch)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5
@@ -40,17 +40,18 @@ def test_seq2seq_logits_match_peft(length):
 @pytest.mark.parametrize("length", [1, 5, 20])
 def test_causal_logits_match_peft(length):
     # equal-length sources (truncated to 16 bytes) so PEFT needs no padding
-    _, backbone, method = build(
+    _, backbone, readout, method = build(
         ["backbone=tiny_llama", f"method.prompt_length={length}", "data.max_source_length=16"]
     )
     backbone.eval()
     batch = backbone.collate(
-        examples(backbone, ["a gripping, beautifully shot film", "the plot goes nowhere at all"])
+        readout,
+        examples(backbone, readout, ["a gripping, beautifully shot film", "the plot goes nowhere at all"]),
     )
     assert bool(batch["source_mask"].all()) and bool((batch["target_ids"] != -100).all())
     peft = peft_model_with(backbone, method.prompt_embeds.detach(), TaskType.CAUSAL_LM)
     with torch.no_grad():
-        ours = backbone.output_logits(method, batch)
+        ours = backbone.output_logits(readout, method, batch)
         theirs = causal_target_logits(peft, batch, length)
     assert ours.shape == theirs.shape
     assert (ours - theirs).abs().max().item() < 1e-5

@@ -13,7 +13,7 @@ from helpers import build
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
 @pytest.mark.parametrize("length", [1, 20])
 def test_parameter_count_is_n_times_d(backbone, length):
-    _, model, method = build([f"backbone={backbone}", f"method.prompt_length={length}"])
+    _, model, _, method = build([f"backbone={backbone}", f"method.prompt_length={length}"])
     assert sum(p.numel() for p in method.parameters()) == length * model.hidden_size
     assert method(torch.zeros(3, 4, model.hidden_size), torch.ones(3, 4)).shape == (
         3,
@@ -23,17 +23,17 @@ def test_parameter_count_is_n_times_d(backbone, length):
 
 
 def test_random_init_uniform_bound_and_normal():
-    _, model, method = build(["method.init=random", "backbone=tiny_t5", "method.prompt_length=50"])
+    _, model, _, method = build(["method.init=random", "backbone=tiny_t5", "method.prompt_length=50"])
     bound = math.sqrt(1 / model.hidden_size)
     assert method.prompt_embeds.abs().max() <= bound and method.prompt_embeds.abs().max() > 0.8 * bound
-    _, _, normal = build(
+    _, _, _, normal = build(
         ["method.init=random", "method.random_dist=normal", "backbone=tiny_t5", "method.prompt_length=50"]
     )
     assert normal.prompt_embeds.std().item() == pytest.approx(1.0, abs=0.15)
 
 
 def test_vocab_init_rows_are_real_non_special_token_embeddings():
-    _, model, method = build(
+    _, model, _, method = build(
         ["method.init=vocab", "backbone=tiny_t5", "method.prompt_length=10", "method.init_vocab_top=200"]
     )
     table = model.model.get_input_embeddings().weight
@@ -44,7 +44,7 @@ def test_vocab_init_rows_are_real_non_special_token_embeddings():
 
 
 def test_text_init_repeats_the_text_tokens():
-    _, model, method = build(
+    _, model, _, method = build(
         ["method.init=text", "method.init_text=ab", "backbone=tiny_t5", "method.prompt_length=5"]
     )
     ids = model.tokenizer("ab", add_special_tokens=False)["input_ids"]
@@ -53,7 +53,7 @@ def test_text_init_repeats_the_text_tokens():
 
 
 def test_labels_init_puts_verbalizer_tokens_first():
-    _, model, method = build(["method.init=labels", "backbone=tiny_t5", "method.prompt_length=30"])
+    _, model, _, method = build(["method.init=labels", "backbone=tiny_t5", "method.prompt_length=30"])
     ids = [
         i
         for text in ["negative", "positive"]
@@ -64,6 +64,6 @@ def test_labels_init_puts_verbalizer_tokens_first():
 
 
 def test_prompt_is_shared_by_every_example():
-    _, model, method = build(["backbone=tiny_t5"])
+    _, model, _, method = build(["backbone=tiny_t5"])
     out = method(torch.randn(4, 6, model.hidden_size), torch.ones(4, 6))
     assert all(torch.equal(out[0], out[i]) for i in range(4))

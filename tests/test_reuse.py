@@ -90,12 +90,12 @@ def test_predict_scores_equal_the_backbones_own_scores(runs, tmp_path, family):
     assert result.returncode == 0, result.stderr[-2000:]
     predictions = [json.loads(line) for line in result.stdout.splitlines()]
     pipeline = pipeline_with_saved_prompt(run_dir)
-    template = pipeline.config.task.template
-    ids = pipeline.backbone.tokenize_sources([template.format(sentence=r["sentence"]) for r in rows])
+    template, readout = pipeline.config.task.template, pipeline.readout
+    ids = pipeline.backbone.tokenize_sources(readout, [template.format(sentence=r["sentence"]) for r in rows])
     with torch.no_grad():
         for prediction, row_ids in zip(predictions, ids):  # one example per batch: no padding involved
-            batch = pipeline.backbone.collate([Example(source_ids=row_ids, label=0)])
-            expected = pipeline.backbone.score(pipeline.method, batch)[0]
+            batch = pipeline.backbone.collate(readout, [Example(source_ids=row_ids, label=0)])
+            expected = pipeline.backbone.score(readout, pipeline.method, batch)[0]
             got = torch.tensor(list(prediction["scores"].values()))
             assert torch.allclose(got, expected, atol=1e-4)
             assert prediction["prediction"] == ["negative", "positive"][int(expected.argmax())]
@@ -137,15 +137,15 @@ def test_exported_peft_adapter_scores_like_ptlab(runs, tmp_path, family):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists()
     pipeline = pipeline_with_saved_prompt(run_dir)
-    backbone = pipeline.backbone
+    backbone, readout = pipeline.backbone, pipeline.readout
     peft = PeftModel.from_pretrained(copy.deepcopy(backbone.model), str(out)).eval()
     texts = ["a gripping, beautifully shot film", "the plot goes nowhere at all"]
-    ids = backbone.tokenize_sources([f"sst2 sentence: {t}" for t in texts])
+    ids = backbone.tokenize_sources(readout, [f"sst2 sentence: {t}" for t in texts])
     ids = [row[:16] for row in ids]  # equal lengths: PEFT's causal path takes no padding
-    batch = backbone.collate([Example(source_ids=row, label=1) for row in ids])
+    batch = backbone.collate(readout, [Example(source_ids=row, label=1) for row in ids])
     n = pipeline.method.num_tokens
     with torch.no_grad():
-        ours = backbone.output_logits(pipeline.method, batch)
+        ours = backbone.output_logits(readout, pipeline.method, batch)
         if pipeline.config.backbone.family == "seq2seq":
             theirs = seq2seq_logits(peft, batch)
         else:

@@ -18,7 +18,7 @@ def smop(*overrides, backbone="tiny_t5"):
 
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
 def test_parameter_count_is_k_l_d_plus_k_d(backbone):
-    _, model, method = smop(backbone=backbone)
+    _, model, _, method = smop(backbone=backbone)
     d = model.hidden_size
     assert sum(p.numel() for p in method.parameters()) == K * L * d + K * d
     assert method.router.bias is None
@@ -29,7 +29,7 @@ def test_t5_base_count_matches_the_paper():
 
 
 def test_router_is_orthogonally_initialised():
-    _, _, method = smop()
+    _, _, _, method = smop()
     w = method.router.weight
     assert torch.allclose(w @ w.T, torch.eye(K), atol=1e-5)
 
@@ -47,7 +47,7 @@ def hand_routing(method, embeds, mask):
 
 
 def test_eval_routing_equals_hand_computation_and_has_no_noise():
-    _, model, method = smop()
+    _, model, _, method = smop()
     method.eval()
     torch.manual_seed(0)
     embeds, mask = torch.randn(6, 7, model.hidden_size), torch.ones(6, 7)
@@ -61,7 +61,7 @@ def test_eval_routing_equals_hand_computation_and_has_no_noise():
 
 
 def test_training_perturbs_the_router_multiplicatively():
-    _, model, method = smop()
+    _, model, _, method = smop()
     method.train()
     embeds, mask = torch.randn(64, 5, model.hidden_size), torch.ones(64, 5)
     torch.manual_seed(1)
@@ -75,17 +75,17 @@ def test_training_perturbs_the_router_multiplicatively():
 
 
 def test_prediction_does_not_depend_on_the_other_examples_in_the_batch():
-    _, model, method = smop()
+    _, model, readout, method = smop()
     model.eval(), method.eval()
-    items = examples(model)
+    items = examples(model, readout)
     with torch.no_grad():
-        together = model.score(method, model.collate(items))
-        alone = torch.cat([model.score(method, model.collate([item])) for item in items])
+        together = model.score(readout, method, model.collate(readout, items))
+        alone = torch.cat([model.score(readout, method, model.collate(readout, [item])) for item in items])
     assert torch.allclose(together, alone, atol=1e-5)
 
 
 def test_compat_flag_reproduces_the_released_batch_sum():
-    _, model, method = smop("method.compat_batch_sum_bug=true")
+    _, model, _, method = smop("method.compat_batch_sum_bug=true")
     method.eval()
     embeds, mask = torch.randn(5, 4, model.hidden_size), torch.ones(5, 4)
     with torch.no_grad():
@@ -98,7 +98,7 @@ def test_compat_flag_reproduces_the_released_batch_sum():
 
 
 def test_top2_is_the_gate_weighted_sum():
-    _, model, method = smop("method.top_k=2")
+    _, model, _, method = smop("method.top_k=2")
     method.eval()
     embeds, mask = torch.randn(3, 4, model.hidden_size), torch.ones(3, 4)
     with torch.no_grad():
@@ -111,34 +111,34 @@ def test_top2_is_the_gate_weighted_sum():
 
 
 def test_gradients_reach_prompts_and_router():
-    _, model, method = smop()
+    _, model, readout, method = smop()
     model.train(), method.train()
-    model.loss(method, model.collate(examples(model))).backward()
+    model.loss(readout, method, model.collate(readout, examples(model, readout))).backward()
     assert method.prompts.grad.abs().sum() > 0 and method.router.weight.grad.abs().sum() > 0
 
 
 def test_load_balancing_loss_is_optional():
-    _, model, method = smop(
+    _, model, readout, method = smop(
         "method.load_balancing_weight=0.01", "method.perturbation=none", "backbone.dropout=false"
     )
     model.train(), method.train()
-    batch = model.collate(examples(model))
+    batch = model.collate(readout, examples(model, readout))
     with torch.no_grad():
-        total = method.training_loss(model, batch)
-        task = model.loss(method, batch)
+        total = method.training_loss(model, readout, batch)
+        task = model.loss(readout, method, batch)
         aux = method.extra_loss()
         probs = method.router_probs(model.embed(batch["source_ids"]), batch["source_mask"])
         load = torch.bincount(probs.argmax(-1), minlength=K).float() / len(probs)
     assert aux.item() == pytest.approx(0.01 * K * (probs.mean(0) * load).sum().item(), rel=1e-5)
     assert total.item() == pytest.approx(task.item() + aux.item(), rel=1e-6)
-    _, _, plain = smop()
+    _, _, readout, plain = smop()
     plain.train()
     plain(torch.randn(2, 3, model.hidden_size), torch.ones(2, 3))
     assert plain.extra_loss() is None
 
 
 def test_eval_stats_report_routing_fractions_and_entropy():
-    _, model, method = smop()
+    _, model, _, method = smop()
     method.eval()
     with torch.no_grad():
         method(torch.randn(10, 3, model.hidden_size), torch.ones(10, 3))
@@ -149,14 +149,14 @@ def test_eval_stats_report_routing_fractions_and_entropy():
 
 
 def test_stochastic_routing_uses_mean_prompt_at_eval_and_consistency_in_training():
-    _, model, method = smop("method.routing=stochastic")
+    _, model, readout, method = smop("method.routing=stochastic")
     assert method.router is None
     assert sum(p.numel() for p in method.parameters()) == K * L * model.hidden_size
     method.eval()
     out = method(torch.randn(2, 3, model.hidden_size), torch.ones(2, 3))
     assert torch.allclose(out[0], method.prompts.mean(0))
     method.train()
-    loss = method.training_loss(model, model.collate(examples(model)))
+    loss = method.training_loss(model, readout, model.collate(readout, examples(model, readout)))
     loss.backward()
     assert method.prompts.grad.abs().sum() > 0
 
@@ -168,7 +168,7 @@ def test_symmetric_kl_is_zero_for_equal_and_symmetric():
 
 
 def test_gumbel_routing_is_one_hot_forward_with_router_gradients():
-    _, model, method = smop("method.routing=gumbel")
+    _, model, _, method = smop("method.routing=gumbel")
     method.train()
     out = method(torch.randn(4, 3, model.hidden_size), torch.ones(4, 3))
     out.sum().backward()

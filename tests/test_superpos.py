@@ -19,7 +19,7 @@ def superpos(*overrides, backbone="tiny_t5"):
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_parameter_count_formula(backbone, per_token):
-    _, model, method = superpos(
+    _, model, _, method = superpos(
         f"method.per_token_delta={per_token}", "method.num_vocab_samples=64", backbone=backbone
     )
     n, m, d = 10, 64, model.hidden_size
@@ -28,7 +28,7 @@ def test_parameter_count_formula(backbone, per_token):
 
 
 def test_one_hot_init_starts_at_real_token_embeddings():
-    _, model, method = superpos("method.weight_init=one_hot")
+    _, model, _, method = superpos("method.weight_init=one_hot")
     table = model.model.get_input_embeddings().weight
     prompt = method.prompt()
     for row, weights in zip(prompt, method.weights):
@@ -37,7 +37,7 @@ def test_one_hot_init_starts_at_real_token_embeddings():
 
 
 def test_prompt_is_a_linear_superposition_without_softmax():
-    _, model, method = superpos()
+    _, model, _, method = superpos()
     with torch.no_grad():
         method.delta.normal_()
     table = model.model.get_input_embeddings().weight
@@ -49,15 +49,15 @@ def test_prompt_is_a_linear_superposition_without_softmax():
 
 
 def test_delta_starts_at_zero_and_receives_gradients():
-    _, model, method = superpos()
+    _, model, readout, method = superpos()
     assert torch.count_nonzero(method.delta) == 0
-    model.loss(method, model.collate(examples(model))).backward()
+    model.loss(readout, method, model.collate(readout, examples(model, readout))).backward()
     assert method.delta.grad.abs().sum() > 0 and method.weights.grad.abs().sum() > 0
 
 
 def test_sampled_ids_are_fixed_unique_and_saved():
-    _, _, a = superpos()
-    _, _, b = build(["backbone=tiny_t5", "method=superpos", "task=rte"], seed=5)
+    _, _, _, a = superpos()
+    _, _, _, b = build(["backbone=tiny_t5", "method=superpos", "task=rte"], seed=5)
     assert torch.equal(a.token_ids, b.token_ids)  # same set for every task and run seed
     assert len(set(a.token_ids.tolist())) == 128
     assert {"token_ids", "frozen_embeddings", "delta", "weights"} <= set(a.state_dict())

@@ -18,8 +18,6 @@ import torch
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.methods import registered_methods
-from ptlab.methods.base import SharedPromptMethod
-from ptlab.methods.deep_prompt import DeepPrompt
 from ptlab.training.build import Pipeline
 
 PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
@@ -34,7 +32,7 @@ def check_exportable(config: Config) -> None:
             "head; PEFT's prompt tuning has neither: export works for seq2seq (T5) and causal backbones"
         )
     _, method_cls = registered_methods()[config.method.name]
-    if issubclass(method_cls, DeepPrompt):
+    if method_cls.peft_export == "prefix_tuning":
         if family != "causal":
             raise ConfigError(
                 f"ptlab-export: PEFT's prefix tuning on {family} models places prefixes otherwise than "
@@ -42,7 +40,7 @@ def check_exportable(config: Config) -> None:
                 "export for causal backbones"
             )
         return
-    if not issubclass(method_cls, SharedPromptMethod):
+    if method_cls.peft_export != "prompt_tuning":
         raise ConfigError(
             f"ptlab-export: method {label!r} gives each input its own prompt (routed); PEFT's prompt "
             "tuning holds one fixed block: export works for prompt_tuning, superpos and residual"
@@ -77,7 +75,7 @@ def export_prefixes(pipeline: Pipeline, out: Path) -> Path:
 def export_peft(pipeline: Pipeline, out: Path) -> Path:
     """Write the adapter folder `out` for the pipeline's (trained) prompt; returns `out`."""
     check_exportable(pipeline.config)
-    if isinstance(pipeline.method, DeepPrompt):
+    if pipeline.method.peft_export == "prefix_tuning":
         return export_prefixes(pipeline, out)
     with torch.no_grad():
         prompt = pipeline.method.prompt().detach().float().cpu()

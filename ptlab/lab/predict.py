@@ -78,13 +78,14 @@ def predict_rows(
     """Each row with `prediction` (the best verbalizer) and `scores` (every verbalizer's score:
     log-likelihood for generative backbones, the head's logit for the encoder family)."""
     task, backbone, method = pipeline.config.task, pipeline.backbone, pipeline.method
-    ids = backbone.tokenize_sources([render_source(task, row) for row in rows])
+    readout = pipeline.readout
+    ids = backbone.tokenize_sources(readout, [render_source(task, row) for row in rows])
     examples = [Example(source_ids=row, label=0) for row in ids]
     backbone.eval()
     method.eval()
     scores = map_sorted_batches(
-        backbone, examples, batch_size, pipeline.device, pipeline.autocast,
-        lambda batch: backbone.score(method, batch).float().cpu(),
+        backbone, readout, examples, batch_size, pipeline.device, pipeline.autocast,
+        lambda batch: backbone.score(readout, method, batch).float().cpu(),
     )  # fmt: skip
     verbalizers = list(task.verbalizers)
     return [

@@ -82,7 +82,7 @@ def load_run(
     tensors, record = checkpoint.saved_prompt(run_dir)  # before the model loads: a missing prompt fails fast
     pipeline = build(config, splits=splits)
     check_prompt_fits(record, pipeline, checkpoint.best_prompt_dir(run_dir), allow_other_weights)
-    checkpoint.load_trainable(pipeline.method, pipeline.backbone, tensors)
+    checkpoint.load_trainable(pipeline.method, pipeline.readout, tensors)
     pipeline.backbone.eval()
     pipeline.method.eval()
     return pipeline

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -73,13 +73,60 @@ class PromptContext:
 @dataclass
 class PromptInjection:
     """What a method puts into the frozen network for one batch: an input block, per-layer
-    key/value prefixes, or both. The backbone places each where its family needs it."""
+    key/value prefixes, or both. The backbone places each where its family needs it.
+
+    One run's injection has every position real (no masks). `stack` joins several runs' rows into
+    one batch: each row's block and prefixes are padded on the left (padding first) to the widest
+    run's, and the masks say which positions are real; the backbone then gives every real token the
+    positions it has in its run alone (explicit position ids, or T5's real positions first)."""
 
     # [B or 1, n, d]: rows joined to the input embeddings (before the input; after [CLS] in BERT)
     block: Optional[torch.Tensor] = None
-    # stack name -> one (key, value) per layer of the full model, each [1, kv_heads, n, head_dim];
-    # every token of that stack attends to them as to n earlier positions
+    # stack name -> one (key, value) per layer of the full model, each [B or 1, kv_heads, p, head_dim];
+    # every token of that stack attends to them as to p earlier positions
     prefixes: Dict[str, List[KeyValue]] = field(default_factory=dict)
+    block_mask: Optional[torch.Tensor] = None  # [B, n]: 1 at a row's real block positions; None: all
+    prefix_masks: Dict[str, torch.Tensor] = field(default_factory=dict)  # stack -> [B, p], as block_mask
+
+    @staticmethod
+    def stack(parts: Sequence[PromptInjection], sizes: Sequence[int]) -> PromptInjection:
+        """The injections of consecutive groups of `sizes` rows (one group per run) as one batch's."""
+        blocks = [part.block for part in parts]
+        block, block_mask = None, None
+        if any(part is not None for part in blocks):
+            block, block_mask = padded_on_left(blocks, sizes, dim=1)
+        prefixes, prefix_masks = {}, {}
+        for name in sorted({name for part in parts for name in part.prefixes}):
+            layers = [part.prefixes.get(name) for part in parts]
+            count = len(next(kv for kv in layers if kv is not None))
+            stacked = []
+            for layer in range(count):
+                keys, mask = padded_on_left([None if kv is None else kv[layer][0] for kv in layers], sizes, 2)
+                values, _ = padded_on_left([None if kv is None else kv[layer][1] for kv in layers], sizes, 2)
+                stacked.append((keys, values))
+            prefixes[name], prefix_masks[name] = stacked, mask
+        return PromptInjection(block, prefixes, block_mask, prefix_masks)
+
+
+def padded_on_left(
+    parts: Sequence[Optional[torch.Tensor]], sizes: Sequence[int], dim: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each part ([1 or b, ...], positions along `dim`; None: no positions) expanded to its
+    group's rows and padded with zeros on the left of `dim` to the widest part; with the `[B, n]`
+    mask of the real positions."""
+    like = next(part for part in parts if part is not None)
+    width = max(0 if part is None else part.shape[dim] for part in parts)
+    rows, masks = [], []
+    for part, size in zip(parts, sizes):
+        length = 0 if part is None else part.shape[dim]
+        padding = list(like.shape)
+        padding[0], padding[dim] = size, width - length
+        pieces = [like.new_zeros(padding)]
+        if part is not None:
+            pieces.append(part.expand(size, *part.shape[1:]))
+        rows.append(torch.cat(pieces, dim))
+        masks.append(torch.cat([torch.zeros(size, width - length), torch.ones(size, length)], 1))
+    return torch.cat(rows), torch.cat(masks).to(like.device, torch.long)
 
 
 class PromptMethod(nn.Module):
@@ -97,6 +144,12 @@ class PromptMethod(nn.Module):
     num_tokens: int = 0  # rows of the input block
     prefix_length: int = 0  # positions of each per-layer prefix
     prefix_stacks: Tuple[str, ...] = ()  # the stacks that get them
+    # the injection is the same for every input (no routing): a causal backbone may run it once
+    # per batch and reuse its key/value cache
+    prompt_is_shared: bool = False
+    # the PEFT adapter the trained prompt exports as (ptlab.lab.export): `prompt_tuning` (one fixed
+    # block, from `prompt()`), `prefix_tuning` (the per-layer tables) or None (no PEFT equivalent)
+    peft_export: Optional[str] = None
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """The `[B, n, d]` input block of an input-block method."""
@@ -115,9 +168,10 @@ class PromptMethod(nn.Module):
         """An auxiliary loss of the last forward pass, added to the task loss (a router's balancing loss)."""
         return None
 
-    def training_loss(self, backbone, batch) -> torch.Tensor:
-        """The loss a training step minimises; methods that need several passes override it."""
-        loss = backbone.loss(self, batch)
+    def training_loss(self, backbone, readout, batch) -> torch.Tensor:
+        """The loss a training step minimises on `backbone` for the task `readout` reads out;
+        methods that need several passes override it."""
+        loss = backbone.loss(readout, self, batch)
         extra = self.extra_loss()
         return loss if extra is None else loss + extra
 
@@ -133,6 +187,9 @@ class PromptMethod(nn.Module):
 
 class SharedPromptMethod(PromptMethod):
     """A method whose prompt is one `[n, d]` block for every input (all but routed mixtures)."""
+
+    prompt_is_shared = True
+    peft_export = "prompt_tuning"
 
     def prompt(self) -> torch.Tensor:
         raise NotImplementedError

@@ -130,6 +130,8 @@ def initial_activations(
 
 @register("deep_prompt", DeepPromptConfig)
 class DeepPrompt(PromptMethod):
+    peft_export = "prefix_tuning"  # causal backbones only (ptlab.lab.export)
+
     def __init__(self, cfg: DeepPromptConfig, context: PromptContext) -> None:
         super().__init__()
         stacks = cfg.stacks or [context.input_stack]

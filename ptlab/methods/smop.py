@@ -143,14 +143,15 @@ class SMoP(PromptMethod):
     def extra_loss(self) -> Optional[torch.Tensor]:
         return self._aux_loss
 
-    def training_loss(self, backbone, batch) -> torch.Tensor:
+    def training_loss(self, backbone, readout, batch) -> torch.Tensor:
         """Stochastic routing trains two draws against each other (official `consistency_alpha`)."""
         if self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0:
-            return super().training_loss(backbone, batch)
-        logits_a, logits_b = backbone.output_logits(self, batch), backbone.output_logits(self, batch)
+            return super().training_loss(backbone, readout, batch)
+        logits_a = backbone.output_logits(readout, self, batch)
+        logits_b = backbone.output_logits(readout, self, batch)
         task_loss = backbone.loss_from_logits(logits_a, batch) + backbone.loss_from_logits(logits_b, batch)
         batch_size = logits_a.shape[0]
-        if logits_a.dim() == 3:  # target-token logits: compare the scored positions only
+        if backbone.reads_target_tokens:  # target-token logits: compare the scored positions only
             valid = batch["target_ids"] != -100
             logits_a, logits_b = logits_a[valid], logits_b[valid]
         return task_loss + self.cfg.consistency_weight * symmetric_kl(logits_a, logits_b, batch_size)

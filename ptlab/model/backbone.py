@@ -3,15 +3,22 @@
 Each family decides where the prompt goes and how a batch becomes a loss or verbalizer scores:
 - seq2seq (T5): prompt before the encoder input; the decoder scores the target tokens.
 - causal (LLaMA): [prompt][source, left-padded][target]; logits only at the target positions.
-- encoder (BERT): [CLS][prompt][rest]; a trainable linear head over pooled states.
+- encoder (BERT): [CLS][prompt][rest]; the run's trainable linear head over pooled states.
 Per-layer key/value prefixes (deep prompts) go into the stacks the method names (ptlab.model.prefixes).
 The trainer only calls `loss`, `score` and `generate`; the prompt method supplies a PromptInjection.
+
+A backbone holds only the frozen model: every call that needs a task's facts takes the run's
+TaskReadout (ptlab.model.readout), so one backbone serves any number of runs. A batch may hold the
+rows of several runs (`collate_runs`; its `run` says whose each row is, run by run): each method
+injects for its own rows, `PromptInjection.stack` pads them, and the families place the padding so
+that every real token has the positions it has in its run alone (`runs_logits`, `runs_scores`,
+`run_losses`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +28,14 @@ from transformers import DynamicCache, EncoderDecoderCache
 from ptlab.config.schema import BackboneConfig
 from ptlab.data.examples import Example
 from ptlab.errors import ConfigError
-from ptlab.methods.base import (
-    KeyValue,
-    PromptContext,
-    PromptInjection,
-    PromptMethod,
-    SharedPromptMethod,
-    StackShape,
-)
+from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
 from ptlab.model.anatomy import key_value_heads, self_attentions
 from ptlab.model.loading import load_model_and_tokenizer
-from ptlab.model.prefixes import EncoderPrefixes, cache_parameter, decoder_cache, encoder_key_values
+from ptlab.model.prefixes import EncoderPrefixes, cache_parameter, decoder_cache, encoder_key_values, rows_of
+from ptlab.model.readout import RunParts, TaskReadout
 
 Batch = Dict[str, torch.Tensor]
+Runs = Sequence[RunParts]  # the runs whose rows a batch holds, in the order of their `run` index
 
 
 def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
@@ -45,20 +47,45 @@ def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Ten
     return torch.tensor(rows, dtype=torch.long)
 
 
-def with_visible(mask: torch.Tensor, columns: int, at: int = 0) -> torch.Tensor:
-    """`mask` with `columns` visible positions inserted before position `at`."""
-    return torch.cat([mask[:, :at], mask.new_ones(len(mask), columns), mask[:, at:]], 1)
+def with_visible(
+    mask: torch.Tensor, columns: int, at: int = 0, visible: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`mask` with `columns` positions inserted before position `at`: visible, or where
+    `visible` (`[B, columns]`, the rows of several runs) is 1."""
+    inserted = mask.new_ones(len(mask), columns) if visible is None else visible.to(mask.dtype)
+    return torch.cat([mask[:, :at], inserted, mask[:, at:]], 1)
 
 
 def join(
-    block: Optional[torch.Tensor], embeds: torch.Tensor, mask: torch.Tensor, at: int = 0
+    block: Optional[torch.Tensor],
+    embeds: torch.Tensor,
+    mask: torch.Tensor,
+    at: int = 0,
+    block_mask: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The input embeddings and mask with the prompt block's rows (visible) inserted before
-    position `at`; unchanged without a block."""
+    """The input embeddings and mask with the prompt block's rows inserted before position `at`
+    (visible, or as `block_mask` says); unchanged without a block."""
     if block is None:
         return embeds, mask
     block = block.to(embeds.dtype).expand(len(embeds), -1, -1)
-    return torch.cat([embeds[:, :at], block, embeds[:, at:]], 1), with_visible(mask, block.shape[1], at)
+    joined = torch.cat([embeds[:, :at], block, embeds[:, at:]], 1)
+    return joined, with_visible(mask, block.shape[1], at, block_mask)
+
+
+def real_first(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each row's real positions moved, in their order, in front of its padding."""
+    order = torch.argsort(1 - mask, dim=1, stable=True)
+    return embeds.gather(1, order.unsqueeze(-1).expand_as(embeds)), mask.gather(1, order)
+
+
+def rows_per_run(batch: Batch, count: int) -> List[int]:
+    """How many rows of `batch` each of `count` runs has (a batch of one run needs no `run` index)."""
+    if count == 1:
+        return [len(batch["source_ids"])]
+    run = batch["run"]
+    if bool((run[1:] < run[:-1]).any()):
+        raise ValueError("a batch of several runs holds their rows run by run, as collate_runs makes it")
+    return torch.bincount(run, minlength=count).tolist()
 
 
 def no_generation_with_decoder_prefixes(injection: PromptInjection) -> None:
@@ -93,21 +120,21 @@ class Backbone(nn.Module):
     pad_source_left = False
     can_share_prompt_states = False  # only the causal family can reuse a shared prompt's states
     prompt_states_per_example = False  # set by per_example_prompt_states()
+    # a prefix in the input's stack occupies positions in front of the input (relative or rotary
+    # positions; not BERT's absolute table, which only the input rows get)
+    prefix_takes_positions = True
+    targets_take_positions = False  # the target tokens are fed after the source (causal)
+    reads_target_tokens = True  # logits are per target token [B, L, V] (the encoder's: per class [B, C])
 
-    def __init__(
-        self, cfg: BackboneConfig, model: nn.Module, tokenizer, verbalizers: List[str], max_source_length: int
-    ):
+    def __init__(self, cfg: BackboneConfig, model: nn.Module, tokenizer) -> None:
         super().__init__()
         self.cfg = cfg
         self.model = model
         self.tokenizer = tokenizer
-        self.max_source_length = max_source_length
         self.model.requires_grad_(False)
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.verbalizers = list(verbalizers)
-        self.choice_ids = [self.tokenize_target(text) for text in self.verbalizers]
         self.encoder_hooks: Optional[EncoderPrefixes] = None  # installed on a deep prompt's first pass
 
     # --- what the rest of ptlab needs to know ------------------------------------------------
@@ -124,11 +151,21 @@ class Backbone(nn.Module):
         heads, head_dim = key_value_heads(self.model.config)
         return {name: StackShape(len(layers), heads, head_dim) for name, layers in attentions.items()}
 
-    def prompt_context(self, seed: int) -> PromptContext:
+    def readout(self, verbalizers: List[str], max_source_length: int, seed: int) -> TaskReadout:
+        """A task's readout on this backbone: its verbalizers' target ids and, where the family
+        needs one, a new head drawn with `seed`."""
+        choice_ids = [self.tokenize_target(text) for text in verbalizers]
+        return TaskReadout(verbalizers, choice_ids, max_source_length, self.new_head(len(verbalizers), seed))
+
+    def new_head(self, num_classes: int, seed: int) -> Optional[nn.Linear]:
+        """The trainable head a task's readout needs; none where the LM head scores target tokens."""
+        return None
+
+    def prompt_context(self, readout: TaskReadout, seed: int) -> PromptContext:
         return PromptContext(
             input_embeddings=self.model.get_input_embeddings().weight,
             tokenizer=self.tokenizer,
-            label_texts=self.verbalizers,
+            label_texts=readout.verbalizers,
             special_token_ids=list(self.tokenizer.all_special_ids),
             seed=seed,
             stacks=self.prefix_stacks(),
@@ -144,32 +181,39 @@ class Backbone(nn.Module):
         if attentions is None:
             return {}
         heads, _ = key_value_heads(self.model.config)
-        encoder = self.model.get_encoder() if self.family == "seq2seq" else self.model
+        encoder = self.encoder_stack()
         with eval_mode(self.model):
             layers = encoder_key_values(
                 attentions, heads, lambda: encoder(input_ids=ids[None].to(self.model.device))
             )
         return {"encoder": layers}
 
+    def encoder_stack(self) -> nn.Module:
+        """The module that runs the bidirectional encoder stack on its own (BERT: the model)."""
+        return self.model
+
     def positions_taken(self, method: PromptMethod) -> int:
         """Positions the prompt occupies in front of the input: its block, and a prefix in the
-        input's stack where positions are relative or rotary (not BERT's absolute table)."""
-        prefix = self.family != "encoder" and self.input_stack in method.prefix_stacks
+        input's stack where the family counts its positions (`prefix_takes_positions`)."""
+        prefix = self.prefix_takes_positions and self.input_stack in method.prefix_stacks
         return method.num_tokens + (method.prefix_length if prefix else 0)
 
-    def check_fits(self, method: PromptMethod) -> None:
+    def position_limit(self) -> Optional[int]:
+        """The most positions an input may take (None: no limit known)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+    def check_fits(self, readout: TaskReadout, method: PromptMethod) -> None:
         """Fail early, not inside the position embeddings, when prompt + input cannot fit."""
         num_prompt_tokens = self.positions_taken(method)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if self.family == "seq2seq":  # relative positions: no table to overflow, but trained on 512
-            limit = SEQ2SEQ_MAX_POSITIONS
-        longest_target = max(len(ids) for ids in self.choice_ids) if self.family == "causal" else 0
-        needed = self.max_source_length + num_prompt_tokens + longest_target
+        limit = self.position_limit()
+        longest_target = max(len(ids) for ids in readout.choice_ids) if self.targets_take_positions else 0
+        needed = readout.max_source_length + num_prompt_tokens + longest_target
         if limit is not None and needed > limit:
             targets = f" + {longest_target} target tokens" if longest_target else ""
             raise ConfigError(
-                f"data.max_source_length={self.max_source_length} + {num_prompt_tokens} prompt tokens{targets} = "
-                f"{needed} exceeds the backbone's {limit} positions: lower method.prompt_length or data.max_source_length"
+                f"data.max_source_length={readout.max_source_length} + {num_prompt_tokens} prompt tokens"
+                f"{targets} = {needed} exceeds the backbone's {limit} positions: lower method.prompt_length "
+                "or data.max_source_length"
             )
 
     @contextlib.contextmanager
@@ -193,28 +237,57 @@ class Backbone(nn.Module):
         return False
 
     # --- tokenization and batching ---------------------------------------------------------
-    def tokenize_sources(self, texts: List[str]) -> List[List[int]]:
-        return self.tokenizer(texts, truncation=True, max_length=self.max_source_length)["input_ids"]
+    def tokenize_sources(self, readout: TaskReadout, texts: List[str]) -> List[List[int]]:
+        return self.tokenizer(texts, truncation=True, max_length=readout.max_source_length)["input_ids"]
 
     def tokenize_target(self, text: str) -> List[int]:
         return self.tokenizer(text)["input_ids"]
 
-    def collate(self, examples: List[Example]) -> Batch:
-        source = [example.source_ids for example in examples]
+    def collate(self, readout: TaskReadout, examples: List[Example]) -> Batch:
+        """One run's batch."""
+        return self.collate_runs([(readout, examples)])
+
+    def collate_runs(self, parts: Sequence[Tuple[TaskReadout, List[Example]]]) -> Batch:
+        """One batch of several runs' examples, run by run; `run` holds each row's run index."""
+        rows = [(readout, example) for readout, examples in parts for example in examples]
+        source = [example.source_ids for _, example in rows]
         source_ids = pad(source, self.pad_id, left=self.pad_source_left)
         mask = pad([[1] * len(ids) for ids in source], 0, left=self.pad_source_left)
-        labels = torch.tensor([example.label for example in examples], dtype=torch.long)
-        targets = pad([self.choice_ids[example.label] for example in examples], -100)
-        return {"source_ids": source_ids, "source_mask": mask, "labels": labels, "target_ids": targets}
+        labels = torch.tensor([example.label for _, example in rows], dtype=torch.long)
+        targets = pad([readout.choice_ids[example.label] for readout, example in rows], -100)
+        run = torch.tensor(
+            [index for index, (_, examples) in enumerate(parts) for _ in examples], dtype=torch.long
+        )
+        return {
+            "source_ids": source_ids,
+            "source_mask": mask,
+            "labels": labels,
+            "target_ids": targets,
+            "run": run,
+        }
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def prompted(self, method: PromptMethod, batch: Batch, at: int = 0):
-        """The method's injection for the batch, and the input embeddings and mask with its block."""
+    def injected(self, runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> PromptInjection:
+        """Each run's injection for its own rows, as one batch's (one run's as its method made it)."""
+        if len(runs) == 1:
+            return runs[0].method.inject(source_embeds, batch["source_mask"])
+        sizes = rows_per_run(batch, len(runs))
+        parts = [
+            run.method.inject(embeds, mask)
+            for run, embeds, mask in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes))
+        ]
+        return PromptInjection.stack(parts, sizes)
+
+    def prompted(self, runs: Runs, batch: Batch, at: int = 0):
+        """The runs' injection for the batch, and the input embeddings and mask with its block."""
         source_embeds = self.embed(batch["source_ids"])
-        injection = method.inject(source_embeds, batch["source_mask"])
-        return (injection, *join(injection.block, source_embeds, batch["source_mask"], at))
+        injection = self.injected(runs, batch, source_embeds)
+        return (
+            injection,
+            *join(injection.block, source_embeds, batch["source_mask"], at, injection.block_mask),
+        )
 
     def prefix_dtype(self) -> torch.dtype:
         """The dtype of this pass's keys and values: autocast's where it is on (bf16 on a GPU), else
@@ -231,31 +304,67 @@ class Backbone(nn.Module):
             return
         if self.encoder_hooks is None:
             self.encoder_hooks = EncoderPrefixes(self_attentions(self.model)["encoder"])
-        with self.encoder_hooks.placed(prefixes, size, self.prefix_dtype()):
+        with self.encoder_hooks.placed(
+            prefixes, size, self.prefix_dtype(), injection.prefix_masks.get("encoder")
+        ):
             yield
 
-    # --- the family-specific part ----------------------------------------------------------
-    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    # --- one run's batch -----------------------------------------------------------------------
+    def output_logits(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """The logits the loss is computed from: target-token logits, or class logits."""
-        raise NotImplementedError
+        return self.runs_logits([RunParts(readout, method)], batch)
 
     def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Token-mean cross-entropy on the gold verbalizer (as HF's `labels=` loss)."""
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
 
-    def loss(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        return self.loss_from_logits(self.output_logits(method, batch), batch)
+    def loss(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
+        return self.loss_from_logits(self.output_logits(readout, method, batch), batch)
 
-    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def score(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """`[B, C]` scores of each verbalizer (sum of target-token log-probabilities)."""
-        raise NotImplementedError
+        return self.runs_scores([RunParts(readout, method)], batch)
 
-    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
+    def generate(
+        self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
+    ) -> List[str]:
         raise ConfigError(f"trainer.eval_mode=generate is not available for the {self.family} family")
 
-    def choice_targets(self, batch_size: int, device) -> torch.Tensor:
-        """`[B*C, L]` verbalizer token ids, example-major, padded with -100."""
-        return pad(self.choice_ids, -100).to(device).repeat(batch_size, 1)
+    # --- the rows of several runs: the family-specific part ------------------------------------
+    def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        """Each row's logits as in its run alone: target-token logits `[B, L, V]` (L: the longest
+        target), or class logits `[B, C]` (C: the most classes; -inf where a run has fewer)."""
+        raise NotImplementedError
+
+    def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        """Each row's `[C]` verbalizer scores as in its run alone (-inf where its run has fewer)."""
+        raise NotImplementedError
+
+    def row_losses(self, logits: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each row's summed target-token loss and its token count, so that each run of a batch
+        takes its token mean over its own rows, whichever rows share the batch."""
+        targets = batch["target_ids"]
+        losses = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="none"
+        )
+        return losses.view(targets.shape).sum(1), (targets != -100).sum(1)
+
+    def run_losses(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        """`[R]`: each run's loss over its rows of the batch (its loss alone on those rows)."""
+        sums, counts = self.row_losses(self.runs_logits(runs, batch), batch)
+        total = sums.new_zeros(len(runs)).index_add(0, batch["run"], sums)
+        return total / counts.new_zeros(len(runs)).index_add(0, batch["run"], counts)
+
+    def choice_targets(self, runs: Runs, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """`[B*C, L]` verbalizer token ids of each row's run, example-major, padded with -100 (C:
+        the most verbalizers of a run), and the `[B, C]` mask of the verbalizers each row's run has."""
+        width = max(len(run.readout.choice_ids) for run in runs)
+        choices = [run.readout.choice_ids + [[]] * (width - len(run.readout.choice_ids)) for run in runs]
+        table = pad([ids for run_choices in choices for ids in run_choices], -100).view(len(runs), width, -1)
+        has = torch.tensor([[c < len(run.readout.choice_ids) for c in range(width)] for run in runs])
+        rows = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(rows_per_run(batch, len(runs))))
+        device = batch["source_ids"].device
+        return table[rows].flatten(0, 1).to(device), has[rows].to(device)
 
 
 def target_logprob_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -273,37 +382,58 @@ class Seq2SeqBackbone(Backbone):
         super().__init__(*args, **kwargs)
         self.cache_key = cache_parameter(self.model.forward)
 
-    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        injection, inputs_embeds, mask = self.prompted(method, batch)
+    def encoder_stack(self) -> nn.Module:
+        return self.model.get_encoder()
+
+    def position_limit(self) -> int:
+        return SEQ2SEQ_MAX_POSITIONS  # relative positions: no table to overflow, but trained on 512
+
+    def prompted(self, runs: Runs, batch: Batch, at: int = 0):
+        """As the base's, with each row's real positions first: T5's relative positions count
+        sequence indices, so no padding may sit between a row's prefix, block and input."""
+        injection, inputs_embeds, mask = super().prompted(runs, batch, at)
+        if injection.block_mask is not None:
+            inputs_embeds, mask = real_first(inputs_embeds, mask)
+        return injection, inputs_embeds, mask
+
+    def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        injection, inputs_embeds, mask = self.prompted(runs, batch)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
             return self.decode_logits(injection, inputs_embeds, mask, batch["target_ids"])
 
     def decode_logits(self, injection, inputs_embeds, mask, targets, encoded=None) -> torch.Tensor:
-        """Decoder logits for `targets` (teacher forcing); the loss is computed by the caller.
-        Decoder prefixes go in as the decoder's self-attention cache, as PEFT's prefix tuning."""
+        """Decoder logits for `targets` (teacher forcing; each row's verbalizers in a row of its
+        own, consecutively); the loss is computed by the caller. Decoder prefixes go in as the
+        decoder's self-attention cache, as PEFT's prefix tuning."""
         decoder_input_ids = self.model.prepare_decoder_input_ids_from_labels(labels=targets)
         encoder_outputs = None if encoded is None else (encoded,)
         prefixes = injection.prefixes.get("decoder")
-        cache_argument = {}
+        extra = {}
         if prefixes:
             own = decoder_cache(prefixes, len(targets), self.prefix_dtype())
-            cache_argument[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
+            extra[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
+            visible = injection.prefix_masks.get("decoder")
+            if visible is not None:  # the rows of several runs: each sees its own prefix only
+                columns = rows_of(visible, len(targets))
+                extra["decoder_attention_mask"] = with_visible(
+                    torch.ones_like(targets), columns.shape[1], 0, columns
+                )
         return self.model(
             inputs_embeds=None if encoded is not None else inputs_embeds,
             encoder_outputs=encoder_outputs,
             attention_mask=mask,
             decoder_input_ids=decoder_input_ids,
-            **cache_argument,
+            **extra,
         ).logits
 
-    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Encode once, then decode every verbalizer against the shared encoder states."""
-        injection, inputs_embeds, mask = self.prompted(method, batch)
+        injection, inputs_embeds, mask = self.prompted(runs, batch)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
             encoder = self.model.get_encoder()
             encoded = encoder(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
-        num_choices = len(self.choice_ids)
-        targets = self.choice_targets(len(encoded), encoded.device)
+        targets, has = self.choice_targets(runs, batch)
+        num_choices = has.shape[1]
         logits = self.decode_logits(
             injection,
             None,
@@ -311,10 +441,13 @@ class Seq2SeqBackbone(Backbone):
             targets,
             encoded=encoded.repeat_interleave(num_choices, 0),
         )
-        return target_logprob_sums(logits, targets).view(len(encoded), num_choices)
+        scores = target_logprob_sums(logits, targets).view(len(encoded), num_choices)
+        return scores.masked_fill(~has, float("-inf"))
 
-    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
-        injection, inputs_embeds, mask = self.prompted(method, batch)
+    def generate(
+        self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
+    ) -> List[str]:
+        injection, inputs_embeds, mask = self.prompted([RunParts(readout, method)], batch)
         no_generation_with_decoder_prefixes(injection)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
             output = self.model.generate(
@@ -330,6 +463,7 @@ class CausalBackbone(Backbone):
     # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
     # keys/values are the same for every example: computed once per batch, not B times
     can_share_prompt_states = True
+    targets_take_positions = True
 
     def tokenize_target(self, text: str) -> List[int]:
         ids = self.tokenizer(" " + text, add_special_tokens=False)["input_ids"]
@@ -350,7 +484,7 @@ class CausalBackbone(Backbone):
             wanted
             and self.can_share_prompt_states
             and not self.prompt_states_per_example
-            and isinstance(method, SharedPromptMethod)
+            and method.prompt_is_shared
             and (self.dropout_free or not self.model.training)
         )
 
@@ -375,28 +509,29 @@ class CausalBackbone(Backbone):
         mask = (fed != -100).long()
         return self.embed(fed.clamp(min=0) * mask + self.pad_id * (1 - mask)), mask
 
-    def run_prefix(
-        self, method: PromptMethod, batch: Batch, suffix=None, suffix_mask=None, keep_cache: bool = True
-    ):
-        """Hidden states and key/value cache of [prompt][source](+suffix), the mask of
-        [prompt][source] and the position of its last token. A shared prompt is run once (batch 1)
+    def run_prefix(self, runs: Runs, batch: Batch, suffix=None, suffix_mask=None, keep_cache: bool = True):
+        """Hidden states and key/value cache of [prefix][block][source](+suffix), the mask of
+        [prefix][block][source] and the position of its last token. Positions count each row's
+        real tokens from 0 (padding, at the left of each part, takes none), so a row of several
+        runs' batch has its run's own positions. A shared prompt of one run is run once (batch 1)
         and its cache repeated across the batch when no dropout makes examples differ; the result
         equals the per-example pass."""
         source_embeds = self.embed(batch["source_ids"])
         size = len(source_embeds)
-        shared = self.runs_prompt_once(method)
-        if shared:
-            injection = PromptInjection(block=method.prompt().unsqueeze(0).to(source_embeds.dtype))
+        shared = len(runs) == 1 and self.runs_prompt_once(runs[0].method)
+        if shared:  # one row's injection is every row's; its block runs on its own below
+            injection = runs[0].method.inject(source_embeds[:1], batch["source_mask"][:1])
+            block = injection.block.to(source_embeds.dtype)
+            inputs, prefix_mask = source_embeds, with_visible(batch["source_mask"], block.shape[1])
         else:
-            injection = method.inject(source_embeds, batch["source_mask"])
-        if shared:  # the block runs on its own below; the mask still covers it
-            inputs, prefix_mask = source_embeds, with_visible(batch["source_mask"], injection.block.shape[1])
-        else:
-            inputs, prefix_mask = join(injection.block, source_embeds, batch["source_mask"])
+            injection = self.injected(runs, batch, source_embeds)
+            inputs, prefix_mask = join(
+                injection.block, source_embeds, batch["source_mask"], block_mask=injection.block_mask
+            )
         prefixes = injection.prefixes.get("decoder")
         cache = decoder_cache(prefixes, 1 if shared else size, self.prefix_dtype()) if prefixes else None
         width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
-        prefix_mask = with_visible(prefix_mask, width)
+        prefix_mask = with_visible(prefix_mask, width, visible=injection.prefix_masks.get("decoder"))
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
         mask = prefix_mask
         if suffix is not None:
@@ -404,7 +539,6 @@ class CausalBackbone(Backbone):
             mask = torch.cat([prefix_mask, suffix_mask], 1)
             positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
         if shared:
-            block = injection.block
             _, cache = self.states(
                 cache, inputs_embeds=block, position_ids=positions[:1, width : width + block.shape[1]]
             )
@@ -418,23 +552,22 @@ class CausalBackbone(Backbone):
         )
         return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 : prefix_mask.shape[1]]
 
-    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Logits at the positions that predict the targets only: the full-vocabulary projection
         is computed for L target tokens instead of the whole sequence."""
         targets = batch["target_ids"]
-        hidden, _, _, _ = self.run_prefix(method, batch, *self.fed_targets(targets), keep_cache=False)
+        hidden, _, _, _ = self.run_prefix(runs, batch, *self.fed_targets(targets), keep_cache=False)
         # target token j is predicted by the state before it: the source's last one for j = 0
         return self.model.get_output_embeddings()(hidden[:, -targets.shape[1] :])
 
-    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
         against that shared prefix: C verbalizers cost C short passes, not C full ones."""
-        size, num_choices = len(batch["source_ids"]), len(self.choice_ids)
-        targets = self.choice_targets(size, batch["source_ids"].device)
+        size = len(batch["source_ids"])
+        targets, has = self.choice_targets(runs, batch)
+        num_choices = has.shape[1]
         fed, fed_mask = self.fed_targets(targets)
-        hidden, cache, prefix_mask, last_position = self.run_prefix(
-            method, batch, keep_cache=fed.shape[1] > 0
-        )
+        hidden, cache, prefix_mask, last_position = self.run_prefix(runs, batch, keep_cache=fed.shape[1] > 0)
         states = hidden[:, -1:].repeat_interleave(num_choices, 0)
         if fed.shape[1] > 0:
             cache.batch_repeat_interleave(num_choices)
@@ -447,10 +580,13 @@ class CausalBackbone(Backbone):
             )
             states = torch.cat([states, fed_hidden], 1)
         logits = self.model.get_output_embeddings()(states)
-        return target_logprob_sums(logits, targets).view(size, num_choices)
+        scores = target_logprob_sums(logits, targets).view(size, num_choices)
+        return scores.masked_fill(~has, float("-inf"))
 
-    def generate(self, method: PromptMethod, batch: Batch, max_new_tokens: int) -> List[str]:
-        injection, inputs_embeds, mask = self.prompted(method, batch)
+    def generate(
+        self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
+    ) -> List[str]:
+        injection, inputs_embeds, mask = self.prompted([RunParts(readout, method)], batch)
         no_generation_with_decoder_prefixes(injection)
         output = self.model.generate(
             inputs_embeds=inputs_embeds,
@@ -462,54 +598,67 @@ class CausalBackbone(Backbone):
 
 
 class EncoderBackbone(Backbone):
-    """Encoders have no LM head here, so classes are read off a trainable linear head."""
+    """Encoders have no LM head here, so classes are read off each run's trainable linear head."""
 
     family = "encoder"
+    prefix_takes_positions = False
+    reads_target_tokens = False
 
-    def __init__(self, cfg, model, tokenizer, verbalizers, max_source_length, head_seed: int = 0):
-        super().__init__(cfg, model, tokenizer, verbalizers, max_source_length)
+    def new_head(self, num_classes: int, seed: int) -> nn.Linear:
         with torch.random.fork_rng():
-            torch.manual_seed(head_seed)
-            self.head = nn.Linear(self.hidden_size, len(self.verbalizers))
+            torch.manual_seed(seed)
+            return nn.Linear(self.hidden_size, num_classes)
 
     def tokenize_target(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def output_logits(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
+    def pooled(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        """`[B, d]` pooled final states of [CLS][block][source]. Position ids count each row's
+        real tokens, so [CLS] is at 0 and the prompt starts at 1 as in its run alone."""
         keep_first = int(
             self.tokenizer.cls_token_id is not None
             and bool((batch["source_ids"][:, 0] == self.tokenizer.cls_token_id).all())
         )
-        injection, inputs_embeds, mask = self.prompted(method, batch, at=keep_first)
+        injection, inputs_embeds, mask = self.prompted(runs, batch, at=keep_first)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
-            hidden = self.model(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
+            hidden = self.model(
+                inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions
+            ).last_hidden_state
         if self.cfg.head_pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            weights = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-        return self.head(pooled.to(self.head.weight.dtype))
+            return hidden[:, 0]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+
+    def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        """Each row's class logits from its run's head."""
+        pooled = self.pooled(runs, batch).split(rows_per_run(batch, len(runs)))
+        logits = [run.readout.head(rows.to(run.readout.head.weight.dtype)) for run, rows in zip(runs, pooled)]
+        width = max(part.shape[1] for part in logits)
+        return torch.cat([F.pad(part, (0, width - part.shape[1]), value=float("-inf")) for part in logits])
 
     def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(logits.float(), batch["labels"])
 
-    def score(self, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        return torch.log_softmax(self.output_logits(method, batch).float(), dim=-1)
+    def row_losses(self, logits: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Each row's cross-entropy, counted once (a run's loss is the mean over its rows)."""
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="none"), torch.ones_like(
+            batch["labels"]
+        )
+
+    def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
+        return torch.log_softmax(self.runs_logits(runs, batch).float(), dim=-1)
 
 
 FAMILIES = {cls.family: cls for cls in (Seq2SeqBackbone, CausalBackbone, EncoderBackbone)}
 
 
-def build_backbone(
-    cfg: BackboneConfig, verbalizers: List[str], max_source_length: int, seed: int
-) -> Backbone:
-    """Load, freeze and wrap the configured backbone."""
+def build_backbone(cfg: BackboneConfig) -> Backbone:
+    """Load, freeze and wrap the configured backbone (task facts live in each run's readout)."""
     model, tokenizer = load_model_and_tokenizer(cfg)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ConfigError(f"backbone {cfg.name!r}: its tokenizer has neither a pad nor an eos token")
-    family_cls = FAMILIES[cfg.family]
-    extra = {"head_seed": seed} if family_cls is EncoderBackbone else {}
-    return family_cls(cfg, model, tokenizer, verbalizers, max_source_length, **extra)
+    return FAMILIES[cfg.family](cfg, model, tokenizer)
 
 
 def trainable_parameters(*modules: Optional[nn.Module]) -> List[nn.Parameter]:

@@ -26,12 +26,17 @@ from ptlab.methods.base import KeyValue
 from ptlab.model.anatomy import key_value_projections
 
 
+def rows_of(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor`'s rows for a batch of `size`: one row is every row's; B rows (those of several
+    runs) each repeated for size / B consecutive rows (a row's verbalizers)."""
+    if len(tensor) == 1:
+        return tensor.expand(size, *tensor.shape[1:])
+    return tensor.repeat_interleave(size // len(tensor), 0)
+
+
 def batch_of(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> List[KeyValue]:
     """Each layer's (key, value) for a batch of `size`, in the model's dtype."""
-    return [
-        (key.to(dtype).expand(size, -1, -1, -1), value.to(dtype).expand(size, -1, -1, -1))
-        for key, value in prefixes
-    ]
+    return [(rows_of(key.to(dtype), size), rows_of(value.to(dtype), size)) for key, value in prefixes]
 
 
 def decoder_cache(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> DynamicCache:
@@ -39,12 +44,25 @@ def decoder_cache(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> Dy
     return DynamicCache(batch_of(prefixes, size, dtype))
 
 
-def widened(mask: Optional[torch.Tensor], width: int) -> Optional[torch.Tensor]:
-    """An attention mask (`[B, 1, Q, K]`, boolean or additive) with `width` visible key columns
-    in front; None (everything visible) stays None."""
+def widened(
+    mask: Optional[torch.Tensor], width: int, visible: Optional[torch.Tensor] = None, keys: int = 0
+) -> Optional[torch.Tensor]:
+    """An attention mask (`[B, 1, Q, K]`, boolean or additive) with `width` key columns in front:
+    visible, or where `visible` (`[B, width]`, the rows of several runs) is 1. None (everything
+    visible) stays None when every column is; else it is made for `keys` input columns."""
+    if visible is None:
+        if mask is None:
+            return None
+        return F.pad(mask, (width, 0), value=True if mask.dtype == torch.bool else 0.0)
     if mask is None:
-        return None
-    return F.pad(mask, (width, 0), value=True if mask.dtype == torch.bool else 0.0)
+        mask = torch.ones(1, 1, 1, keys, dtype=torch.bool, device=visible.device)
+    mask = mask.expand(len(visible), *mask.shape[1:])
+    columns = visible.bool()[:, None, None, :].expand(*mask.shape[:-1], width)
+    if mask.dtype != torch.bool:
+        columns = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(
+            ~columns, torch.finfo(mask.dtype).min
+        )
+    return torch.cat([columns, mask], -1)
 
 
 CACHE_NAMES = ("cache", "past_key_values", "past_key_value")
@@ -68,6 +86,7 @@ class EncoderPrefixes:
 
     def __init__(self, attentions: List[nn.Module]) -> None:
         self.prefixes: Optional[List[KeyValue]] = None
+        self.visible: Optional[torch.Tensor] = None  # [B, n]: each row's real prefix positions
         self.calls = {}  # module -> (its forward's signature, its cache argument, its mask argument)
         for attention in attentions:
             signature = inspect.signature(attention.forward)
@@ -76,13 +95,16 @@ class EncoderPrefixes:
             attention.register_forward_pre_hook(self.before_attention, with_kwargs=True)
 
     @contextlib.contextmanager
-    def placed(self, prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> Iterator[None]:
-        """Every pass of the stack inside this block attends to `prefixes` ([1, ...] per layer)."""
-        self.prefixes = batch_of(prefixes, size, dtype)
+    def placed(
+        self, prefixes: List[KeyValue], size: int, dtype: torch.dtype, visible: Optional[torch.Tensor] = None
+    ) -> Iterator[None]:
+        """Every pass of the stack inside this block attends to `prefixes` ([1 or B, ...] per
+        layer), where `visible` ([B, n]; None: everywhere) says so."""
+        self.prefixes, self.visible = batch_of(prefixes, size, dtype), visible
         try:
             yield
         finally:
-            self.prefixes = None
+            self.prefixes, self.visible = None, None
 
     def before_attention(self, module: nn.Module, args: tuple, kwargs: dict):
         if self.prefixes is None:
@@ -92,7 +114,8 @@ class EncoderPrefixes:
         call = signature.bind_partial(*args, **kwargs)  # however the model passes them
         # a cache of this layer's prefix only, made for each pass: the module appends its own keys
         call.arguments[cache] = DynamicCache([(None, None)] * module.layer_idx + [(key, value)])
-        call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2])
+        keys = call.arguments["hidden_states"].shape[1]
+        call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2], self.visible, keys)
         return call.args, call.kwargs
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone, build_backbone
 from ptlab.model.compile import compile_blocks
 from ptlab.model.fingerprint import fingerprint
+from ptlab.model.readout import TaskReadout
 from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
 from ptlab.training.distributed import World
@@ -36,10 +38,12 @@ log = logging.getLogger("ptlab")
 
 @dataclass
 class Pipeline:
-    """Everything a run trains and evaluates with, built once."""
+    """Everything a run trains and evaluates with, built once: the frozen backbone (which could
+    serve other runs too), this run's task readout and its prompt method."""
 
     config: Config
     backbone: Backbone
+    readout: TaskReadout
     method: PromptMethod
     data: TaskData
     world: World = field(default_factory=World)
@@ -47,10 +51,11 @@ class Pipeline:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where place() put it
 
     def place(self) -> torch.device:
-        """Move the backbone and the method to the run's device (this rank's GPU on CUDA)."""
+        """Move the backbone, the readout and the method to the run's device (this rank's GPU on CUDA)."""
         cuda = self.config.hardware.device == "cuda"
         device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
         self.backbone.to(device)
+        self.readout.to(device)
         self.method.to(device)
         self.device = device
         return device
@@ -64,9 +69,9 @@ class Pipeline:
     def evaluate(self, split: str, batch_size: Optional[int] = None) -> Dict[str, float]:
         """The task's metrics on a split, as the trainer computes them (rank or generate mode)."""
         cfg = self.config.trainer
-        return split_metrics(self.backbone, self.method, self.data[split], self.config.task, self.world,
-                             batch_size or cfg.eval_batch, self.device, self.autocast,
-                             cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
+        return split_metrics(self.backbone, self.readout, self.method, self.data[split], self.config.task,
+                             self.world, batch_size or cfg.eval_batch, self.device,
+                             self.autocast, cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
 
     def prompt_config(self) -> Dict[str, Any]:
         """What a saved prompt needs beside its tensors to be reloaded and scored, from its folder
@@ -122,13 +127,12 @@ def build(
     if splits is None or splits:
         rows = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
         rows = {name: part for name, part in rows.items() if splits is None or name in splits}
-    backbone = build_backbone(
-        config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
-    )
-    method = build_method(config.method, backbone.prompt_context(config.seed))
+    backbone = build_backbone(config.backbone)
+    readout = backbone.readout(list(config.task.verbalizers), config.data.max_source_length, config.seed)
+    method = build_method(config.method, backbone.prompt_context(readout, config.seed))
     if initial is not None:
         start_from(method, config.method, initial)
-    backbone.check_fits(method)
+    backbone.check_fits(readout, method)
     if method.backbone_dropout is not None and method.backbone_dropout != config.backbone.dropout:
         wanted = str(method.backbone_dropout).lower()
         log.warning(
@@ -139,9 +143,8 @@ def build(
     if config.trainer.compile:
         log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
     identity = tokenizer_identity(backbone.tokenizer) if config.data.cache_tokenized and rows else None
-    data = tokenize_splits(
-        rows, config.task, backbone.tokenize_sources, config.data.max_source_length, identity
-    )
+    tokenize = functools.partial(backbone.tokenize_sources, readout)
+    data = tokenize_splits(rows, config.task, tokenize, config.data.max_source_length, identity)
     return Pipeline(
-        config, backbone, method, data, world or World(), fingerprint(backbone.model, backbone.tokenizer)
+        config, backbone, readout, method, data, world or World(), fingerprint(backbone.model, backbone.tokenizer)
     )

@@ -146,15 +146,20 @@ def record_difference(
     return None
 
 
-def load_trainable(method: nn.Module, backbone: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+# the key prefix of a readout's trained tensors (the encoder family's head): the name they had
+# when the head was part of the backbone, kept so prompts saved before and after load alike
+READOUT_KEYS = "backbone."
+
+
+def load_trainable(method: nn.Module, readout: nn.Module, state: Dict[str, torch.Tensor]) -> None:
     """Put saved trained tensors back: `method.*` into the method, `backbone.*` (a trained head)
-    into the backbone's parameters of those names."""
+    into the task readout's parameters of those names."""
     method.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("method.")})
-    backbone_params = dict(backbone.named_parameters())
+    readout_params = dict(readout.named_parameters())
     with torch.no_grad():
         for key, value in state.items():
-            if key.startswith("backbone."):
-                backbone_params[key[9:]].copy_(value)
+            if key.startswith(READOUT_KEYS):
+                readout_params[key[len(READOUT_KEYS) :]].copy_(value)
 
 
 class RunCheckpoint:
@@ -166,13 +171,13 @@ class RunCheckpoint:
         self,
         run_dir: Path,
         method: nn.Module,
-        backbone: nn.Module,
+        readout: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
         prompt_config: Dict[str, Any],
         writes: bool = True,
     ) -> None:
-        self.method, self.backbone, self.optimizer, self.scheduler = method, backbone, optimizer, scheduler
+        self.method, self.readout, self.optimizer, self.scheduler = method, readout, optimizer, scheduler
         self.prompt_config, self.writes = prompt_config, writes  # writes: rank 0 of a distributed run
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
@@ -182,7 +187,7 @@ class RunCheckpoint:
 
     def trainable_state(self) -> Dict[str, torch.Tensor]:
         state = {f"method.{k}": v for k, v in self.method.state_dict().items()}
-        state.update({f"backbone.{n}": p for n, p in self.backbone.named_parameters() if p.requires_grad})
+        state.update({f"{READOUT_KEYS}{n}": p for n, p in self.readout.named_parameters() if p.requires_grad})
         return state
 
     def save_last(self, loop_state: Dict[str, Any]) -> None:
@@ -210,7 +215,7 @@ class RunCheckpoint:
         """Put the best prompt back into the method (for a final test evaluation)."""
         folder = find(self.best_dir)
         if folder is not None:
-            load_trainable(self.method, self.backbone, load_file(folder / "prompt.safetensors"))
+            load_trainable(self.method, self.readout, load_file(folder / "prompt.safetensors"))
 
     def restore(self, run_dir: Path) -> Optional[Dict[str, Any]]:
         """Load `run_dir/checkpoints/last` if there is one; returns the loop's saved state."""
@@ -252,7 +257,7 @@ class RunCheckpoint:
                 f"{saved['prompt_config'][key]!r}, this run has {self.prompt_config[key]!r}: {fix}"
             )
         try:
-            load_trainable(self.method, self.backbone, saved["trainable"])
+            load_trainable(self.method, self.readout, saved["trainable"])
             self.optimizer.load_state_dict(saved["optimizer"])
             self.scheduler.load_state_dict(saved["scheduler"])
         except (RuntimeError, KeyError, ValueError) as error:

@@ -12,6 +12,7 @@ from ptlab.data.examples import Example, chunks
 from ptlab.data.metrics import compute_metrics
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
+from ptlab.model.readout import TaskReadout
 from ptlab.training.distributed import World
 
 
@@ -19,24 +20,33 @@ def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str,
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
-def predict(backbone: Backbone, method: PromptMethod, batch, mode: str, max_new_tokens: int) -> List[int]:
+def predict(
+    backbone: Backbone, readout: TaskReadout, method: PromptMethod, batch, mode: str, max_new_tokens: int
+) -> List[int]:
     """Class indices: the best-scoring verbalizer, or the generated text's exact match (-1: none)."""
     if mode == "rank":
-        return backbone.score(method, batch).argmax(-1).tolist()
-    lookup = {text.strip(): index for index, text in enumerate(backbone.verbalizers)}
-    return [lookup.get(text.strip(), -1) for text in backbone.generate(method, batch, max_new_tokens)]
+        return backbone.score(readout, method, batch).argmax(-1).tolist()
+    lookup = {text.strip(): index for index, text in enumerate(readout.verbalizers)}
+    generated = backbone.generate(readout, method, batch, max_new_tokens)
+    return [lookup.get(text.strip(), -1) for text in generated]
 
 
 @torch.no_grad()
 def map_sorted_batches(
-    backbone: Backbone, examples: List[Example], batch_size: int, device: torch.device, autocast, fn: Callable
+    backbone: Backbone,
+    readout: TaskReadout,
+    examples: List[Example],
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    fn: Callable,
 ) -> List:
     """`fn(batch)`'s per-example results for `examples`, in their order: batches of similar
     length waste little on padding, and the results go back in input order."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
     results = [None] * len(examples)
     for indices in chunks(order, batch_size):
-        batch = to_device(backbone.collate([examples[i] for i in indices]), device)
+        batch = to_device(backbone.collate(readout, [examples[i] for i in indices]), device)
         with autocast():
             for i, result in zip(indices, fn(batch)):
                 results[i] = result
@@ -45,6 +55,7 @@ def map_sorted_batches(
 
 def predict_examples(
     backbone: Backbone,
+    readout: TaskReadout,
     method: PromptMethod,
     examples: List[Example],
     batch_size: int,
@@ -58,16 +69,18 @@ def predict_examples(
     method.eval()
     return map_sorted_batches(
         backbone,
+        readout,
         examples,
         batch_size,
         device,
         autocast,
-        lambda batch: predict(backbone, method, batch, mode, max_new_tokens),
+        lambda batch: predict(backbone, readout, method, batch, mode, max_new_tokens),
     )
 
 
 def split_metrics(
     backbone: Backbone,
+    readout: TaskReadout,
     method: PromptMethod,
     examples: List[Example],
     task: TaskConfig,
@@ -82,7 +95,15 @@ def split_metrics(
     distributed run predicts its shard and every rank gets the metrics of all of them."""
     mine = world.shard(list(range(len(examples))))
     preds = predict_examples(
-        backbone, method, [examples[i] for i in mine], batch_size, device, autocast, mode, max_new_tokens
+        backbone,
+        readout,
+        method,
+        [examples[i] for i in mine],
+        batch_size,
+        device,
+        autocast,
+        mode,
+        max_new_tokens,
     )
     by_index = {i: p for shard in world.gather(list(zip(mine, preds))) for i, p in shard}
     metrics = task_metrics(task, [by_index[i] for i in range(len(examples))], examples)

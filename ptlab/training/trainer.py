@@ -26,6 +26,7 @@ from ptlab.data.examples import chunks, training_batches
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone, trainable_parameters
+from ptlab.model.readout import TaskReadout
 from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
 from ptlab.training.evaluate import baseline_metrics, to_device
@@ -103,12 +104,17 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, tot
 
 
 def backward_loss(
-    method: PromptMethod, backbone: Backbone, batch: Dict[str, torch.Tensor], autocast, weight: float = 1.0
+    method: PromptMethod,
+    backbone: Backbone,
+    readout: TaskReadout,
+    batch: Dict[str, torch.Tensor],
+    autocast,
+    weight: float = 1.0,
 ) -> float:
     """One batch's training loss, backpropagated scaled by `weight`; returns the unscaled loss.
     The training step's core, shared by the Trainer and the benchmark."""
     with autocast():
-        loss = method.training_loss(backbone, batch)
+        loss = method.training_loss(backbone, readout, batch)
     (loss if weight == 1.0 else loss * weight).backward()
     return loss.item()
 
@@ -148,12 +154,13 @@ class Trainer:
     def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
         self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
         self.pipeline, self.backbone, self.method = pipeline, pipeline.backbone, pipeline.method
+        self.readout = pipeline.readout
         self.data, self.world = pipeline.data, pipeline.world
         self.tracker, self.run_dir = tracker, run_dir
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
         self.baseline = baseline_metrics(self.task, self.data["validation"])  # the floor a prompt must beat
         self.device, self.autocast = pipeline.place(), pipeline.autocast
-        self.params = trainable_parameters(self.method, self.backbone)
+        self.params = trainable_parameters(self.method, self.readout)
         if not self.params:
             raise ConfigError("the method has no trainable parameters")
         self.num_trainable = sum(p.numel() for p in self.params)
@@ -167,7 +174,7 @@ class Trainer:
         self.checkpoint = RunCheckpoint(
             run_dir,
             self.method,
-            self.backbone,
+            self.readout,
             self.optimizer,
             self.lr_scheduler,
             pipeline.prompt_config(),
@@ -231,7 +238,9 @@ class Trainer:
             for group in chunks(examples, self.eval_batch_size):
                 with self.autocast():
                     self.backbone.output_logits(
-                        self.method, to_device(self.backbone.collate(group), self.device)
+                        self.readout,
+                        self.method,
+                        to_device(self.backbone.collate(self.readout, group), self.device),
                     )
                 yield
 
@@ -246,9 +255,13 @@ class Trainer:
             self.state.examples_seen += len(indices)
             if not mine:
                 continue
-            batch = to_device(self.backbone.collate([self.data["train"][i] for i in mine]), self.device)
+            batch = to_device(
+                self.backbone.collate(self.readout, [self.data["train"][i] for i in mine]), self.device
+            )
             weight = len(mine) / len(indices) / self.cfg.grad_accum
-            totals[0] += backward_loss(self.method, self.backbone, batch, self.autocast, weight) * weight
+            totals[0] += (
+                backward_loss(self.method, self.backbone, self.readout, batch, self.autocast, weight) * weight
+            )
             totals[1:] += self.stage_schedule.batch_flops(
                 batch, self.method, self.backbone.runs_prompt_once(self.method)
             )
@@ -277,13 +290,13 @@ class Trainer:
             loss = self.train_step(stream)
         except torch.OutOfMemoryError as error:
             raise out_of_memory(
-                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+                error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
             ) from None
         except RuntimeError as error:  # the CPU allocator's own words
             if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
                 raise
             raise out_of_memory(
-                error, self.cfg, self.backbone.max_source_length, self.checkpoint.last_dir
+                error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
             ) from None
         elapsed = time.perf_counter() - started
         self.state.train_seconds += elapsed
