@@ -28,6 +28,7 @@ from ptlab.model.compile import compile_blocks
 from ptlab.training.checkpoint import saved_prompt
 from ptlab.training.distributed import World
 from ptlab.training.evaluate import split_metrics
+from ptlab.training.randomness import RunRandomness
 
 log = logging.getLogger("ptlab")
 
@@ -40,6 +41,7 @@ class Pipeline:
     backbone: Backbone
     method: PromptMethod
     data: TaskData
+    randomness: RunRandomness  # the run's own random streams (its method holds the generator)
     world: World = field(default_factory=World)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where place() put it
 
@@ -122,7 +124,9 @@ def build(
     backbone = build_backbone(
         config.backbone, list(config.task.verbalizers), config.data.max_source_length, config.seed
     )
-    method = build_method(config.method, backbone.prompt_context(config.seed))
+    randomness = RunRandomness(config.seed)
+    context = dataclasses.replace(backbone.prompt_context(config.seed), generator=randomness.generator)
+    method = build_method(config.method, context)
     if initial is not None:
         start_from(method, config.method, initial)
     backbone.check_fits(method)
@@ -139,4 +143,4 @@ def build(
     data = tokenize_splits(
         rows, config.task, backbone.tokenize_sources, config.data.max_source_length, identity
     )
-    return Pipeline(config, backbone, method, data, world or World())
+    return Pipeline(config, backbone, method, data, randomness, world or World())

@@ -29,7 +29,7 @@ from ptlab.training.checkpoint import prompt_identity
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.run_folder import FAILURE_FILE, RunLog, save_snapshots
 from ptlab.training.tracking import Tracker, run_name, wandb_config
-from ptlab.training.trainer import Trainer, seed_everything
+from ptlab.training.trainer import Trainer
 
 log = logging.getLogger("ptlab")
 
@@ -118,7 +118,6 @@ def train_in(
                  "it again", run_dir, config.task.main_metric, best)  # fmt: skip
         return best
     setup_hardware(config)
-    seed_everything(config.seed)
     started = time.perf_counter()
     pipeline = build(config, world)
     load_seconds = time.perf_counter() - started
