@@ -1,5 +1,5 @@
 """Per-run state, the basis of packed sweeps (several runs in one process): each run draws from its
-own random streams."""
+own random streams and logs to its own W&B run."""
 
 from __future__ import annotations
 
@@ -78,3 +78,26 @@ def test_a_runs_streams_leave_the_global_generator_as_it_was_and_resume_from_the
     with copy.active(torch.device("cpu")):
         assert torch.equal(torch.rand(4), expected[0]) and not torch.equal(expected[0], first)
     assert torch.equal(torch.rand(2, generator=copy.generator), expected[1])
+
+
+def test_two_trackers_open_at_once_log_to_their_own_wandb_runs(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    logger = to_object(compose_config(["logger=wandb"])).logger
+    trackers = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        trackers[name] = Tracker(tmp_path / name, logger, wandb_init={"name": name})
+        trackers[name].start()
+    for step in (1, 2):
+        for name, tracker in trackers.items():
+            tracker.log(step, f"train_{name}", {"loss": float(step)})
+    infos = {name: tracker.wandb_info() for name, tracker in trackers.items()}
+    for tracker in trackers.values():
+        tracker.summary({"steps": 2})
+        tracker.finish()
+    assert infos["a"]["id"] != infos["b"]["id"]
+    for name, other in (("a", "b"), ("b", "a")):
+        (folder,) = (tmp_path / name / "wandb").glob(f"offline-run-*-{infos[name]['id']}")
+        logged = (folder / f"run-{infos[name]['id']}.wandb").read_bytes()
+        assert f"train_{name}/loss".encode() in logged and f"train_{other}/loss".encode() not in logged
+        assert "stream: all finished" in (folder / "logs" / "debug-internal.log").read_text()
