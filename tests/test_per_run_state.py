@@ -1,8 +1,11 @@
 """Per-run state, the basis of packed sweeps (several runs in one process): each run draws from its
-own random streams and logs to its own W&B run."""
+own random streams and logs to its own W&B run, and only the entry point reads Hydra's state."""
 
 from __future__ import annotations
 
+import ast
+
+import pytest
 import torch
 
 from ptlab.config.schema import to_object
@@ -12,7 +15,7 @@ from ptlab.training.randomness import RunRandomness
 from ptlab.training.tracking import Tracker
 from ptlab.training.trainer import LogWindow, Trainer
 
-from conftest import TINY, compose_config
+from conftest import REPO, TINY, compose_config
 
 # dropout on in the frozen T5 and SMoP's Gaussian router noise: both draw at every step
 NOISY = [*TINY, "backbone=tiny_t5", "backbone.dropout=true", "method=smop", "trainer.batch_size=8"]
@@ -101,3 +104,20 @@ def test_two_trackers_open_at_once_log_to_their_own_wandb_runs(tmp_path, monkeyp
         logged = (folder / f"run-{infos[name]['id']}.wandb").read_bytes()
         assert f"train_{name}/loss".encode() in logged and f"train_{other}/loss".encode() not in logged
         assert "stream: all finished" in (folder / "logs" / "debug-internal.log").read_text()
+
+
+def imports_of(path) -> set:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("module", ["hydra.core.hydra_config", "hydra.types"])
+def test_only_the_entry_point_reads_hydras_runtime_state(module):
+    below = [path for path in (REPO / "ptlab").rglob("*.py") if "cli" not in path.relative_to(REPO).parts]
+    assert len(below) > 40
+    assert [str(path.relative_to(REPO)) for path in below if module in imports_of(path)] == []
