@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from omegaconf import MISSING
@@ -52,6 +53,8 @@ class PromptContext:
     tokenizer: object
     label_texts: List[str]  # the task's verbalizers, for label initialisation
     special_token_ids: List[int]
+    # initial values come from generators seeded with `seed` (`seeded_init` for module
+    # constructors), so a method starts the same whatever the run drew before
     seed: int = 0
     # the stacks that take per-layer prefixes, by name (`encoder`, `decoder`), and the one the
     # input goes through first (T5's and BERT's encoder, a causal LM's decoder)
@@ -60,6 +63,13 @@ class PromptContext:
     # token ids [n] -> the keys and values each stack computes for them, run alone through the
     # frozen model (per stack, one (key, value) per layer); prefix tuning's real-word init
     token_key_values: Optional[Callable[[torch.Tensor], Dict[str, List[KeyValue]]]] = None
+    # the run's stream for draws while training (SMoP's router noise): its own, saved with its
+    # checkpoint (ptlab/training/randomness.py); a context built outside a run gets one from `seed`
+    generator: Optional[torch.Generator] = None
+
+    def __post_init__(self) -> None:
+        if self.generator is None:
+            self.generator = torch.Generator().manual_seed(self.seed)
 
     @property
     def hidden_size(self) -> int:
@@ -196,6 +206,16 @@ class SharedPromptMethod(PromptMethod):
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
+
+
+@contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """Module constructors (nn.Linear's default init) draw from torch's global CPU generator and
+    take no generator: seed it for the constructors inside and give it back its state after, so
+    the init is a function of the seed alone and no run's stream moves."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
 
 
 def sample_token_ids(context: PromptContext, count: int, top: Optional[int], seed: int) -> torch.Tensor:

@@ -34,6 +34,7 @@ from ptlab.methods.base import (
     PromptMethod,
     StackShape,
     sample_token_ids,
+    seeded_init,
 )
 
 STACKS = ("encoder", "decoder")
@@ -146,8 +147,7 @@ class DeepPrompt(PromptMethod):
         self.prefix_length = cfg.prompt_length
         self.prefix_stacks = tuple(stacks)
         initial = initial_activations(cfg, context, stacks) if cfg.init == "activations" else {}
-        with torch.random.fork_rng():
-            torch.manual_seed(context.seed)
+        with seeded_init(context.seed):
             self.stacks = nn.ModuleDict(
                 {
                     stack: StackPrefix(cfg, context.stacks[stack], context.hidden_size, initial.get(stack))

@@ -18,7 +18,7 @@ from torch import nn
 
 from ptlab.errors import ConfigError
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, SharedPromptMethod
+from ptlab.methods.base import PromptContext, SharedPromptMethod, seeded_init
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
 
 
@@ -48,8 +48,7 @@ class ResidualPrompt(SharedPromptMethod):
         super().__init__()
         self.num_tokens = cfg.prompt_length
         self.prompt_embeds = nn.Parameter(initial_prompt(cfg, context, cfg.prompt_length))
-        with torch.random.fork_rng():
-            torch.manual_seed(context.seed)
+        with seeded_init(context.seed):
             count = cfg.prompt_length if cfg.per_token_mlp else 1
             self.mlps = nn.ModuleList(
                 residual_mlp(context.hidden_size, cfg.bottleneck, cfg.layer_norm) for _ in range(count)

@@ -76,6 +76,12 @@ def symmetric_kl(logits_a: torch.Tensor, logits_b: torch.Tensor, batch_size: int
     return 0.5 * (forward + backward) / batch_size
 
 
+def like(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """`values`, drawn on the CPU from the run's generator (a few numbers per example, the same on
+    every device), as `reference`'s dtype on its device, copied without waiting for the device."""
+    return values.to(reference.device, reference.dtype, non_blocking=True)
+
+
 @register("smop", SMoPConfig)
 class SMoP(PromptMethod):
     def __init__(self, cfg: SMoPConfig, context: PromptContext) -> None:
@@ -85,9 +91,10 @@ class SMoP(PromptMethod):
         prompts = initial_prompt(cfg, context, cfg.num_prompts * cfg.prompt_length)
         self.prompts = nn.Parameter(prompts.view(cfg.num_prompts, cfg.prompt_length, context.hidden_size))
         self.router = None
-        if cfg.routing != "stochastic":
-            self.router = nn.Linear(context.hidden_size, cfg.num_prompts, bias=False)
+        if cfg.routing != "stochastic":  # skip_init: no default init drawn, the orthogonal one is it
+            self.router = nn.utils.skip_init(nn.Linear, context.hidden_size, cfg.num_prompts, bias=False)
             nn.init.orthogonal_(self.router.weight, generator=torch.Generator().manual_seed(context.seed))
+        self.generator = context.generator  # the run's stream: noise, Gumbel samples, random prompts
         self.register_buffer("routed_counts", torch.zeros(cfg.num_prompts), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
         self._aux_loss: Optional[torch.Tensor] = None
@@ -98,7 +105,8 @@ class SMoP(PromptMethod):
         sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
         logits = self.router(sentence.to(self.router.weight.dtype))
         if self.training and self.cfg.perturbation == "gaussian":
-            logits = logits + self.cfg.noise_sigma * torch.randn_like(logits) * logits.detach()
+            noise = like(torch.randn(logits.shape, generator=self.generator), logits)
+            logits = logits + self.cfg.noise_sigma * noise * logits.detach()
         elif self.training and self.cfg.perturbation == "dropout":
             logits = F.dropout(logits, p=self.cfg.router_dropout, training=True)
         return torch.softmax(logits, dim=-1)
@@ -108,14 +116,14 @@ class SMoP(PromptMethod):
         if self.cfg.routing == "stochastic":
             if not self.training:
                 return self.prompts.mean(0).unsqueeze(0).expand(batch, -1, -1)
-            chosen = torch.randint(self.cfg.num_prompts, (batch,), device=self.prompts.device)
-            return self.prompts[chosen]
+            chosen = torch.randint(self.cfg.num_prompts, (batch,), generator=self.generator)
+            return self.prompts[chosen.to(self.prompts.device, non_blocking=True)]
 
         probs = self.router_probs(source_embeds, source_mask)
         if self.cfg.routing == "gumbel" and self.training:
+            uniform = like(torch.rand(probs.shape, generator=self.generator), probs)
             soft = torch.softmax(
-                torch.log(probs.clamp(min=1e-20))
-                - torch.log(-torch.log(torch.rand_like(probs).clamp(min=1e-20))),
+                torch.log(probs.clamp(min=1e-20)) - torch.log(-torch.log(uniform.clamp(min=1e-20))),
                 -1,
             )
             hard = F.one_hot(soft.argmax(-1), self.cfg.num_prompts).to(soft.dtype)

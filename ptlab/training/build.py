@@ -32,6 +32,7 @@ from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
 from ptlab.training.distributed import World
 from ptlab.training.evaluate import split_metrics
+from ptlab.training.randomness import RunRandomness
 
 log = logging.getLogger("ptlab")
 
@@ -46,6 +47,7 @@ class Pipeline:
     readout: TaskReadout
     method: PromptMethod
     data: TaskData
+    randomness: RunRandomness  # the run's own random streams (its method holds the generator)
     world: World = field(default_factory=World)
     fingerprint: str = ""  # the frozen weights' and tokenizer's (ptlab/model/fingerprint.py)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where place() put it
@@ -129,7 +131,9 @@ def build(
         rows = {name: part for name, part in rows.items() if splits is None or name in splits}
     backbone = build_backbone(config.backbone)
     readout = backbone.readout(list(config.task.verbalizers), config.data.max_source_length, config.seed)
-    method = build_method(config.method, backbone.prompt_context(readout, config.seed))
+    randomness = RunRandomness(config.seed)
+    context = dataclasses.replace(backbone.prompt_context(readout, config.seed), generator=randomness.generator)
+    method = build_method(config.method, context)
     if initial is not None:
         start_from(method, config.method, initial)
     backbone.check_fits(readout, method)
@@ -145,6 +149,5 @@ def build(
     identity = tokenizer_identity(backbone.tokenizer) if config.data.cache_tokenized and rows else None
     tokenize = functools.partial(backbone.tokenize_sources, readout)
     data = tokenize_splits(rows, config.task, tokenize, config.data.max_source_length, identity)
-    return Pipeline(
-        config, backbone, readout, method, data, world or World(), fingerprint(backbone.model, backbone.tokenizer)
-    )
+    return Pipeline(config, backbone, readout, method, data, randomness, world or World(),
+                    fingerprint(backbone.model, backbone.tokenizer))  # fmt: skip

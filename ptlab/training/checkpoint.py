@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import random
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -23,6 +21,7 @@ from torch import nn
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.files import write_folder_atomically
+from ptlab.training.randomness import RunRandomness
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +65,6 @@ def save_training_state(folder: Path, state: Dict[str, Any]) -> None:
 
 def load_training_state(folder: Path) -> Dict[str, Any]:
     return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
-
-
-def rng_states() -> Dict[str, Any]:
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def restore_rng_states(states: Dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 # method settings that do not change what a prompt is: how runs are named, where training started
@@ -164,7 +148,7 @@ def load_trainable(method: nn.Module, readout: nn.Module, state: Dict[str, torch
 
 class RunCheckpoint:
     """A run folder's `checkpoints/last` (everything needed to continue exactly: trained tensors,
-    optimizer, LR scheduler, RNG streams, the loop's state) and `checkpoints/best` (the best
+    optimizer, LR scheduler, the run's random streams, the loop's state) and `checkpoints/best` (the best
     prompt, loadable without ptlab)."""
 
     def __init__(
@@ -174,10 +158,12 @@ class RunCheckpoint:
         readout: nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: Any,
+        randomness: RunRandomness,
         prompt_config: Dict[str, Any],
         writes: bool = True,
     ) -> None:
         self.method, self.readout, self.optimizer, self.scheduler = method, readout, optimizer, scheduler
+        self.randomness = randomness
         self.prompt_config, self.writes = prompt_config, writes  # writes: rank 0 of a distributed run
         self.last_dir = run_dir / "checkpoints" / "last"
         self.best_dir = run_dir / "checkpoints" / "best"
@@ -197,7 +183,7 @@ class RunCheckpoint:
             "trainable": {k: v.detach().cpu() for k, v in self.trainable_state().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": rng_states(),
+            "randomness": self.randomness.state_dict(),
             "train_state": loop_state,
             "prompt_config": self.prompt_config,
         }
@@ -263,7 +249,10 @@ class RunCheckpoint:
         except (RuntimeError, KeyError, ValueError) as error:
             first = str(error).strip().splitlines()[0]
             raise ConfigError(f"{folder / 'state.pt'} does not fit this model ({first}): {fix}") from None
-        restore_rng_states(saved["rng"])
+        if "randomness" in saved:
+            self.randomness.load_state_dict(saved["randomness"])
+        else:  # a checkpoint of before 2026-12-01 saved the process's global streams instead
+            log.warning("%s holds no per-run random streams: they start afresh from the seed", folder)
         log.info("resumed from %s at step %d", folder, saved["train_state"]["step"])
         return saved["train_state"]
 

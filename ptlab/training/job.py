@@ -1,9 +1,9 @@
 """One training job: its run folder, the pipeline, the trainer and the summary.
 
-`run(cfg)` is a plain function returning the best validation score, so tests and Optuna sweeps can
-call it directly; `ptlab-train` (ptlab/cli/train.py) calls it once the command line is parsed. This
-module imports torch and transformers, which the command line itself does not need for `--help`
-or `--cfg`.
+`run(cfg)` is a plain function returning the best validation score, so tests and scripts can call
+it directly; `ptlab-train` (ptlab/cli/train.py) calls it once the command line is parsed, with
+Hydra's facts about the job (`RunFacts`). This module imports torch and transformers, which the
+command line itself does not need for `--help` or `--cfg`.
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Optional
 
 import torch
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
 
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
@@ -29,6 +26,7 @@ from ptlab.training.checkpoint import config_difference, config_record, record_d
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.run_folder import (
     FAILURE_FILE,
+    RunFacts,
     RunLog,
     is_finished,
     read_json_record,
@@ -36,42 +34,9 @@ from ptlab.training.run_folder import (
     save_snapshots,
 )
 from ptlab.training.tracking import Tracker, run_name, wandb_config
-from ptlab.training.trainer import Trainer, seed_everything
+from ptlab.training.trainer import Trainer
 
 log = logging.getLogger("ptlab")
-
-
-def hydra_facts() -> Dict[str, Any]:
-    """Run folder, sweep name and overrides from Hydra, when Hydra launched us."""
-    if not HydraConfig.initialized():
-        return {}
-    hydra_cfg = HydraConfig.get()
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
-    output_dir = OmegaConf.select(hydra_cfg, "runtime.output_dir", default=None, throw_on_missing=False)
-    experiment = OmegaConf.select(hydra_cfg, "runtime.choices.experiment", default=None)
-    return {
-        "run_dir": Path(output_dir) if output_dir else None,
-        # W&B group: the experiment's name, else the sweep folder, so all jobs of one multirun share it
-        "group": experiment or ("_".join(Path(hydra_cfg.sweep.dir).parts[-2:]) if multirun else None),
-        "experiment": experiment,
-        "overrides": list(hydra_cfg.overrides.task),
-        "swept": swept_keys(hydra_cfg) if multirun else [],
-    }
-
-
-def swept_keys(hydra_cfg: DictConfig) -> List[str]:
-    """The keys a multirun varies: its sweeper's params and the command-line overrides that list
-    several values (the sweep's multirun.yaml keeps them as typed)."""
-    keys = [str(k) for k in (OmegaConf.select(hydra_cfg, "sweeper.params", default=None) or {})]
-    try:
-        typed = OmegaConf.load(Path(hydra_cfg.sweep.dir) / "multirun.yaml").hydra.overrides.task
-    except (OSError, OmegaConfBaseException):
-        typed = []
-    for item in typed:
-        key, _, value = str(item).partition("=")
-        if "," in value or value.startswith(("range(", "choice(", "interval(", "glob(")):
-            keys.append(key.lstrip("+~"))
-    return list(dict.fromkeys(keys))
 
 
 def setup_hardware(config: Config) -> None:
@@ -82,19 +47,25 @@ def setup_hardware(config: Config) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def run(cfg: DictConfig, run_dir: Optional[Path] = None) -> float:
-    """Train one configuration; returns the best validation value of the task's main metric."""
+def run(cfg: DictConfig, run_dir: Optional[Path] = None, facts: Optional[RunFacts] = None) -> float:
+    """Train one configuration; returns the best validation value of the task's main metric.
+    `run_dir` (else `facts.run_dir`) is its folder; `facts` what Hydra knows of the job (None:
+    Hydra did not launch it)."""
     config = to_object(cfg)
+    facts = facts or RunFacts()
     world = init_world(config.hardware)
     try:
-        return run_config(config, cfg, run_dir, world)
+        folder = prepared_run_dir(config, run_dir or facts.run_dir)
+        with RunLog() as run_log:
+            return train_in(folder, config, cfg, world, facts, run_log)
     finally:
         close_world(world)
 
 
-def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: World) -> float:
-    facts = hydra_facts()
-    run_dir = Path(run_dir or facts.get("run_dir") or "outputs/runs/unnamed")
+def prepared_run_dir(config: Config, run_dir: Optional[Path]) -> Path:
+    """The run's folder (`trainer.resume=<folder>` names it, else `run_dir`), made, checked
+    writable, and rid of an earlier attempt's failure record."""
+    run_dir = Path(run_dir or "outputs/runs/unnamed")
     if isinstance(config.trainer.resume, str) and config.trainer.resume != "auto":
         run_dir = Path(config.trainer.resume)
         if not run_dir.is_dir():
@@ -108,12 +79,11 @@ def run_config(config: Config, cfg: DictConfig, run_dir: Optional[Path], world: 
         raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
                           "choose another one with hydra.run.dir=...") from None  # fmt: skip
     (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's; this one may succeed
-    with RunLog() as run_log:
-        return train_in(run_dir, config, cfg, world, facts, run_log)
+    return run_dir
 
 
 def train_in(
-    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any], run_log: RunLog
+    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: RunFacts, run_log: RunLog
 ) -> float:
     """The run in its (writable) folder: skipped when it finished before, else built, recorded
     (config snapshots, log file: only now, so a run that fails its checks leaves the folder as it
@@ -125,7 +95,6 @@ def train_in(
                  "it again", run_dir, config.task.main_metric, best)  # fmt: skip
         return best
     setup_hardware(config)
-    seed_everything(config.seed)
     started = time.perf_counter()
     pipeline = build(config, world)
     load_seconds = time.perf_counter() - started
@@ -136,7 +105,7 @@ def train_in(
             config.trainer.resume and trainer.resume(run_dir)
         ):  # a checkpoint that does not fit stops here
             tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
-        record_start(run_dir, cfg, world, run_log)
+        record_start(run_dir, cfg, world, facts, run_log)
         tracker.start()
         names = (config.method.run_label, config.backbone.name, config.task.name)
         log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
@@ -167,29 +136,28 @@ def train_in(
     return best
 
 
-def record_start(run_dir: Path, cfg: DictConfig, world: World, run_log: RunLog) -> None:
+def record_start(run_dir: Path, cfg: DictConfig, world: World, facts: RunFacts, run_log: RunLog) -> None:
     """The run has passed every check (config, data, model, checkpoint): its config snapshots and
-    log file go into the folder now, not before."""
-    if HydraConfig.initialized():
-        if world.is_main:
-            save_snapshots(run_dir, cfg)
-        suffix = "" if world.rank == 0 else f"_rank{world.rank}"
-        run_log.start(run_dir / f"{HydraConfig.get().job.name}{suffix}.log")
+    log file go into the folder now, not before (only when Hydra launched it: they are Hydra's)."""
+    if facts.hydra_config is None:
+        return
+    if world.is_main:
+        save_snapshots(run_dir, cfg, facts.hydra_config)
+    suffix = "" if world.rank == 0 else f"_rank{world.rank}"
+    run_log.start(run_dir / f"{facts.job_name}{suffix}.log")
 
 
-def open_tracker(
-    run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: Dict[str, Any]
-) -> Tracker:
+def open_tracker(run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: RunFacts) -> Tracker:
     """The run's metrics log and W&B run (rank 0 only), named and grouped for the sweep it is in."""
     return Tracker(
         run_dir,
         config.logger,
         enabled=world.is_main,
         wandb_init={
-            "config": wandb_config(cfg, config, facts.get("experiment")),
-            "group": config.logger.group or facts.get("group"),
+            "config": wandb_config(cfg, config, facts.experiment),
+            "group": config.logger.group or facts.group,
             "job_type": config.method.run_label,
-            "name": run_name(facts.get("overrides", []), facts.get("swept", [])),
+            "name": run_name(facts.overrides, facts.swept),
             "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
         },
     )

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ptlab.files import write_text_atomically
@@ -43,6 +43,24 @@ def is_finished(summary: Optional[Dict[str, Any]]) -> bool:
 
 def write_summary(run_dir: Path, values: Dict[str, Any]) -> None:
     write_text_atomically(run_dir / SUMMARY_FILE, json.dumps(values, indent=2, default=str))
+
+
+@dataclass
+class RunFacts:
+    """What the launcher knows about a run that its config does not say: its folder, the sweep it
+    is in, the overrides it was started with. The entry point (ptlab/cli/train.py) reads them from
+    Hydra once and passes them down, so nothing below it reads Hydra's process-wide state; the
+    default is a run Hydra did not launch (tests, a script calling `job.run`), which writes no
+    `.hydra/` snapshots and no log file."""
+
+    run_dir: Optional[Path] = None
+    group: Optional[str] = None  # the W&B group: the experiment's name, else the sweep's folder
+    experiment: Optional[str] = None
+    overrides: List[str] = field(default_factory=list)  # the command line's, as typed
+    swept: List[str] = field(default_factory=list)  # the keys a multirun varies (they lead run names)
+    multirun: bool = False
+    job_name: str = "train"  # the log file is `<job_name>.log`
+    hydra_config: Optional[DictConfig] = None  # Hydra's own config (`hydra:`), for `.hydra/hydra.yaml`
 
 
 class RunLog:
@@ -78,12 +96,9 @@ class RunLog:
             self.file.close()
 
 
-def save_snapshots(run_dir: Path, cfg: DictConfig) -> None:
+def save_snapshots(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> None:
     """`.hydra/config.yaml`, `hydra.yaml` and `overrides.yaml`, as Hydra writes them (with
     `hydra.output_subdir=null` it does not): what `ptlab-eval`, `ptlab-compare` and a resume read."""
-    if not HydraConfig.initialized():
-        return
-    hydra_cfg = HydraConfig.instance().cfg
     folder = run_dir / ".hydra"
     folder.mkdir(parents=True, exist_ok=True)
     for name, node in (

@@ -118,7 +118,7 @@ class Tracker:
             os.environ.setdefault("WANDB_START_METHOD", "thread")  # W&B hangs under Hydra otherwise
             kwargs = dict(
                 project=cfg.project, entity=cfg.entity, dir=str(self.run_dir), id=self.run_id(), resume="allow",
-                reinit="finish_previous",  # multirun: never reuse the previous job's run
+                reinit="create_new",  # this tracker's own run: other runs open in the process go on
                 settings=wandb.Settings(silent=cfg.quiet, init_timeout=cfg.init_timeout),
                 tags=[tag[:64] for tag in init.pop("tags", [])], **init,
             )  # fmt: skip
@@ -130,7 +130,7 @@ class Tracker:
                 log.warning(
                     "W&B could not start online (%s): logging offline, upload with `wandb sync`", error
                 )
-                wandb.teardown()  # the failed attempt still holds the run id
+                wandb.teardown()  # the failed attempt still holds the run id (and ends other open runs)
                 self.wandb_run = wandb.init(mode="offline", **kwargs)
             self.wandb_run.define_metric("step")
             for prefix in ("train", "validation", "test"):

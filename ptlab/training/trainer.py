@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,12 +71,6 @@ class LogWindow:
         examples_per_s = self.examples / max(time.perf_counter() - self.started, 1e-9)
         tracker.log(step, "train", {"loss": loss, "lr": lr, "examples_per_s": examples_per_s, "flops": flops})
         return loss, lr, examples_per_s
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def build_optimizer(
@@ -155,7 +148,7 @@ class Trainer:
         self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
         self.pipeline, self.backbone, self.method = pipeline, pipeline.backbone, pipeline.method
         self.readout = pipeline.readout
-        self.data, self.world = pipeline.data, pipeline.world
+        self.data, self.world, self.randomness = pipeline.data, pipeline.world, pipeline.randomness
         self.tracker, self.run_dir = tracker, run_dir
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
         self.baseline = baseline_metrics(self.task, self.data["validation"])  # the floor a prompt must beat
@@ -177,6 +170,7 @@ class Trainer:
             self.readout,
             self.optimizer,
             self.lr_scheduler,
+            self.randomness,
             pipeline.prompt_config(),
             writes=self.world.is_main,
         )
@@ -287,7 +281,8 @@ class Trainer:
         self.method.train()
         seen_before, started = self.state.examples_seen, time.perf_counter()
         try:
-            loss = self.train_step(stream)
+            with self.randomness.active(self.device):  # the step draws from the run's own streams
+                loss = self.train_step(stream)
         except torch.OutOfMemoryError as error:
             raise out_of_memory(
                 error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
