@@ -6,7 +6,8 @@ imported on first use, so `import ptlab` stays cheap.
 
 from typing import Any
 
-__version__ = "0.1.0"
+from ptlab.version import __version__ as __version__
+
 __all__ = ["Pipeline", "build"]
 
 

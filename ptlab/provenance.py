@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from ptlab import __version__
+from ptlab.version import __version__
 
 
 def _git(*args: str) -> Optional[str]:
