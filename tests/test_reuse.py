@@ -193,6 +193,6 @@ def test_init_from_refuses_a_prompt_that_does_not_fit(runs, override, message):
 def test_reuse_commands_name_a_bad_run_folder(tmp_path):
     launcher = ("-c", "from ptlab.cli.tools import eval_main; eval_main()")
     missing = cli([str(tmp_path / "nowhere")], launcher=launcher, timeout=120)
-    assert missing.returncode == 2 and "no such run folder" in missing.stderr
+    assert missing.returncode == 2 and "no such run or prompt folder" in missing.stderr
     bare = cli([str(tmp_path)], launcher=launcher, timeout=120)
-    assert bare.returncode == 2 and "has no .hydra/overrides.yaml" in bare.stderr
+    assert bare.returncode == 2 and "has neither .hydra/config.yaml (a run folder) nor" in bare.stderr

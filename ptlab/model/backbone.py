@@ -375,6 +375,20 @@ def target_logprob_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Te
     return (picked * valid).sum(-1)
 
 
+def verbalizer_scores(logits: torch.Tensor, targets: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """`[B, C]` scores from the `[B*C, L]` verbalizer logits; -inf where a row's task has fewer
+    verbalizers than the widest run of the batch (`has` false)."""
+    scores = target_logprob_sums(logits, targets).view(has.shape)
+    return scores.masked_fill(~has, float("-inf"))
+
+
+def generation_inputs(backbone: Backbone, readout: TaskReadout, method: PromptMethod, batch: Batch):
+    """The injection, embeddings and mask a generation starts from (one run; no decoder prefixes)."""
+    injection, inputs_embeds, mask = backbone.prompted([RunParts(readout, method)], batch)
+    no_generation_with_decoder_prefixes(injection)
+    return injection, inputs_embeds, mask
+
+
 class Seq2SeqBackbone(Backbone):
     family = "seq2seq"
 
@@ -441,14 +455,12 @@ class Seq2SeqBackbone(Backbone):
             targets,
             encoded=encoded.repeat_interleave(num_choices, 0),
         )
-        scores = target_logprob_sums(logits, targets).view(len(encoded), num_choices)
-        return scores.masked_fill(~has, float("-inf"))
+        return verbalizer_scores(logits, targets, has)
 
     def generate(
         self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
     ) -> List[str]:
-        injection, inputs_embeds, mask = self.prompted([RunParts(readout, method)], batch)
-        no_generation_with_decoder_prefixes(injection)
+        injection, inputs_embeds, mask = generation_inputs(self, readout, method, batch)
         with self.encoder_prefixes(injection, len(inputs_embeds)):
             output = self.model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
@@ -563,7 +575,6 @@ class CausalBackbone(Backbone):
     def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
         against that shared prefix: C verbalizers cost C short passes, not C full ones."""
-        size = len(batch["source_ids"])
         targets, has = self.choice_targets(runs, batch)
         num_choices = has.shape[1]
         fed, fed_mask = self.fed_targets(targets)
@@ -580,14 +591,12 @@ class CausalBackbone(Backbone):
             )
             states = torch.cat([states, fed_hidden], 1)
         logits = self.model.get_output_embeddings()(states)
-        scores = target_logprob_sums(logits, targets).view(size, num_choices)
-        return scores.masked_fill(~has, float("-inf"))
+        return verbalizer_scores(logits, targets, has)
 
     def generate(
         self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
     ) -> List[str]:
-        injection, inputs_embeds, mask = self.prompted([RunParts(readout, method)], batch)
-        no_generation_with_decoder_prefixes(injection)
+        injection, inputs_embeds, mask = generation_inputs(self, readout, method, batch)
         output = self.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
