@@ -185,7 +185,10 @@ def test_experiment_configs_compose_and_every_swept_value_is_valid(experiment, j
     "recipe,expected",
     [
         ("lester2021", dict(optimizer="adafactor", lr=0.3, weight_decay=1e-5, lr_schedule="constant")),
-        ("smop2023", dict(optimizer="adafactor", lr=0.5, weight_decay=1e-5, lr_schedule="linear", warmup_ratio=0.06)),
+        (
+            "smop2023",
+            dict(optimizer="adafactor", lr=0.5, weight_decay=1e-5, lr_schedule="linear", warmup_ratio=0.06),
+        ),
         ("fpt2022", dict(optimizer="adafactor", lr=0.3, lr_schedule="constant", grad_clip=1.0)),
     ],
 )
@@ -199,8 +202,13 @@ def test_the_papers_optimizer_recipes_are_choices_the_command_line_overrides(rec
 def test_experiments_take_their_papers_optimizer_recipe():
     smop = to_object(compose_config(["experiment=smop_superglue"])).trainer
     assert (smop.lr, smop.warmup_ratio, smop.lr_schedule, smop.batch_size) == (0.5, 0.06, "linear", 32)
-    fpt = to_object(compose_config(["experiment=fpt_t5large"]))
-    assert (fpt.trainer.lr, fpt.trainer.grad_clip, fpt.method.run_label, fpt.schedule.name) == (0.3, 1.0, "fpt", "fpt")
+    fpt = to_object(compose_config(["experiment=fpt_t5large", "recipe=fpt"]))  # as its sweep sets it
+    assert (fpt.trainer.lr, fpt.trainer.grad_clip, fpt.method.run_label, fpt.schedule.name) == (
+        0.3,
+        1.0,
+        "fpt",
+        "fpt",
+    )
 
 
 @pytest.mark.parametrize(
