@@ -272,12 +272,13 @@ class Backbone(nn.Module):
     def injected(self, runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> PromptInjection:
         """Each run's injection for its own rows, as one batch's (one run's as its method made it)."""
         if len(runs) == 1:
-            return runs[0].method.inject(source_embeds, batch["source_mask"])
+            with runs[0].draws():
+                return runs[0].method.inject(source_embeds, batch["source_mask"])
         sizes = rows_per_run(batch, len(runs))
-        parts = [
-            run.method.inject(embeds, mask)
-            for run, embeds, mask in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes))
-        ]
+        parts = []
+        for run, embeds, mask in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes)):
+            with run.draws():
+                parts.append(run.method.inject(embeds, mask))
         return PromptInjection.stack(parts, sizes)
 
     def prompted(self, runs: Runs, batch: Batch, at: int = 0):
@@ -532,7 +533,8 @@ class CausalBackbone(Backbone):
         size = len(source_embeds)
         shared = len(runs) == 1 and self.runs_prompt_once(runs[0].method)
         if shared:  # one row's injection is every row's; its block runs on its own below
-            injection = runs[0].method.inject(source_embeds[:1], batch["source_mask"][:1])
+            with runs[0].draws():
+                injection = runs[0].method.inject(source_embeds[:1], batch["source_mask"][:1])
             block = injection.block.to(source_embeds.dtype)
             inputs, prefix_mask = source_embeds, with_visible(batch["source_mask"], block.shape[1])
         else:

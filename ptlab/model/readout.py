@@ -8,7 +8,8 @@ encoder family's linear head over pooled states is trained with the run's prompt
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+import contextlib
+from typing import Callable, ContextManager, List, NamedTuple, Optional
 
 from torch import nn
 
@@ -33,7 +34,10 @@ class TaskReadout(nn.Module):
 
 
 class RunParts(NamedTuple):
-    """What the rows of one run need beside the shared backbone: its task readout and its method."""
+    """What the rows of one run need beside the shared backbone: its task readout, its method, and
+    the random streams its method draws from when it injects for its rows (a packed sweep gives
+    each member's; alone, the run's stream is active around the whole step)."""
 
     readout: TaskReadout
     method: PromptMethod
+    draws: Callable[[], ContextManager] = contextlib.nullcontext

@@ -13,7 +13,7 @@ import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, NamedTuple, Optional, Sequence, Union
 
 import torch
 from omegaconf import DictConfig
@@ -116,12 +116,33 @@ def start_from(method: PromptMethod, cfg: MethodConfig, loaded: Dict[str, torch.
     log.info("method.init_from: starting from the trained prompt of %s", cfg.init_from)
 
 
+class SharedBackbone(NamedTuple):
+    """A frozen backbone as loaded for a config (compiled if asked) and its fingerprint: what the
+    runs that share it need of it."""
+
+    backbone: Backbone
+    fingerprint: str
+
+
+def frozen_backbone(config: Config) -> SharedBackbone:
+    """The frozen backbone `config` asks for, ready for any number of runs."""
+    backbone = build_backbone(config.backbone)
+    if config.trainer.compile:
+        log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
+    return SharedBackbone(backbone, fingerprint(backbone.model, backbone.tokenizer))
+
+
 def build(
-    config: Union[Config, DictConfig], world: Optional[World] = None, splits: Optional[Sequence[str]] = None
+    config: Union[Config, DictConfig],
+    world: Optional[World] = None,
+    splits: Optional[Sequence[str]] = None,
+    shared: Optional[SharedBackbone] = None,
 ) -> Pipeline:
     """The pipeline `ptlab-train` runs for `config`. `splits` limits which splits are loaded and
     tokenized (None: all of the task's; empty: none, for a model without data). The task's rows
-    are read before the model loads, so a data error surfaces first."""
+    are read before the model loads, so a data error surfaces first. `shared` is a backbone already
+    built for the same `config.backbone` and shared with other runs (a packed sweep, several run
+    folders scored at once): only the run's own parts are built."""
     if isinstance(config, DictConfig):
         config = to_object(config)
     initial = read_init_prompt(config.method) if config.method.init_from else None
@@ -129,7 +150,7 @@ def build(
     if splits is None or splits:
         rows = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
         rows = {name: part for name, part in rows.items() if splits is None or name in splits}
-    backbone = build_backbone(config.backbone)
+    backbone, weights = shared or frozen_backbone(config)
     readout = backbone.readout(list(config.task.verbalizers), config.data.max_source_length, config.seed)
     randomness = RunRandomness(config.seed)
     context = dataclasses.replace(backbone.prompt_context(readout, config.seed), generator=randomness.generator)
@@ -144,10 +165,8 @@ def build(
             "(set backbone.dropout=%s to follow the method's paper)",
             config.method.run_label, wanted, str(config.backbone.dropout).lower(), wanted,
         )  # fmt: skip
-    if config.trainer.compile:
-        log.info("trainer.compile: compiled %d transformer blocks", compile_blocks(backbone.model))
     identity = tokenizer_identity(backbone.tokenizer) if config.data.cache_tokenized and rows else None
     tokenize = functools.partial(backbone.tokenize_sources, readout)
     data = tokenize_splits(rows, config.task, tokenize, config.data.max_source_length, identity)
     return Pipeline(config, backbone, readout, method, data, randomness, world or World(),
-                    fingerprint(backbone.model, backbone.tokenizer))  # fmt: skip
+                    weights)  # fmt: skip

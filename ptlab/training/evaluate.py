@@ -3,7 +3,7 @@ split's task metrics from them."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
@@ -12,7 +12,7 @@ from ptlab.data.examples import Example, chunks
 from ptlab.data.metrics import compute_metrics
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
-from ptlab.model.readout import TaskReadout
+from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.training.distributed import World
 
 
@@ -32,6 +32,34 @@ def predict(
 
 
 @torch.no_grad()
+def map_runs_batches(
+    backbone: Backbone,
+    runs: Sequence[Tuple[TaskReadout, List[Example]]],
+    batch_size: int,
+    device: torch.device,
+    autocast,
+    fn: Callable[[List[int], Dict[str, torch.Tensor]], Sequence],
+) -> List[List]:
+    """Per run, `fn`'s per-row results for its examples, in their order. The examples of all the
+    runs go by length into batches of `batch_size` rows (little padding), each batch one pass that
+    holds several runs' rows, run by run (`collate_runs`); `fn(present, batch)` gets the indices of
+    the runs the batch holds."""
+    items = sorted(
+        ((run, i) for run, (_, examples) in enumerate(runs) for i in range(len(examples))),
+        key=lambda item: len(runs[item[0]][1][item[1]].source_ids),
+    )
+    results: List[List] = [[None] * len(examples) for _, examples in runs]
+    for chunk in chunks(items, batch_size):
+        chunk = sorted(chunk)  # run by run
+        present = list(dict.fromkeys(run for run, _ in chunk))
+        parts = [(runs[run][0], [runs[run][1][i] for owner, i in chunk if owner == run]) for run in present]
+        batch = to_device(backbone.collate_runs(parts), device)
+        with autocast():
+            for (run, i), result in zip(chunk, fn(present, batch)):
+                results[run][i] = result
+    return results
+
+
 def map_sorted_batches(
     backbone: Backbone,
     readout: TaskReadout,
@@ -41,16 +69,45 @@ def map_sorted_batches(
     autocast,
     fn: Callable,
 ) -> List:
-    """`fn(batch)`'s per-example results for `examples`, in their order: batches of similar
-    length waste little on padding, and the results go back in input order."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids))
-    results = [None] * len(examples)
-    for indices in chunks(order, batch_size):
-        batch = to_device(backbone.collate(readout, [examples[i] for i in indices]), device)
-        with autocast():
-            for i, result in zip(indices, fn(batch)):
-                results[i] = result
-    return results
+    """`fn(batch)`'s per-example results for one run's `examples`, in their order."""
+    return map_runs_batches(
+        backbone, [(readout, examples)], batch_size, device, autocast, lambda _, batch: fn(batch)
+    )[0]
+
+
+def runs_scores(
+    backbone: Backbone, runs: Sequence[Tuple[RunParts, List[Example]]], batch_size: int, device, autocast
+) -> List[List[torch.Tensor]]:
+    """Each run's `[C]` verbalizer scores for each of its examples, several runs' prompts scored in
+    one pass per batch (mixed-prompt inference); leaves the modules in eval mode."""
+    backbone.eval()
+    for parts, _ in runs:
+        parts.method.eval()
+
+    def scores(present: List[int], batch: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+        out = backbone.runs_scores([runs[run][0] for run in present], batch).float().cpu()
+        owners = [present[index] for index in batch["run"].tolist()]
+        return [row[: len(runs[owner][0].readout.choice_ids)] for row, owner in zip(out, owners)]
+
+    return map_runs_batches(
+        backbone, [(parts.readout, examples) for parts, examples in runs], batch_size, device, autocast, scores
+    )
+
+
+def runs_split_metrics(
+    backbone: Backbone,
+    runs: Sequence[Tuple[RunParts, List[Example], TaskConfig]],
+    batch_size: int,
+    device: torch.device,
+    autocast,
+) -> List[Dict[str, float]]:
+    """Each run's task metrics (and its method's statistics) on its examples, all the runs scored
+    together by rank classification (one process: a packed sweep's members due at one step)."""
+    scores = runs_scores(backbone, [(parts, examples) for parts, examples, _ in runs], batch_size, device, autocast)
+    return [
+        {**task_metrics(task, [int(row.argmax()) for row in run_scores], examples), **parts.method.eval_stats()}
+        for (parts, examples, task), run_scores in zip(runs, scores)
+    ]
 
 
 def predict_examples(
