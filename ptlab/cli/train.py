@@ -95,7 +95,7 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
     try:
         task()
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, ConfigError) as error:  # ConfigError: a launcher's
         print(f"ptlab: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:  # Hydra makes the run folder before ptlab runs: not a directory, read-only

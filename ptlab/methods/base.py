@@ -161,6 +161,12 @@ class PromptMethod(nn.Module):
     # block, from `prompt()`), `prefix_tuning` (the per-layer tables) or None (no PEFT equivalent)
     peft_export: Optional[str] = None
 
+    @property
+    def loss_in_one_pass(self) -> bool:
+        """The training loss is one forward pass's task loss plus `extra_loss()`: a packed sweep
+        computes it in the pass its members share; otherwise the member runs `training_loss` alone."""
+        return True
+
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         """The `[B, n, d]` input block of an input-block method."""
         raise NotImplementedError

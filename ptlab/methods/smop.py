@@ -151,9 +151,13 @@ class SMoP(PromptMethod):
     def extra_loss(self) -> Optional[torch.Tensor]:
         return self._aux_loss
 
+    @property
+    def loss_in_one_pass(self) -> bool:
+        return self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0
+
     def training_loss(self, backbone, readout, batch) -> torch.Tensor:
         """Stochastic routing trains two draws against each other (official `consistency_alpha`)."""
-        if self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0:
+        if self.loss_in_one_pass:
             return super().training_loss(backbone, readout, batch)
         logits_a = backbone.output_logits(readout, self, batch)
         logits_b = backbone.output_logits(readout, self, batch)

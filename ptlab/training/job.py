@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 from ptlab.provenance import code_version
-from ptlab.training.build import build
+from ptlab.training.build import SharedBackbone, build
 from ptlab.training.checkpoint import config_difference, config_record, record_difference
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.run_folder import (
@@ -90,49 +90,90 @@ def train_in(
     was), trained and summarised."""
     finished = finished_summary(run_dir, config) if config.trainer.resume else None
     if finished is not None:  # a rerun sweep skips its finished jobs
-        best = finished["best"][config.task.main_metric]
-        log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
-                 "it again", run_dir, config.task.main_metric, best)  # fmt: skip
-        return best
+        return skipped(run_dir, config, finished)
     setup_hardware(config)
-    started = time.perf_counter()
-    pipeline = build(config, world)
+    opened = open_run(run_dir, config, cfg, world, facts, run_log)
+    try:
+        return close_run(opened, opened.trainer.fit())
+    finally:
+        opened.tracker.finish()
+
+
+def skipped(run_dir: Path, config: Config, finished: Dict[str, Any]) -> float:
+    best = finished["best"][config.task.main_metric]
+    log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
+             "it again", run_dir, config.task.main_metric, best)  # fmt: skip
+    return best
+
+
+@dataclasses.dataclass
+class OpenRun:
+    """A run built, resumed where its folder says, recorded and tracking: ready to train."""
+
+    run_dir: Path
+    config: Config
+    trainer: Trainer
+    tracker: Tracker
+    started: float  # perf_counter when its building began
+    load_seconds: float
+
+
+def open_run(
+    run_dir: Path,
+    config: Config,
+    cfg: DictConfig,
+    world: World,
+    facts: RunFacts,
+    run_log: RunLog,
+    shared: Optional[SharedBackbone] = None,
+    started: Optional[float] = None,
+) -> OpenRun:
+    """Build the run (on `shared`, a backbone loaded for it and others), open its tracker, resume
+    it from its folder's checkpoint if it has one (a checkpoint that does not fit stops here), then
+    write its config snapshots and start its log and W&B run."""
+    started = time.perf_counter() if started is None else started
+    pipeline = build(config, world, shared=shared)
     load_seconds = time.perf_counter() - started
     tracker = open_tracker(run_dir, config, cfg, world, facts)
     try:
         trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
-        if not (
-            config.trainer.resume and trainer.resume(run_dir)
-        ):  # a checkpoint that does not fit stops here
+        if not (config.trainer.resume and trainer.resume(run_dir)):
             tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
         record_start(run_dir, cfg, world, facts, run_log)
         tracker.start()
-        names = (config.method.run_label, config.backbone.name, config.task.name)
-        log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
-                 *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
-        summary = trainer.fit()
-        summary.update(
-            status="finished",
-            method=config.method.run_label,
-            backbone=config.backbone.name,
-            task=config.task.name,
-            seed=config.seed,
-            load_seconds=load_seconds,
-            wall_seconds=time.perf_counter() - started,
-            wandb=tracker.wandb_info(),
-            code=code_version(),
-        )
-        tracker.summary(summary)
-        if config.logger.log_prompt:
-            name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
-            metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
-            tracker.log_prompt(run_dir / "checkpoints" / "best", name, metadata)
-    finally:
+    except BaseException:
         tracker.finish()
+        raise
+    names = (config.method.run_label, config.backbone.name, config.task.name)
+    log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
+             *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
+    return OpenRun(run_dir, config, trainer, tracker, started, load_seconds)
+
+
+def close_run(run: OpenRun, summary: Dict[str, Any]) -> float:
+    """A trained run's summary completed and recorded (summary.json, W&B, the prompt artifact);
+    returns its best validation value. The caller finishes its tracker."""
+    config, tracker = run.config, run.tracker
+    summary.update(
+        status="finished",
+        method=config.method.run_label,
+        backbone=config.backbone.name,
+        task=config.task.name,
+        seed=config.seed,
+        load_seconds=run.load_seconds,
+        wall_seconds=time.perf_counter() - run.started,
+        wandb=tracker.wandb_info(),
+        code=code_version(),
+    )
+    tracker.summary(summary)
+    if config.logger.log_prompt:
+        name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
+        metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
+        tracker.log_prompt(run.run_dir / "checkpoints" / "best", name, metadata)
     metric, baseline = config.task.main_metric, summary["baseline"]
     best = summary["best"][metric]
     log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
-             baseline["name"], baseline[metric], run_dir / "summary.json")  # fmt: skip
+             baseline["name"], baseline[metric], run.run_dir / "summary.json")  # fmt: skip
     return best
 
 

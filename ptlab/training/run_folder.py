@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,22 +65,48 @@ class RunFacts:
     hydra_config: Optional[DictConfig] = None  # Hydra's own config (`hydra:`), for `.hydra/hydra.yaml`
 
 
+SPEAKER: ContextVar[Optional["RunLog"]] = ContextVar("ptlab_speaking_run", default=None)
+
+
+class OwnLines(logging.Filter):
+    """Lets into a run's log the lines logged while that run speaks, and those logged while no
+    run does (a pack's own lines): in a pack each member's train.log has its own lines only."""
+
+    def __init__(self, owner: RunLog) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return SPEAKER.get() in (None, self.owner)
+
+
 class RunLog:
     """The run's log file, opened by `start()`; what was logged before is buffered until then and
-    dropped if the run never starts."""
+    dropped if the run never starts. Runs that share a process (a pack) log inside `speaking()`."""
 
     def __init__(self) -> None:
         self.buffer = MemoryHandler(capacity=1_000_000, flushLevel=logging.CRITICAL + 1)
+        self.buffer.addFilter(OwnLines(self))
         self.file: Optional[logging.FileHandler] = None
 
     def __enter__(self) -> RunLog:
         logging.getLogger().addHandler(self.buffer)
         return self
 
+    @contextmanager
+    def speaking(self) -> Iterator[None]:
+        """Inside, log lines are this run's: they go to its log, not to the other members'."""
+        token = SPEAKER.set(self)
+        try:
+            yield
+        finally:
+            SPEAKER.reset(token)
+
     def start(self, path: Path) -> None:
         """Open the log (appending: a resumed run continues its log) and write the buffered lines."""
         root = logging.getLogger()
         self.file = logging.FileHandler(path, encoding="utf-8")
+        self.file.addFilter(OwnLines(self))
         formatters = [handler.formatter for handler in root.handlers if handler.formatter is not None]
         if formatters:
             self.file.setFormatter(formatters[0])  # the console's: conf/hydra/job_logging/ptlab.yaml

@@ -196,7 +196,10 @@ class Trainer:
 
     def eval_and_checkpoint(self) -> bool:
         """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
-        metrics = self.run_eval("validation")
+        return self.record_eval(self.run_eval("validation"))
+
+    def record_eval(self, metrics: Dict[str, float]) -> bool:
+        """Log a validation result, keep the best prompt, checkpoint; True when patience ran out."""
         self.state.last_metrics = metrics
         # curves against compute: train_s (training seconds, all sessions of the run), flops (training
         # FLOPs so far) and wall_s (this process's training and evaluation seconds)
@@ -256,11 +259,18 @@ class Trainer:
             totals[0] += (
                 backward_loss(self.method, self.backbone, self.readout, batch, self.autocast, weight) * weight
             )
-            totals[1:] += self.stage_schedule.batch_flops(
-                batch, self.method, self.backbone.runs_prompt_once(self.method)
-            )
+            totals[1:] += self.batch_flops(batch)
         self.world.sum_gradients(self.params)
         self.world.sum_(totals)
+        return self.apply_gradients(totals)
+
+    def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """This run's training FLOPs on one of its batches, and the full model's (float64 `[2]`)."""
+        return self.stage_schedule.batch_flops(batch, self.method, self.backbone.runs_prompt_once(self.method))
+
+    def apply_gradients(self, totals: torch.Tensor) -> float:
+        """The optimizer step once the gradients are in; `totals`: the step's loss, FLOPs and
+        full-model FLOPs. Returns the loss."""
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -271,12 +281,16 @@ class Trainer:
         self.state.stages[self.stage_schedule.current]["flops"] += float(totals[1])
         return float(totals[0])
 
-    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
-        """One training step in the current stage, timed and counted."""
+    def enter_stage(self) -> None:
+        """Before a step: the stage it trains in (FPT's partial models), logged when it changes."""
         stage = self.stage_schedule.enter(self.state.step)
         if stage is not None and len(self.state.stages) > 1:
             log.info("step %d: stage %s", self.state.step, stage)
             self.tracker.log(self.state.step, "stage", stage)
+
+    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
+        """One training step in the current stage, timed and counted."""
+        self.enter_stage()
         self.backbone.train()
         self.method.train()
         seen_before, started = self.state.examples_seen, time.perf_counter()
@@ -293,7 +307,11 @@ class Trainer:
             raise out_of_memory(
                 error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
             ) from None
-        elapsed = time.perf_counter() - started
+        self.count_step(loss, time.perf_counter() - started, self.state.examples_seen - seen_before, window)
+
+    def count_step(self, loss: float, elapsed: float, examples: int, window: LogWindow) -> None:
+        """A finished step's seconds, loss and examples into the state and the log window; a loss
+        that is not finite ends the run here."""
         self.state.train_seconds += elapsed
         self.state.stages[self.stage_schedule.current]["seconds"] += elapsed
         self.state.stages[self.stage_schedule.current]["steps"] += 1
@@ -302,13 +320,12 @@ class Trainer:
             raise non_finite_loss(loss, self.state.step, self.last_finite_loss, lr, self.checkpoint.last_dir)
         self.last_finite_loss = loss
         window.losses.append(loss)
-        window.examples += self.state.examples_seen - seen_before
+        window.examples += examples
 
     # --- the loop -------------------------------------------------------------------------------
-    def fit(self) -> Dict[str, Any]:
-        """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
+    def start_fit(self) -> Iterator[List[int]]:
+        """The stream of training batches from where the run stands (and FPT's neuron scores)."""
         self.fit_started = time.perf_counter()
-        reset_peak_memory(self.device)  # peak_memory_mb: this run's training, not earlier jobs'
         stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
         if self.stage_schedule.needs_scores:  # FPT's width reduction: a fixed cost outside train_seconds
             started = time.perf_counter()
@@ -316,6 +333,28 @@ class Trainer:
                 self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
             )
             self.scoring_seconds = time.perf_counter() - started
+        return stream
+
+    def log_if_due(self, window: LogWindow, progress: Optional[Progress] = None) -> LogWindow:
+        """After a step: the train log line when one is due (then a new window)."""
+        if self.state.step % self.cfg.log_every and self.state.step != self.total_steps:
+            return window
+        lr = self.lr_scheduler.get_last_lr()[0]
+        logged = window.log(self.tracker, self.state.step, lr, self.state.flops)
+        if progress is not None:
+            progress.trained(self.state.step, *logged)
+        return LogWindow()
+
+    def eval_due(self) -> bool:
+        """After a step: whether it evaluates (every `eval_every` and at the end; partial models
+        are not evaluated)."""
+        due = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
+        return due and self.stage_schedule.is_full
+
+    def fit(self) -> Dict[str, Any]:
+        """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
+        reset_peak_memory(self.device)  # peak_memory_mb: this run's training, not earlier jobs'
+        stream = self.start_fit()
         progress = Progress(
             self.total_steps, self.state.step, self.world.is_main, self.task.main_metric, self.baseline,
         )  # fmt: skip
@@ -324,19 +363,17 @@ class Trainer:
             while self.state.step < self.total_steps and not stopped_early:
                 self.timed_step(stream, window)
                 progress.advance()
-                last = self.state.step == self.total_steps
-                if self.state.step % self.cfg.log_every == 0 or last:
-                    lr = self.lr_scheduler.get_last_lr()[0]
-                    progress.trained(
-                        self.state.step, *window.log(self.tracker, self.state.step, lr, self.state.flops)
-                    )
-                    window = LogWindow()
-                if (self.state.step % self.cfg.eval_every == 0 or last) and self.stage_schedule.is_full:
-                    stopped_early = self.eval_and_checkpoint()  # partial models are not evaluated
+                window = self.log_if_due(window, progress)
+                if self.eval_due():
+                    stopped_early = self.eval_and_checkpoint()
                     state = self.state
                     progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
                 guard.stop_if_signalled(self.save_last, self.state.step)
         progress.close()
+        return self.finish_fit(stopped_early)
+
+    def finish_fit(self, stopped_early: bool) -> Dict[str, Any]:
+        """The best prompt scored on the test split if the task has one; the run's summary."""
         test_metrics = None
         if "test" in self.data:  # the SMoP protocol's held-out test split, scored with the best prompt
             self.checkpoint.load_best()

@@ -1,0 +1,31 @@
+"""ptlab's Hydra launcher plugin, `hydra/launcher=packed`: Hydra finds launchers in the
+`hydra_plugins` namespace package; the work is ptlab's (ptlab/cli/packed_launch.py)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.utils import JobReturn
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from ptlab.cli.packed_launch import PackedLauncherConf, launch
+
+ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="ptlab")
+
+
+class PackedLauncher(Launcher):
+    """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/pack.py)."""
+
+    def __init__(self, **settings) -> None:
+        self.settings = DictConfig(settings)
+        self.config: Optional[DictConfig] = None
+        self.context: Optional[HydraContext] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.context, self.config = hydra_context, config  # the task function is not called: packs train
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        return launch(self.settings, self.context, self.config, job_overrides, initial_job_idx)

@@ -1,0 +1,156 @@
+"""`hydra/launcher=packed`: a multirun's jobs trained in packs (ptlab/training/pack.py).
+
+Hydra's launchers call the task function once per job; this one composes every job's config
+(as Hydra's basic launcher does: sweep config, job number, output folder), groups the jobs that
+can share a backbone (ptlab/training/packing.py), says how it packed them, and trains each group
+in packs, in this process or as one SLURM job per group through submitit. Each job still gets
+what Hydra gives a job: its folder, its `.hydra/` snapshots (written by ptlab once it starts), its
+overrides, and a `JobReturn` whose value is its best validation score (None when it failed, so an
+Optuna trial records a failure), and the sweep's callbacks see it end as usual.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.types import HydraContext
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from ptlab.config.schema import to_object
+from ptlab.errors import ConfigError
+from ptlab.training.run_folder import record_failure
+
+log = logging.getLogger("ptlab")
+
+
+@dataclass
+class PackedLauncherConf:
+    """`hydra.launcher.*` of `hydra/launcher=packed`."""
+
+    _target_: str = "hydra_plugins.ptlab_launcher.packed_launcher.PackedLauncher"
+    pack_size: Optional[int] = None  # most runs per pack; null: as many as fit the device (logged)
+    # null: packs train in this process; else the keys of Hydra's submitit launcher (partition,
+    # timeout_min, gpus_per_node, ...; `cluster: local` runs them as local processes): one job per group
+    submitit: Optional[Dict[str, Any]] = None
+
+
+def check_launcher(settings: DictConfig) -> Optional[int]:
+    """The pack size asked for (None: automatic); a bad one is one line before anything runs."""
+    size = settings.get("pack_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+        raise ConfigError(
+            f"hydra.launcher.pack_size={size!r}: give a whole number of runs per pack, 1 or more "
+            "(null: as many as fit the device)"
+        )
+    return size
+
+
+def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[str], number: int):
+    """One job's composed config and Hydra facts, as Hydra's basic launcher and `run_job` make them."""
+    from ptlab.cli.train import run_facts
+
+    sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep_config):
+        sweep_config.hydra.job.id = number
+        sweep_config.hydra.job.num = number
+    HydraConfig.instance().set_config(sweep_config)
+    output_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
+    with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
+        sweep_config.hydra.runtime.output_dir = os.path.abspath(output_dir)
+    HydraConfig.instance().set_config(sweep_config)
+    task_cfg = copy.deepcopy(sweep_config)
+    with read_write(task_cfg), open_dict(task_cfg):
+        del task_cfg["hydra"]
+    facts = run_facts()
+    job_return = JobReturn(
+        overrides=list(overrides),
+        cfg=task_cfg,
+        hydra_cfg=copy.deepcopy(HydraConfig.instance().cfg),
+        working_dir=os.getcwd(),
+        task_name=sweep_config.hydra.job.name,
+    )
+    return task_cfg, facts, job_return
+
+
+def launch(
+    settings: DictConfig, context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+    initial_job_idx: int,
+) -> List[JobReturn]:  # fmt: skip
+    """Compose, group, report and train the jobs; one JobReturn per job, in order."""
+    from ptlab.training.packed_job import PackedJob
+    from ptlab.training.packing import check_packable, group_jobs, packing_report
+
+    setup_globals()
+    pack_size = check_launcher(settings)
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    jobs, returns, usable = [], [], []
+    for offset, overrides in enumerate(job_overrides):
+        task_cfg, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
+        returns.append(job_return)
+        log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
+        try:
+            jobs.append(PackedJob(task_cfg, to_object(task_cfg), facts))
+            usable.append(offset)
+        except ConfigError as error:  # this job's own settings: it fails alone
+            print(f"ptlab: error: {facts.run_dir}: {error}", file=sys.stderr)
+            record_failure(facts.run_dir, error)
+            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+    configure_log(config.hydra.job_logging, config.hydra.verbose)
+    check_packable([job.config for job in jobs])
+    groups = group_jobs([job.config for job in jobs])
+    sizes = [pack_size or len(group.jobs) for group in groups]
+    log.info("hydra/launcher=packed: %d jobs in %d groups sharing a backbone setup%s", len(jobs), len(groups),
+             "" if pack_size is None else f", packs of at most {pack_size}")  # fmt: skip
+    for line in packing_report(groups, sizes, [offset + initial_job_idx for offset in usable]):
+        log.info("  %s", line)
+    if pack_size is None:
+        log.info("  (a group splits into packs of the size that fits its device once its backbone is loaded)")
+    values = run_groups([[jobs[i] for i in group.jobs] for group in groups], pack_size, settings)
+    for group, group_values in zip(groups, values):
+        for i, value in zip(group.jobs, group_values):
+            returns[usable[i]].status, returns[usable[i]].return_value = JobStatus.COMPLETED, value
+    return returns
+
+
+def run_groups(groups: List[List[Any]], pack_size: Optional[int], settings: DictConfig) -> List[List[Any]]:
+    """Each group's results: trained here, or one submitit job per group (waited for)."""
+    from ptlab.training.packed_job import run_group
+    from ptlab.training.preemption import Preempted
+
+    submitit = settings.get("submitit")
+    if submitit is None:
+        try:
+            return [run_group(group, pack_size) for group in groups]
+        except Preempted as stop:  # each member's checkpoint is written; the same command resumes
+            print(f"ptlab: {stop}", file=sys.stderr)
+            sys.exit(128 + stop.signum)
+    return submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True))
+
+
+def submitted(groups: List[List[Any]], pack_size: Optional[int], params: Dict[str, Any]) -> List[List[Any]]:
+    """One submitit job per group, with the keys Hydra's submitit launcher takes; waits for all."""
+    import submitit
+
+    from ptlab.training.packed_job import run_group
+
+    params = dict(params)
+    cluster = params.pop("cluster", None)
+    folder = params.pop("submitit_folder", str(Path(os.getcwd()) / ".submitit" / "%j"))
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    base = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "name",
+            "stderr_to_stdout"}  # fmt: skip
+    prefix = executor.cluster
+    executor.update_parameters(**{key if key in base else f"{prefix}_{key}": value for key, value in params.items()})
+    submitted_jobs = [executor.submit(run_group, group, pack_size) for group in groups]
+    log.info("submitted %d pack jobs through submitit (%s): %s", len(submitted_jobs), executor.cluster,
+             ", ".join(job.job_id for job in submitted_jobs))  # fmt: skip
+    return [job.result() for job in submitted_jobs]

@@ -1,0 +1,261 @@
+"""A pack: several runs trained together over one frozen backbone, one forward and one backward
+pass per step for all of them, each run ending where it would alone.
+
+Each member is a whole `Trainer` (its own optimizer, lr schedule, random streams, step count,
+early stopping, checkpoints, tracker); the pack only replaces *how a step's gradients are
+computed*. A packed step concatenates each member's next batch (rows run by run,
+`Backbone.collate_runs`), computes every member's loss over its own rows (`Backbone.run_losses`:
+the token mean of its rows, as alone) plus its method's auxiliary loss, and backpropagates the sum
+once. The members' parameters are disjoint, so each gets exactly the gradient of its own loss; then
+each steps its own optimizer. A member whose method computes its loss in several passes
+(`PromptMethod.loss_in_one_pass` false) runs its own pass on the shared backbone in the same step.
+Members due for evaluation at the same step are scored in one pass (`runs_split_metrics`). A member
+that finishes, stops early or fails leaves the pack and the others go on.
+
+Randomness: each member's method draws from the member's own streams (`RunParts.draws`); the
+frozen network's dropout, when on, draws from the pack's stream: members are then statistically
+equivalent to their solo runs, not equal. Time: each member's `train_seconds` counts the packed
+steps it took part in (the pack's wall time, shared), so its examples/s is its share of the pack.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+
+from ptlab.data.examples import Example
+from ptlab.errors import TrainingFault
+from ptlab.model.readout import RunParts
+from ptlab.training.evaluate import runs_split_metrics, to_device
+from ptlab.training.memory import reset_peak_memory
+from ptlab.training.preemption import PreemptionGuard
+from ptlab.training.progress import Progress
+from ptlab.training.randomness import RunRandomness
+from ptlab.training.trainer import LogWindow, Trainer, backward_loss
+
+log = logging.getLogger("ptlab")
+
+
+@dataclass
+class Member:
+    """One run of a pack and where its loop stands; `speaking()` routes its log lines to its own
+    train.log (ptlab/training/run_folder.py)."""
+
+    trainer: Trainer
+    speaking: Callable
+    name: str
+    stream: Optional[Iterator[List[int]]] = None
+    window: LogWindow = field(default_factory=LogWindow)
+    progress: Optional[Progress] = None
+    stopped_early: bool = False
+    loss: float = 0.0  # of its last step
+    seen: int = 0  # examples seen at its last log-window count
+
+    @property
+    def done(self) -> bool:
+        return self.stopped_early or self.trainer.state.step >= self.trainer.total_steps
+
+    def parts(self, device: torch.device) -> RunParts:
+        trainer = self.trainer
+        return RunParts(trainer.readout, trainer.method, functools.partial(trainer.randomness.active, device))
+
+    def next_examples(self) -> List[Example]:
+        """The member's next global batch (one of its `grad_accum` per step)."""
+        indices = next(self.stream)
+        self.trainer.state.examples_seen += len(indices)
+        return [self.trainer.data["train"][i] for i in indices]
+
+
+class PackOutOfMemory(TrainingFault):
+    """A packed step ran out of memory: the pack is too large for the device."""
+
+
+def out_of_memory_error(error: Exception) -> Optional[Exception]:
+    """`error` when it is the device running out of memory (CUDA's, or the CPU allocator's words)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return error
+    message = str(error)
+    return error if "can't allocate memory" in message or "not enough memory" in message else None
+
+
+class Pack:
+    """Trains `members` (Trainers over one backbone, already resumed) together until each is done;
+    `finished(member, summary)` and `failed(member, error)` are told as each one leaves."""
+
+    def __init__(
+        self,
+        members: List[Member],
+        seed: int,
+        finished: Callable[[Member, Dict], None],
+        failed: Callable[[Member, Exception], None],
+    ) -> None:
+        self.members = members
+        self.finished, self.failed = finished, failed
+        first = members[0].trainer
+        self.backbone, self.device, self.autocast = first.backbone, first.device, first.autocast
+        self.randomness = RunRandomness(seed)  # the frozen network's dropout draws (when it is on)
+
+    # --- one packed step ---------------------------------------------------------------------
+    def joint_losses(self, members: List[Member], examples: Dict[int, List[Example]], totals) -> None:
+        """One pass over the members' rows together; backpropagates the sum of their losses, each
+        weighted as its trainer weights a micro-batch."""
+        batch = to_device(
+            self.backbone.collate_runs([(m.trainer.readout, examples[id(m)]) for m in members]), self.device
+        )
+        with self.autocast():
+            losses = self.backbone.run_losses([m.parts(self.device) for m in members], batch)
+            total = losses.new_zeros(())
+            for member, loss in zip(members, losses):
+                extra = member.trainer.method.extra_loss()
+                loss = loss if extra is None else loss + extra
+                weight = 1.0 / member.trainer.cfg.grad_accum
+                total = total + (loss if weight == 1.0 else loss * weight)
+                totals[id(member)][0] += loss.item() * weight
+        total.backward()
+
+    def own_loss(self, member: Member, examples: List[Example], totals) -> None:
+        """A member whose loss takes several passes: its own, on the shared backbone."""
+        trainer = member.trainer
+        batch = to_device(self.backbone.collate(trainer.readout, examples), self.device)
+        weight = 1.0 / trainer.cfg.grad_accum
+        with trainer.randomness.active(self.device):
+            loss = backward_loss(trainer.method, self.backbone, trainer.readout, batch, self.autocast, weight)
+        totals[id(member)][0] += loss * weight
+
+    def step(self, members: List[Member]) -> float:
+        """One optimizer step of every member; returns the step's seconds."""
+        for member in members:
+            member.trainer.enter_stage()
+            member.trainer.optimizer.zero_grad(set_to_none=True)
+            member.trainer.method.train()
+        self.backbone.train()
+        totals = {id(m): torch.zeros(3, dtype=torch.float64) for m in members}
+        started = time.perf_counter()
+        with self.randomness.active(self.device):
+            for round_ in range(max(m.trainer.cfg.grad_accum for m in members)):
+                takers = [m for m in members if round_ < m.trainer.cfg.grad_accum]
+                examples = {id(m): m.next_examples() for m in takers}
+                for member in takers:  # FLOPs as alone: on the member's own batch
+                    batch = member.trainer.backbone.collate(member.trainer.readout, examples[id(member)])
+                    totals[id(member)][1:] += member.trainer.batch_flops(batch)
+                joint = [m for m in takers if m.trainer.method.loss_in_one_pass]
+                if joint:
+                    self.joint_losses(joint, examples, totals)
+                for member in takers:
+                    if not member.trainer.method.loss_in_one_pass:
+                        self.own_loss(member, examples[id(member)], totals)
+        for member in members:
+            member.loss = member.trainer.apply_gradients(totals[id(member)])
+        return time.perf_counter() - started
+
+    # --- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, due: List[Member]) -> Dict[int, Dict[str, float]]:
+        """Validation metrics of the members due at this step: rank scoring in one pass for all;
+        a member that generates is scored on its own."""
+        ranked = [m for m in due if m.trainer.cfg.eval_mode == "rank"]
+        metrics: Dict[int, Dict[str, float]] = {}
+        if ranked:
+            runs = [
+                (m.parts(self.device), m.trainer.data["validation"], m.trainer.task) for m in ranked
+            ]
+            batch_size = max(m.trainer.eval_batch_size for m in ranked)
+            for member, values in zip(
+                ranked, runs_split_metrics(self.backbone, runs, batch_size, self.device, self.autocast)
+            ):
+                metrics[id(member)] = values
+        for member in due:
+            if id(member) not in metrics:
+                metrics[id(member)] = member.trainer.run_eval("validation")
+        return metrics
+
+    # --- the loop ----------------------------------------------------------------------------
+    def leave(self, member: Member, error: Optional[Exception] = None) -> None:
+        """`member` leaves the pack: finished (its test split scored, its summary made) or failed."""
+        self.members.remove(member)
+        if member.progress is not None:
+            member.progress.close()
+        with member.speaking():
+            if error is not None:
+                self.failed(member, error)
+                return
+            try:
+                summary = member.trainer.finish_fit(member.stopped_early)
+            except (TrainingFault, RuntimeError, ValueError) as failure:
+                self.failed(member, failure)
+                return
+            self.finished(member, summary)
+
+    def save_all(self) -> None:
+        for member in self.members:
+            with member.speaking():
+                member.trainer.save_last()
+
+    def run(self) -> None:
+        reset_peak_memory(self.device)  # each member's peak_memory_mb: the pack's training
+        for member in list(self.members):
+            with member.speaking():
+                trainer = member.trainer
+                member.stream = trainer.start_fit()
+                member.seen = trainer.state.examples_seen
+                member.progress = Progress(
+                    trainer.total_steps, trainer.state.step, True, trainer.task.main_metric, trainer.baseline,
+                    interactive=False,
+                )  # fmt: skip
+            if member.done:
+                self.leave(member)
+        with PreemptionGuard() as guard:
+            while self.members:
+                active = list(self.members)
+                try:
+                    elapsed = self.step(active)
+                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    if out_of_memory_error(error) is None:
+                        raise
+                    self.out_of_memory(error)
+                    return
+                for member in active:
+                    self.after_step(member, elapsed)
+                due = [m for m in active if m in self.members and m.trainer.eval_due()]
+                if due:
+                    metrics = self.evaluate(due)
+                    for member in due:
+                        with member.speaking():
+                            member.stopped_early = member.trainer.record_eval(metrics[id(member)])
+                            state = member.trainer.state
+                            member.progress.evaluated(
+                                state.step, state.last_metrics, state.best_score, state.best_step
+                            )
+                for member in [m for m in active if m in self.members and m.done]:
+                    self.leave(member)
+                steps = [m.trainer.state.step for m in self.members]
+                guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
+
+    def after_step(self, member: Member, elapsed: float) -> None:
+        """A member's bookkeeping after a packed step: seconds, loss check, log line."""
+        trainer = member.trainer
+        with member.speaking():
+            try:
+                trainer.count_step(member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window)
+            except TrainingFault as error:
+                self.leave(member, error)
+                return
+            member.seen = trainer.state.examples_seen
+            member.progress.advance()
+            member.window = trainer.log_if_due(member.window, member.progress)
+
+    def out_of_memory(self, error: Exception) -> None:
+        """The pack does not fit: every member fails with the same line, its last checkpoint kept."""
+        size = len(self.members)
+        first = str(error).strip().splitlines()[0][:160]
+        fault = PackOutOfMemory(
+            f"a pack of {size} runs ran out of memory in a training step ({first}): set "
+            f"hydra.launcher.pack_size={max(1, size // 2)} (or lower) and run the sweep command again; "
+            "each run resumes from its last checkpoint"
+        )
+        for member in list(self.members):
+            self.leave(member, fault)

@@ -1,0 +1,153 @@
+"""Which jobs of a sweep can train in one pack, how many per pack, and the report that says so.
+
+Jobs share a pass when they share the frozen backbone with the same settings: `backbone.*` (path,
+dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
+differ. A job with a stage schedule (FPT) packs alone: its partial models change the shared
+backbone at its own steps. Nothing is dropped: every job is in exactly one pack, and the report
+says why a job is not in the first pack of its sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ptlab.config.schema import Config
+from ptlab.errors import ConfigError
+from ptlab.model.backbone import Backbone
+from ptlab.model.flops import ModelShape
+
+MAX_AUTO_PACK = 16  # the automatic pack size's ceiling: past it a step's batch is no longer small
+
+
+def shared_settings(config: Config) -> Dict[str, Any]:
+    """What the members of a pack must have in common."""
+    return {
+        "backbone": dataclasses.asdict(config.backbone),
+        "hardware": dataclasses.asdict(config.hardware),
+        "trainer.compile": config.trainer.compile,
+    }
+
+
+def first_difference(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> Optional[str]:
+    """The first setting (dotted) where `a` and `b` differ, `key=a vs b`."""
+    for key in list(dict.fromkeys([*a, *b])):
+        left, right = a.get(key), b.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(left, dict) and isinstance(right, dict):
+            found = first_difference(left, right, f"{name}.")
+            if found:
+                return found
+        elif left != right:
+            return f"{name}={json.dumps(left)} vs {json.dumps(right)}"
+    return None
+
+
+def packs_alone(config: Config) -> Optional[str]:
+    """Why the job cannot share a pack with any other, or None."""
+    if len(config.schedule.stages) > 1 or any(
+        (stage.depth, stage.width) != (1.0, 1.0) for stage in config.schedule.stages
+    ):
+        return f"schedule={config.schedule.name} changes the backbone at its own steps (FPT's partial models)"
+    return None
+
+
+@dataclasses.dataclass
+class Group:
+    """Jobs that can share one backbone (and so packs); `why` says why it is not the first group."""
+
+    jobs: List[int]
+    settings: Dict[str, Any]
+    why: str = ""
+    alone: bool = False  # a job that packs with no other (packs_alone)
+
+
+def check_packable(configs: Sequence[Config]) -> None:
+    """Settings no pack can run: one line before any model loads."""
+    for config in configs:
+        if config.hardware.distributed:
+            raise ConfigError(
+                f"hydra/launcher=packed trains each pack in one process; hardware={config.hardware.name} "
+                "(hardware.distributed=true) needs torchrun: use hardware=gpu or the basic launcher"
+            )
+
+
+def group_jobs(configs: Sequence[Config]) -> List[Group]:
+    """The sweep's jobs (by index) in groups that can share a backbone, in sweep order."""
+    groups: List[Group] = []
+    for index, config in enumerate(configs):
+        settings, alone = shared_settings(config), packs_alone(config)
+        if alone is None:
+            for group in groups:
+                if not group.alone and group.settings == settings:
+                    group.jobs.append(index)
+                    break
+            else:
+                why = "" if not groups else f"another backbone setup: {first_difference(groups[0].settings, settings)}"
+                groups.append(Group([index], settings, why))
+        else:
+            groups.append(Group([index], settings, f"alone: {alone}", alone=True))
+    return groups
+
+
+def chunked(jobs: List[int], size: int) -> List[List[int]]:
+    return [jobs[start : start + size] for start in range(0, len(jobs), size)]
+
+
+def packing_report(groups: Sequence[Group], sizes: Sequence[int], numbers: Sequence[int]) -> List[str]:
+    """One line per pack: its jobs (`numbers[i]`: job i's number in the sweep), and why it is not
+    with the first pack."""
+    lines, number = [], 0
+    for group, size in zip(groups, sizes):
+        for part, jobs in enumerate(chunked(group.jobs, size)):
+            number += 1
+            why = group.why if part == 0 and group.why else (f"pack_size={size}" if part else "")
+            shown = ",".join(str(numbers[job]) for job in jobs)
+            lines.append(f"pack {number}: jobs {shown} ({len(jobs)} runs)" + (f": {why}" if why else ""))
+    return lines
+
+
+# --- how many runs fit in one pack ---------------------------------------------------------------
+def member_bytes(shape: ModelShape, config: Config, bytes_per_value: int) -> float:
+    """An estimate of one member's training memory on top of the frozen weights: the activations
+    backward keeps per layer and token (attention and FFN inputs and outputs, attention scores, in
+    the model's compute dtype) and the fp32 vocabulary logits of its targets, with their gradients."""
+    method = config.method
+    prompt = getattr(method, "prompt_length", 0) or 0
+    tokens = config.data.max_source_length + prompt + 8
+    heads = max(1, shape.attn // 64)
+    per_token_layer = 10 * shape.d + 3 * shape.ffn + 2 * heads * tokens
+    layers = shape.encoder_layers + shape.decoder_layers
+    rows = config.trainer.batch_size
+    activations = rows * tokens * layers * per_token_layer * bytes_per_value
+    logits = rows * 8 * shape.vocab * 4 * 2
+    return float(activations + logits)
+
+
+def available_bytes(device: torch.device) -> float:
+    """Memory a pack may use: most of what the GPU has free, half of the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] * 0.8
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024 * 0.5
+    return 8 * 2**30
+
+
+def auto_pack_size(backbone: Backbone, configs: Sequence[Config], device: torch.device) -> Tuple[int, str]:
+    """The most members that should fit beside the loaded backbone (at most MAX_AUTO_PACK), and
+    the arithmetic behind it, for the log."""
+    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    bf16 = device.type == "cuda" and configs[0].hardware.precision == "bf16"
+    need = max(member_bytes(shape, config, 2 if bf16 else 4) for config in configs)
+    free = available_bytes(device)
+    size = int(max(1, min(MAX_AUTO_PACK, free // max(need, 1.0))))
+    why = (
+        f"pack_size={size}: about {need / 2**30:.2f} GiB per member (estimated) of {free / 2**30:.1f} GiB "
+        f"usable on {device.type}, at most {MAX_AUTO_PACK}; set hydra.launcher.pack_size to choose"
+    )
+    return size, why
