@@ -1,5 +1,6 @@
 """A trained prompt's predictions for new inputs: rows in (jsonl, json, csv, tsv, or plain text lines
-for single-text tasks), the predicted verbalizer and every verbalizer's score out."""
+for single-text tasks), the predicted verbalizer and every verbalizer's score out. Several runs on
+one shared backbone are predicted together, their prompts scored in one pass per batch."""
 
 from __future__ import annotations
 
@@ -8,15 +9,16 @@ import io
 import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
 from ptlab.data.examples import Example
 from ptlab.data.tasks import render_source
 from ptlab.errors import ConfigError
+from ptlab.model.readout import RunParts
 from ptlab.training.build import Pipeline
-from ptlab.training.evaluate import map_sorted_batches
+from ptlab.training.evaluate import runs_scores
 
 FORMATS = ("jsonl", "json", "csv", "tsv", "text")
 
@@ -52,8 +54,11 @@ def parse_rows(text: str, fmt: str, fields: List[str], source: str) -> List[Dict
     return rows
 
 
-def read_rows(source: str, fields: List[str], stdin: Optional[TextIO] = None) -> List[Dict[str, Any]]:
-    """Rows holding the template's `fields`; `source` is a file path or `-` for stdin."""
+def read_rows(
+    source: str, fields: List[str], stdin: Optional[TextIO] = None, whose: str = ""
+) -> List[Dict[str, Any]]:
+    """Rows holding the template's `fields`; `source` is a file path or `-` for stdin; `whose`
+    names the run whose template it is in the error (several runs predicted together)."""
     if source == "-":
         text = (stdin or sys.stdin).read()
     else:
@@ -64,12 +69,19 @@ def read_rows(source: str, fields: List[str], stdin: Optional[TextIO] = None) ->
     rows = parse_rows(text, input_format(source, text), fields, "stdin" if source == "-" else source)
     if not rows:
         raise ConfigError(f"--input {source}: no rows")
+    check_fields(rows, fields, source, whose)
+    return rows
+
+
+def check_fields(rows: List[Dict[str, Any]], fields: List[str], source: str, whose: str = "") -> None:
+    """Every row holds each of `fields` (a template's); `whose`: the run it is checked for."""
     for number, row in enumerate(rows, 1):
         missing = [f for f in fields if not isinstance(row, dict) or f not in row]
         if missing:
             have = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ConfigError(f"--input {source}, row {number}: no field {missing[0]!r} (it has {have})")
-    return rows
+            raise ConfigError(
+                f"--input {source}, row {number}: no field {missing[0]!r} (it has {have}){whose}"
+            )
 
 
 def predict_rows(
@@ -77,21 +89,34 @@ def predict_rows(
 ) -> List[Dict[str, Any]]:
     """Each row with `prediction` (the best verbalizer) and `scores` (every verbalizer's score:
     log-likelihood for generative backbones, the head's logit for the encoder family)."""
-    task, backbone, method = pipeline.config.task, pipeline.backbone, pipeline.method
-    readout = pipeline.readout
-    ids = backbone.tokenize_sources(readout, [render_source(task, row) for row in rows])
-    examples = [Example(source_ids=row, label=0) for row in ids]
-    backbone.eval()
-    method.eval()
-    scores = map_sorted_batches(
-        backbone, readout, examples, batch_size, pipeline.device, pipeline.autocast,
-        lambda batch: backbone.score(readout, method, batch).float().cpu(),
-    )  # fmt: skip
-    verbalizers = list(task.verbalizers)
-    return [
-        {**row, "prediction": verbalizers[int(torch.argmax(s))], "scores": dict(zip(verbalizers, s.tolist()))}
-        for row, s in zip(rows, scores)
-    ]
+    return runs_predictions([pipeline], rows, batch_size)[0]
+
+
+def runs_predictions(
+    pipelines: Sequence[Pipeline], rows: List[Dict[str, Any]], batch_size: int = 32
+) -> List[List[Dict[str, Any]]]:
+    """Each pipeline's `predict_rows` for `rows`: pipelines on one shared backbone (`load_runs`),
+    their prompts scored together, the rows of several runs in one pass per batch."""
+    backbone = pipelines[0].backbone
+    if any(pipeline.backbone is not backbone for pipeline in pipelines):
+        raise ValueError("runs predicted together must share one backbone (ptlab.lab.saved_run.load_runs)")
+    runs = []
+    for pipeline in pipelines:
+        sources = [render_source(pipeline.config.task, row) for row in rows]
+        ids = backbone.tokenize_sources(pipeline.readout, sources)
+        runs.append(
+            (RunParts(pipeline.readout, pipeline.method), [Example(source_ids=row, label=0) for row in ids])
+        )
+    first = pipelines[0]
+    scores = runs_scores(backbone, runs, batch_size, first.device, first.autocast)
+    predictions = []
+    for pipeline, run_scores in zip(pipelines, scores):
+        verbalizers = list(pipeline.config.task.verbalizers)
+        predictions.append([
+            {**row, "prediction": verbalizers[int(torch.argmax(s))], "scores": dict(zip(verbalizers, s.tolist()))}
+            for row, s in zip(rows, run_scores)
+        ])  # fmt: skip
+    return predictions
 
 
 def write_predictions(predictions: List[Dict[str, Any]], out: TextIO, fmt: str) -> None:
@@ -101,6 +126,7 @@ def write_predictions(predictions: List[Dict[str, Any]], out: TextIO, fmt: str) 
         return
     flat = [{**{k: v for k, v in row.items() if k != "scores"},
              **{f"score_{name}": value for name, value in row["scores"].items()}} for row in predictions]  # fmt: skip
-    writer = csv.DictWriter(out, fieldnames=list(flat[0]), delimiter="\t" if fmt == "tsv" else ",")
+    columns = list(dict.fromkeys(key for row in flat for key in row))  # runs of other tasks: other scores
+    writer = csv.DictWriter(out, fieldnames=columns, delimiter="\t" if fmt == "tsv" else ",")
     writer.writeheader()
     writer.writerows(flat)

@@ -7,13 +7,15 @@ record's copy in a prompt folder) on today's schemas, with the caller's override
 `backbone.path=...` or `data.dir=...` on another machine): the model, the template, the
 verbalizers and the source length are those the run had, whatever conf/ or ptlab's defaults say
 now (ptlab/config/saved.py). The prompt's record is checked against the result before the prompt
-is loaded.
+is loaded. Several folders over the same backbone (`load_runs`) share one loaded backbone, so their
+prompts can be scored together, several runs' rows in one pass per batch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
@@ -21,7 +23,7 @@ from ptlab.config.saved import load_saved_config, tell
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.training import checkpoint
-from ptlab.training.build import Pipeline, build
+from ptlab.training.build import Pipeline, SharedBackbone, build, frozen_backbone
 from ptlab.training.run_folder import read_json_record
 
 
@@ -74,15 +76,61 @@ def load_run(
     splits: Optional[Sequence[str]] = None,
     config: Optional[Config] = None,
     allow_other_weights: bool = False,
+    shared: Optional[SharedBackbone] = None,
 ) -> Pipeline:
     """The run's pipeline (the given `splits` tokenized; none: no data) with its best prompt loaded;
-    `config`: the run's config when the caller has composed it already (`saved_config`)."""
+    `config`: the run's config when the caller has composed it already (`saved_config`); `shared`:
+    a backbone already loaded for the same `config.backbone` (several folders scored together),
+    else the run's own is loaded."""
     run_dir = Path(run_dir)
     config = config or saved_config(run_dir, overrides)
     tensors, record = checkpoint.saved_prompt(run_dir)  # before the model loads: a missing prompt fails fast
-    pipeline = build(config, splits=splits)
+    pipeline = build(config, splits=splits, shared=shared)
     check_prompt_fits(record, pipeline, checkpoint.best_prompt_dir(run_dir), allow_other_weights)
     checkpoint.load_trainable(pipeline.method, pipeline.readout, tensors)
     pipeline.backbone.eval()
     pipeline.method.eval()
     return pipeline
+
+
+def shared_settings(config: Config) -> Dict[str, Any]:
+    """What runs scored on one loaded backbone must have alike: the backbone and the hardware."""
+    return {"backbone": dataclasses.asdict(config.backbone), "hardware": dataclasses.asdict(config.hardware)}
+
+
+def check_one_backbone(run_dirs: Sequence[Path], configs: Sequence[Config]) -> None:
+    """Every folder's backbone and hardware settings are the first folder's (one backbone serves them all)."""
+    first = shared_settings(configs[0])
+    for run_dir, config in zip(run_dirs[1:], configs[1:]):
+        difference = checkpoint.config_difference(first, shared_settings(config), ignore=())
+        if difference is not None:
+            raise ConfigError(
+                f"{run_dir} differs from {run_dirs[0]} in {difference}: the folders scored together share "
+                "one loaded backbone, so their backbone and hardware settings must be the same; score "
+                "them in separate commands"
+            )
+
+
+def load_runs(
+    run_dirs: Sequence[Path],
+    overrides: Sequence[str] = (),
+    splits: Optional[Sequence[str]] = None,
+    allow_other_weights: bool = False,
+    configs: Optional[Sequence[Config]] = None,
+) -> List[Pipeline]:
+    """Several folders' pipelines (as `load_run`; one folder: exactly `load_run`) on one backbone,
+    loaded once from the first folder's config; `overrides` go on each folder's config (`configs`:
+    composed already). Every config is read, the backbones compared and the prompts found before
+    the model loads."""
+    run_dirs = [Path(run_dir) for run_dir in run_dirs]
+    configs = list(configs or [saved_config(run_dir, overrides) for run_dir in run_dirs])
+    check_one_backbone(run_dirs, configs)
+    for run_dir in run_dirs:
+        checkpoint.best_prompt_dir(run_dir)  # a missing prompt fails before the model loads
+    shared = frozen_backbone(configs[0]) if len(run_dirs) > 1 else None
+    return [
+        load_run(
+            run_dir, splits=splits, config=config, allow_other_weights=allow_other_weights, shared=shared
+        )
+        for run_dir, config in zip(run_dirs, configs)
+    ]

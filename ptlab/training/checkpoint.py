@@ -103,15 +103,18 @@ def _leaves(node: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix.rstrip("."): node}
 
 
-def config_difference(saved: Optional[Dict[str, Any]], current: Dict[str, Any]) -> Optional[str]:
+def config_difference(
+    saved: Optional[Dict[str, Any]], current: Dict[str, Any], ignore: Sequence[str] = MAY_CHANGE_ON_RESUME
+) -> Optional[str]:
     """The first setting (`key: saved -> current`) in which a run's config differs from the config
-    its checkpoint was trained with, the settings a resume may change aside; None when the same
-    (or when the checkpoint, older than the record of its config, cannot say)."""
+    its checkpoint was trained with, the settings a resume may change (`ignore`'s key prefixes)
+    aside; None when the same (or when the checkpoint, older than the record of its config, cannot
+    say)."""
     if saved is None:
         return None
     before, after = _leaves(saved), _leaves(current)
     for key in sorted(before.keys() | after.keys()):
-        if key.startswith(MAY_CHANGE_ON_RESUME):
+        if key.startswith(tuple(ignore)):
             continue
         if before.get(key, "(not set)") != after.get(key, "(not set)"):
             return f"{key}: {before.get(key, '(not set)')!r} -> {after.get(key, '(not set)')!r}"
