@@ -9,6 +9,11 @@ counts, gradient accumulation and another task.
 from __future__ import annotations
 
 import json
+import os
+import random
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -16,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
 from ptlab.training import pack as pack_module
 from ptlab.training.job import run
@@ -23,7 +29,8 @@ from ptlab.training.packed_job import PackedJob, run_group
 from ptlab.training.packing import group_jobs, packing_report
 from ptlab.training.run_folder import RunFacts, read_summary
 
-from conftest import TINY, compose_config
+from conftest import OFFLINE_ENV, REPO, TINY, compose_config
+from test_scale_out import cli
 
 COMMON = [*TINY, "backbone.dropout=false", "trainer.log_every=1"]
 # one pack: PT-20, PT-100, SMoP, SuperPos, Residual and deep prompts; lrs, seeds, batch sizes, step
@@ -149,3 +156,87 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     assert "backbone.name=\"tiny_t5\" vs \"tiny_llama\"" in lines[2]
     assert "alone: schedule=fpt_depth changes the backbone" in lines[3]
     assert "backbone.dropout=false vs true" in lines[4]
+
+
+# --- through the command line -------------------------------------------------------------------
+def packed_sweep(sweep: Path, *overrides: str, **kwargs):
+    return cli(["-m", "hydra/launcher=packed", *TINY, f"hydra.sweep.dir={sweep}", *overrides], timeout=900, **kwargs)
+
+
+def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
+    """Another backbone packs apart and the report says why; a failing member fails alone; each
+    member has its own folder, log lines, W&B offline run and summary; a rerun skips finished
+    members; ptlab-eval reads a packed run's folder as a solo run's."""
+    sweep = tmp_path / "sweep"
+    args = ["logger=wandb", "trainer.max_steps=4", "trainer.eval_every=2", "trainer.lr=0.1,1e30",
+            "backbone=tiny_t5,tiny_llama"]  # fmt: skip
+    result = packed_sweep(sweep, *args, env_extra={"WANDB_MODE": "offline"})
+    assert result.returncode == 1, result.stderr[-3000:]  # two failed jobs make the sweep fail, at its end
+    assert "pack 1: jobs 0,2 (2 runs)" in result.stdout
+    assert 'pack 2: jobs 1,3 (2 runs): another backbone setup: backbone.name="tiny_t5" vs "tiny_llama"' in result.stdout
+    assert "ptlab: error: 2 of 4 jobs failed" in result.stderr
+    for job in (2, 3):
+        assert "training loss is" in json.loads((sweep / str(job) / "failure.json").read_text())["error"]
+    for job, packmate in ((0, 2), (2, 0)):  # a member's log has its own lines, not its packmate's
+        log = (sweep / str(job) / "train.log").read_text()
+        assert f"run folder {sweep / str(job)}" in log and f"run folder {sweep / str(packmate)}" not in log
+    ids = set()
+    for job in (0, 1):
+        folder = sweep / str(job)
+        summary = read_summary(folder)
+        assert summary["status"] == "finished" and summary["steps"] == 4
+        assert (folder / ".hydra" / "config.yaml").is_file() and (folder / ".hydra" / "overrides.yaml").is_file()
+        wandb_id = summary["wandb"]["id"]
+        assert len(list((folder / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 1
+        ids.add(wandb_id)
+    assert len(ids) == 2
+    again = packed_sweep(sweep, *args, env_extra={"WANDB_MODE": "offline"})
+    assert again.stdout.count("already finished") == 2, again.stdout[-3000:]
+    eval_main([str(sweep / "0")])
+    assert f"acc {read_summary(sweep / '0')['best']['acc']:.4f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ("hydra.launcher.pack_size=0", "hydra.launcher.pack_size=0: give a whole number of runs per pack"),
+        ("hydra.launcher.packs=2", "Key 'packs' not in 'PackedLauncherConf'"),
+        ("hardware=multi_gpu", "hydra/launcher=packed trains each pack in one process"),
+    ],
+)
+def test_a_bad_launcher_setting_is_one_line_before_any_model_loads(tmp_path, setting, message):
+    result = packed_sweep(tmp_path / "sweep", "backbone=tiny_t5", "seed=0,1", setting)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("ptlab: error:") and message in lines[-1], result.stderr[-2000:]
+    assert "trainable parameters" not in result.stdout  # no run was built
+
+
+def test_a_killed_pack_resumes_and_each_member_ends_as_if_never_killed(tmp_path):
+    """kill -9 at a random step; the same command again: the members that had finished are
+    skipped, the others resume from their last checkpoints and end equal to their runs alone."""
+    sweep = tmp_path / "sweep"
+    args = [*COMMON, "backbone=tiny_t5", "trainer.eval_every=5", "seed=0,1", "trainer.max_steps=5,30"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ptlab.cli.train", "-m", "hydra/launcher=packed", f"hydra.sweep.dir={sweep}", *args],
+        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    kill_after = random.randint(11, 18)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        metrics = sweep / "1" / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= kill_after for line in metrics.read_text().splitlines()[:-1]):
+            break
+        time.sleep(0.05)
+    process.kill()  # SIGKILL: no handler runs
+    process.wait()
+    assert last(sweep / "1")["train_state"]["step"] in (10, 15)  # its last checkpoint, mid-run
+    assert read_summary(sweep / "0")["status"] == "finished"  # the 5-step members were done
+    again = cli(["-m", "hydra/launcher=packed", f"hydra.sweep.dir={sweep}", *args], timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already finished") == 2
+    for job, seed in ((1, 0), (3, 1)):
+        alone = tmp_path / f"alone{job}"
+        run(compose_config([*COMMON, "backbone=tiny_t5", "trainer.eval_every=5", f"seed={seed}",
+                            "trainer.max_steps=30"]), run_dir=alone)  # fmt: skip
+        assert_same_run(sweep / str(job), alone)

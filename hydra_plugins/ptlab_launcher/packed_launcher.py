@@ -19,8 +19,8 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedL
 class PackedLauncher(Launcher):
     """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/pack.py)."""
 
-    def __init__(self, **settings) -> None:
-        self.settings = DictConfig(settings)
+    def __init__(self, pack_size: Optional[int] = None, submitit: Optional[DictConfig] = None) -> None:
+        self.settings = DictConfig({"pack_size": pack_size, "submitit": submitit})
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None
 

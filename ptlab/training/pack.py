@@ -204,7 +204,7 @@ class Pack:
                 member.seen = trainer.state.examples_seen
                 member.progress = Progress(
                     trainer.total_steps, trainer.state.step, True, trainer.task.main_metric, trainer.baseline,
-                    interactive=False,
+                    interactive=False, label=member.name,
                 )  # fmt: skip
             if member.done:
                 self.leave(member)

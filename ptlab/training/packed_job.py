@@ -108,7 +108,7 @@ def run_pack(jobs: Sequence[PackedJob], shared: SharedBackbone) -> List[Optional
                 except (ConfigError, TrainingFault) as error:
                     failed(job, error)
                     continue
-            member = Member(run.trainer, run_log.speaking, str(folder))
+            member = Member(run.trainer, run_log.speaking, folder.name)
             opened[id(member)], index_of[id(member)] = run, index
             members.append(member)
             stack.callback(run.tracker.finish)  # also when the pack stops (a signal, a bug)

@@ -22,7 +22,7 @@ def clock(seconds: float) -> str:
 class Progress:
     def __init__(
         self, total: int, initial: int, enabled: bool, main_metric: str, baseline: Dict[str, Any],
-        interactive: Optional[bool] = None,
+        interactive: Optional[bool] = None, label: str = "",
     ) -> None:  # fmt: skip
         interactive = sys.stdout.isatty() if interactive is None else interactive
         self.lines = enabled and not interactive
@@ -32,6 +32,7 @@ class Progress:
         )  # fmt: skip
         self.total, self.initial, self.started = total, initial, time.perf_counter()
         self.main_metric, self.baseline = main_metric, baseline
+        self.label = f"{label}: " if label else ""  # a pack's member names itself on the console
 
     def advance(self) -> None:
         self.bar.update(1)
@@ -43,8 +44,8 @@ class Progress:
             done = step - self.initial
             eta = elapsed / done * (self.total - step) if done else float("nan")
             log.info(
-                "step %d/%d  loss %.4f  lr %.3g  %.1f examples/s  elapsed %s  ETA %s",
-                step, self.total, loss, lr, examples_per_s, clock(elapsed), clock(eta),
+                "%sstep %d/%d  loss %.4f  lr %.3g  %.1f examples/s  elapsed %s  ETA %s",
+                self.label, step, self.total, loss, lr, examples_per_s, clock(elapsed), clock(eta),
             )  # fmt: skip
 
     def evaluated(self, step: int, metrics: Dict[str, float], best: float, best_step: int) -> None:
@@ -53,8 +54,8 @@ class Progress:
         if self.lines:
             shown = "  ".join(f"{name} {v:.4f}" for name, v in metrics.items() if isinstance(v, float))
             log.info(
-                "step %d validation: %s  (best %s %.4f at step %d; %s %.4f)",
-                step, shown, self.main_metric, best, best_step, self.baseline["name"],
+                "%sstep %d validation: %s  (best %s %.4f at step %d; %s %.4f)",
+                self.label, step, shown, self.main_metric, best, best_step, self.baseline["name"],
                 self.baseline[self.main_metric],
             )  # fmt: skip
 
