@@ -240,3 +240,28 @@ def test_a_killed_pack_resumes_and_each_member_ends_as_if_never_killed(tmp_path)
         run(compose_config([*COMMON, "backbone=tiny_t5", "trainer.eval_every=5", f"seed={seed}",
                             "trainer.max_steps=30"]), run_dir=alone)  # fmt: skip
         assert_same_run(sweep / str(job), alone)
+
+
+def test_submitit_runs_one_job_per_group(tmp_path):
+    """`hydra.launcher.submitit=...` (here submitit's local cluster): each group is one job."""
+    sweep = tmp_path / "sweep"
+    result = packed_sweep(
+        sweep, "+hydra.launcher.submitit={cluster:local,timeout_min:10}", "trainer.max_steps=2",
+        "trainer.eval_every=2", "backbone=tiny_t5,tiny_llama",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "submitted 2 pack jobs through submitit (local)" in result.stdout
+    assert len([job for job in (sweep / ".submitit").iterdir() if job.name.isdigit()]) == 2
+    assert [read_summary(sweep / str(job))["backbone"] for job in (0, 1)] == ["tiny_t5", "tiny_llama"]
+
+
+def test_an_optuna_batch_of_n_jobs_trials_is_one_pack(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = packed_sweep(
+        sweep, "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", "hydra.sweeper.n_jobs=2",
+        "trainer.lr=interval(0.01,0.3)", "backbone=tiny_t5", "trainer.max_steps=2", "trainer.eval_every=2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pack 1: jobs 0,1 (2 runs)" in result.stdout and "pack 1: jobs 2,3 (2 runs)" in result.stdout
+    assert result.stdout.count("pack of 2 runs on tiny_t5: training together") == 2
+    assert all(read_summary(sweep / str(job))["status"] == "finished" for job in range(4))

@@ -20,6 +20,7 @@ class PackedLauncher(Launcher):
     """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/pack.py)."""
 
     def __init__(self, pack_size: Optional[int] = None, submitit: Optional[DictConfig] = None) -> None:
+        """`hydra.launcher.*`: see ptlab.cli.packed_launch.PackedLauncherConf."""
         self.settings = DictConfig({"pack_size": pack_size, "submitit": submitit})
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None

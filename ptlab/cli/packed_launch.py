@@ -15,7 +15,7 @@ import copy
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -37,9 +37,9 @@ class PackedLauncherConf:
 
     _target_: str = "hydra_plugins.ptlab_launcher.packed_launcher.PackedLauncher"
     pack_size: Optional[int] = None  # most runs per pack; null: as many as fit the device (logged)
-    # null: packs train in this process; else the keys of Hydra's submitit launcher (partition,
+    # empty: packs train in this process; else the keys of Hydra's submitit launcher (partition,
     # timeout_min, gpus_per_node, ...; `cluster: local` runs them as local processes): one job per group
-    submitit: Optional[Dict[str, Any]] = None
+    submitit: Dict[str, Any] = field(default_factory=dict)
 
 
 def check_launcher(settings: DictConfig) -> Optional[int]:
@@ -114,37 +114,43 @@ def launch(
         log.info("  %s", line)
     if pack_size is None:
         log.info("  (a group splits into packs of the size that fits its device once its backbone is loaded)")
-    values = run_groups([[jobs[i] for i in group.jobs] for group in groups], pack_size, settings)
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    values = run_groups([[jobs[i] for i in group.jobs] for group in groups], pack_size, settings, sweep_dir)
     for group, group_values in zip(groups, values):
         for i, value in zip(group.jobs, group_values):
             returns[usable[i]].status, returns[usable[i]].return_value = JobStatus.COMPLETED, value
     return returns
 
 
-def run_groups(groups: List[List[Any]], pack_size: Optional[int], settings: DictConfig) -> List[List[Any]]:
+def run_groups(
+    groups: List[List[Any]], pack_size: Optional[int], settings: DictConfig, sweep_dir: Path
+) -> List[List[Any]]:
     """Each group's results: trained here, or one submitit job per group (waited for)."""
     from ptlab.training.packed_job import run_group
     from ptlab.training.preemption import Preempted
 
     submitit = settings.get("submitit")
-    if submitit is None:
+    if not submitit:
         try:
             return [run_group(group, pack_size) for group in groups]
         except Preempted as stop:  # each member's checkpoint is written; the same command resumes
             print(f"ptlab: {stop}", file=sys.stderr)
             sys.exit(128 + stop.signum)
-    return submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True))
+    return submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True), sweep_dir)
 
 
-def submitted(groups: List[List[Any]], pack_size: Optional[int], params: Dict[str, Any]) -> List[List[Any]]:
-    """One submitit job per group, with the keys Hydra's submitit launcher takes; waits for all."""
+def submitted(
+    groups: List[List[Any]], pack_size: Optional[int], params: Dict[str, Any], sweep_dir: Path
+) -> List[List[Any]]:
+    """One submitit job per group, with the keys Hydra's submitit launcher takes (its logs under
+    the sweep's `.submitit/`, as Hydra's); waits for all."""
     import submitit
 
     from ptlab.training.packed_job import run_group
 
     params = dict(params)
     cluster = params.pop("cluster", None)
-    folder = params.pop("submitit_folder", str(Path(os.getcwd()) / ".submitit" / "%j"))
+    folder = params.pop("submitit_folder", str(sweep_dir / ".submitit" / "%j"))
     executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
     base = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "name",
             "stderr_to_stdout"}  # fmt: skip
