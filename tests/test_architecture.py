@@ -128,7 +128,7 @@ def test_function_level_imports_are_counted():
 def test_the_wheel_lists_every_package_and_ships_conf():
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     folders = {module_name(init) for init in PACKAGE.rglob("__init__.py")}
-    assert set(config["packages"]) == folders | {"ptlab.conf"}
+    assert set(config["packages"]) == folders | {"ptlab.conf", "hydra_plugins.ptlab_launcher"}
     assert config["package-dir"]["ptlab.conf"] == "conf"
 
 

@@ -20,6 +20,7 @@ from typing import Dict, List
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_scale_out import cli
 
 from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
@@ -30,7 +31,6 @@ from ptlab.training.packing import group_jobs, packing_report
 from ptlab.training.run_folder import RunFacts, read_summary
 
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
-from test_scale_out import cli
 
 COMMON = [*TINY, "backbone.dropout=false", "trainer.log_every=1"]
 # one pack: PT-20, PT-100, SMoP, SuperPos, Residual and deep prompts; lrs, seeds, batch sizes, step
@@ -70,7 +70,9 @@ def last(run_dir: Path) -> Dict:
     return torch.load(run_dir / "checkpoints" / "last" / "state.pt", weights_only=False)
 
 
-def assert_close_in_norm(mine: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor], tolerance: float) -> None:
+def assert_close_in_norm(
+    mine: Dict[str, torch.Tensor], theirs: Dict[str, torch.Tensor], tolerance: float
+) -> None:
     assert mine.keys() == theirs.keys()
     for key, value in theirs.items():
         if value.is_floating_point():
@@ -110,7 +112,11 @@ def test_a_member_that_fails_fails_alone(tmp_path):
     """A non-finite loss ends one member with its one-line error; the others finish as alone."""
     base = [*COMMON, "backbone=tiny_t5", "trainer.max_steps=6", "trainer.eval_every=3"]
     bad = [*base, "trainer.lr=1e30", "seed=1"]
-    jobs = [job([*base, "seed=0"], tmp_path / "0"), job(bad, tmp_path / "1"), job([*base, "seed=2"], tmp_path / "2")]
+    jobs = [
+        job([*base, "seed=0"], tmp_path / "0"),
+        job(bad, tmp_path / "1"),
+        job([*base, "seed=2"], tmp_path / "2"),
+    ]
     results = run_group(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
     failure = json.loads((tmp_path / "1" / "failure.json").read_text())
@@ -153,14 +159,16 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     lines = packing_report(groups, [2, 1, 1, 1], list(range(10, 16)))
     assert lines[0] == "pack 1: jobs 10,11 (2 runs)"
     assert lines[1] == "pack 2: jobs 12 (1 runs): pack_size=2"
-    assert "backbone.name=\"tiny_t5\" vs \"tiny_llama\"" in lines[2]
+    assert 'backbone.name="tiny_t5" vs "tiny_llama"' in lines[2]
     assert "alone: schedule=fpt_depth changes the backbone" in lines[3]
     assert "backbone.dropout=false vs true" in lines[4]
 
 
 # --- through the command line -------------------------------------------------------------------
 def packed_sweep(sweep: Path, *overrides: str, **kwargs):
-    return cli(["-m", "hydra/launcher=packed", *TINY, f"hydra.sweep.dir={sweep}", *overrides], timeout=900, **kwargs)
+    return cli(
+        ["-m", "hydra/launcher=packed", *TINY, f"hydra.sweep.dir={sweep}", *overrides], timeout=900, **kwargs
+    )
 
 
 def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
@@ -173,7 +181,10 @@ def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
     result = packed_sweep(sweep, *args, env_extra={"WANDB_MODE": "offline"})
     assert result.returncode == 1, result.stderr[-3000:]  # two failed jobs make the sweep fail, at its end
     assert "pack 1: jobs 0,2 (2 runs)" in result.stdout
-    assert 'pack 2: jobs 1,3 (2 runs): another backbone setup: backbone.name="tiny_t5" vs "tiny_llama"' in result.stdout
+    assert (
+        'pack 2: jobs 1,3 (2 runs): another backbone setup: backbone.name="tiny_t5" vs "tiny_llama"'
+        in result.stdout
+    )
     assert "ptlab: error: 2 of 4 jobs failed" in result.stderr
     for job in (2, 3):
         assert "training loss is" in json.loads((sweep / str(job) / "failure.json").read_text())["error"]
@@ -185,7 +196,9 @@ def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
         folder = sweep / str(job)
         summary = read_summary(folder)
         assert summary["status"] == "finished" and summary["steps"] == 4
-        assert (folder / ".hydra" / "config.yaml").is_file() and (folder / ".hydra" / "overrides.yaml").is_file()
+        assert (folder / ".hydra" / "config.yaml").is_file() and (
+            folder / ".hydra" / "overrides.yaml"
+        ).is_file()
         wandb_id = summary["wandb"]["id"]
         assert len(list((folder / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 1
         ids.add(wandb_id)
@@ -225,7 +238,9 @@ def test_a_killed_pack_resumes_and_each_member_ends_as_if_never_killed(tmp_path)
     deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None:
         metrics = sweep / "1" / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= kill_after for line in metrics.read_text().splitlines()[:-1]):
+        if metrics.exists() and any(
+            json.loads(line)["step"] >= kill_after for line in metrics.read_text().splitlines()[:-1]
+        ):
             break
         time.sleep(0.05)
     process.kill()  # SIGKILL: no handler runs

@@ -63,6 +63,12 @@ def test_the_installed_console_scripts_train_compare_and_evaluate(installed, tmp
                    cwd=tmp_path)  # fmt: skip
     assert compared.returncode == 0, compared.stderr[-2000:]
     assert "prompt_tuning" in (tmp_path / "cmp" / "table.md").read_text()
+    sweep = tmp_path / "packed"  # Hydra finds ptlab's launcher plugin in the wheel
+    packed = run(installed, "ptlab-train", "-m", "hydra/launcher=packed", "backbone=tiny_t5", *TINY,
+                 "trainer.max_steps=2", "trainer.eval_every=2", "seed=0,1", f"hydra.sweep.dir={sweep}",
+                 cwd=tmp_path)  # fmt: skip
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    assert "pack of 2 runs on tiny_t5" in packed.stdout and (sweep / "1" / "summary.json").is_file()
     evaluated = run(installed, "ptlab-eval", str(run_dir), cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     best = summary["best"]["acc"]

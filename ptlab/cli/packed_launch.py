@@ -155,7 +155,9 @@ def submitted(
     base = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "name",
             "stderr_to_stdout"}  # fmt: skip
     prefix = executor.cluster
-    executor.update_parameters(**{key if key in base else f"{prefix}_{key}": value for key, value in params.items()})
+    executor.update_parameters(
+        **{key if key in base else f"{prefix}_{key}": value for key, value in params.items()}
+    )
     submitted_jobs = [executor.submit(run_group, group, pack_size) for group in groups]
     log.info("submitted %d pack jobs through submitit (%s): %s", len(submitted_jobs), executor.cluster,
              ", ".join(job.job_id for job in submitted_jobs))  # fmt: skip

@@ -160,9 +160,7 @@ class Pack:
         ranked = [m for m in due if m.trainer.cfg.eval_mode == "rank"]
         metrics: Dict[int, Dict[str, float]] = {}
         if ranked:
-            runs = [
-                (m.parts(self.device), m.trainer.data["validation"], m.trainer.task) for m in ranked
-            ]
+            runs = [(m.parts(self.device), m.trainer.data["validation"], m.trainer.task) for m in ranked]
             batch_size = max(m.trainer.eval_batch_size for m in ranked)
             for member, values in zip(
                 ranked, runs_split_metrics(self.backbone, runs, batch_size, self.device, self.autocast)
@@ -240,7 +238,9 @@ class Pack:
         trainer = member.trainer
         with member.speaking():
             try:
-                trainer.count_step(member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window)
+                trainer.count_step(
+                    member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window
+                )
             except TrainingFault as error:
                 self.leave(member, error)
                 return

@@ -87,7 +87,11 @@ def group_jobs(configs: Sequence[Config]) -> List[Group]:
                     group.jobs.append(index)
                     break
             else:
-                why = "" if not groups else f"another backbone setup: {first_difference(groups[0].settings, settings)}"
+                why = (
+                    ""
+                    if not groups
+                    else f"another backbone setup: {first_difference(groups[0].settings, settings)}"
+                )
                 groups.append(Group([index], settings, why))
         else:
             groups.append(Group([index], settings, f"alone: {alone}", alone=True))

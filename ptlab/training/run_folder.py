@@ -65,7 +65,7 @@ class RunFacts:
     hydra_config: Optional[DictConfig] = None  # Hydra's own config (`hydra:`), for `.hydra/hydra.yaml`
 
 
-SPEAKER: ContextVar[Optional["RunLog"]] = ContextVar("ptlab_speaking_run", default=None)
+SPEAKER: ContextVar[Optional[RunLog]] = ContextVar("ptlab_speaking_run", default=None)
 
 
 class OwnLines(logging.Filter):

@@ -266,7 +266,9 @@ class Trainer:
 
     def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """This run's training FLOPs on one of its batches, and the full model's (float64 `[2]`)."""
-        return self.stage_schedule.batch_flops(batch, self.method, self.backbone.runs_prompt_once(self.method))
+        return self.stage_schedule.batch_flops(
+            batch, self.method, self.backbone.runs_prompt_once(self.method)
+        )
 
     def apply_gradients(self, totals: torch.Tensor) -> float:
         """The optimizer step once the gradients are in; `totals`: the step's loss, FLOPs and
