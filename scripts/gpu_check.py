@@ -6,7 +6,9 @@
 Installs the kit's wheels with no network, then runs, each step with its own time limit and all
 within --budget-s (8 minutes): the CUDA tests (`pytest -m cuda`), `scripts/bench.py --device cuda
 --quick` against PEFT, the default job with `hardware=gpu logger=none`, a `schedule=fpt` run, a
-`method=smop` run, a `method=deep_prompt` run and the default job with `trainer.compile=true`. It writes one results file,
+`method=smop` run, a `method=deep_prompt` run, the default job with `trainer.compile=true` and
+`scripts/bench.py --sections packed` (packed sweeps vs the same runs one after another, T5-base
+shape; last, so a tight budget skips it first: `--only packed` runs it alone). It writes one results file,
 DIR/gpu-check.md (rewritten after every step, so a check cut short still reports what it measured),
 and DIR/gpu-check.log with every step's output; it exits non-zero if any step failed.
 
@@ -126,6 +128,7 @@ class Check:
         by_name = {step.name: step for step in self.steps}
         by_name.setdefault("cuda tests", Step("cuda tests", [], 0))
         by_name.setdefault("bench", Step("bench", [], 0))
+        by_name.setdefault("packed sweep", Step("packed sweep", [], 0))
         if by_name["environment"].status == "ok":
             lines += ["", "## Environment", "", *by_name["environment"].output.strip().splitlines()]
         if by_name["cuda tests"].output:
@@ -138,6 +141,15 @@ class Check:
         table = [line for line in by_name["bench"].output.splitlines() if line.startswith("|")]
         if table:
             lines += ["", "## `scripts/bench.py --quick`: ptlab vs PEFT and vs the long prompt", "", *table]
+        table = [line for line in by_name["packed sweep"].output.splitlines() if line.startswith("|")]
+        if table:
+            lines += [
+                "",
+                "## Packed sweeps (`scripts/bench.py --sections packed`): K runs packed vs one after "
+                "another; target on the GPU: at least 6x less wall time at K=8 on the T5-base shape",
+                "",
+                *table,
+            ]
         runs = [step for step in self.steps if step.run_dir and (step.run_dir / "summary.json").exists()]
         if runs:
             lines += [
@@ -191,6 +203,13 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         "--out",
         str(args.out),
     ]
+    # packed sweeps: K = 1, 2, 4, 8 PT-20 runs at bench.py's --batch (8) and the largest K at batch 32,
+    # on the random-init T5-base shape (bench.py's t5_base_shape); the dry run: --quick's tiny T5
+    packed = [python, "scripts/bench.py", "--device", device, "--sections", "packed", "--out", str(args.out)]
+    if dry:
+        packed += ["--quick", "--pack-backbones", "tiny_t5"]
+    else:
+        packed += "--pack-backbones t5_base_shape --pack-sizes 1 2 4 8 --pack-batch 32".split()
     # the dry run keeps the jobs short; on the GPU they are the real default job
     small = [
         "trainer.max_steps=8",
@@ -225,6 +244,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         training("smop", ["method=smop"], 90),
         training("deep_prompt", ["method=deep_prompt"], 90),
         training("compile", ["trainer.compile=true"], 120),
+        Step("packed sweep", packed, 360),
     ]
 
 

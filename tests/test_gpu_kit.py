@@ -39,8 +39,12 @@ def test_gpu_kit_builds_and_its_check_passes_a_dry_run(tmp_path):
     ]
     assert [row[0][2:] for row in steps] == [
         "install kit", "environment", "cuda tests", "bench", "default job", "fpt", "smop", "deep_prompt", "compile",
+        "packed sweep",
     ]  # fmt: skip
     assert "17 passed" in report  # the CUDA tests ran (on the CPU), none skipped
     assert "| tiny_llama: train step, examples/s |" in report
+    assert "## Packed sweeps (`scripts/bench.py --sections packed`)" in report
+    assert "| tiny_t5: sweep of K=2 PT-20 runs (4 steps, batch 8), wall s" in report
+    assert "equal within 1e-5 |" in report  # packed runs end as alone (CPU, fp32)
     assert report.count("(majority class 0.5") == 5  # the five training runs on real SST-2
     assert "default job | `hardware=cpu logger=none trainer.max_steps=8" in report

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+
+import pytest
 
 from conftest import OFFLINE_ENV, REPO
 
@@ -60,6 +63,51 @@ def test_bench_prints_ratios_and_writes_json(tmp_path):
     assert data["time_to_accuracy"]["peft"]["0.03"]["examples_per_s"] > 0
     padding = data["length_grouping"]["padding_fraction"]
     assert padding["grouped"] < padding["plain"]
+
+
+def test_bench_packed_sweeps_table_their_ratios_and_equal_their_runs_alone(tmp_path):
+    """`--quick --sections packed`: tiny T5, K = 1, 2 (4 steps, batch 8) and K = 2 at the config's
+    batch (32); only this section runs, each row has its ratio, and every packed run ends as alone
+    (dropout off, fp32 CPU: best validation and last training loss within 1e-5)."""
+    result = script("scripts/bench.py", "--quick", "--sections", "packed", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {}
+    for line in result.stdout.splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if line.startswith("| tiny_t5: ") and len(cells) == 4:
+            rows[cells[0]] = cells[1:]
+    assert "| measurement (cpu) | ptlab | reference | ratio |" in result.stdout
+    assert not any("train step" in label for label in rows)  # the other sections did not run
+    for size, batch in ((1, 8), (2, 8), (2, 32)):
+        what = f"tiny_t5: sweep of K={size} PT-20 runs (4 steps, batch {batch})"
+        packed, alone, ratio = rows[
+            f"{what}, wall s (load + tokenize + train + eval), packed vs one after another"
+        ]
+        assert packed.endswith(" s") and alone.endswith(" s") and re.fullmatch(r"\d+\.\d\dx faster", ratio)
+        _, _, ratio = rows[f"{what}, training examples/s, packed vs one after another"]
+        assert re.fullmatch(r"\d+\.\d\dx", ratio)
+        packed, alone, ratio = rows[f"{what}, peak memory, the pack vs its largest run alone"]
+        assert packed.endswith(" MiB") and re.fullmatch(r"\d+\.\d\dx", ratio)
+    label = next(label for label in rows if "each run packed vs alone" in label)
+    assert rows[label][2] == "equal within 1e-5"
+
+    (report,) = tmp_path.glob("bench-cpu-*.json")
+    sweeps = json.loads(report.read_text())["packed_sweep"]["tiny_t5"]
+    assert set(sweeps) == {"k1_batch8", "k2_batch8", "k2_batch32"}
+    for key, sweep in sweeps.items():
+        alone, packed = sweep["alone"], sweep["packed"]
+        size = int(key[1])
+        assert len(alone["best"]) == len(packed["best"]) == size and None not in packed["best"]
+        assert packed["best"] == pytest.approx(alone["best"], abs=1e-5)
+        losses = [[run["last_train_loss"] for run in arm["runs"]] for arm in (packed, alone)]
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+        if size == 2:
+            assert losses[1][0] != losses[1][1]  # the two runs differ (seed, lr), so the check has teeth
+        # the pack's members share its training time: the sweep's rate is all examples over it once
+        seconds = [run["train_seconds"] for run in packed["runs"]]
+        examples = sum(run["examples_per_s"] * run["train_seconds"] for run in packed["runs"])
+        assert packed["examples_per_s"] == pytest.approx(examples / max(seconds))
+        assert packed["wall_s"] > 0 and alone["wall_s"] > 0
 
 
 def test_compare_preset_runs_its_experiment_and_tables_it(tmp_path):
