@@ -103,3 +103,20 @@ def test_rerunning_a_sweep_skips_its_finished_jobs(sweep, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (result.stdout + result.stderr).count("already finished") == 6
     assert before == {p: p.stat().st_mtime_ns for p in (sweep / "a").glob("*/metrics.jsonl")}
+
+
+def test_best_of_names_each_groups_best_setting(sweep, tmp_path, capsys):
+    """`--best-of`: the setting with the highest mean score (here: the better method)."""
+    compare_main(
+        [str(sweep / "a"), "--by", "method", "--best-of", "method", "--out", str(tmp_path), "--no-plots"]
+    )
+    table = capsys.readouterr().out
+    means = {m: statistics.mean(best_scores(sweep, m).values()) for m in ("prompt_tuning", "smop")}
+    winner, loser = sorted(means, key=lambda m: -means[m])
+    assert "Best method per comparison" in table
+    assert (
+        f"| - | sst2 | method={winner} | {100 * means[winner]:.1f} | method={loser} {100 * means[loser]:.1f} |"
+        in table
+    )
+    with pytest.raises(SystemExit, match="--best-of trainer.lr: not among the grouping keys"):
+        compare_main([str(sweep / "a"), "--by", "method", "--best-of", "trainer.lr", "--out", str(tmp_path)])

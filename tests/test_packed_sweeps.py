@@ -24,6 +24,7 @@ from test_scale_out import cli
 
 from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
+from ptlab.lab.compare import main as compare_main
 from ptlab.training import pack as pack_module
 from ptlab.training.job import run
 from ptlab.training.packed_job import PackedJob, run_group
@@ -33,7 +34,7 @@ from ptlab.training.run_folder import RunFacts, read_summary
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
 COMMON = [*TINY, "backbone.dropout=false", "trainer.log_every=1"]
-# one pack: PT-20, PT-100, SMoP, SuperPos, Residual and deep prompts; lrs, seeds, batch sizes, step
+# one pack: PT-20, PT-100, SMoP (learned and stochastic routing), SuperPos, Residual and deep prompts; lrs, seeds, batch sizes, step
 # counts, grad accumulation and eval cadence differ, and one member trains another task
 MEMBERS = [
     ["method=prompt_tuning", "method.prompt_length=20", "trainer.lr=0.3", "seed=0", "trainer.batch_size=8",
@@ -48,6 +49,9 @@ MEMBERS = [
      "trainer.eval_every=10", "task=rte_glue"],
     ["method=deep_prompt", "trainer.lr=0.1", "seed=5", "trainer.batch_size=8", "trainer.max_steps=9",
      "trainer.eval_every=3", "trainer.optimizer=adafactor"],
+    # two draws and a consistency loss: its own passes within the packed step (loss_in_one_pass)
+    ["method=smop", "method.routing=stochastic", "trainer.lr=0.1", "seed=6", "trainer.batch_size=4",
+     "trainer.max_steps=6", "trainer.eval_every=3"],
 ]  # fmt: skip
 COMPARED = ("loss", "lr", "acc")
 
@@ -207,6 +211,9 @@ def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
     assert again.stdout.count("already finished") == 2, again.stdout[-3000:]
     eval_main([str(sweep / "0")])
     assert f"acc {read_summary(sweep / '0')['best']['acc']:.4f}" in capsys.readouterr().out
+    assert compare_main([str(sweep), "--out", str(tmp_path / "cmp"), "--no-plots"]) == 0
+    table = (tmp_path / "cmp" / "table.md").read_text()
+    assert "training loss is" in table and "| trainer.lr=0.1, backbone=tiny_t5 |" in table  # failed ones listed too
 
 
 @pytest.mark.parametrize(

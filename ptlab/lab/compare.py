@@ -2,6 +2,7 @@
 
     ptlab-compare outputs/multirun/2026-11-26/10-00-00 --baseline method=prompt_tuning
     ptlab-compare SWEEP_A SWEEP_B --by method method.prompt_length --out docs/results/mine
+    ptlab-compare LR_GRID --by recipe trainer.lr --best-of trainer.lr    # each recipe's best lr
 
 Runs are grouped by the settings that vary between them (their command-line overrides, seed and
 task aside; `--by` names them instead), tasks become columns, seeds become the sample. Writes
@@ -21,7 +22,7 @@ import shlex
 import statistics
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ptlab.lab.comparison import Cell, Comparison, difference
 from ptlab.lab.run_record import RunRecord, find_runs
@@ -117,6 +118,46 @@ def difference_section(comp: Comparison, baseline: Tuple[str, ...], scale: float
     return lines
 
 
+def best_settings(
+    comp: Comparison, keys: Sequence[str], task: str
+) -> Dict[Tuple[str, ...], List[Tuple[float, Tuple[str, ...]]]]:
+    """Per group of the other `--by` keys, its settings of `keys` on `task`, best mean score first."""
+    inner = [comp.by.index(key) for key in keys]
+    ranked: Dict[Tuple[str, ...], List[Tuple[float, Tuple[str, ...]]]] = {}
+    for group in comp.groups:
+        cell = comp.cell(group, task)
+        if cell.n:
+            outer = tuple(v for i, v in enumerate(group) if i not in inner)
+            ranked.setdefault(outer, []).append((cell.mean, group))
+    return {outer: sorted(found, key=lambda item: -item[0]) for outer, found in ranked.items()}
+
+
+def setting_of(comp: Comparison, keys: Sequence[str], group: Tuple[str, ...]) -> str:
+    return ",".join(f"{key}={group[comp.by.index(key)]}" for key in keys)
+
+
+def best_section(comp: Comparison, keys: Sequence[str], scale: float) -> List[str]:
+    """`--best-of KEY...`: each group's best setting of KEY (a learning rate chosen per method on
+    validation), with the others it beat."""
+    missing = [key for key in keys if key not in comp.by]
+    if missing:
+        raise SystemExit(
+            f"ptlab-compare: --best-of {' '.join(missing)}: not among the grouping keys {comp.by}"
+        )
+    others = [key for key in comp.by if key not in keys]
+    lines = ["", f"Best {', '.join(keys)} per {', '.join(others) or 'comparison'} (highest mean score; "
+             "the others in order):", "", f"| {' / '.join(others) or '-'} | task | best | mean | others |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for task in comp.tasks:
+        for outer, ranked in best_settings(comp, keys, task).items():
+            (mean, best), rest = ranked[0], ranked[1:]
+            shown = "; ".join(f"{setting_of(comp, keys, g)} {scale * m:.1f}" for m, g in rest) or "–"
+            lines.append(
+                f"| {', '.join(outer) or '-'} | {task} | {setting_of(comp, keys, best)} | {scale * mean:.1f} | {shown} |"
+            )
+    return lines
+
+
 def cost_section(comp: Comparison, target: Optional[float], scale: float) -> List[str]:
     """One row of costs per group and task (and steps to `target`)."""
     lines = ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
@@ -159,9 +200,11 @@ def problem_section(comp: Comparison) -> List[str]:
 
 
 def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Optional[float], command: str,
-             figures: List[str], note: str = "") -> str:  # fmt: skip
+             figures: List[str], note: str = "", best_of: Sequence[str] = ()) -> str:  # fmt: skip
     scale = 100.0
     lines = [f"Command: `{command}`", "", *([note, ""] if note else []), *score_section(comp, scale)]
+    if best_of:
+        lines += best_section(comp, best_of, scale)
     if baseline is not None:
         lines += difference_section(comp, baseline, scale)
     lines += cost_section(comp, target, scale) + problem_section(comp)
@@ -230,6 +273,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="output folder (default: <first path>/compare)")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     parser.add_argument(
+        "--best-of", nargs="+", default=[], metavar="KEY",
+        help="also name each group's best setting of these --by keys (e.g. trainer.lr per method)",
+    )  # fmt: skip
+    parser.add_argument(
         "--note", default="", help="a sentence printed under the command (how the runs were made)"
     )
     return parser.parse_args(argv)
@@ -258,7 +305,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         at = given.index("--note")
         del given[at : at + 2]
     command = "ptlab-compare " + " ".join(shlex.quote(a) for a in given)
-    text = markdown(comp, baseline, args.target, command, figures, args.note)
+    text = markdown(comp, baseline, args.target, command, figures, args.note, args.best_of)
     (out / "table.md").write_text(text)
     write_csv(comp, baseline, out / "table.csv")
     print(text)

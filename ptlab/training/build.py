@@ -10,15 +10,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Dict, NamedTuple, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, Optional, Sequence, Union
 
 import torch
+from datasets import DatasetDict
 from omegaconf import DictConfig
 
-from ptlab.config.schema import Config, to_object
+from ptlab.config.schema import Config, DataConfig, TaskConfig, to_object
 from ptlab.data.examples import TaskData, load_raw_splits, split_rows, tokenize_splits
 from ptlab.data.token_cache import tokenizer_identity
 from ptlab.errors import ConfigError
@@ -116,12 +118,22 @@ def start_from(method: PromptMethod, cfg: MethodConfig, loaded: Dict[str, torch.
     log.info("method.init_from: starting from the trained prompt of %s", cfg.init_from)
 
 
-class SharedBackbone(NamedTuple):
+@dataclass
+class SharedBackbone:
     """A frozen backbone as loaded for a config (compiled if asked) and its fingerprint: what the
-    runs that share it need of it."""
+    runs that share it need of it; and the task files they read, read once (`raw_splits`)."""
 
     backbone: Backbone
     fingerprint: str
+    read: Dict[str, DatasetDict] = field(default_factory=dict)
+
+    def raw_splits(self, task: TaskConfig, data: DataConfig) -> DatasetDict:
+        """The task's raw splits, loaded by the first run that asks; the others reuse them (each run
+        still subsamples and splits them with its own seed)."""
+        key = json.dumps([dataclasses.asdict(task), dataclasses.asdict(data)], sort_keys=True, default=str)
+        if key not in self.read:
+            self.read[key] = load_raw_splits(task, data)
+        return self.read[key]
 
 
 def frozen_backbone(config: Config) -> SharedBackbone:
@@ -148,9 +160,11 @@ def build(
     initial = read_init_prompt(config.method) if config.method.init_from else None
     rows = {}
     if splits is None or splits:
-        rows = split_rows(load_raw_splits(config.task, config.data), config.task, config.data, config.seed)
+        raw = shared.raw_splits(config.task, config.data) if shared else load_raw_splits(config.task, config.data)
+        rows = split_rows(raw, config.task, config.data, config.seed)
         rows = {name: part for name, part in rows.items() if splits is None or name in splits}
-    backbone, weights = shared or frozen_backbone(config)
+    shared = shared or frozen_backbone(config)
+    backbone = shared.backbone
     readout = backbone.readout(list(config.task.verbalizers), config.data.max_source_length, config.seed)
     randomness = RunRandomness(config.seed)
     context = dataclasses.replace(backbone.prompt_context(readout, config.seed), generator=randomness.generator)
@@ -169,4 +183,4 @@ def build(
     tokenize = functools.partial(backbone.tokenize_sources, readout)
     data = tokenize_splits(rows, config.task, tokenize, config.data.max_source_length, identity)
     return Pipeline(config, backbone, readout, method, data, randomness, world or World(),
-                    weights)  # fmt: skip
+                    shared.fingerprint)  # fmt: skip
