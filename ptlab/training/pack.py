@@ -208,30 +208,34 @@ class Pack:
                 self.leave(member)
         with PreemptionGuard() as guard:
             while self.members:
-                active = list(self.members)
                 try:
-                    elapsed = self.step(active)
-                except (torch.OutOfMemoryError, RuntimeError) as error:
+                    self.round()
+                except (torch.OutOfMemoryError, RuntimeError) as error:  # a step's or an evaluation's
                     if out_of_memory_error(error) is None:
                         raise
                     self.out_of_memory(error)
                     return
-                for member in active:
-                    self.after_step(member, elapsed)
-                due = [m for m in active if m in self.members and m.trainer.eval_due()]
-                if due:
-                    metrics = self.evaluate(due)
-                    for member in due:
-                        with member.speaking():
-                            member.stopped_early = member.trainer.record_eval(metrics[id(member)])
-                            state = member.trainer.state
-                            member.progress.evaluated(
-                                state.step, state.last_metrics, state.best_score, state.best_step
-                            )
-                for member in [m for m in active if m in self.members and m.done]:
-                    self.leave(member)
                 steps = [m.trainer.state.step for m in self.members]
                 guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
+
+    def round(self) -> None:
+        """One packed step, the evaluations due after it, and the members that are done leave."""
+        active = list(self.members)
+        elapsed = self.step(active)
+        for member in active:
+            self.after_step(member, elapsed)
+        due = [m for m in active if m in self.members and m.trainer.eval_due()]
+        if due:
+            metrics = self.evaluate(due)
+            for member in due:
+                with member.speaking():
+                    member.stopped_early = member.trainer.record_eval(metrics[id(member)])
+                    state = member.trainer.state
+                    member.progress.evaluated(
+                        state.step, state.last_metrics, state.best_score, state.best_step
+                    )
+        for member in [m for m in active if m in self.members and m.done]:
+            self.leave(member)
 
     def after_step(self, member: Member, elapsed: float) -> None:
         """A member's bookkeeping after a packed step: seconds, loss check, log line."""
