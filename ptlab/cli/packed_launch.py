@@ -26,7 +26,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
-from ptlab.training.run_folder import record_failure
 
 log = logging.getLogger("ptlab")
 
@@ -85,7 +84,7 @@ def launch(
     initial_job_idx: int,
 ) -> List[JobReturn]:  # fmt: skip
     """Compose, group, report and train the jobs; one JobReturn per job, in order."""
-    from ptlab.training.packed_job import PackedJob
+    from ptlab.training.packed_job import PackedJob, failed
     from ptlab.training.packing import check_packable, group_jobs, packing_report
 
     setup_globals()
@@ -101,8 +100,7 @@ def launch(
             jobs.append(PackedJob(task_cfg, to_object(task_cfg), facts))
             usable.append(offset)
         except ConfigError as error:  # this job's own settings: it fails alone
-            print(f"ptlab: error: {facts.run_dir}: {error}", file=sys.stderr)
-            record_failure(facts.run_dir, error)
+            failed(facts.run_dir, error)
             job_return.status, job_return.return_value = JobStatus.COMPLETED, None
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])

@@ -22,12 +22,9 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from ptlab.errors import ConfigError
-
-if TYPE_CHECKING:  # the commands import the model stack only when they run
-    from ptlab.training.build import Pipeline
 
 OTHER_WEIGHTS = (
     "score even if the backbone's weights or tokenizer differ from those the prompt was trained on"
@@ -69,45 +66,13 @@ def run_folders(items: Sequence[str]) -> tuple[List[Path], List[str]]:
     return folders, [item for item in items if "=" in item]
 
 
-def evaluate_together(
-    pipelines: Sequence[Pipeline], run_dirs: Sequence[Path], split: str
-) -> List[Dict[str, float]]:
-    """Each pipeline's metrics on `split`; one pipeline as `Pipeline.evaluate`, several (on one
-    backbone) scored together by rank, several runs' rows in one pass per batch; a run with
-    `trainer.eval_mode=generate` is evaluated on its own."""
-    from ptlab.config.saved import tell
-    from ptlab.model.readout import RunParts
-    from ptlab.training.evaluate import runs_split_metrics
-
-    if len(pipelines) == 1:
-        return [pipelines[0].evaluate(split)]
-    metrics: Dict[int, Dict[str, float]] = {}
-    ranked = []
-    for index, (pipeline, run_dir) in enumerate(zip(pipelines, run_dirs)):
-        if pipeline.config.trainer.eval_mode == "generate":
-            tell(f"{run_dir}: trainer.eval_mode=generate, so it is evaluated on its own (generation does "
-                 "not pack with other runs' rows)")  # fmt: skip
-            metrics[index] = pipeline.evaluate(split)
-        else:
-            ranked.append(index)
-    if ranked:
-        first = pipelines[ranked[0]]
-        runs = [
-            (RunParts(pipelines[i].readout, pipelines[i].method), pipelines[i].data[split], pipelines[i].config.task)
-            for i in ranked
-        ]  # fmt: skip
-        together = runs_split_metrics(
-            first.backbone, runs, first.config.trainer.eval_batch, first.device, first.autocast
-        )
-        metrics.update(zip(ranked, together))
-    return [metrics[index] for index in range(len(pipelines))]
-
-
 @one_line_errors
 def eval_main(argv: Optional[Sequence[str]] = None) -> None:
     """`ptlab-eval`: the best prompt's metrics on a split; printed and written to RUN_DIR/eval/.
     With several RUN_DIRs over the same backbone, one line per run, starting with its folder."""
+    from ptlab.config.saved import tell
     from ptlab.lab.saved_run import load_runs
+    from ptlab.training.build import evaluate_together
 
     usage = "%(prog)s RUN_DIR [RUN_DIR...] [split=NAME] [OVERRIDE...] [--allow-other-weights]"
     parser = argparse.ArgumentParser(prog="ptlab-eval", usage=usage, description=eval_main.__doc__)
@@ -125,7 +90,10 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
             raise ConfigError(f"{where}split={split!r}: task {pipeline.config.task.name!r} has no {split} split "
                               f"with data.split_protocol={pipeline.config.data.split_protocol}")  # fmt: skip
         pipeline.place()
-    for run_dir, pipeline, metrics in zip(run_dirs, pipelines, evaluate_together(pipelines, run_dirs, split)):
+        if len(run_dirs) > 1 and pipeline.config.trainer.eval_mode == "generate":
+            tell(f"{run_dir}: trainer.eval_mode=generate, so it is evaluated on its own (generation does "
+                 "not pack with other runs' rows)")  # fmt: skip
+    for run_dir, pipeline, metrics in zip(run_dirs, pipelines, evaluate_together(pipelines, split)):
         result = {"task": pipeline.config.task.name, "split": split, "examples": len(pipeline.data[split]),
                   "overrides": overrides, "metrics": metrics}  # fmt: skip
         out = run_dir / "eval" / f"{pipeline.config.task.name}_{split}.json"

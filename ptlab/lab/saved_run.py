@@ -13,7 +13,6 @@ prompts can be scored together, several runs' rows in one pass per batch.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -24,6 +23,7 @@ from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.training import checkpoint
 from ptlab.training.build import Pipeline, SharedBackbone, build, frozen_backbone
+from ptlab.training.packing import shared_settings
 from ptlab.training.run_folder import read_json_record
 
 
@@ -93,13 +93,9 @@ def load_run(
     return pipeline
 
 
-def shared_settings(config: Config) -> Dict[str, Any]:
-    """What runs scored on one loaded backbone must have alike: the backbone and the hardware."""
-    return {"backbone": dataclasses.asdict(config.backbone), "hardware": dataclasses.asdict(config.hardware)}
-
-
 def check_one_backbone(run_dirs: Sequence[Path], configs: Sequence[Config]) -> None:
-    """Every folder's backbone and hardware settings are the first folder's (one backbone serves them all)."""
+    """Every folder's backbone setup (`shared_settings`: what a pack's members share too) is the first
+    folder's: one loaded backbone serves them all."""
     first = shared_settings(configs[0])
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
         difference = checkpoint.config_difference(first, shared_settings(config), ignore=())

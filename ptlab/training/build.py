@@ -14,7 +14,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Dict, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
 
 import torch
 from datasets import DatasetDict
@@ -29,11 +29,11 @@ from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone, build_backbone
 from ptlab.model.compile import compile_blocks
 from ptlab.model.fingerprint import fingerprint
-from ptlab.model.readout import TaskReadout
+from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
 from ptlab.training.distributed import World
-from ptlab.training.evaluate import split_metrics
+from ptlab.training.evaluate import runs_split_metrics, split_metrics
 from ptlab.training.randomness import RunRandomness
 
 log = logging.getLogger("ptlab")
@@ -134,6 +134,25 @@ class SharedBackbone:
         if key not in self.read:
             self.read[key] = load_raw_splits(task, data)
         return self.read[key]
+
+
+def evaluate_together(pipelines: Sequence[Pipeline], split: str) -> List[Dict[str, float]]:
+    """Each pipeline's metrics on `split` (pipelines on one shared backbone: a pack's members, or
+    several run folders): those that rank are scored together, several runs' rows in one pass per
+    batch (the largest of their `trainer.eval_batch`); one that generates, or a pipeline alone, as
+    `Pipeline.evaluate`."""
+    if len(pipelines) == 1:
+        return [pipelines[0].evaluate(split)]
+    ranked = [i for i, pipeline in enumerate(pipelines) if pipeline.config.trainer.eval_mode == "rank"]
+    metrics = {i: pipeline.evaluate(split) for i, pipeline in enumerate(pipelines) if i not in ranked}
+    if ranked:
+        first = pipelines[ranked[0]]
+        runs = [(RunParts(pipelines[i].readout, pipelines[i].method), pipelines[i].data[split],
+                 pipelines[i].config.task) for i in ranked]  # fmt: skip
+        batch_size = max(pipelines[i].config.trainer.eval_batch for i in ranked)
+        together = runs_split_metrics(first.backbone, runs, batch_size, first.device, first.autocast)
+        metrics.update(zip(ranked, together))
+    return [metrics[i] for i in range(len(pipelines))]
 
 
 def frozen_backbone(config: Config) -> SharedBackbone:

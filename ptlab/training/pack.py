@@ -31,7 +31,8 @@ import torch
 from ptlab.data.examples import Example
 from ptlab.errors import TrainingFault
 from ptlab.model.readout import RunParts
-from ptlab.training.evaluate import runs_split_metrics, to_device
+from ptlab.training.build import evaluate_together
+from ptlab.training.evaluate import to_device
 from ptlab.training.memory import reset_peak_memory
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
@@ -155,21 +156,9 @@ class Pack:
 
     # --- evaluation ----------------------------------------------------------------------------
     def evaluate(self, due: List[Member]) -> Dict[int, Dict[str, float]]:
-        """Validation metrics of the members due at this step: rank scoring in one pass for all;
-        a member that generates is scored on its own."""
-        ranked = [m for m in due if m.trainer.cfg.eval_mode == "rank"]
-        metrics: Dict[int, Dict[str, float]] = {}
-        if ranked:
-            runs = [(m.parts(self.device), m.trainer.data["validation"], m.trainer.task) for m in ranked]
-            batch_size = max(m.trainer.eval_batch_size for m in ranked)
-            for member, values in zip(
-                ranked, runs_split_metrics(self.backbone, runs, batch_size, self.device, self.autocast)
-            ):
-                metrics[id(member)] = values
-        for member in due:
-            if id(member) not in metrics:
-                metrics[id(member)] = member.trainer.run_eval("validation")
-        return metrics
+        """Validation metrics of the members due at this step, scored together (`evaluate_together`)."""
+        metrics = evaluate_together([member.trainer.pipeline for member in due], "validation")
+        return {id(member): values for member, values in zip(due, metrics)}
 
     # --- the loop ----------------------------------------------------------------------------
     def leave(self, member: Member, error: Optional[Exception] = None) -> None:

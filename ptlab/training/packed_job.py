@@ -1,7 +1,7 @@
 """The jobs of one pack, each a whole run in its own folder, trained together (ptlab/training/pack.py).
 
-`run_pack(jobs)` is to a pack what `ptlab.training.job.run` is to one run: per member it prepares
-the folder, skips a finished run, builds the run on the pack's one frozen backbone, resumes it from
+`run_group(jobs, pack_size)` is to packs what `ptlab.training.job.run` is to one run: per member it
+prepares the folder, skips a finished run, builds the run on the pack's one frozen backbone, resumes it from
 its checkpoint, records its start (snapshots, its own train.log, its own W&B run), and at its end
 writes its summary, or its one-line failure. A member that fails before training (a bad config, a
 data error, a checkpoint that does not fit) or during it (a loss that is not finite) fails alone.
@@ -14,6 +14,7 @@ import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -49,11 +50,11 @@ class PackedJob:
     facts: RunFacts
 
 
-def failed(job: PackedJob, error: Exception) -> None:
+def failed(run_dir: Optional[Path], error: Exception) -> None:
     """A member's one-line error on stderr and in its folder; the other members go on."""
-    print(f"ptlab: error: {job.facts.run_dir}: {error}", file=sys.stderr)
-    if job.facts.run_dir is not None:
-        record_failure(job.facts.run_dir, error)
+    print(f"ptlab: error: {run_dir}: {error}", file=sys.stderr)
+    if run_dir is not None:
+        record_failure(run_dir, error)
 
 
 def run_group(jobs: Sequence[PackedJob], pack_size: Optional[int]) -> List[Optional[float]]:
@@ -61,18 +62,19 @@ def run_group(jobs: Sequence[PackedJob], pack_size: Optional[int]) -> List[Optio
     `pack_size` (None: as many as fit, `auto_pack_size`) on one backbone loaded once; returns each
     one's best validation value (None: it failed). Finished jobs are skipped before anything loads."""
     results: List[Optional[float]] = [None] * len(jobs)
-    todo = []
+    todo, folders = [], {}
     for index, job in enumerate(jobs):
         try:
             folder = prepared_run_dir(job.config, job.facts.run_dir)
             finished = finished_summary(folder, job.config) if job.config.trainer.resume else None
         except ConfigError as error:
-            failed(job, error)
+            failed(job.facts.run_dir, error)
             continue
         if finished is not None:  # a rerun sweep skips its finished members
             results[index] = skipped(folder, job.config, finished)
         else:
             todo.append(index)
+            folders[index] = folder
     if not todo:
         return results
     setup_hardware(jobs[todo[0]].config)
@@ -85,28 +87,29 @@ def run_group(jobs: Sequence[PackedJob], pack_size: Optional[int]) -> List[Optio
         pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
         log.info("hydra.launcher.pack_size unset: %s", why)
     for pack in chunked(todo, pack_size):
-        for index, value in zip(pack, run_pack([jobs[i] for i in pack], shared)):
+        for index, value in zip(pack, run_pack([jobs[i] for i in pack], [folders[i] for i in pack], shared)):
             results[index] = value
     return results
 
 
-def run_pack(jobs: Sequence[PackedJob], shared: SharedBackbone) -> List[Optional[float]]:
-    """Train the jobs as one pack on `shared`; returns each one's best validation value, None for
-    a member that failed."""
+def run_pack(
+    jobs: Sequence[PackedJob], folders: Sequence[Path], shared: SharedBackbone
+) -> List[Optional[float]]:
+    """Train the jobs, in their prepared run `folders`, as one pack on `shared`; returns each one's
+    best validation value, None for a member that failed."""
     results: List[Optional[float]] = [None] * len(jobs)
     world = World()
     opened: Dict[int, OpenRun] = {}
     index_of: Dict[int, int] = {}  # member -> its job's index
     members: List[Member] = []
     with ExitStack() as stack:
-        for index, job in enumerate(jobs):
+        for index, (job, folder) in enumerate(zip(jobs, folders)):
             run_log = stack.enter_context(RunLog())
-            folder = prepared_run_dir(job.config, job.facts.run_dir)
             with run_log.speaking():
                 try:
                     run = open_run(folder, job.config, job.cfg, world, job.facts, run_log, shared)
                 except (ConfigError, TrainingFault) as error:
-                    failed(job, error)
+                    failed(folder, error)
                     continue
             member = Member(run.trainer, run_log.speaking, folder.name)
             opened[id(member)], index_of[id(member)] = run, index
@@ -121,7 +124,7 @@ def run_pack(jobs: Sequence[PackedJob], shared: SharedBackbone) -> List[Optional
             run.tracker.finish()
 
         def failed_member(member: Member, error: Exception) -> None:
-            failed(jobs[index_of[id(member)]], error)
+            failed(opened[id(member)].run_dir, error)
             opened[id(member)].tracker.finish()
 
         first = opened[id(members[0])].config

@@ -10,7 +10,6 @@ says why a job is not in the first pack of its sweep.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -20,6 +19,7 @@ from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.model.backbone import Backbone
 from ptlab.model.flops import ModelShape
+from ptlab.training.checkpoint import config_difference
 
 MAX_AUTO_PACK = 16  # the automatic pack size's ceiling: past it a step's batch is no longer small
 
@@ -31,20 +31,6 @@ def shared_settings(config: Config) -> Dict[str, Any]:
         "hardware": dataclasses.asdict(config.hardware),
         "trainer.compile": config.trainer.compile,
     }
-
-
-def first_difference(a: Dict[str, Any], b: Dict[str, Any], prefix: str = "") -> Optional[str]:
-    """The first setting (dotted) where `a` and `b` differ, `key=a vs b`."""
-    for key in list(dict.fromkeys([*a, *b])):
-        left, right = a.get(key), b.get(key)
-        name = f"{prefix}{key}"
-        if isinstance(left, dict) and isinstance(right, dict):
-            found = first_difference(left, right, f"{name}.")
-            if found:
-                return found
-        elif left != right:
-            return f"{name}={json.dumps(left)} vs {json.dumps(right)}"
-    return None
 
 
 def packs_alone(config: Config) -> Optional[str]:
@@ -90,7 +76,7 @@ def group_jobs(configs: Sequence[Config]) -> List[Group]:
                 why = (
                     ""
                     if not groups
-                    else f"another backbone setup: {first_difference(groups[0].settings, settings)}"
+                    else f"another backbone setup: {config_difference(groups[0].settings, settings, ignore=())}"
                 )
                 groups.append(Group([index], settings, why))
         else:
