@@ -117,3 +117,29 @@ def test_a_batch_of_several_runs_gives_each_row_its_scores_alone(family):
             alone = backbone.score(readout, method, backbone.collate(readout, items))
             torch.testing.assert_close(rows[:, : alone.shape[1]], alone, atol=1e-5, rtol=0)
             assert bool((rows[:, alone.shape[1] :] == float("-inf")).all())
+
+
+def test_shared_prompts_of_several_runs_run_once_per_batch_on_a_causal_backbone():
+    """Each run's shared prompt (PT-3, PT-7) goes through the network once per batch, one row per
+    run, and its rows start from its keys and values; routed (SMoP) and per-layer (deep prompt)
+    prompts stay per row. That is what makes a pack cost its runs' passes alone, not more."""
+    backbone, runs = runs_on("tiny_llama")
+    parts, batch = packed(backbone, runs)
+    fed = []
+    states = backbone.states
+
+    def recording(cache=None, use_cache=True, **inputs):
+        fed.append(tuple(inputs["inputs_embeds"].shape[:2]))
+        return states(cache, use_cache, **inputs)
+
+    backbone.states = recording
+    with torch.no_grad():
+        backbone.runs_logits(parts, batch)
+    rows, source = batch["source_ids"].shape
+    smop_tokens, targets_fed = 2, batch["target_ids"].shape[1] - 1
+    assert fed == [(len(runs), 7), (rows, smop_tokens + source + targets_fed)]
+    backbone.cfg.share_prompt_states = False  # the per-row pass: every block in every row's input
+    fed.clear()
+    with torch.no_grad():
+        backbone.runs_logits(parts, batch)
+    assert fed == [(rows, 7 + source + targets_fed)]

@@ -31,7 +31,7 @@ from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
 from ptlab.model.anatomy import key_value_heads, self_attentions
 from ptlab.model.loading import load_model_and_tokenizer
-from ptlab.model.prefixes import EncoderPrefixes, cache_parameter, decoder_cache, encoder_key_values, rows_of
+from ptlab.model.prefixes import EncoderPrefixes, batch_of, cache_parameter, decoder_cache, encoder_key_values, rows_of
 from ptlab.model.readout import RunParts, TaskReadout
 
 Batch = Dict[str, torch.Tensor]
@@ -526,37 +526,29 @@ class CausalBackbone(Backbone):
         """Hidden states and key/value cache of [prefix][block][source](+suffix), the mask of
         [prefix][block][source] and the position of its last token. Positions count each row's
         real tokens from 0 (padding, at the left of each part, takes none), so a row of several
-        runs' batch has its run's own positions. A shared prompt of one run is run once (batch 1)
-        and its cache repeated across the batch when no dropout makes examples differ; the result
-        equals the per-example pass."""
+        runs' batch has its run's own positions. A run's shared prompt is run once per batch and
+        its cache given to each of its rows when no dropout makes examples differ
+        (`prompts_run_once`); the result equals the per-example pass."""
         source_embeds = self.embed(batch["source_ids"])
-        size = len(source_embeds)
-        shared = len(runs) == 1 and self.runs_prompt_once(runs[0].method)
-        if shared:  # one row's injection is every row's; its block runs on its own below
-            with runs[0].draws():
-                injection = runs[0].method.inject(source_embeds[:1], batch["source_mask"][:1])
-            block = injection.block.to(source_embeds.dtype)
-            inputs, prefix_mask = source_embeds, with_visible(batch["source_mask"], block.shape[1])
+        sizes = rows_per_run(batch, len(runs))
+        once = [rows > 0 and self.runs_prompt_once(run.method) for run, rows in zip(runs, sizes)]
+        if any(once):
+            cache, prefix_mask, inputs = self.prompts_run_once(runs, batch, source_embeds, once, sizes)
         else:
             injection = self.injected(runs, batch, source_embeds)
             inputs, prefix_mask = join(
                 injection.block, source_embeds, batch["source_mask"], block_mask=injection.block_mask
             )
-        prefixes = injection.prefixes.get("decoder")
-        cache = decoder_cache(prefixes, 1 if shared else size, self.prefix_dtype()) if prefixes else None
-        width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
-        prefix_mask = with_visible(prefix_mask, width, visible=injection.prefix_masks.get("decoder"))
+            prefixes = injection.prefixes.get("decoder")
+            cache = decoder_cache(prefixes, len(source_embeds), self.prefix_dtype()) if prefixes else None
+            width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
+            prefix_mask = with_visible(prefix_mask, width, visible=injection.prefix_masks.get("decoder"))
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
         mask = prefix_mask
         if suffix is not None:
             inputs = torch.cat([inputs, suffix], 1)
             mask = torch.cat([prefix_mask, suffix_mask], 1)
             positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
-        if shared:
-            _, cache = self.states(
-                cache, inputs_embeds=block, position_ids=positions[:1, width : width + block.shape[1]]
-            )
-            cache.batch_repeat_interleave(size)
         hidden, cache = self.states(
             cache,
             keep_cache,
@@ -565,6 +557,47 @@ class CausalBackbone(Backbone):
             position_ids=positions[:, -inputs.shape[1] :],
         )
         return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 : prefix_mask.shape[1]]
+
+    def prompts_run_once(
+        self, runs: Runs, batch: Batch, source_embeds: torch.Tensor, once: Sequence[bool], sizes: List[int]
+    ) -> Tuple[Optional[DynamicCache], torch.Tensor, torch.Tensor]:
+        """The cache each row starts from, the mask of [its columns][block][source] and the input
+        embeddings. The runs in `once` have their prompts run together, one row per run, and each
+        row gets its run's keys and values (a pack of R such runs pays R prompts per batch, not one
+        per row); the other runs' blocks and prefixes stay per row. Cache columns, in order: the
+        per-row prefixes, then the shared prefixes and blocks, each masked where its run is not
+        the row's."""
+        dtype = self.prefix_dtype()
+        shared, per_row = [], []
+        for run, embeds, mask, alone in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes), once):
+            with run.draws():
+                injection = run.method.inject(embeds[:1] if alone else embeds, mask[:1] if alone else mask)
+            shared.append(injection if alone else PromptInjection())
+            per_row.append(PromptInjection() if alone else injection)
+        prompts = PromptInjection.stack(shared, [1] * len(runs))
+        prefixes = prompts.prefixes.get("decoder")
+        cache = decoder_cache(prefixes, len(runs), dtype) if prefixes else None
+        columns = prompts.prefix_masks["decoder"] if prefixes else batch["source_mask"].new_zeros(len(runs), 0)
+        if prompts.block is not None:
+            block = prompts.block.to(source_embeds.dtype)
+            columns = torch.cat([columns, prompts.block_mask.to(columns.dtype)], 1)
+            positions = (columns.cumsum(1) - 1).clamp(min=0)[:, -block.shape[1] :]
+            visible = None if bool(columns.all()) else columns
+            _, cache = self.states(cache, attention_mask=visible, inputs_embeds=block, position_ids=positions)
+        run_of_row = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
+        layers = [] if cache is None else [
+            (layer.keys.index_select(0, run_of_row), layer.values.index_select(0, run_of_row))
+            for layer in cache.layers
+        ]
+        columns = columns.index_select(0, run_of_row)
+        rows = PromptInjection.stack(per_row, sizes)
+        row_prefixes = rows.prefixes.get("decoder")
+        if row_prefixes:
+            own = batch_of(row_prefixes, len(source_embeds), dtype)
+            layers = [(torch.cat([k, key], 2), torch.cat([v, value], 2)) for (k, v), (key, value) in zip(own, layers)] if layers else own
+            columns = torch.cat([rows.prefix_masks["decoder"].to(columns.dtype), columns], 1)
+        inputs, source_mask = join(rows.block, source_embeds, batch["source_mask"], block_mask=rows.block_mask)
+        return (DynamicCache(layers) if layers else None), torch.cat([columns, source_mask], 1), inputs
 
     def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Logits at the positions that predict the targets only: the full-vocabulary projection
