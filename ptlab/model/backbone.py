@@ -31,7 +31,15 @@ from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
 from ptlab.model.anatomy import key_value_heads, self_attentions
 from ptlab.model.loading import load_model_and_tokenizer
-from ptlab.model.prefixes import EncoderPrefixes, batch_of, cache_parameter, decoder_cache, encoder_key_values, rows_of
+from ptlab.model.prefixes import (
+    EncoderPrefixes,
+    batch_of,
+    cache_parameter,
+    decoder_cache,
+    encoder_key_values,
+    rows_of,
+    selected_rows,
+)
 from ptlab.model.readout import RunParts, TaskReadout
 
 Batch = Dict[str, torch.Tensor]
@@ -585,16 +593,16 @@ class CausalBackbone(Backbone):
             visible = None if bool(columns.all()) else columns
             _, cache = self.states(cache, attention_mask=visible, inputs_embeds=block, position_ids=positions)
         run_of_row = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
-        layers = [] if cache is None else [
-            (layer.keys.index_select(0, run_of_row), layer.values.index_select(0, run_of_row))
-            for layer in cache.layers
-        ]
+        layers = selected_rows(cache, run_of_row)
         columns = columns.index_select(0, run_of_row)
         rows = PromptInjection.stack(per_row, sizes)
         row_prefixes = rows.prefixes.get("decoder")
         if row_prefixes:
             own = batch_of(row_prefixes, len(source_embeds), dtype)
-            layers = [(torch.cat([k, key], 2), torch.cat([v, value], 2)) for (k, v), (key, value) in zip(own, layers)] if layers else own
+            layers = [
+                mine if theirs[0] is None else (torch.cat([mine[0], theirs[0]], 2), torch.cat([mine[1], theirs[1]], 2))
+                for mine, theirs in zip(own, layers)
+            ] if layers else own
             columns = torch.cat([rows.prefix_masks["decoder"].to(columns.dtype), columns], 1)
         inputs, source_mask = join(rows.block, source_embeds, batch["source_mask"], block_mask=rows.block_mask)
         return (DynamicCache(layers) if layers else None), torch.cat([columns, source_mask], 1), inputs

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,18 @@ def batch_of(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> List[Ke
 def decoder_cache(prefixes: List[KeyValue], size: int, dtype: torch.dtype) -> DynamicCache:
     """A decoder stack's key/value cache that holds only the prefixes."""
     return DynamicCache(batch_of(prefixes, size, dtype))
+
+
+def selected_rows(cache: Optional[DynamicCache], rows: torch.Tensor) -> List[Tuple[Optional[torch.Tensor], ...]]:
+    """Each layer's (key, value) of `cache` for a batch whose row i is the cache's row `rows[i]`; a
+    layer the pass skipped (FPT's partial depth) stays empty, as `DynamicCache(...)` takes it."""
+    if cache is None:
+        return []
+    return [
+        (None, None) if getattr(layer, "keys", None) is None
+        else (layer.keys.index_select(0, rows), layer.values.index_select(0, rows))
+        for layer in cache.layers
+    ]
 
 
 def widened(
