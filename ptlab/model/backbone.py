@@ -535,22 +535,9 @@ class CausalBackbone(Backbone):
         [prefix][block][source] and the position of its last token. Positions count each row's
         real tokens from 0 (padding, at the left of each part, takes none), so a row of several
         runs' batch has its run's own positions. A run's shared prompt is run once per batch and
-        its cache given to each of its rows when no dropout makes examples differ
-        (`prompts_run_once`); the result equals the per-example pass."""
-        source_embeds = self.embed(batch["source_ids"])
-        sizes = rows_per_run(batch, len(runs))
-        once = [rows > 0 and self.runs_prompt_once(run.method) for run, rows in zip(runs, sizes)]
-        if any(once):
-            cache, prefix_mask, inputs = self.prompts_run_once(runs, batch, source_embeds, once, sizes)
-        else:
-            injection = self.injected(runs, batch, source_embeds)
-            inputs, prefix_mask = join(
-                injection.block, source_embeds, batch["source_mask"], block_mask=injection.block_mask
-            )
-            prefixes = injection.prefixes.get("decoder")
-            cache = decoder_cache(prefixes, len(source_embeds), self.prefix_dtype()) if prefixes else None
-            width = prefixes[0][0].shape[2] if prefixes else 0  # the prefix: positions 0..width-1
-            prefix_mask = with_visible(prefix_mask, width, visible=injection.prefix_masks.get("decoder"))
+        its cache given to each of its rows when no dropout makes examples differ (`prompt_cache`);
+        the result equals the per-example pass."""
+        cache, prefix_mask, inputs = self.prompt_cache(runs, batch, self.embed(batch["source_ids"]))
         positions = (prefix_mask.cumsum(1) - 1).clamp(min=0)
         mask = prefix_mask
         if suffix is not None:
@@ -566,16 +553,18 @@ class CausalBackbone(Backbone):
         )
         return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 : prefix_mask.shape[1]]
 
-    def prompts_run_once(
-        self, runs: Runs, batch: Batch, source_embeds: torch.Tensor, once: Sequence[bool], sizes: List[int]
+    def prompt_cache(
+        self, runs: Runs, batch: Batch, source_embeds: torch.Tensor
     ) -> Tuple[Optional[DynamicCache], torch.Tensor, torch.Tensor]:
         """The cache each row starts from, the mask of [its columns][block][source] and the input
-        embeddings. The runs in `once` have their prompts run together, one row per run, and each
-        row gets its run's keys and values (a pack of R such runs pays R prompts per batch, not one
-        per row); the other runs' blocks and prefixes stay per row. Cache columns, in order: the
-        per-row prefixes, then the shared prefixes and blocks, each masked where its run is not
-        the row's."""
+        embeddings. The runs whose prompt may run once (`runs_prompt_once`) have their prompts run
+        together, one row per run, and each row gets its run's keys and values (a pack of R such
+        runs pays R prompts per batch, not one per row); the other runs' blocks and prefixes stay
+        per row. Cache columns, in order: the per-row prefixes, then the shared prefixes and
+        blocks, each masked where its run is not the row's."""
         dtype = self.prefix_dtype()
+        sizes = rows_per_run(batch, len(runs))
+        once = [rows > 0 and self.runs_prompt_once(run.method) for run, rows in zip(runs, sizes)]
         shared, per_row = [], []
         for run, embeds, mask, alone in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes), once):
             with run.draws():
