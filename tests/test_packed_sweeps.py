@@ -84,12 +84,14 @@ def assert_close_in_norm(
             assert difference <= tolerance * float(value.double().norm()), (key, difference)
 
 
-def assert_same_run(packed: Path, alone: Path, tolerance: float = 1e-5) -> None:
+def assert_same_run(packed: Path, alone: Path, tolerance: float = 1e-5, resumed_at: int = 0) -> None:
     """Same events (step, split, losses, lr, metrics) and the same trained prompt, relative 1e-5.
     The raw trainable tensors of the last checkpoint agree to 1e-4: Adam's first steps on a
     zero-initialised parameter (SuperPos's delta) are sign-like, so a near-zero gradient element
-    carries its rounding into the update."""
-    a, b = events(packed), events(alone)
+    carries its rounding into the update. A run resumed at step `resumed_at` logs its stage (FPT)
+    there again."""
+    a = [e for e in events(packed) if not (e["split"] == "stage" and e["step"] == resumed_at > 0)]
+    b = events(alone)
     assert [(e["step"], e["split"]) for e in a] == [(e["step"], e["split"]) for e in b]
     for x, y in zip(a, b):
         for key in COMPARED:
@@ -110,6 +112,42 @@ def test_each_member_of_a_mixed_pack_equals_its_run_alone(tmp_path, backbone):
         alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
         assert results[i] == pytest.approx(alone, rel=1e-6)
         assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i))
+
+
+@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama"])
+def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_path, monkeypatch, backbone):
+    """FPT-CR members of one seed at other lrs, optimizers and eval cadences train together, each
+    equal to its run alone; a member resumed at step 8 (another stage than its packmates at step 0)
+    trains after them, on its own stage, and ends equal to its uninterrupted run."""
+    base = [*COMMON, f"backbone={backbone}", "schedule=fpt", "trainer.max_steps=10"]
+    members = [
+        [*base, "trainer.lr=0.3", "trainer.eval_every=4"],
+        [*base, "trainer.lr=0.1", "trainer.eval_every=2", "trainer.optimizer=adafactor"],
+        [*base, "trainer.lr=0.03", "trainer.eval_every=5"],
+        [*base, "trainer.lr=0.2", "trainer.eval_every=4"],
+    ]
+    real_count = pack_module.Trainer.count_step
+
+    def cut_at_step_9(self, *args):
+        if self.state.step == 9:
+            raise KeyboardInterrupt
+        return real_count(self, *args)
+
+    monkeypatch.setattr(pack_module.Trainer, "count_step", cut_at_step_9)
+    with pytest.raises(KeyboardInterrupt):
+        run(compose_config(members[3]), run_dir=tmp_path / "packed" / "3")
+    monkeypatch.undo()
+    assert last(tmp_path / "packed" / "3")["train_state"]["step"] == 8
+    jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(members)]
+    assert len(group_jobs([j.config for j in jobs])) == 1
+    results = run_group(jobs, pack_size=None)
+    for i, member in enumerate(members):
+        alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
+        assert results[i] == pytest.approx(alone, rel=1e-6)
+        resumed_at = 8 if i == 3 else 0
+        assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i), resumed_at=resumed_at)
+        stages = [e["step"] for e in events(tmp_path / "packed" / str(i)) if e["split"] == "stage"]
+        assert stages == [0, 2, 4, 6] + ([8] if resumed_at else [])
 
 
 def test_a_member_that_fails_fails_alone(tmp_path):
@@ -164,8 +202,34 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     assert lines[0] == "pack 1: jobs 10,11 (2 runs)"
     assert lines[1] == "pack 2: jobs 12 (1 runs): pack_size=2"
     assert "another backbone setup: backbone.family: 'seq2seq' -> 'causal'" in lines[2]
-    assert "alone: schedule=fpt_depth changes the backbone" in lines[3]
+    assert "schedule=fpt_depth: its partial models change the backbone at its own steps" in lines[3]
     assert "backbone.dropout: False -> True" in lines[4]
+
+
+def test_fpt_jobs_share_a_pack_only_when_their_partial_models_coincide():
+    """FPT-CR's kept neurons come from its seed's untrained prompt: an lr grid of one seed is one
+    group, another seed or step count is another; a depth-only schedule needs no scores."""
+
+    def config(*overrides: str):
+        return to_object(compose_config([*COMMON, "backbone=tiny_t5", "trainer.max_steps=10", *overrides]))
+
+    configs = [
+        config("schedule=fpt", "trainer.lr=0.1"),
+        config("schedule=fpt", "trainer.lr=0.3", "trainer.optimizer=adafactor", "trainer.eval_every=3"),
+        config("schedule=fpt", "seed=1"),
+        config("schedule=fpt", "trainer.max_steps=12"),
+        config("schedule=fpt_depth", "seed=0"),
+        config("schedule=fpt_depth", "seed=1"),
+        config(),
+    ]
+    groups = group_jobs(configs)
+    assert [g.jobs for g in groups] == [[0, 1], [2], [3], [4, 5], [6]]
+    assert [g.why for g in groups[1:]] == [
+        "other partial models: stage plan.neuron scores.seed: 0 -> 1",
+        "other partial models: stage plan.steps.max_steps: 10 -> 12",
+        "other partial models: schedule=fpt_depth",
+        "",
+    ]
 
 
 # --- through the command line -------------------------------------------------------------------

@@ -10,7 +10,10 @@ once. The members' parameters are disjoint, so each gets exactly the gradient of
 each steps its own optimizer. A member whose method computes its loss in several passes
 (`PromptMethod.loss_in_one_pass` false) runs its own pass on the shared backbone in the same step.
 Members due for evaluation at the same step are scored in one pass (`runs_split_metrics`). A member
-that finishes, stops early or fails leaves the pack and the others go on.
+that finishes, stops early or fails leaves the pack and the others go on. Members on a stage
+schedule (FPT) each switch the shared backbone to their stage before a step; they share a pack when
+their partial models coincide at every step (`stage_partitions`; the launcher groups them by
+`packing.stage_plan`), so every switch in a step sets the same partial model.
 
 Randomness: each member's method draws from the member's own streams (`RunParts.draws`); the
 frozen network's dropout, when on, draws from the pack's stream: members are then statistically
@@ -24,7 +27,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -195,17 +198,34 @@ class Pack:
                 )  # fmt: skip
             if member.done:
                 self.leave(member)
+        parts = stage_partitions(self.members)
+        if len(parts) > 1:
+            log.info("pack: %s", "; then ".join(",".join(m.name for m in part) for part in parts)
+                     + " (their partial models differ: another step, or other neuron scores)")  # fmt: skip
         with PreemptionGuard() as guard:
-            while self.members:
+            for index, part in enumerate(parts):
+                self.members = part
                 try:
-                    self.round()
-                except (torch.OutOfMemoryError, RuntimeError) as error:  # a step's or an evaluation's
-                    if out_of_memory_error(error) is None:
-                        raise
-                    self.out_of_memory(error)
+                    self.train(guard)
+                except PackOutOfMemory as fault:  # the members still waiting fail with the same line
+                    self.members = [m for later in parts[index + 1 :] for m in later]
+                    for waiting in list(self.members):
+                        self.leave(waiting, fault)
                     return
-                steps = [m.trainer.state.step for m in self.members]
-                guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
+                finally:
+                    restore_full_model(part)
+
+    def train(self, guard: PreemptionGuard) -> None:
+        """Rounds until every member of `self.members` has left."""
+        while self.members:
+            try:
+                self.round()
+            except (torch.OutOfMemoryError, RuntimeError) as error:  # a step's or an evaluation's
+                if out_of_memory_error(error) is None:
+                    raise
+                raise self.out_of_memory(error) from None
+            steps = [m.trainer.state.step for m in self.members]
+            guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
 
     def round(self) -> None:
         """One packed step, the evaluations due after it, and the members that are done leave."""
@@ -241,7 +261,7 @@ class Pack:
             member.progress.advance()
             member.window = trainer.log_if_due(member.window, member.progress)
 
-    def out_of_memory(self, error: Exception) -> None:
+    def out_of_memory(self, error: Exception) -> PackOutOfMemory:
         """The pack does not fit: every member fails with the same line, its last checkpoint kept."""
         size = len(self.members)
         first = str(error).strip().splitlines()[0][:160]
@@ -252,3 +272,47 @@ class Pack:
         )
         for member in list(self.members):
             self.leave(member, fault)
+        return fault
+
+
+def partial_model_key(member: Member) -> Optional[Tuple]:
+    """What a member's partial models depend on from where it stands: its step, its stages and
+    their ends, its neuron scores (None: no stage schedule, the full model throughout)."""
+    schedule = member.trainer.stage_schedule
+    if schedule.partial is None:
+        return None
+    stages = tuple((stage.depth, stage.width) for stage in schedule.cfg.stages)
+    return member.trainer.state.step, stages, tuple(schedule.stage_ends), schedule.cfg.with_decoder
+
+
+def same_scores(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def stage_partitions(members: List[Member]) -> List[List[Member]]:
+    """The members in parts that train one after another: the members of a part shrink and grow
+    the shared backbone identically at every step. The launcher packs only staged jobs with one
+    stage plan (`packing.stage_plan`); members resumed at other steps, or whose neuron scores
+    differ after all, train after the others rather than on the wrong model."""
+    parts: List[Tuple[Optional[Tuple], Optional[List[torch.Tensor]], List[Member]]] = []
+    for member in members:
+        key, partial = partial_model_key(member), member.trainer.stage_schedule.partial
+        scores = None if partial is None else partial.scores
+        for part_key, part_scores, part in parts:
+            if part_key == key and same_scores(part_scores, scores):
+                part.append(member)
+                break
+        else:
+            parts.append((key, scores, [member]))
+    return [part for _, _, part in parts]
+
+
+def restore_full_model(members: List[Member]) -> None:
+    """The shared backbone back in its full form once staged members are done with it."""
+    for member in members:
+        if member.trainer.stage_schedule.partial is not None:
+            member.trainer.stage_schedule.partial.restore()
+            member.trainer.stage_schedule.current = None
+            return

@@ -2,9 +2,11 @@
 
 Jobs share a pass when they share the frozen backbone with the same settings: `backbone.*` (path,
 dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
-differ. A job with a stage schedule (FPT) packs alone: its partial models change the shared
-backbone at its own steps. Nothing is dropped: every job is in exactly one pack, and the report
-says why a job is not in the first pack of its sweep.
+differ. A job with a stage schedule (FPT) changes the shared backbone at its own steps, so it packs
+only with jobs whose partial models coincide at every step (`stage_plan`): the same stages, the
+same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. Nothing
+is dropped: every job is in exactly one pack, and the report says why a job is not in the first
+pack of its sweep.
 """
 
 from __future__ import annotations
@@ -33,13 +35,28 @@ def shared_settings(config: Config) -> Dict[str, Any]:
     }
 
 
-def packs_alone(config: Config) -> Optional[str]:
-    """Why the job cannot share a pack with any other, or None."""
-    if len(config.schedule.stages) > 1 or any(
-        (stage.depth, stage.width) != (1.0, 1.0) for stage in config.schedule.stages
-    ):
-        return f"schedule={config.schedule.name} changes the backbone at its own steps (FPT's partial models)"
-    return None
+def stage_plan(config: Config) -> Optional[Dict[str, Any]]:
+    """What fixes a staged job's partial models at every step (None: no stage schedule). Jobs with
+    equal plans shrink and grow the backbone identically at the same steps, so they can share a
+    pack. The kept FFN neurons come from scores of the untrained prompt on the first training
+    examples (`StageSchedule.prepare_scores`): what makes them is part of the plan."""
+    schedule = config.schedule
+    if len(schedule.stages) == 1 and (schedule.stages[0].depth, schedule.stages[0].width) == (1.0, 1.0):
+        return None
+    trainer = config.trainer
+    plan: Dict[str, Any] = {
+        "schedule": dataclasses.asdict(schedule),
+        "steps": {key: getattr(trainer, key) for key in ("max_steps", "epochs", "batch_size", "grad_accum")},
+    }
+    if any(stage.width < 1.0 for stage in schedule.stages):
+        plan["neuron scores"] = {
+            "seed": config.seed,
+            "method": dataclasses.asdict(config.method),
+            "task": dataclasses.asdict(config.task),
+            "data": dataclasses.asdict(config.data),
+            "trainer.eval_batch": trainer.eval_batch,
+        }
+    return plan
 
 
 @dataclasses.dataclass
@@ -49,7 +66,6 @@ class Group:
     jobs: List[int]
     settings: Dict[str, Any]
     why: str = ""
-    alone: bool = False  # a job that packs with no other (packs_alone)
 
 
 def check_packable(configs: Sequence[Config]) -> None:
@@ -66,22 +82,39 @@ def group_jobs(configs: Sequence[Config]) -> List[Group]:
     """The sweep's jobs (by index) in groups that can share a backbone, in sweep order."""
     groups: List[Group] = []
     for index, config in enumerate(configs):
-        settings, alone = shared_settings(config), packs_alone(config)
-        if alone is None:
-            for group in groups:
-                if not group.alone and group.settings == settings:
-                    group.jobs.append(index)
-                    break
-            else:
-                why = (
-                    ""
-                    if not groups
-                    else f"another backbone setup: {config_difference(groups[0].settings, settings, ignore=())}"
-                )
-                groups.append(Group([index], settings, why))
+        settings = {**shared_settings(config), "stage plan": stage_plan(config)}
+        group = next((g for g in groups if g.settings == settings), None)
+        if group is not None:
+            group.jobs.append(index)
+            continue
+        if settings["stage plan"] is not None:
+            why = staged_why(config, settings, groups)
         else:
-            groups.append(Group([index], settings, f"alone: {alone}", alone=True))
+            plain = next((g for g in groups if g.settings["stage plan"] is None), None)
+            why = (
+                ""
+                if plain is None
+                else (f"another backbone setup: {config_difference(plain.settings, settings, ignore=())}")
+            )
+        groups.append(Group([index], settings, why))
     return groups
+
+
+def staged_why(config: Config, settings: Dict[str, Any], groups: Sequence[Group]) -> str:
+    """Why a staged job (FPT) starts a new group: the first one says what staged jobs share; a later
+    one names what differs from the first group on the same schedule."""
+    plan = settings["stage plan"]
+    staged = [g for g in groups if g.settings["stage plan"] is not None]
+    same = next((g for g in staged if g.settings["stage plan"]["schedule"] == plan["schedule"]), None)
+    if same is not None:
+        return f"other partial models: {config_difference(same.settings, settings, ignore=())}"
+    if staged:
+        return f"other partial models: schedule={config.schedule.name}"
+    return (
+        f"schedule={config.schedule.name}: its partial models change the backbone at its own steps; "
+        "it packs only with jobs whose partial models coincide (same stages, steps and neuron scores' "
+        "seed, method, task and data)"
+    )
 
 
 def chunked(jobs: List[int], size: int) -> List[List[int]]:
