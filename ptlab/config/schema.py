@@ -186,6 +186,16 @@ class ScheduleConfig:
     with_decoder: bool = False  # seq2seq: shrink the decoder too (FPT: encoder only by default)
     score_examples: int = 1000  # training examples that rank FFN neurons for width reduction
 
+    @property
+    def shrinks_model(self) -> bool:
+        """Some stage trains a partial model (FPT): the schedule changes the backbone as it goes."""
+        return any((stage.depth, stage.width) != (1.0, 1.0) for stage in self.stages)
+
+    @property
+    def cuts_ffn_width(self) -> bool:
+        """Some stage keeps fewer FFN neurons: the run ranks them before training."""
+        return any(stage.width < 1.0 for stage in self.stages)
+
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("schedule.stages is empty: give at least one stage")

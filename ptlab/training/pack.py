@@ -314,5 +314,4 @@ def restore_full_model(members: List[Member]) -> None:
     for member in members:
         if member.trainer.stage_schedule.partial is not None:
             member.trainer.stage_schedule.partial.restore()
-            member.trainer.stage_schedule.current = None
             return

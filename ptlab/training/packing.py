@@ -41,14 +41,14 @@ def stage_plan(config: Config) -> Optional[Dict[str, Any]]:
     pack. The kept FFN neurons come from scores of the untrained prompt on the first training
     examples (`StageSchedule.prepare_scores`): what makes them is part of the plan."""
     schedule = config.schedule
-    if len(schedule.stages) == 1 and (schedule.stages[0].depth, schedule.stages[0].width) == (1.0, 1.0):
+    if not schedule.shrinks_model:
         return None
     trainer = config.trainer
     plan: Dict[str, Any] = {
         "schedule": dataclasses.asdict(schedule),
         "steps": {key: getattr(trainer, key) for key in ("max_steps", "epochs", "batch_size", "grad_accum")},
     }
-    if any(stage.width < 1.0 for stage in schedule.stages):
+    if schedule.cuts_ffn_width:
         plan["neuron scores"] = {
             "seed": config.seed,
             "method": dataclasses.asdict(config.method),
@@ -91,11 +91,8 @@ def group_jobs(configs: Sequence[Config]) -> List[Group]:
             why = staged_why(config, settings, groups)
         else:
             plain = next((g for g in groups if g.settings["stage plan"] is None), None)
-            why = (
-                ""
-                if plain is None
-                else (f"another backbone setup: {config_difference(plain.settings, settings, ignore=())}")
-            )
+            difference = None if plain is None else config_difference(plain.settings, settings, ignore=())
+            why = "" if difference is None else f"another backbone setup: {difference}"
         groups.append(Group([index], settings, why))
     return groups
 

@@ -33,13 +33,12 @@ class StageSchedule:
             ends.append(round(done * total_steps))
         ends[-1] = total_steps
         self.stage_ends = ends
-        needs_partial = any((stage.depth, stage.width) != (1.0, 1.0) for stage in cfg.stages)
-        self.partial = PartialModel(backbone.model, cfg.with_decoder) if needs_partial else None
+        self.partial = PartialModel(backbone.model, cfg.with_decoder) if cfg.shrinks_model else None
         self.current: Optional[int] = None
 
     @property
     def needs_scores(self) -> bool:
-        return any(stage.width < 1.0 for stage in self.cfg.stages)
+        return self.cfg.cuts_ffn_width
 
     @property
     def is_full(self) -> bool:
