@@ -25,6 +25,7 @@ from test_scale_out import cli
 from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
 from ptlab.lab.compare import main as compare_main
+from ptlab.model.partial import PartialModel
 from ptlab.training import pack as pack_module
 from ptlab.training.job import run
 from ptlab.training.packed_job import PackedJob, run_group
@@ -140,7 +141,15 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
     assert last(tmp_path / "packed" / "3")["train_state"]["step"] == 8
     jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(members)]
     assert len(group_jobs([j.config for j in jobs])) == 1
+    scorings, real_score = [], PartialModel.score_neurons
+
+    def score_neurons(self, run_batches):
+        scorings.append(len(scorings))
+        return real_score(self, run_batches)
+
+    monkeypatch.setattr(PartialModel, "score_neurons", score_neurons)
     results = run_group(jobs, pack_size=None)
+    monkeypatch.undo()
     for i, member in enumerate(members):
         alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
         assert results[i] == pytest.approx(alone, rel=1e-6)
@@ -148,6 +157,9 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
         assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i), resumed_at=resumed_at)
         stages = [e["step"] for e in events(tmp_path / "packed" / str(i)) if e["split"] == "stage"]
         assert stages == [0, 2, 4, 6] + ([8] if resumed_at else [])
+        scores = [torch.load(tmp_path / where / str(i) / "ffn_scores.pt") for where in ("packed", "alone")]
+        assert all(torch.equal(a, b) for a, b in zip(*scores))
+    assert scorings == [0]  # member 0 ranked the neurons; 1 and 2 took its scores, 3 had its own
 
 
 def test_a_member_that_fails_fails_alone(tmp_path):

@@ -59,6 +59,7 @@ class Member:
     stopped_early: bool = False
     loss: float = 0.0  # of its last step
     seen: int = 0  # examples seen at its last log-window count
+    stage_plan: Optional[Dict] = None  # its job's `packing.stage_plan` (FPT): equal plans, equal scores
 
     @property
     def done(self) -> bool:
@@ -190,7 +191,7 @@ class Pack:
         for member in list(self.members):
             with member.speaking():
                 trainer = member.trainer
-                member.stream = trainer.start_fit()
+                member.stream = trainer.start_fit(self.known_scores(member))
                 member.seen = trainer.state.examples_seen
                 member.progress = Progress(
                     trainer.total_steps, trainer.state.step, True, trainer.task.main_metric, trainer.baseline,
@@ -214,6 +215,19 @@ class Pack:
                     return
                 finally:
                     restore_full_model(part)
+
+    def known_scores(self, member: Member) -> Optional[List[torch.Tensor]]:
+        """FFN neuron scores a packmate started before `member` ranked from the same inputs (an FPT
+        lr grid scores once, not once per member)."""
+        if member.stage_plan is None:
+            return None
+        for other in self.members:
+            if other is member:
+                return None
+            partial = other.trainer.stage_schedule.partial
+            if other.stage_plan == member.stage_plan and partial.scores is not None:
+                return partial.scores
+        return None
 
     def train(self, guard: PreemptionGuard) -> None:
         """Rounds until every member of `self.members` has left."""

@@ -34,7 +34,7 @@ from ptlab.training.job import (
     skipped,
 )
 from ptlab.training.pack import Member, Pack
-from ptlab.training.packing import auto_pack_size, chunked
+from ptlab.training.packing import auto_pack_size, chunked, stage_plan
 from ptlab.training.run_folder import RunFacts, RunLog, record_failure
 
 log = logging.getLogger("ptlab")
@@ -111,7 +111,7 @@ def run_pack(
                 except (ConfigError, TrainingFault) as error:
                     failed(folder, error)
                     continue
-            member = Member(run.trainer, run_log.speaking, folder.name)
+            member = Member(run.trainer, run_log.speaking, folder.name, stage_plan=stage_plan(job.config))
             opened[id(member)], index_of[id(member)] = run, index
             members.append(member)
             stack.callback(run.tracker.finish)  # also when the pack stops (a signal, a bug)

@@ -47,15 +47,25 @@ class StageSchedule:
     def stage_of(self, step: int) -> int:
         return next(i for i, end in enumerate(self.stage_ends) if step < end or i == len(self.stage_ends) - 1)
 
-    def prepare_scores(self, run_dir: Path, run_batches: Callable[[], Iterable], write: bool = True) -> None:
+    def prepare_scores(
+        self,
+        run_dir: Path,
+        run_batches: Callable[[], Iterable],
+        write: bool = True,
+        known: Optional[List[torch.Tensor]] = None,
+    ) -> None:
         """FFN neuron scores, computed once with the untrained prompt and cached in the run folder
-        (a resumed run reloads them rather than scoring with its trained prompt)."""
+        (a resumed run reloads them rather than scoring with its trained prompt). `known`: the
+        scores a packmate with the same inputs computed (`packing.stage_plan`), so the same ones."""
         cache = run_dir / "ffn_scores.pt"
         if cache.exists():
             self.partial.scores = torch.load(cache)
             return
-        log.info("scoring FFN neurons on %d training examples", self.cfg.score_examples)
-        scores = self.partial.score_neurons(run_batches)
+        if known is not None:
+            scores = self.partial.scores = known
+        else:
+            log.info("scoring FFN neurons on %d training examples", self.cfg.score_examples)
+            scores = self.partial.score_neurons(run_batches)
         if not write:  # ranks other than 0 compute the same scores and leave the file to rank 0
             return
         tmp = cache.with_suffix(".tmp")

@@ -325,14 +325,15 @@ class Trainer:
         window.examples += examples
 
     # --- the loop -------------------------------------------------------------------------------
-    def start_fit(self) -> Iterator[List[int]]:
-        """The stream of training batches from where the run stands (and FPT's neuron scores)."""
+    def start_fit(self, neuron_scores: Optional[List[torch.Tensor]] = None) -> Iterator[List[int]]:
+        """The stream of training batches from where the run stands (and FPT's neuron scores;
+        `neuron_scores`: ones a packmate with the same inputs has computed)."""
         self.fit_started = time.perf_counter()
         stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
         if self.stage_schedule.needs_scores:  # FPT's width reduction: a fixed cost outside train_seconds
             started = time.perf_counter()
             self.stage_schedule.prepare_scores(
-                self.run_dir, self.neuron_scoring_passes, write=self.world.is_main
+                self.run_dir, self.neuron_scoring_passes, write=self.world.is_main, known=neuron_scores
             )
             self.scoring_seconds = time.perf_counter() - started
         return stream
