@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import open_dict
@@ -32,6 +33,15 @@ TINY = [
     "data.max_eval_examples=64",
     "data.max_source_length=48",
 ]
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """A run's `hardware.num_threads` sets torch's thread count for the whole process: each test
+    starts from the default, not from whatever an earlier test's run left."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

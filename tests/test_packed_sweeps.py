@@ -105,7 +105,9 @@ def assert_same_run(packed: Path, alone: Path, tolerance: float = 1e-5, resumed_
 
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
 def test_each_member_of_a_mixed_pack_equals_its_run_alone(tmp_path, backbone):
-    overrides = [[*COMMON, f"backbone={backbone}", *member] for member in MEMBERS]
+    # one thread: the pack's and the runs' reductions split alike; with two, a BERT prompt ends 1.004e-5
+    # (relative, in norm) from its run alone after 10 steps
+    overrides = [[*COMMON, f"backbone={backbone}", "hardware.num_threads=1", *member] for member in MEMBERS]
     jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(overrides)]
     assert len(group_jobs([j.config for j in jobs])) == 1  # one backbone setup: one group
     results = run_group(jobs, pack_size=None)
