@@ -15,6 +15,8 @@ from test_scale_out import QUICK, cli
 from ptlab.lab.compare import main as compare_main
 from ptlab.lab.run_record import find_runs
 
+from conftest import SHARED_DATA
+
 SWEEP = [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", "trainer.log_every=1", "trainer.batch_size=8"]
 
 
@@ -120,3 +122,22 @@ def test_best_of_names_each_groups_best_setting(sweep, tmp_path, capsys):
     )
     with pytest.raises(SystemExit, match="--best-of trainer.lr: not among the grouping keys"):
         compare_main([str(sweep / "a"), "--by", "method", "--best-of", "trainer.lr", "--out", str(tmp_path)])
+
+
+def test_a_test_score_is_read_against_the_test_splits_floor(tmp_path, capsys):
+    """With `data.split_protocol=smop` the validation is held-out training rows and the test is the
+    official dev set: their majority classes differ (RTE: ~50 % and 146/277), and the table's floor
+    is the one of the split its scores come from."""
+    run = tmp_path / "run"
+    steps = ["task=rte", "data.split_protocol=smop", "data.max_eval_examples=300", "trainer.max_steps=1"]
+    result = cli([*QUICK, *steps, "trainer.eval_every=1", f"hydra.run.dir={run}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with (SHARED_DATA / "glue" / "rte" / "dev.tsv").open() as dev:
+        labels = [row["label"] for row in csv.DictReader(dev, delimiter="\t", quoting=csv.QUOTE_NONE)]
+    summary = json.loads((run / "summary.json").read_text())
+    test_floor = max(labels.count(label) for label in set(labels)) / len(labels)
+    assert summary["test_baseline"]["acc"] == pytest.approx(test_floor)
+    assert abs(summary["baseline"]["acc"] - test_floor) > 0.01
+    for stat, floor in (("auto", test_floor), ("test", test_floor), ("best", summary["baseline"]["acc"])):
+        compare_main([str(run), "--stat", stat, "--out", str(tmp_path / stat), "--no-plots"])
+        assert f"Floor (one constant prediction: the majority class, the mean for regression): rte {100 * floor:.1f}." in capsys.readouterr().out

@@ -294,6 +294,10 @@ def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
     assert (
         "training loss is" in table and "| trainer.lr=0.1, backbone=tiny_t5 |" in table
     )  # failed ones listed too
+    assert read_summary(sweep / "0")["pack_size"] == 2  # trained beside job 2, which failed
+    assert "its pack's, shared with the other runs in it (runs per pack)" in table
+    cost_rows = [line for line in table.splitlines() if line.startswith("| trainer.lr=0.1, backbone=") and "sst2 |" in line]
+    assert sorted(row.split("|")[-2].strip() for row in cost_rows) == ["2.0", "2.0"]
 
 
 @pytest.mark.parametrize(

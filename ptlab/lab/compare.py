@@ -159,10 +159,17 @@ def best_section(comp: Comparison, keys: Sequence[str], scale: float) -> List[st
 
 
 def cost_section(comp: Comparison, target: Optional[float], scale: float) -> List[str]:
-    """One row of costs per group and task (and steps to `target`)."""
+    """One row of costs per group and task (and steps to `target`); packed runs say how many runs
+    shared the time and memory they report."""
     lines = ["", "Cost per run (means over finished runs; peak memory: the training's RSS high-water mark on CPU, "
              "allocated memory on CUDA):", ""]  # fmt: skip
+    packed = any(r.summary.get("pack_size", 1) > 1 for r in comp.runs if r.status == "finished")
+    if packed:
+        lines.insert(-1, "A packed run's train s, ms/step, examples/s and peak memory are its pack's, shared with "
+                         "the other runs in it (runs per pack); its parameters and FLOPs are its own.")  # fmt: skip
     header = f"| {' / '.join(comp.by)} | task | trainable params | train s | ms/step | examples/s | peak MiB | train TFLOPs | FLOPs vs full |"
+    if packed:
+        header += " runs per pack |"
     if target is not None:
         header += f" steps to {scale * target:g} |"
     lines += [header, "|---|" * 1 + "---|" * (header.count("|") - 2)]
@@ -176,6 +183,8 @@ def cost_section(comp: Comparison, target: Optional[float], scale: float) -> Lis
                 f"| {cell.ms_per_step:.0f} | {cell.cost('examples_per_s'):.1f} | {cell.cost('peak_memory_mb'):.0f} "
                 f"| {cell.cost('train_flops') / 1e12:.2f} | {cell.cost('flops_ratio'):.2f} |"
             )
+            if packed:
+                row += f" {statistics.mean(r.summary.get('pack_size', 1) for r in cell.finished):.1f} |"
             if target is not None:
                 reached = [steps_to(r, comp.metric_name(task), target) for r in cell.finished]
                 hits = [s for s in reached if s is not None]

@@ -145,15 +145,24 @@ class Comparison:
         return names
 
     def floor(self, task: str) -> Optional[float]:
-        """The constant predictor's score in the compared metric (majority class, mean predictor);
-        runs from before `baseline` was recorded give their majority-class accuracy."""
+        """The constant predictor's score in the compared metric and split (majority class, mean
+        predictor): a test score's floor is the test split's (`test_baseline`), which a held-out
+        validation split's need not equal; runs from before `baseline` was recorded give their
+        majority-class accuracy, runs from before `test_baseline` no test floor."""
         metric = self.metric_name(task)
         for run in self.finished(task):
-            baseline = run.summary.get("baseline") or {}
-            value = baseline.get(metric, run.summary.get("majority_class") if metric == "acc" else None)
+            if self.split_of(run) == "test":
+                value = (run.summary.get("test_baseline") or {}).get(metric)
+            else:
+                baseline = run.summary.get("baseline") or {}
+                value = baseline.get(metric, run.summary.get("majority_class") if metric == "acc" else None)
             if value is not None:
                 return value
         return None
+
+    def split_of(self, run: RunRecord) -> str:
+        """Which split the run's score comes from: test, or validation."""
+        return "test" if run.scored_stat(self.stat) == "test" else "validation"
 
     def find_group(self, baseline: str) -> Tuple[str, ...]:
         """The group named by `--baseline`: `key=value[,key=value]` or the label the table prints."""

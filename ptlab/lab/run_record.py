@@ -57,12 +57,14 @@ class RunRecord:
         final (last validation), test, or auto: test when the run has a test split, else best."""
         if self.status != "finished":
             return None
-        summary = self.summary
-        metric = metric or summary["main_metric"]
+        metric = metric or self.summary["main_metric"]
+        return (self.summary.get(self.scored_stat(stat)) or {}).get(metric)
+
+    def scored_stat(self, stat: str) -> str:
+        """The statistic `stat` resolves to: auto is test when the run has a test split, else best."""
         if stat == "auto":
-            stat = "test" if summary.get("test") else "best"
-        values = summary.get(stat) or {}
-        return values.get(metric)
+            return "test" if self.summary.get("test") else "best"
+        return stat
 
     def curve(self, split: str, key: str) -> List[Dict[str, Any]]:
         """The run's `split` events that carry `key`, in step order."""

@@ -396,6 +396,7 @@ def run_summary(
         "test": test_metrics,
         "main_metric": trainer.task.main_metric,
         "baseline": trainer.baseline,
+        "test_baseline": baseline_metrics(trainer.task, trainer.data["test"]) if test_metrics else None,
         "steps": state.step,
         "stopped_early": stopped_early,
         "trainable_params": trainer.num_trainable,
