@@ -159,6 +159,7 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
         assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i), resumed_at=resumed_at)
         stages = [e["step"] for e in events(tmp_path / "packed" / str(i)) if e["split"] == "stage"]
         assert stages == [0, 2, 4, 6] + ([8] if resumed_at else [])
+        assert read_summary(tmp_path / "packed" / str(i))["pack_size"] == (1 if resumed_at else 3)  # its part's
         scores = [torch.load(tmp_path / where / str(i) / "ffn_scores.pt") for where in ("packed", "alone")]
         assert all(torch.equal(a, b) for a, b in zip(*scores))
     assert scorings == [0]  # member 0 ranked the neurons; 1 and 2 took its scores, 3 had its own

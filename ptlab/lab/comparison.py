@@ -151,7 +151,7 @@ class Comparison:
         majority-class accuracy, runs from before `test_baseline` no test floor."""
         metric = self.metric_name(task)
         for run in self.finished(task):
-            if self.split_of(run) == "test":
+            if run.scored_stat(self.stat) == "test":
                 value = (run.summary.get("test_baseline") or {}).get(metric)
             else:
                 baseline = run.summary.get("baseline") or {}
@@ -159,10 +159,6 @@ class Comparison:
             if value is not None:
                 return value
         return None
-
-    def split_of(self, run: RunRecord) -> str:
-        """Which split the run's score comes from: test, or validation."""
-        return "test" if run.scored_stat(self.stat) == "test" else "validation"
 
     def find_group(self, baseline: str) -> Tuple[str, ...]:
         """The group named by `--baseline`: `key=value[,key=value]` or the label the table prints."""

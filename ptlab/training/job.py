@@ -150,10 +150,9 @@ def open_run(
     return OpenRun(run_dir, config, trainer, tracker, started, load_seconds)
 
 
-def close_run(run: OpenRun, summary: Dict[str, Any], pack_size: int = 1) -> float:
+def close_run(run: OpenRun, summary: Dict[str, Any]) -> float:
     """A trained run's summary completed and recorded (summary.json, W&B, the prompt artifact);
-    returns its best validation value. `pack_size`: the runs it trained with (itself included),
-    whose time and memory its train_seconds and peak_memory_mb share. The caller finishes its tracker."""
+    returns its best validation value. The caller finishes its tracker."""
     config, tracker = run.config, run.tracker
     summary.update(
         status="finished",
@@ -163,7 +162,6 @@ def close_run(run: OpenRun, summary: Dict[str, Any], pack_size: int = 1) -> floa
         seed=config.seed,
         load_seconds=run.load_seconds,
         wall_seconds=time.perf_counter() - run.started,
-        pack_size=pack_size,
         wandb=tracker.wandb_info(),
         code=code_version(),
     )

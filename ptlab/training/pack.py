@@ -18,7 +18,8 @@ their partial models coincide at every step (`stage_partitions`; the launcher gr
 Randomness: each member's method draws from the member's own streams (`RunParts.draws`); the
 frozen network's dropout, when on, draws from the pack's stream: members are then statistically
 equivalent to their solo runs, not equal. Time: each member's `train_seconds` counts the packed
-steps it took part in (the pack's wall time, shared), so its examples/s is its share of the pack.
+steps it took part in (the pack's wall time, shared), so its examples/s is its share of the pack;
+its summary's `pack_size` says how many runs trained together (the part it trained in).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ class Pack:
         failed: Callable[[Member, Exception], None],
     ) -> None:
         self.members = members
+        self.size = len(members)  # the runs training together now: a finished member's pack_size
         self.finished, self.failed = finished, failed
         first = members[0].trainer
         self.backbone, self.device, self.autocast = first.backbone, first.device, first.autocast
@@ -179,6 +181,7 @@ class Pack:
             except (TrainingFault, RuntimeError, ValueError) as failure:
                 self.failed(member, failure)
                 return
+            summary["pack_size"] = self.size
             self.finished(member, summary)
 
     def save_all(self) -> None:
@@ -205,7 +208,7 @@ class Pack:
                      + " (their partial models differ: another step, or other neuron scores)")  # fmt: skip
         with PreemptionGuard() as guard:
             for index, part in enumerate(parts):
-                self.members = part
+                self.members, self.size = part, len(part)
                 try:
                     self.train(guard)
                 except PackOutOfMemory as fault:  # the members still waiting fail with the same line

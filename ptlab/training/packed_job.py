@@ -120,7 +120,7 @@ def run_pack(
 
         def finished(member: Member, summary: Dict) -> None:
             run = opened[id(member)]
-            results[index_of[id(member)]] = close_run(run, summary, pack_size=len(members))
+            results[index_of[id(member)]] = close_run(run, summary)
             run.tracker.finish()
 
         def failed_member(member: Member, error: Exception) -> None:

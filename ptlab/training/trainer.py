@@ -397,6 +397,7 @@ def run_summary(
         "main_metric": trainer.task.main_metric,
         "baseline": trainer.baseline,
         "test_baseline": baseline_metrics(trainer.task, trainer.data["test"]) if test_metrics else None,
+        "pack_size": 1,  # a pack says how many runs shared this one's time and memory
         "steps": state.step,
         "stopped_early": stopped_early,
         "trainable_params": trainer.num_trainable,
