@@ -27,9 +27,9 @@ T5_DECODER_PREFIXES = ["method=deep_prompt", "method.prompt_length=5", "method.s
 TASKS = [["negative", "positive"], ["no", "yes", "maybe"]]  # two readouts, two numbers of verbalizers
 
 
-def runs_on(name: str):
+def runs_on(name: str, dropout: bool = False):
     """The runs of one batch, all on one backbone: (readout, method, examples) per run."""
-    _, backbone, _, _ = build([f"backbone={name}", "backbone.dropout=false"])
+    _, backbone, _, _ = build([f"backbone={name}", f"backbone.dropout={str(dropout).lower()}"])
     methods = METHODS + ([T5_DECODER_PREFIXES] if name == "tiny_t5" else [])
     runs = []
     for index, overrides in enumerate(methods):
@@ -143,3 +143,44 @@ def test_shared_prompts_of_several_runs_run_once_per_batch_on_a_causal_backbone(
     with torch.no_grad():
         backbone.runs_logits(parts, batch)
     assert fed == [(rows, 7 + source + targets_fed)]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name):
+    """The frozen network's dropout on (hidden states and attention weights): each run's masks
+    come from its own generator at its own shape (ptlab.model.run_dropout), so its logits and
+    gradients in a batch of several runs equal its run alone with the same generator, and the
+    generator ends where it ends alone. float64, so that equality is to rounding."""
+    backbone, runs = runs_on(name, dropout=True)
+    backbone.double().train()
+    for readout, method, _ in runs:
+        readout.double(), method.double()
+
+    def streams(seed: int):
+        return {id(method): torch.Generator().manual_seed(seed + i) for i, (_, method, _) in enumerate(runs)}
+
+    def gradients(loss, method, readout):
+        params = [*method.parameters(), *readout.parameters()]
+        return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+
+    parts, batch = packed(backbone, runs)
+    together = streams(100)
+    with backbone.drawing(together):
+        logits = backbone.runs_logits(parts, batch).split(batch["run"].bincount().tolist())
+    for index, (readout, method, items) in enumerate(runs):
+        alone = streams(100)
+        with backbone.drawing(alone):
+            reference = backbone.output_logits(readout, method, backbone.collate(readout, items))
+        mine = logits[index][:, : reference.shape[1]]
+        scored = backbone.collate(readout, items)["target_ids"] != -100  # where a row has a target token
+        if backbone.reads_target_tokens:
+            mine, reference = mine[scored], reference[scored]
+        torch.testing.assert_close(mine, reference, atol=1e-9, rtol=1e-9)
+        for ours, theirs in zip(gradients(mine.sum(), method, readout), gradients(reference.sum(), method, readout)):
+            if theirs is not None:
+                torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
+        assert torch.equal(together[id(method)].get_state(), alone[id(method)].get_state())
+        with backbone.drawing(streams(200)):  # other masks, other logits: the masks are drawn
+            other = backbone.output_logits(readout, method, backbone.collate(readout, items))
+        other = other[scored] if backbone.reads_target_tokens else other
+        assert float((other - reference).abs().max()) > 1e-6

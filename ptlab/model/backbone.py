@@ -41,6 +41,7 @@ from ptlab.model.prefixes import (
     selected_rows,
 )
 from ptlab.model.readout import RunParts, TaskReadout
+from ptlab.model.run_dropout import FrozenDropout
 
 Batch = Dict[str, torch.Tensor]
 Runs = Sequence[RunParts]  # the runs whose rows a batch holds, in the order of their `run` index
@@ -144,6 +145,8 @@ class Backbone(nn.Module):
             self.model.config.use_cache = False
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoder_hooks: Optional[EncoderPrefixes] = None  # installed on a deep prompt's first pass
+        # the frozen network's dropout, drawn per run (ptlab.model.run_dropout); none when it stays off
+        self.frozen_dropout = FrozenDropout(self.model, self.dropout_stack) if cfg.dropout else None
 
     # --- what the rest of ptlab needs to know ------------------------------------------------
     @property
@@ -243,6 +246,24 @@ class Backbone(nn.Module):
     def runs_prompt_once(self, method: PromptMethod) -> bool:
         """Whether the next pass runs `method`'s prompt once per batch instead of per example."""
         return False
+
+    # --- the frozen network's dropout, per run -------------------------------------------------
+    def dropout_stack(self, module_name: str) -> str:
+        """The stack whose hidden states the model's module `module_name` works on."""
+        return self.input_stack
+
+    def drawing(self, streams: Dict[int, torch.Generator]) -> contextlib.AbstractContextManager:
+        """Inside the block, the frozen network's dropout in a pass over the rows of a run whose
+        method is a key of `streams` (by id) draws from that run's generator."""
+        return contextlib.nullcontext() if self.frozen_dropout is None else self.frozen_dropout.drawing(streams)
+
+    def laid_out(self, runs: Runs, batch: Batch, **real: torch.Tensor) -> contextlib.AbstractContextManager:
+        """Around the model call of a pass over `batch`: where each stack's real positions are
+        (`[B, L]` per stack), so each run's dropout masks are its own (nothing in eval mode)."""
+        if self.frozen_dropout is None:
+            return contextlib.nullcontext()
+        rows = rows_per_run(batch, len(runs))
+        return self.frozen_dropout.laid_out([run.method for run in runs], rows, real)
 
     # --- tokenization and batching ---------------------------------------------------------
     def tokenize_sources(self, readout: TaskReadout, texts: List[str]) -> List[List[int]]:
@@ -411,6 +432,9 @@ class Seq2SeqBackbone(Backbone):
     def position_limit(self) -> int:
         return SEQ2SEQ_MAX_POSITIONS  # relative positions: no table to overflow, but trained on 512
 
+    def dropout_stack(self, module_name: str) -> str:
+        return "decoder" if module_name.startswith("decoder") else "encoder"
+
     def prompted(self, runs: Runs, batch: Batch, at: int = 0):
         """As the base's, with each row's real positions first: T5's relative positions count
         sequence indices, so no padding may sit between a row's prefix, block and input."""
@@ -421,8 +445,11 @@ class Seq2SeqBackbone(Backbone):
 
     def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
         injection, inputs_embeds, mask = self.prompted(runs, batch)
-        with self.encoder_prefixes(injection, len(inputs_embeds)):
-            return self.decode_logits(injection, inputs_embeds, mask, batch["target_ids"])
+        targets = batch["target_ids"]
+        with self.encoder_prefixes(injection, len(inputs_embeds)), self.laid_out(
+            runs, batch, encoder=mask, decoder=targets != -100
+        ):
+            return self.decode_logits(injection, inputs_embeds, mask, targets)
 
     def decode_logits(self, injection, inputs_embeds, mask, targets, encoded=None) -> torch.Tensor:
         """Decoder logits for `targets` (teacher forcing; each row's verbalizers in a row of its
@@ -524,10 +551,11 @@ class CausalBackbone(Backbone):
         return out.last_hidden_state, out.get(self.cache_key)
 
     def fed_targets(self, targets: torch.Tensor):
-        """Embeddings and mask of the target tokens that are inputs: all but the last, which is
-        only predicted (one position less per example than feeding the whole target)."""
+        """Embeddings and mask of the target tokens that are inputs: each row's all but its last,
+        which is only predicted (one position less per example than feeding the whole target; a
+        row's real positions are the same whatever longer targets share its batch)."""
         fed = targets[:, :-1]
-        mask = (fed != -100).long()
+        mask = (targets[:, 1:] != -100).long()
         return self.embed(fed.clamp(min=0) * mask + self.pad_id * (1 - mask)), mask
 
     def run_prefix(self, runs: Runs, batch: Batch, suffix=None, suffix_mask=None, keep_cache: bool = True):
@@ -544,13 +572,14 @@ class CausalBackbone(Backbone):
             inputs = torch.cat([inputs, suffix], 1)
             mask = torch.cat([prefix_mask, suffix_mask], 1)
             positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
-        hidden, cache = self.states(
-            cache,
-            keep_cache,
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            position_ids=positions[:, -inputs.shape[1] :],
-        )
+        with self.laid_out(runs, batch, decoder=mask[:, -inputs.shape[1] :]):
+            hidden, cache = self.states(
+                cache,
+                keep_cache,
+                inputs_embeds=inputs,
+                attention_mask=mask,
+                position_ids=positions[:, -inputs.shape[1] :],
+            )
         return hidden, cache, prefix_mask, positions[:, prefix_mask.shape[1] - 1 : prefix_mask.shape[1]]
 
     def prompt_cache(
@@ -662,7 +691,7 @@ class EncoderBackbone(Backbone):
         )
         injection, inputs_embeds, mask = self.prompted(runs, batch, at=keep_first)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        with self.encoder_prefixes(injection, len(inputs_embeds)):
+        with self.encoder_prefixes(injection, len(inputs_embeds)), self.laid_out(runs, batch, encoder=mask):
             hidden = self.model(
                 inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions
             ).last_hidden_state

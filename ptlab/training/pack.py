@@ -15,9 +15,10 @@ schedule (FPT) each switch the shared backbone to their stage before a step; the
 their partial models coincide at every step (`stage_partitions`; the launcher groups them by
 `packing.stage_plan`), so every switch in a step sets the same partial model.
 
-Randomness: each member's method draws from the member's own streams (`RunParts.draws`); the
-frozen network's dropout, when on, draws from the pack's stream: members are then statistically
-equivalent to their solo runs, not equal. Time: each member's `train_seconds` counts the packed
+Randomness: every draw is the member's own: its method's from its streams (`RunParts.draws`),
+the frozen network's dropout from its dropout generator at its own shape (`Backbone.drawing`,
+ptlab/model/run_dropout.py), so a member equals its run alone with dropout on or off and resumes
+exactly. Time: each member's `train_seconds` counts the packed
 steps it took part in (the pack's wall time, shared), so its examples/s is its share of the pack;
 its summary's `pack_size` says how many runs trained together (the part it trained in).
 """
@@ -40,7 +41,6 @@ from ptlab.training.evaluate import to_device
 from ptlab.training.memory import reset_peak_memory
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
-from ptlab.training.randomness import RunRandomness
 from ptlab.training.trainer import LogWindow, Trainer, backward_loss
 
 log = logging.getLogger("ptlab")
@@ -96,7 +96,6 @@ class Pack:
     def __init__(
         self,
         members: List[Member],
-        seed: int,
         finished: Callable[[Member, Dict], None],
         failed: Callable[[Member, Exception], None],
     ) -> None:
@@ -105,7 +104,6 @@ class Pack:
         self.finished, self.failed = finished, failed
         first = members[0].trainer
         self.backbone, self.device, self.autocast = first.backbone, first.device, first.autocast
-        self.randomness = RunRandomness(seed)  # the frozen network's dropout draws (when it is on)
 
     # --- one packed step ---------------------------------------------------------------------
     def joint_losses(self, members: List[Member], examples: Dict[int, List[Example]], totals) -> None:
@@ -143,7 +141,8 @@ class Pack:
         self.backbone.train()
         totals = {id(m): torch.zeros(3, dtype=torch.float64) for m in members}
         started = time.perf_counter()
-        with self.randomness.active(self.device):
+        streams = {key: value for m in members for key, value in m.trainer.dropout_streams().items()}
+        with self.backbone.drawing(streams):  # each member's masks from its own stream
             for round_ in range(max(m.trainer.cfg.grad_accum for m in members)):
                 takers = [m for m in members if round_ < m.trainer.cfg.grad_accum]
                 examples = {id(m): m.next_examples() for m in takers}
@@ -176,13 +175,12 @@ class Pack:
             if error is not None:
                 self.failed(member, error)
                 return
-            try:
+            try:  # its test split, its summary, its W&B run: a fault here is its own
                 summary = member.trainer.finish_fit(member.stopped_early)
-            except (TrainingFault, RuntimeError, ValueError) as failure:
+                summary["pack_size"] = self.size
+                self.finished(member, summary)
+            except Exception as failure:  # noqa: BLE001 - whatever it is, it ends this member only
                 self.failed(member, failure)
-                return
-            summary["pack_size"] = self.size
-            self.finished(member, summary)
 
     def save_all(self) -> None:
         for member in self.members:
@@ -255,7 +253,11 @@ class Pack:
             metrics = self.evaluate(due)
             for member in due:
                 with member.speaking():
-                    member.stopped_early = member.trainer.record_eval(metrics[id(member)])
+                    try:  # its metrics, best prompt and checkpoint: a fault here is its own
+                        member.stopped_early = member.trainer.record_eval(metrics[id(member)])
+                    except Exception as error:  # noqa: BLE001 - it ends this member only
+                        self.leave(member, error)
+                        continue
                     state = member.trainer.state
                     member.progress.evaluated(
                         state.step, state.last_metrics, state.best_score, state.best_step
@@ -267,16 +269,15 @@ class Pack:
         """A member's bookkeeping after a packed step: seconds, loss check, log line."""
         trainer = member.trainer
         with member.speaking():
-            try:
+            try:  # its loss check and its log line (metrics.jsonl, W&B): a fault here is its own
                 trainer.count_step(
                     member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window
                 )
-            except TrainingFault as error:
+                member.seen = trainer.state.examples_seen
+                member.progress.advance()
+                member.window = trainer.log_if_due(member.window, member.progress)
+            except Exception as error:  # noqa: BLE001 - it ends this member only
                 self.leave(member, error)
-                return
-            member.seen = trainer.state.examples_seen
-            member.progress.advance()
-            member.window = trainer.log_if_due(member.window, member.progress)
 
     def out_of_memory(self, error: Exception) -> PackOutOfMemory:
         """The pack does not fit: every member fails with the same line, its last checkpoint kept."""

@@ -21,7 +21,6 @@ import torch
 from omegaconf import DictConfig
 
 from ptlab.config.schema import Config
-from ptlab.errors import ConfigError, TrainingFault
 from ptlab.training.build import SharedBackbone, frozen_backbone
 from ptlab.training.distributed import World
 from ptlab.training.job import (
@@ -53,8 +52,12 @@ class PackedJob:
 def failed(run_dir: Optional[Path], error: Exception) -> None:
     """A member's one-line error on stderr and in its folder; the other members go on."""
     print(f"ptlab: error: {run_dir}: {error}", file=sys.stderr)
-    if run_dir is not None:
+    if run_dir is None:
+        return
+    try:
         record_failure(run_dir, error)
+    except OSError as unrecorded:  # the folder itself is the fault: say so, and go on
+        print(f"ptlab: error: {run_dir}: its failure could not be recorded there ({unrecorded})", file=sys.stderr)
 
 
 def run_group(jobs: Sequence[PackedJob], pack_size: Optional[int]) -> List[Optional[float]]:
@@ -67,7 +70,7 @@ def run_group(jobs: Sequence[PackedJob], pack_size: Optional[int]) -> List[Optio
         try:
             folder = prepared_run_dir(job.config, job.facts.run_dir)
             finished = finished_summary(folder, job.config) if job.config.trainer.resume else None
-        except ConfigError as error:
+        except Exception as error:  # noqa: BLE001 - a fault in its folder is its own
             failed(job.facts.run_dir, error)
             continue
         if finished is not None:  # a rerun sweep skips its finished members
@@ -108,7 +111,7 @@ def run_pack(
             with run_log.speaking():
                 try:
                     run = open_run(folder, job.config, job.cfg, world, job.facts, run_log, shared)
-                except (ConfigError, TrainingFault) as error:
+                except Exception as error:  # noqa: BLE001 - a fault in building or resuming it is its own
                     failed(folder, error)
                     continue
             member = Member(run.trainer, run_log.speaking, folder.name, stage_plan=stage_plan(job.config))
@@ -125,9 +128,12 @@ def run_pack(
 
         def failed_member(member: Member, error: Exception) -> None:
             failed(opened[id(member)].run_dir, error)
-            opened[id(member)].tracker.finish()
+            try:
+                opened[id(member)].tracker.finish()
+            except Exception as unfinished:  # noqa: BLE001 - its tracker's fault is its own too
+                failed(None, unfinished)
 
         first = opened[id(members[0])].config
         log.info("pack of %d runs on %s: training together", len(members), first.backbone.name)
-        Pack(members, first.seed, finished, failed_member).run()
+        Pack(members, finished, failed_member).run()
     return results

@@ -1,16 +1,18 @@
 """A run's randomness, owned by the run rather than by the process.
 
-Two streams, both from the run's seed, both saved in `checkpoints/last`:
+Three streams, all from the run's seed, all saved in `checkpoints/last`:
 - `generator`, a CPU `torch.Generator` for the draws ptlab makes itself while training (SMoP's
   router noise), handed to the method at build (`PromptContext.generator`). It lives on the CPU
   whatever the device, so a seed draws the same numbers on a CPU and on a GPU.
+- `dropout(device)`, a generator on the device for the frozen network's dropout masks, which
+  `ptlab.model.run_dropout` draws at the run's own shape whatever rows share the batch.
 - the ambient stream, for the draws torch makes from its global default generators where no
-  generator can be passed (dropout masks in the frozen model and in methods): `active(device)`
-  swaps the run's state into the default generators for one training step and takes it back.
+  generator can be passed (dropout inside a method, SMoP's router dropout): `active(device)` swaps
+  the run's state into the default generators around the run's own draws and takes it back.
 
-So runs interleaved in one process (a packed sweep) each draw exactly the numbers they would draw
-alone, and a resumed run continues its streams where its checkpoint left them. Nothing here reads
-or seeds the global generators outside `active`.
+So runs interleaved in one process, or sharing batches in a pack, each draw exactly the numbers
+they would draw alone, and a resumed run continues its streams where its checkpoint left them.
+Nothing here reads or seeds the global generators outside `active`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any, Dict, Iterator, List
 import torch
 
 AMBIENT_OFFSET = 1 << 62  # the ambient stream's seed: the run's, shifted out of the seeds runs are given
+DROPOUT_OFFSET = 1 << 61  # the frozen network's dropout stream's seed, likewise
 
 
 def default_state(device: torch.device) -> torch.Tensor:
@@ -43,6 +46,7 @@ class RunRandomness:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.ambient: Dict[str, torch.Tensor] = {}  # device -> its default generator's state in this run
+        self.dropouts: Dict[str, torch.Generator] = {}  # device -> the frozen network's dropout stream
 
     def _ambient_devices(self, device: torch.device) -> List[torch.device]:
         """The default generators a step on `device` may draw from: the CPU's, and the GPU's."""
@@ -69,11 +73,26 @@ class RunRandomness:
                 self.ambient[str(d)] = default_state(d)
                 set_default_state(d, state)
 
+    def dropout(self, device: torch.device) -> torch.Generator:
+        """The generator the frozen network's dropout draws from on `device` for this run."""
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if str(device) not in self.dropouts:
+            self.dropouts[str(device)] = torch.Generator(device).manual_seed(self.seed + DROPOUT_OFFSET)
+        return self.dropouts[str(device)]
+
     def state_dict(self) -> Dict[str, Any]:
-        return {"seed": self.seed, "generator": self.generator.get_state(), "ambient": dict(self.ambient)}
+        return {
+            "seed": self.seed,
+            "generator": self.generator.get_state(),
+            "ambient": dict(self.ambient),
+            "dropout": {device: generator.get_state() for device, generator in self.dropouts.items()},
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Continue the streams of a checkpoint (in place: the method holds `generator` itself)."""
         self.seed = state["seed"]
         self.generator.set_state(state["generator"])
         self.ambient = dict(state["ambient"])
+        for device, generator_state in state.get("dropout", {}).items():  # absent before the stream
+            self.dropout(torch.device(device)).set_state(generator_state)

@@ -290,6 +290,10 @@ class Trainer:
             log.info("step %d: stage %s", self.state.step, stage)
             self.tracker.log(self.state.step, "stage", stage)
 
+    def dropout_streams(self) -> Dict[int, torch.Generator]:
+        """Where the frozen network's dropout draws from in this run's passes (`Backbone.drawing`)."""
+        return {id(self.method): self.randomness.dropout(self.device)}
+
     def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
         """One training step in the current stage, timed and counted."""
         self.enter_stage()
@@ -297,8 +301,8 @@ class Trainer:
         self.method.train()
         seen_before, started = self.state.examples_seen, time.perf_counter()
         try:
-            with self.randomness.active(self.device):  # the step draws from the run's own streams
-                loss = self.train_step(stream)
+            with self.randomness.active(self.device), self.backbone.drawing(self.dropout_streams()):
+                loss = self.train_step(stream)  # every draw from the run's own streams
         except torch.OutOfMemoryError as error:
             raise out_of_memory(
                 error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
