@@ -254,7 +254,7 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     ] + [
         to_object(compose_config([*COMMON, "backbone=tiny_llama"])),
         to_object(compose_config([*COMMON, "backbone=tiny_t5", "schedule=fpt_depth"])),
-        to_object(compose_config([*COMMON, "backbone=tiny_t5", "backbone.dropout=true"])),
+        to_object(compose_config([*COMMON, "backbone=tiny_t5", "backbone.dropout=false"])),
     ]
     groups = group_jobs(configs)
     assert [g.jobs for g in groups] == [[0, 1, 2], [3], [4], [5]]
@@ -263,7 +263,7 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     assert lines[1] == "pack 2: jobs 12 (1 runs): pack_size=2"
     assert "another backbone setup: backbone.family: 'seq2seq' -> 'causal'" in lines[2]
     assert "schedule=fpt_depth: its partial models change the backbone at its own steps" in lines[3]
-    assert "backbone.dropout: False -> True" in lines[4]
+    assert "backbone.dropout: True -> False" in lines[4]
 
 
 def test_fpt_jobs_share_a_pack_only_when_their_partial_models_coincide():
