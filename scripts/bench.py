@@ -43,7 +43,7 @@ from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel
 from ptlab.training.evaluate import map_sorted_batches, predict_examples, to_device
 from ptlab.training.memory import peak_memory_mb, proc_status_kb, reset_peak_memory
-from ptlab.training.trainer import backward_loss
+from ptlab.training.packed_step import backward_loss
 
 REPO = Path(__file__).resolve().parent.parent
 T5_BASE_SHAPE = [

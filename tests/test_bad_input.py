@@ -16,8 +16,8 @@ from ptlab.data.tasks import label_index
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.training import checkpoint as checkpoint_module
+from ptlab.training import packed_step
 from ptlab.training.job import run
-from ptlab.training.trainer import Trainer
 
 from conftest import SHARED_DATA, compose_config
 
@@ -209,10 +209,10 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(
 
 
 def test_out_of_memory_in_a_step_is_one_line_with_the_sizes_to_lower(tmp_path, monkeypatch):
-    def exhausted(self, stream):
+    def exhausted(runs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(Trainer, "train_step", exhausted)
+    monkeypatch.setattr(packed_step, "step", exhausted)
     with pytest.raises(TrainingFault) as caught:
         run(compose_config([*QUICK, "trainer.batch_size=8"]), run_dir=tmp_path)
     message = str(caught.value)

@@ -26,12 +26,13 @@ from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
 from ptlab.lab.compare import main as compare_main
 from ptlab.model.partial import PartialModel
-from ptlab.training import pack as pack_module
-from ptlab.training import packed_job as packed_job_module
+from ptlab.training import packed_step
+from ptlab.training import train_runs as train_runs_module
 from ptlab.training.job import run
 from ptlab.training.packed_job import PackedJob, run_group
 from ptlab.training.packing import group_jobs, packing_report
 from ptlab.training.run_folder import RunFacts, read_summary
+from ptlab.training.trainer import Trainer
 
 from conftest import OFFLINE_ENV, REPO, TINY, compose_config
 
@@ -143,14 +144,14 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
         [*base, "trainer.lr=0.03", "trainer.eval_every=5"],
         [*base, "trainer.lr=0.2", "trainer.eval_every=4"],
     ]
-    real_count = pack_module.Trainer.count_step
+    real_count = Trainer.count_step
 
     def cut_at_step_9(self, *args):
         if self.state.step == 9:
             raise KeyboardInterrupt
         return real_count(self, *args)
 
-    monkeypatch.setattr(pack_module.Trainer, "count_step", cut_at_step_9)
+    monkeypatch.setattr(Trainer, "count_step", cut_at_step_9)
     with pytest.raises(KeyboardInterrupt):
         run(compose_config(members[3]), run_dir=tmp_path / "packed" / "3")
     monkeypatch.undo()
@@ -210,14 +211,14 @@ def test_a_fault_in_one_members_own_work_ends_that_member_alone(tmp_path, monkey
     elif phase == "tracker":
         (tmp_path / "1" / "metrics.jsonl").mkdir()
     else:
-        close_run = packed_job_module.close_run
+        close_run = train_runs_module.close_run
 
         def close_run_but_not_member_1(run, summary):
             if run.run_dir == tmp_path / "1":
                 raise OSError(f"no space left on device: {run.run_dir / 'summary.json'}")
             return close_run(run, summary)
 
-        monkeypatch.setattr(packed_job_module, "close_run", close_run_but_not_member_1)
+        monkeypatch.setattr(train_runs_module, "close_run", close_run_but_not_member_1)
     results = run_group(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
     failure = json.loads((tmp_path / "1" / "failure.json").read_text())
@@ -228,24 +229,31 @@ def test_a_fault_in_one_members_own_work_ends_that_member_alone(tmp_path, monkey
         assert_same_run(tmp_path / "2", tmp_path / "alone2")
 
 
-def test_a_pack_out_of_memory_says_which_size_fits(tmp_path, monkeypatch, capsys):
+def test_a_pack_out_of_memory_halves_down_to_packs_that_fit(tmp_path, monkeypatch, caplog):
+    """A step that does not fit (here: any with more than one run, from the third on) sends the
+    members back to their last checkpoints; they train again as packs of half the size, then of
+    one, and each ends equal to its run alone."""
     base = [*COMMON, "backbone=tiny_t5", "trainer.max_steps=6", "trainer.eval_every=2"]
     jobs = [job([*base, f"seed={seed}"], tmp_path / str(seed)) for seed in range(4)]
-    real_step, calls = pack_module.Pack.step, []
+    real_step, calls = packed_step.step, []
 
-    def step(self, members):  # the third packed step does not fit
-        calls.append(len(members))
-        if len(calls) == 3:
+    def step(runs):
+        calls.append(len(runs))
+        if len(runs) > 1 and len(calls) >= 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real_step(self, members)
+        return real_step(runs)
 
-    monkeypatch.setattr(pack_module.Pack, "step", step)
-    assert run_group(jobs, pack_size=4) == [None] * 4
-    err = capsys.readouterr().err
-    assert err.count("a pack of 4 runs ran out of memory") == 4
-    assert "hydra.launcher.pack_size=2" in err
-    for seed in range(4):  # each member keeps the checkpoint of its step-2 evaluation
-        assert last(tmp_path / str(seed))["train_state"]["step"] == 2
+    monkeypatch.setattr(packed_step, "step", step)
+    results = run_group(jobs, pack_size=4)
+    assert all(value is not None for value in results)
+    err = caplog.text
+    assert "a pack of 4 runs ran out of memory" in err and "in packs of 2" in err
+    assert "a pack of 2 runs ran out of memory" in err and "in packs of 1" in err
+    assert calls[:3] == [4, 4, 4] and 1 in calls and 2 in calls
+    for seed in range(4):
+        assert read_summary(tmp_path / str(seed))["pack_size"] == 1
+    run(compose_config([*base, "seed=3"]), run_dir=tmp_path / "alone3")
+    assert_same_run(tmp_path / "3", tmp_path / "alone3")
 
 
 def test_the_report_says_why_jobs_are_in_other_packs():

@@ -10,6 +10,7 @@ import torch
 
 from ptlab.config.schema import to_object
 from ptlab.data.examples import training_batches
+from ptlab.training import packed_step
 from ptlab.training.build import build
 from ptlab.training.randomness import RunRandomness
 from ptlab.training.tracking import Tracker
@@ -35,7 +36,8 @@ def stepping(trainer: Trainer, losses: list):
     stream = training_batches(trainer.train_lengths, trainer.cfg, trainer.seed, trainer.state)
     window = LogWindow(losses=losses)
     for _ in range(STEPS):
-        trainer.timed_step(stream, window)
+        elapsed, (loss,) = packed_step.step([(trainer, stream)])  # a step of the run alone
+        trainer.count_step(loss, elapsed, 0, window)
         yield
 
 

@@ -1,47 +1,41 @@
-"""A pack: several runs trained together over one frozen backbone, one forward and one backward
-pass per step for all of them, each run ending where it would alone.
+"""The training loop: a pack of runs over one frozen backbone, each run ending where it would
+alone (a run alone is a pack of one: there is no other loop).
 
 Each member is a whole `Trainer` (its own optimizer, lr schedule, random streams, step count,
-early stopping, checkpoints, tracker); the pack only replaces *how a step's gradients are
-computed*. A packed step concatenates each member's next batch (rows run by run,
-`Backbone.collate_runs`), computes every member's loss over its own rows (`Backbone.run_losses`:
-the token mean of its rows, as alone) plus its method's auxiliary loss, and backpropagates the sum
-once. The members' parameters are disjoint, so each gets exactly the gradient of its own loss; then
-each steps its own optimizer. A member whose method computes its loss in several passes
-(`PromptMethod.loss_in_one_pass` false) runs its own pass on the shared backbone in the same step.
-Members due for evaluation at the same step are scored in one pass (`runs_split_metrics`). A member
-that finishes, stops early or fails leaves the pack and the others go on. Members on a stage
-schedule (FPT) each switch the shared backbone to their stage before a step; they share a pack when
-their partial models coincide at every step (`stage_partitions`; the launcher groups them by
+early stopping, checkpoints, tracker); the pack drives them: one step for all of them
+(ptlab/training/packed_step.py: one forward and one backward pass over their rows together), the
+log lines, the evaluations due after it (scored together, `evaluate_together`), checkpoints,
+signals. A member that finishes, stops early or fails leaves the pack and the others go on. A
+fault in one member's own work (its loss check, log line, evaluation record, checkpoint, test
+split, summary) ends that member alone; one the pack cannot pin to a member (inside the joint
+pass, or running out of memory) stops the pack with `PackFault`, and its members are trained
+again in parts from their checkpoints (ptlab/training/train_runs.py). Members on a stage schedule
+(FPT) each switch the shared backbone to their stage before a step; they share a pack when their
+partial models coincide at every step (`stage_partitions`; the launcher groups them by
 `packing.stage_plan`), so every switch in a step sets the same partial model.
 
 Randomness: every draw is the member's own: its method's from its streams (`RunParts.draws`),
 the frozen network's dropout from its dropout generator at its own shape (`Backbone.drawing`,
 ptlab/model/run_dropout.py), so a member equals its run alone with dropout on or off and resumes
-exactly. Time: each member's `train_seconds` counts the packed
-steps it took part in (the pack's wall time, shared), so its examples/s is its share of the pack;
-its summary's `pack_size` says how many runs trained together (the part it trained in).
+exactly. Time: each member's `train_seconds` counts the packed steps it took part in (the pack's
+wall time, shared), so its examples/s is its share of the pack; its summary's `pack_size` says how
+many runs trained together (the part it trained in).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from ptlab.data.examples import Example
-from ptlab.errors import TrainingFault
-from ptlab.model.readout import RunParts
+from ptlab.training import packed_step
 from ptlab.training.build import evaluate_together
-from ptlab.training.evaluate import to_device
 from ptlab.training.memory import reset_peak_memory
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
-from ptlab.training.trainer import LogWindow, Trainer, backward_loss
+from ptlab.training.trainer import LogWindow, Trainer
 
 log = logging.getLogger("ptlab")
 
@@ -66,19 +60,18 @@ class Member:
     def done(self) -> bool:
         return self.stopped_early or self.trainer.state.step >= self.trainer.total_steps
 
-    def parts(self, device: torch.device) -> RunParts:
-        trainer = self.trainer
-        return RunParts(trainer.readout, trainer.method, functools.partial(trainer.randomness.active, device))
-
-    def next_examples(self) -> List[Example]:
-        """The member's next global batch (one of its `grad_accum` per step)."""
-        indices = next(self.stream)
-        self.trainer.state.examples_seen += len(indices)
-        return [self.trainer.data["train"][i] for i in indices]
+    def stepping(self) -> Tuple[Trainer, Iterator[List[int]]]:
+        return self.trainer, self.stream
 
 
-class PackOutOfMemory(TrainingFault):
-    """A packed step ran out of memory: the pack is too large for the device."""
+class PackFault(Exception):
+    """An error the pack cannot pin to one member (raised inside the joint pass or its joint
+    evaluation), or the device running out of memory: its `members` (all still in memory, and so
+    not trustworthy) are to be trained again from their checkpoints, in parts."""
+
+    def __init__(self, members: List[Member], error: Exception, out_of_memory: bool) -> None:
+        super().__init__(str(error))
+        self.members, self.error, self.out_of_memory = members, error, out_of_memory
 
 
 def out_of_memory_error(error: Exception) -> Optional[Exception]:
@@ -91,115 +84,26 @@ def out_of_memory_error(error: Exception) -> Optional[Exception]:
 
 class Pack:
     """Trains `members` (Trainers over one backbone, already resumed) together until each is done;
-    `finished(member, summary)` and `failed(member, error)` are told as each one leaves."""
+    `finished(member, summary)` and `failed(member, error)` are told as each one leaves. `alone`:
+    the pack is a run alone in its process (its progress is a bar on a terminal, as any run's)."""
 
     def __init__(
         self,
         members: List[Member],
         finished: Callable[[Member, Dict], None],
         failed: Callable[[Member, Exception], None],
+        alone: bool = False,
     ) -> None:
         self.members = members
         self.size = len(members)  # the runs training together now: a finished member's pack_size
-        self.finished, self.failed = finished, failed
-        first = members[0].trainer
-        self.backbone, self.device, self.autocast = first.backbone, first.device, first.autocast
-
-    # --- one packed step ---------------------------------------------------------------------
-    def joint_losses(self, members: List[Member], examples: Dict[int, List[Example]], totals) -> None:
-        """One pass over the members' rows together; backpropagates the sum of their losses, each
-        weighted as its trainer weights a micro-batch."""
-        batch = to_device(
-            self.backbone.collate_runs([(m.trainer.readout, examples[id(m)]) for m in members]), self.device
-        )
-        with self.autocast():
-            losses = self.backbone.run_losses([m.parts(self.device) for m in members], batch)
-            total = losses.new_zeros(())
-            for member, loss in zip(members, losses):
-                extra = member.trainer.method.extra_loss()
-                loss = loss if extra is None else loss + extra
-                weight = 1.0 / member.trainer.cfg.grad_accum
-                total = total + (loss if weight == 1.0 else loss * weight)
-                totals[id(member)][0] += loss.item() * weight
-        total.backward()
-
-    def own_loss(self, member: Member, examples: List[Example], totals) -> None:
-        """A member whose loss takes several passes: its own, on the shared backbone."""
-        trainer = member.trainer
-        batch = to_device(self.backbone.collate(trainer.readout, examples), self.device)
-        weight = 1.0 / trainer.cfg.grad_accum
-        with trainer.randomness.active(self.device):
-            loss = backward_loss(trainer.method, self.backbone, trainer.readout, batch, self.autocast, weight)
-        totals[id(member)][0] += loss * weight
-
-    def step(self, members: List[Member]) -> float:
-        """One optimizer step of every member; returns the step's seconds."""
-        for member in members:
-            member.trainer.enter_stage()
-            member.trainer.optimizer.zero_grad(set_to_none=True)
-            member.trainer.method.train()
-        self.backbone.train()
-        totals = {id(m): torch.zeros(3, dtype=torch.float64) for m in members}
-        started = time.perf_counter()
-        streams = {key: value for m in members for key, value in m.trainer.dropout_streams().items()}
-        with self.backbone.drawing(streams):  # each member's masks from its own stream
-            for round_ in range(max(m.trainer.cfg.grad_accum for m in members)):
-                takers = [m for m in members if round_ < m.trainer.cfg.grad_accum]
-                examples = {id(m): m.next_examples() for m in takers}
-                for member in takers:  # FLOPs as alone: on the member's own batch
-                    batch = member.trainer.backbone.collate(member.trainer.readout, examples[id(member)])
-                    totals[id(member)][1:] += member.trainer.batch_flops(batch)
-                joint = [m for m in takers if m.trainer.method.loss_in_one_pass]
-                if joint:
-                    self.joint_losses(joint, examples, totals)
-                for member in takers:
-                    if not member.trainer.method.loss_in_one_pass:
-                        self.own_loss(member, examples[id(member)], totals)
-        for member in members:
-            member.loss = member.trainer.apply_gradients(totals[id(member)])
-        return time.perf_counter() - started
-
-    # --- evaluation ----------------------------------------------------------------------------
-    def evaluate(self, due: List[Member]) -> Dict[int, Dict[str, float]]:
-        """Validation metrics of the members due at this step, scored together (`evaluate_together`)."""
-        metrics = evaluate_together([member.trainer.pipeline for member in due], "validation")
-        return {id(member): values for member, values in zip(due, metrics)}
+        self.finished, self.failed, self.alone = finished, failed, alone
+        self.device = members[0].trainer.device
 
     # --- the loop ----------------------------------------------------------------------------
-    def leave(self, member: Member, error: Optional[Exception] = None) -> None:
-        """`member` leaves the pack: finished (its test split scored, its summary made) or failed."""
-        self.members.remove(member)
-        if member.progress is not None:
-            member.progress.close()
-        with member.speaking():
-            if error is not None:
-                self.failed(member, error)
-                return
-            try:  # its test split, its summary, its W&B run: a fault here is its own
-                summary = member.trainer.finish_fit(member.stopped_early)
-                summary["pack_size"] = self.size
-                self.finished(member, summary)
-            except Exception as failure:  # noqa: BLE001 - whatever it is, it ends this member only
-                self.failed(member, failure)
-
-    def save_all(self) -> None:
-        for member in self.members:
-            with member.speaking():
-                member.trainer.save_last()
-
     def run(self) -> None:
         reset_peak_memory(self.device)  # each member's peak_memory_mb: the pack's training
         for member in list(self.members):
-            with member.speaking():
-                trainer = member.trainer
-                member.stream = trainer.start_fit(self.known_scores(member))
-                member.seen = trainer.state.examples_seen
-                member.progress = Progress(
-                    trainer.total_steps, trainer.state.step, True, trainer.task.main_metric, trainer.baseline,
-                    interactive=False, label=member.name,
-                )  # fmt: skip
-            if member.done:
-                self.leave(member)
+            self.start(member)
         parts = stage_partitions(self.members)
         if len(parts) > 1:
             log.info("pack: %s", "; then ".join(",".join(m.name for m in part) for part in parts)
@@ -209,13 +113,106 @@ class Pack:
                 self.members, self.size = part, len(part)
                 try:
                     self.train(guard)
-                except PackOutOfMemory as fault:  # the members still waiting fail with the same line
-                    self.members = [m for later in parts[index + 1 :] for m in later]
-                    for waiting in list(self.members):
-                        self.leave(waiting, fault)
-                    return
+                except PackFault as fault:  # the members still waiting go with it
+                    fault.members += [m for later in parts[index + 1 :] for m in later]
+                    raise
                 finally:
                     restore_full_model(part)
+
+    def start(self, member: Member) -> None:
+        """A member's stream from where it stands, its progress, and its leaving if it is done."""
+        with member.speaking():
+            trainer = member.trainer
+            member.stream = trainer.start_fit(self.known_scores(member))
+            member.seen = trainer.state.examples_seen
+            enabled = trainer.world.is_main
+            member.progress = Progress(
+                trainer.total_steps, trainer.state.step, enabled, trainer.task.main_metric, trainer.baseline,
+                interactive=None if self.alone else False, label="" if self.alone else member.name,
+            )  # fmt: skip
+        if member.done:
+            self.leave(member)
+
+    def train(self, guard: PreemptionGuard) -> None:
+        """Rounds until every member of `self.members` has left."""
+        while self.members:
+            try:
+                self.round()
+            except Exception as error:  # noqa: BLE001 - the joint pass's or the joint evaluation's
+                self.unpinned(error)
+            steps = [m.trainer.state.step for m in self.members]
+            guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
+
+    def unpinned(self, error: Exception) -> None:
+        """An error of the pack's joint work: a member alone fails with it (out of memory: with
+        the sizes to lower); several go back to their checkpoints, to be trained in parts."""
+        out_of_memory = out_of_memory_error(error) is not None
+        if len(self.members) > 1:
+            raise PackFault(list(self.members), error, out_of_memory) from error
+        member = self.members[0]
+        self.leave(member, member.trainer.out_of_memory(error) if out_of_memory else error)
+
+    def round(self) -> None:
+        """One packed step, the evaluations due after it, and the members that are done leave."""
+        active = list(self.members)
+        elapsed, losses = packed_step.step([member.stepping() for member in active])
+        for member, loss in zip(active, losses):
+            member.loss = loss
+            self.after_step(member, elapsed)
+        due = [m for m in active if m in self.members and m.trainer.eval_due()]
+        if due:
+            metrics = evaluate_together([member.trainer.pipeline for member in due], "validation")
+            for member, values in zip(due, metrics):
+                self.record(member, values)
+        for member in [m for m in active if m in self.members and m.done]:
+            self.leave(member)
+
+    # --- one member's own work: a fault in it ends that member alone ---------------------------
+    def after_step(self, member: Member, elapsed: float) -> None:
+        """A member's bookkeeping after a packed step: seconds, loss check, log line."""
+        trainer = member.trainer
+        with member.speaking():
+            try:
+                trainer.count_step(
+                    member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window
+                )
+                member.seen = trainer.state.examples_seen
+                member.progress.advance()
+                member.window = trainer.log_if_due(member.window, member.progress)
+            except Exception as error:  # noqa: BLE001 - it ends this member only
+                self.leave(member, error)
+
+    def record(self, member: Member, metrics: Dict[str, float]) -> None:
+        """A member's validation result: logged, its best prompt kept, its checkpoint written."""
+        with member.speaking():
+            try:
+                member.stopped_early = member.trainer.record_eval(metrics)
+            except Exception as error:  # noqa: BLE001 - it ends this member only
+                self.leave(member, error)
+                return
+            state = member.trainer.state
+            member.progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
+
+    def leave(self, member: Member, error: Optional[Exception] = None) -> None:
+        """`member` leaves the pack: finished (its test split scored, its summary made) or failed."""
+        self.members.remove(member)
+        if member.progress is not None:
+            member.progress.close()
+        with member.speaking():
+            if error is not None:
+                self.failed(member, error)
+                return
+            try:  # its test split, its summary, its W&B run
+                summary = member.trainer.finish_fit(member.stopped_early)
+                summary["pack_size"] = self.size
+                self.finished(member, summary)
+            except Exception as failure:  # noqa: BLE001 - it ends this member only
+                self.failed(member, failure)
+
+    def save_all(self) -> None:
+        for member in self.members:
+            with member.speaking():
+                member.trainer.save_last()
 
     def known_scores(self, member: Member) -> Optional[List[torch.Tensor]]:
         """FFN neuron scores a packmate started before `member` ranked from the same inputs (an FPT
@@ -229,68 +226,6 @@ class Pack:
             if other.stage_plan == member.stage_plan and partial.scores is not None:
                 return partial.scores
         return None
-
-    def train(self, guard: PreemptionGuard) -> None:
-        """Rounds until every member of `self.members` has left."""
-        while self.members:
-            try:
-                self.round()
-            except (torch.OutOfMemoryError, RuntimeError) as error:  # a step's or an evaluation's
-                if out_of_memory_error(error) is None:
-                    raise
-                raise self.out_of_memory(error) from None
-            steps = [m.trainer.state.step for m in self.members]
-            guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
-
-    def round(self) -> None:
-        """One packed step, the evaluations due after it, and the members that are done leave."""
-        active = list(self.members)
-        elapsed = self.step(active)
-        for member in active:
-            self.after_step(member, elapsed)
-        due = [m for m in active if m in self.members and m.trainer.eval_due()]
-        if due:
-            metrics = self.evaluate(due)
-            for member in due:
-                with member.speaking():
-                    try:  # its metrics, best prompt and checkpoint: a fault here is its own
-                        member.stopped_early = member.trainer.record_eval(metrics[id(member)])
-                    except Exception as error:  # noqa: BLE001 - it ends this member only
-                        self.leave(member, error)
-                        continue
-                    state = member.trainer.state
-                    member.progress.evaluated(
-                        state.step, state.last_metrics, state.best_score, state.best_step
-                    )
-        for member in [m for m in active if m in self.members and m.done]:
-            self.leave(member)
-
-    def after_step(self, member: Member, elapsed: float) -> None:
-        """A member's bookkeeping after a packed step: seconds, loss check, log line."""
-        trainer = member.trainer
-        with member.speaking():
-            try:  # its loss check and its log line (metrics.jsonl, W&B): a fault here is its own
-                trainer.count_step(
-                    member.loss, elapsed, trainer.state.examples_seen - member.seen, member.window
-                )
-                member.seen = trainer.state.examples_seen
-                member.progress.advance()
-                member.window = trainer.log_if_due(member.window, member.progress)
-            except Exception as error:  # noqa: BLE001 - it ends this member only
-                self.leave(member, error)
-
-    def out_of_memory(self, error: Exception) -> PackOutOfMemory:
-        """The pack does not fit: every member fails with the same line, its last checkpoint kept."""
-        size = len(self.members)
-        first = str(error).strip().splitlines()[0][:160]
-        fault = PackOutOfMemory(
-            f"a pack of {size} runs ran out of memory in a training step ({first}): set "
-            f"hydra.launcher.pack_size={max(1, size // 2)} (or lower) and run the sweep command again; "
-            "each run resumes from its last checkpoint"
-        )
-        for member in list(self.members):
-            self.leave(member, fault)
-        return fault
 
 
 def partial_model_key(member: Member) -> Optional[Tuple]:

@@ -1,9 +1,11 @@
-"""The training loop: plain PyTorch, readable top to bottom.
+"""One run's training state and parts: its optimizer, lr schedule, random streams, step count,
+evaluations, checkpoints and tracker. Plain PyTorch, readable top to bottom.
 
-Only the prompt method's parameters (and the encoder family's head) are trained. The loop's
-state is checkpointed at every evaluation (ptlab/training/checkpoint.py), so a killed run resumed with
-`trainer.resume` ends with the same metrics as an uninterrupted one; termination signals
-checkpoint at the next step boundary (ptlab/training/preemption.py); evaluation is ptlab/training/evaluate.py.
+The loop that drives it is the pack's (ptlab/training/pack.py; a run alone is a pack of one), and
+a step's passes are ptlab/training/packed_step.py. Only the prompt method's parameters (and the
+encoder family's head) are trained. The state is checkpointed at every evaluation
+(ptlab/training/checkpoint.py), so a killed run resumed with `trainer.resume` ends with the same
+metrics as an uninterrupted one; evaluation is ptlab/training/evaluate.py.
 """
 
 from __future__ import annotations
@@ -21,16 +23,13 @@ from transformers import get_constant_schedule_with_warmup, get_linear_schedule_
 from transformers.optimization import Adafactor
 
 from ptlab.config.schema import Config, TrainerConfig
-from ptlab.data.examples import chunks, training_batches
+from ptlab.data.examples import Example, chunks, training_batches
 from ptlab.errors import ConfigError, TrainingFault
-from ptlab.methods.base import PromptMethod
-from ptlab.model.backbone import Backbone, trainable_parameters
-from ptlab.model.readout import TaskReadout
+from ptlab.model.backbone import trainable_parameters
 from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
 from ptlab.training.evaluate import baseline_metrics, to_device
-from ptlab.training.memory import peak_memory_mb, reset_peak_memory
-from ptlab.training.preemption import PreemptionGuard
+from ptlab.training.memory import peak_memory_mb
 from ptlab.training.progress import Progress
 from ptlab.training.schedule import StageSchedule
 from ptlab.training.tracking import Tracker
@@ -96,22 +95,6 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, tot
     return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
 
 
-def backward_loss(
-    method: PromptMethod,
-    backbone: Backbone,
-    readout: TaskReadout,
-    batch: Dict[str, torch.Tensor],
-    autocast,
-    weight: float = 1.0,
-) -> float:
-    """One batch's training loss, backpropagated scaled by `weight`; returns the unscaled loss.
-    The training step's core, shared by the Trainer and the benchmark."""
-    with autocast():
-        loss = method.training_loss(backbone, readout, batch)
-    (loss if weight == 1.0 else loss * weight).backward()
-    return loss.item()
-
-
 def non_finite_loss(
     loss: float, step: int, last_finite: Optional[float], lr: float, last_dir: Path
 ) -> TrainingFault:
@@ -142,7 +125,8 @@ def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
 
 
 class Trainer:
-    """Trains a pipeline's prompt: optimizer steps, evaluation every `eval_every`, checkpoints."""
+    """One run's prompt training: its parts, its state, and what it does at each point of the loop
+    (a step's start and its optimizer update, the log line, evaluation, checkpoints, the end)."""
 
     def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
         self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
@@ -194,10 +178,6 @@ class Trainer:
     def run_eval(self, split: str) -> Dict[str, float]:
         return self.pipeline.evaluate(split, self.eval_batch_size)
 
-    def eval_and_checkpoint(self) -> bool:
-        """Evaluate on validation, keep the best prompt, checkpoint; True when patience ran out."""
-        return self.record_eval(self.run_eval("validation"))
-
     def record_eval(self, metrics: Dict[str, float]) -> bool:
         """Log a validation result, keep the best prompt, checkpoint; True when patience ran out."""
         self.state.last_metrics = metrics
@@ -241,28 +221,21 @@ class Trainer:
                     )
                 yield
 
-    def train_step(self, stream: Iterator[List[int]]) -> float:
-        """One optimizer step over `grad_accum` global batches; each rank takes its shard and
-        weights its loss by the shard's share, so the summed gradients equal one process's."""
+    def begin_step(self) -> None:
+        """Before a step: the stage it trains in, gradients cleared, the method in training mode."""
+        self.enter_stage()
         self.optimizer.zero_grad(set_to_none=True)
-        totals = torch.zeros(3, dtype=torch.float64)  # loss, FLOPs, full-model FLOPs
-        for _ in range(self.cfg.grad_accum):
-            indices = next(stream)
-            mine = self.world.shard(indices)
-            self.state.examples_seen += len(indices)
-            if not mine:
-                continue
-            batch = to_device(
-                self.backbone.collate(self.readout, [self.data["train"][i] for i in mine]), self.device
-            )
-            weight = len(mine) / len(indices) / self.cfg.grad_accum
-            totals[0] += (
-                backward_loss(self.method, self.backbone, self.readout, batch, self.autocast, weight) * weight
-            )
-            totals[1:] += self.batch_flops(batch)
-        self.world.sum_gradients(self.params)
-        self.world.sum_(totals)
-        return self.apply_gradients(totals)
+        self.method.train()
+
+    def next_examples(self, stream: Iterator[List[int]]) -> Tuple[List[Example], float]:
+        """The run's next global batch (one of its `grad_accum` per step): this rank's shard of it,
+        and the weight of the shard's loss (its share of the step), so that the gradients summed
+        over ranks and micro-batches equal one process's."""
+        indices = next(stream)
+        mine = self.world.shard(indices)
+        self.state.examples_seen += len(indices)
+        weight = len(mine) / len(indices) / self.cfg.grad_accum
+        return [self.data["train"][i] for i in mine], weight
 
     def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """This run's training FLOPs on one of its batches, and the full model's (float64 `[2]`)."""
@@ -271,8 +244,10 @@ class Trainer:
         )
 
     def apply_gradients(self, totals: torch.Tensor) -> float:
-        """The optimizer step once the gradients are in; `totals`: the step's loss, FLOPs and
-        full-model FLOPs. Returns the loss."""
+        """The optimizer step once this rank's gradients are in (summed over ranks here); `totals`:
+        the step's loss, FLOPs and full-model FLOPs. Returns the loss."""
+        self.world.sum_gradients(self.params)
+        self.world.sum_(totals)
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
@@ -294,26 +269,9 @@ class Trainer:
         """Where the frozen network's dropout draws from in this run's passes (`Backbone.drawing`)."""
         return {id(self.method): self.randomness.dropout(self.device)}
 
-    def timed_step(self, stream: Iterator[List[int]], window: LogWindow) -> None:
-        """One training step in the current stage, timed and counted."""
-        self.enter_stage()
-        self.backbone.train()
-        self.method.train()
-        seen_before, started = self.state.examples_seen, time.perf_counter()
-        try:
-            with self.randomness.active(self.device), self.backbone.drawing(self.dropout_streams()):
-                loss = self.train_step(stream)  # every draw from the run's own streams
-        except torch.OutOfMemoryError as error:
-            raise out_of_memory(
-                error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
-            ) from None
-        except RuntimeError as error:  # the CPU allocator's own words
-            if "can't allocate memory" not in str(error) and "not enough memory" not in str(error):
-                raise
-            raise out_of_memory(
-                error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir
-            ) from None
-        self.count_step(loss, time.perf_counter() - started, self.state.examples_seen - seen_before, window)
+    def out_of_memory(self, error: Exception) -> TrainingFault:
+        """The one-line report of this run's step running out of memory alone."""
+        return out_of_memory(error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir)
 
     def count_step(self, loss: float, elapsed: float, examples: int, window: LogWindow) -> None:
         """A finished step's seconds, loss and examples into the state and the log window; a loss
@@ -357,27 +315,6 @@ class Trainer:
         are not evaluated)."""
         due = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
         return due and self.stage_schedule.is_full
-
-    def fit(self) -> Dict[str, Any]:
-        """Train to `total_steps` (or early stop), then evaluate the best prompt; returns the summary."""
-        reset_peak_memory(self.device)  # peak_memory_mb: this run's training, not earlier jobs'
-        stream = self.start_fit()
-        progress = Progress(
-            self.total_steps, self.state.step, self.world.is_main, self.task.main_metric, self.baseline,
-        )  # fmt: skip
-        window, stopped_early = LogWindow(), False
-        with PreemptionGuard() as guard:
-            while self.state.step < self.total_steps and not stopped_early:
-                self.timed_step(stream, window)
-                progress.advance()
-                window = self.log_if_due(window, progress)
-                if self.eval_due():
-                    stopped_early = self.eval_and_checkpoint()
-                    state = self.state
-                    progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
-                guard.stop_if_signalled(self.save_last, self.state.step)
-        progress.close()
-        return self.finish_fit(stopped_early)
 
     def finish_fit(self, stopped_early: bool) -> Dict[str, Any]:
         """The best prompt scored on the test split if the task has one; the run's summary."""

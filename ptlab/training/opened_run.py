@@ -1,0 +1,120 @@
+"""One run opened and closed: built (on a shared backbone or its own), resumed where its folder
+says, recorded and tracking; at its end, its summary recorded. Solo and packed runs alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from omegaconf import DictConfig
+
+from ptlab.config.schema import Config
+from ptlab.provenance import code_version
+from ptlab.training.build import SharedBackbone, build
+from ptlab.training.distributed import World
+from ptlab.training.run_folder import RunFacts, RunLog, save_snapshots
+from ptlab.training.tracking import Tracker, run_name, wandb_config
+from ptlab.training.trainer import Trainer
+
+log = logging.getLogger("ptlab")
+
+
+@dataclasses.dataclass
+class OpenRun:
+    """A run built, resumed where its folder says, recorded and tracking: ready to train."""
+
+    run_dir: Path
+    config: Config
+    trainer: Trainer
+    tracker: Tracker
+    started: float  # perf_counter when its building began
+    load_seconds: float
+
+
+def open_run(
+    run_dir: Path,
+    config: Config,
+    cfg: DictConfig,
+    world: World,
+    facts: RunFacts,
+    run_log: RunLog,
+    shared: Optional[SharedBackbone] = None,
+    started: Optional[float] = None,
+) -> OpenRun:
+    """Build the run (on `shared`, a backbone loaded for it and others), open its tracker, resume
+    it from its folder's checkpoint if it has one (a checkpoint that does not fit stops here), then
+    write its config snapshots and start its log and W&B run."""
+    started = time.perf_counter() if started is None else started
+    pipeline = build(config, world, shared=shared)
+    load_seconds = time.perf_counter() - started
+    tracker = open_tracker(run_dir, config, cfg, world, facts)
+    try:
+        trainer = Trainer(config=config, pipeline=pipeline, tracker=tracker, run_dir=run_dir)
+        if not (config.trainer.resume and trainer.resume(run_dir)):
+            tracker.truncate_after(-1)  # starting over in a used folder: drop its old events
+        record_start(run_dir, cfg, world, facts, run_log)
+        tracker.start()
+    except BaseException:
+        tracker.finish()
+        raise
+    names = (config.method.run_label, config.backbone.name, config.task.name)
+    log.info("%s on %s/%s: %d trainable parameters, %d steps, run folder %s",
+             *names, trainer.num_trainable, trainer.total_steps, run_dir)  # fmt: skip
+    return OpenRun(run_dir, config, trainer, tracker, started, load_seconds)
+
+
+def close_run(run: OpenRun, summary: Dict[str, Any]) -> float:
+    """A trained run's summary completed and recorded (summary.json, W&B, the prompt artifact);
+    returns its best validation value. The caller finishes its tracker."""
+    config, tracker = run.config, run.tracker
+    summary.update(
+        status="finished",
+        method=config.method.run_label,
+        backbone=config.backbone.name,
+        task=config.task.name,
+        seed=config.seed,
+        load_seconds=run.load_seconds,
+        wall_seconds=time.perf_counter() - run.started,
+        wandb=tracker.wandb_info(),
+        code=code_version(),
+    )
+    tracker.summary(summary)
+    if config.logger.log_prompt:
+        name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
+        metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
+        tracker.log_prompt(run.run_dir / "checkpoints" / "best", name, metadata)
+    metric, baseline = config.task.main_metric, summary["baseline"]
+    best = summary["best"][metric]
+    log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
+             baseline["name"], baseline[metric], run.run_dir / "summary.json")  # fmt: skip
+    return best
+
+
+def record_start(run_dir: Path, cfg: DictConfig, world: World, facts: RunFacts, run_log: RunLog) -> None:
+    """The run has passed every check (config, data, model, checkpoint): its config snapshots and
+    log file go into the folder now, not before (only when Hydra launched it: they are Hydra's)."""
+    if facts.hydra_config is None:
+        return
+    if world.is_main:
+        save_snapshots(run_dir, cfg, facts.hydra_config)
+    suffix = "" if world.rank == 0 else f"_rank{world.rank}"
+    run_log.start(run_dir / f"{facts.job_name}{suffix}.log")
+
+
+def open_tracker(run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: RunFacts) -> Tracker:
+    """The run's metrics log and W&B run (rank 0 only), named and grouped for the sweep it is in."""
+    return Tracker(
+        run_dir,
+        config.logger,
+        enabled=world.is_main,
+        wandb_init={
+            "config": wandb_config(cfg, config, facts.experiment),
+            "group": config.logger.group or facts.group,
+            "job_type": config.method.run_label,
+            "name": run_name(facts.overrides, facts.swept),
+            "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
+        },
+    )
