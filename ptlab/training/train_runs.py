@@ -110,8 +110,9 @@ def train_part(
             run.tracker.finish()
 
         def failed_member(member: Member, error: Exception) -> None:
-            if alone:
-                raise error
+            if alone:  # raised once the pack is done: its command ends with it
+                raised.append(error)
+                return
             failed(opened[id(member)].run_dir, error)
             try:
                 opened[id(member)].tracker.finish()
@@ -121,4 +122,7 @@ def train_part(
         if not alone:
             first = opened[id(members[0])].config
             log.info("pack of %d runs on %s: training together", len(members), first.backbone.name)
+        raised: List[Exception] = []
         Pack(members, finished, failed_member, alone=alone).run()
+        if raised:
+            raise raised[0]
