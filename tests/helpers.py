@@ -44,3 +44,9 @@ def causal_target_logits(model, batch, prompt_length: int = 0) -> torch.Tensor:
     logits = model(input_ids=full, attention_mask=torch.ones_like(full)).logits
     start = prompt_length + batch["source_ids"].shape[1] - 1
     return logits[:, start : start + batch["target_ids"].shape[1]]
+
+
+def own_dropout(backbone, *methods, seed: int = 0):
+    """Around a training pass outside the training loop: each run's frozen-network dropout masks
+    from its own generator, as the loop gives them."""
+    return backbone.drawing({id(m): torch.Generator().manual_seed(seed + i) for i, m in enumerate(methods)})

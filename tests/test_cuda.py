@@ -14,10 +14,9 @@ import pytest
 import torch
 from test_scale_out import QUICK, cli, trained_prompt
 
-from ptlab.training import checkpoint
+from ptlab.training import checkpoint, packed_step
 from ptlab.training.evaluate import to_device
 from ptlab.training.job import run
-from ptlab.training.trainer import Trainer
 
 from conftest import TINY, compose_config
 from helpers import build, examples
@@ -102,17 +101,17 @@ class Killed(Exception):
 def test_killed_run_resumes_on_the_device_like_an_uninterrupted_one(tmp_path, monkeypatch):
     overrides = ["backbone=tiny_t5", "backbone.dropout=true", *STEPS]  # dropout: RNG state matters
     full, full_summary = train(tmp_path, "full", overrides)
-    original_step = Trainer.train_step
+    original_step = packed_step.step
 
-    def dies_at_step_4(self, stream):
-        if self.state.step == 4:
+    def dies_at_step_4(runs):
+        if runs[0][0].state.step == 4:
             raise Killed()
-        return original_step(self, stream)
+        return original_step(runs)
 
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    monkeypatch.setattr(packed_step, "step", dies_at_step_4)
     with pytest.raises(Killed):
         train(tmp_path, "resumed", overrides)
-    monkeypatch.setattr(Trainer, "train_step", original_step)
+    monkeypatch.setattr(packed_step, "step", original_step)
     resumed, resumed_summary = train(tmp_path, "resumed", [*overrides, "trainer.resume=true"])
     assert resumed_summary["steps"] == full_summary["steps"] == 6
     for key in ("best", "final"):

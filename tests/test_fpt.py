@@ -14,6 +14,7 @@ from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel, evenly_spaced_layers
+from ptlab.training import packed_step
 from ptlab.training.job import run
 from ptlab.training.trainer import Trainer
 
@@ -144,9 +145,10 @@ def fpt_run(tmp_path, name, backbone="tiny_t5", extra=()):
 
 def test_prompt_and_optimizer_state_carry_across_stages(tmp_path, monkeypatch):
     seen = []
-    original = Trainer.train_step
+    original = Trainer.begin_step
 
-    def spy(self, stream):
+    def spy(self):
+        original(self)  # the step's stage entered
         param = self.method.prompt_embeds
         state = self.optimizer.state.get(param, {})
         seen.append(
@@ -158,9 +160,8 @@ def test_prompt_and_optimizer_state_carry_across_stages(tmp_path, monkeypatch):
                 id(state.get("exp_avg")),
             )
         )
-        return original(self, stream)
 
-    monkeypatch.setattr(Trainer, "train_step", spy)
+    monkeypatch.setattr(Trainer, "begin_step", spy)
     _, summary = fpt_run(tmp_path, "a")
     assert [s[0] for s in seen] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]
     assert len({s[1] for s in seen}) == 1 and all(s[2] for s in seen)  # one prompt tensor, in the optimizer
@@ -182,17 +183,17 @@ def test_fpt_saves_flops_and_reports_them(tmp_path):
 
 def test_resume_in_the_middle_of_a_stage(tmp_path, monkeypatch):
     full_dir, full = fpt_run(tmp_path, "full", extra=["trainer.eval_every=1"])
-    original = Trainer.train_step
+    original = packed_step.step
 
-    def dies_at_step_4(self, stream):
-        if self.state.step == 3:  # stage 1 spans steps 2-3; the last checkpoint is at step 3
+    def dies_at_step_4(runs):
+        if runs[0][0].state.step == 3:  # stage 1 spans steps 2-3; the last checkpoint is at step 3
             raise KeyboardInterrupt
-        return original(self, stream)
+        return original(runs)
 
-    monkeypatch.setattr(Trainer, "train_step", dies_at_step_4)
+    monkeypatch.setattr(packed_step, "step", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1"])
-    monkeypatch.setattr(Trainer, "train_step", original)
+    monkeypatch.setattr(packed_step, "step", original)
     scores_before = torch.load(tmp_path / "resumed/ffn_scores.pt")
     _, resumed = fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1", "trainer.resume=true"])
     assert all(
