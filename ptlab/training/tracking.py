@@ -108,7 +108,7 @@ class Tracker:
         later process on it (resume, requeue, a longer max_steps), so one folder is one W&B run."""
         id_file = self.run_dir / "wandb_id"
         if not id_file.exists():
-            id_file.write_text(secrets.token_hex(4))
+            write_text_atomically(id_file, secrets.token_hex(4))
         return id_file.read_text().strip()
 
     def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
