@@ -83,8 +83,11 @@ def check_fields(rows: List[Dict[str, Any]], fields: List[str], source: str, who
     for number, row in enumerate(rows, 1):  # a table's row lacking a field holds None there
         missing = [f for f in fields if not isinstance(row, dict) or row.get(f) is None]
         if missing:
-            have = sorted(k for k, v in row.items() if v is not None) if isinstance(row, dict) else None
-            have = type(row).__name__ if have is None else have
+            have = (
+                sorted(key for key, value in row.items() if value is not None)
+                if isinstance(row, dict)
+                else type(row).__name__
+            )
             raise ConfigError(
                 f"--input {source}, row {number}: no field {missing[0]!r} (it has {have}){whose}"
             )
