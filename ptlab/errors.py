@@ -3,6 +3,7 @@ module may import it, it imports nothing of ptlab's."""
 
 from __future__ import annotations
 
+import codecs
 import math
 from typing import Any, Optional
 
@@ -18,6 +19,15 @@ class TrainingFault(RuntimeError):
 def check_choice(where: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise ConfigError(f"{where}={value!r} is not one of {list(allowed)}")
+
+
+def check_encoding(where: str, value: str) -> None:
+    try:
+        codecs.lookup(value)
+    except LookupError:
+        raise ConfigError(
+            f"{where}={value!r} is not an encoding Python knows: give one such as utf-8, latin-1 or cp1252"
+        ) from None
 
 
 def check_range(

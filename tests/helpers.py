@@ -50,3 +50,44 @@ def own_dropout(backbone, *methods, seed: int = 0):
     """Around a training pass outside the training loop: each run's frozen-network dropout masks
     from its own generator, as the loop gives them."""
     return backbone.drawing({id(m): torch.Generator().manual_seed(seed + i) for i, m in enumerate(methods)})
+
+
+def write_tiny_gguf(path, seed: int = 0):
+    """A two-layer LLaMA with a 97-token byte-level BPE vocabulary as an fp32 GGUF file, written
+    by the `gguf` package: what transformers dequantizes, in a fraction of a second."""
+    import gguf
+    import numpy as np
+
+    tokens = [chr(c) for c in range(33, 127)] + ["Ġ", "Ġa", "<|endoftext|>"]
+    vocab, d, ff, layers = len(tokens), 16, 32, 2
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(64)
+    writer.add_embedding_length(d)
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(2)
+    writer.add_head_count_kv(2)
+    writer.add_rope_dimension_count(d // 2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_vocab_size(vocab)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * vocab)
+    writer.add_token_merges(["Ġ a"])
+    writer.add_bos_token_id(vocab - 1)
+    writer.add_eos_token_id(vocab - 1)
+    rng = np.random.default_rng(seed)
+    shapes = {"token_embd": (vocab, d), "output": (vocab, d), "output_norm": (d,)}
+    for i in range(layers):
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            shapes[f"blk.{i}.{name}"] = (d, d)
+        shapes.update({f"blk.{i}.ffn_gate": (ff, d), f"blk.{i}.ffn_up": (ff, d), f"blk.{i}.ffn_down": (d, ff),
+                       f"blk.{i}.attn_norm": (d,), f"blk.{i}.ffn_norm": (d,)})  # fmt: skip
+    for name, shape in shapes.items():
+        writer.add_tensor(f"{name}.weight", (rng.standard_normal(shape) * 0.02).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -117,7 +117,7 @@ def test_predict_reads_text_lines_and_writes_csv(runs, tmp_path):
     "rows,message",
     [
         ('{"text": "x"}\n', "row 1: no field 'sentence' (it has ['text'])"),
-        ('{"sentence": "x"}\nnot json\n', "line 2: not a JSON object"),
+        ('{"sentence": "x"}\nnot json\n', "in.jsonl, line 2: not valid JSON"),
     ],
 )
 def test_predict_refuses_bad_rows_in_one_line(runs, tmp_path, rows, message):

@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import load_file
 from test_scale_out import QUICK, cli
 
+from ptlab.config.schema import LoggerConfig
 from ptlab.errors import ConfigError
 from ptlab.model.compile import compile_blocks
 from ptlab.training import checkpoint, packed_step
 from ptlab.training.job import run
+from ptlab.training.tracking import Tracker
 
 from conftest import TINY, compose_config
 
@@ -273,3 +275,18 @@ def test_a_regression_task_reports_the_mean_predictor_as_its_floor(tmp_path):
     assert floor["name"] == "mean predictor" and floor["pearson"] == 0.0 and floor["spearman"] == 0.0
     assert "mean predictor 0.0000)" in result.stdout  # the evaluation line
     assert "(step 2; mean predictor: 0.0000); summary:" in result.stdout  # the final result
+
+
+def test_resume_truncation_keeps_the_earlier_events_and_swaps_the_file_in_whole(tmp_path):
+    tracker = Tracker(tmp_path, LoggerConfig(name="none"))
+    for step in (1, 2, 3, 4):
+        tracker.log(step, "train", {"loss": 1.0 / step})
+    with open(tracker.metrics_file, "a") as handle:
+        handle.write('{"step": 5, "spl')  # killed mid-write
+    before = tracker.metrics_file.stat().st_ino
+    tracker.truncate_after(2)
+    events = [json.loads(line) for line in tracker.metrics_file.read_text().splitlines()]
+    assert [(event["step"], event["loss"]) for event in events] == [(1, 1.0), (2, 0.5)]
+    # written aside and renamed in (ptlab.files): a new file took the name, no temporary one is left
+    assert tracker.metrics_file.stat().st_ino != before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["metrics.jsonl"]

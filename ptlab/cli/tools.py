@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, check_encoding
 
 OTHER_WEIGHTS = (
     "score even if the backbone's weights or tokenizer differ from those the prompt was trained on"
@@ -71,6 +71,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
     """`ptlab-eval`: the best prompt's metrics on a split; printed and written to RUN_DIR/eval/.
     With several RUN_DIRs over the same backbone, one line per run, starting with its folder."""
     from ptlab.config.saved import tell
+    from ptlab.files import write_text_atomically
     from ptlab.lab.saved_run import load_runs
     from ptlab.training.build import evaluate_together
 
@@ -98,7 +99,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
                   "overrides": overrides, "metrics": metrics}  # fmt: skip
         out = run_dir / "eval" / f"{pipeline.config.task.name}_{split}.json"
         out.parent.mkdir(exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        write_text_atomically(out, json.dumps(result, indent=2))
         shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         line = f"{pipeline.config.task.name} {split} ({result['examples']} examples): {shown}"
         print(f"{line}\nwritten to {out}" if len(run_dirs) == 1 else f"{run_dir}  {line}  (written to {out})")
@@ -111,15 +112,21 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     verbalizer's; csv/tsv: a `score_<verbalizer>` column each). With several RUN_DIRs over the same
     backbone, all their prompts are scored in one pass per batch, and each input row comes out once
     per run, the first run's rows first, each with a `run` field: the run folder as given (it
-    replaces an input field of that name)."""
+    replaces an input field of that name). A csv, tsv, jsonl, json or parquet file is read as
+    training reads the task's files: its encoding (--encoding, else the run's task.local.encoding),
+    a tsv without quoting, text kept as written."""
     from ptlab.data.tasks import template_fields
+    from ptlab.files import write_file_atomically
     from ptlab.lab.predict import check_fields, read_rows, runs_predictions, write_predictions
     from ptlab.lab.saved_run import load_runs, saved_config
 
     usage = "%(prog)s RUN_DIR [RUN_DIR...] --input FILE|- [--output FILE] [--format ...] [OVERRIDE...]"
     parser = argparse.ArgumentParser(prog="ptlab-predict", usage=usage, description=predict_main.__doc__)
     parser.add_argument(
-        "--input", required=True, metavar="FILE|-", help="jsonl, json, csv, tsv or text lines"
+        "--input", required=True, metavar="FILE|-", help="jsonl, json, csv, tsv, parquet or text lines"
+    )
+    parser.add_argument(
+        "--encoding", help="the input file's text encoding (default: the run's task.local.encoding)"
     )
     parser.add_argument("--output", metavar="FILE", help="default: stdout")
     parser.add_argument(
@@ -135,7 +142,9 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     fields = [template_fields(config.task.template) for config in configs]
     whose = [f": {run_dir}'s task {config.task.name!r} reads {needs}" if several else ""
              for run_dir, config, needs in zip(run_dirs, configs, fields)]  # fmt: skip
-    rows = read_rows(args.input, fields[0], whose=whose[0])  # bad input fails before the model loads
+    encoding = args.encoding or configs[0].task.local.encoding
+    check_encoding("--encoding", encoding)
+    rows = read_rows(args.input, fields[0], encoding, whose=whose[0])  # bad input fails before the model loads
     for needs, run in zip(fields[1:], whose[1:]):
         check_fields(rows, needs, args.input, run)
     pipelines = load_runs(run_dirs, splits=(), allow_other_weights=args.allow_other_weights, configs=configs)
@@ -153,8 +162,12 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "jsonl")
     fmt = fmt if fmt in ("jsonl", "csv", "tsv") else "jsonl"
     if args.output:
-        with open(args.output, "w", newline="") as out:
-            write_predictions(predictions, out, fmt)
+
+        def write(path: Path) -> None:
+            with open(path, "w", newline="", encoding="utf-8") as out:
+                write_predictions(predictions, out, fmt)
+
+        write_file_atomically(Path(args.output), write)
         print(f"{len(predictions)} predictions written to {args.output}", file=sys.stderr)
     else:
         write_predictions(predictions, sys.stdout, fmt)

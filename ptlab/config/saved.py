@@ -61,6 +61,10 @@ def on_todays_schemas(saved: DictConfig, source: str, say: Callable[[str], None]
         ) from None
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {one_line(error)}") from None
+    missing = sorted(OmegaConf.missing_keys(merged))  # settings without a default: every run's config has them
+    if missing:
+        raise ConfigError(f"{source} lacks {', '.join(missing)}, which every run's config holds (the file "
+                          "was cut short or edited): restore it from a copy")  # fmt: skip
     added = sorted(set(_leaves(OmegaConf.to_container(merged))) - set(_leaves(OmegaConf.to_container(saved))))
     if added:
         say(

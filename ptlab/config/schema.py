@@ -9,7 +9,6 @@ Method schemas live beside their modules in ``ptlab/methods/`` and register them
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
@@ -17,7 +16,7 @@ from typing import Any, Dict, List, Optional, Union
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from ptlab.errors import ConfigError, check_choice, check_range
+from ptlab.errors import ConfigError, check_choice, check_encoding, check_range
 
 
 @dataclass
@@ -85,13 +84,7 @@ class LocalSource:
     def __post_init__(self) -> None:
         if self.format is not None:
             check_choice("task.local.format", self.format, LOCAL_FORMATS)
-        try:
-            codecs.lookup(self.encoding)
-        except LookupError:
-            raise ConfigError(
-                f"task.local.encoding={self.encoding!r} is not an encoding Python knows: give one such as "
-                "utf-8, latin-1 or cp1252"
-            ) from None
+        check_encoding("task.local.encoding", self.encoding)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol
 
+import datasets
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
@@ -69,7 +70,7 @@ def _local_files(task: TaskConfig, data_dir: Optional[str]) -> Optional[Dict[str
     return files
 
 
-def _check_decodes(path: Path, encoding: str) -> None:
+def check_decodes(path: Path, encoding: str, setting: str = "task.local.encoding") -> None:
     """Name the first byte the file's encoding cannot decode, and the setting that reads it."""
     data = path.read_bytes()
     try:
@@ -77,7 +78,7 @@ def _check_decodes(path: Path, encoding: str) -> None:
     except UnicodeDecodeError as error:
         raise ConfigError(
             f"{path}: byte {error.start} (0x{data[error.start]:02x}) is not valid {encoding} ({error.reason}): "
-            "name the file's encoding, e.g. task.local.encoding=latin-1 (or cp1252 for a Windows export)"
+            f"name the file's encoding, e.g. {setting}=latin-1 (or cp1252 for a Windows export)"
         ) from None
 
 
@@ -108,29 +109,44 @@ def file_format(task: TaskConfig, path: Path) -> str:
     return fmt
 
 
-def _read_file(task: TaskConfig, path: Path) -> Dataset:
-    """One local file through `datasets`' own loaders (csv/tsv by pandas, json lines or a JSON list
-    by pyarrow, parquet); text is kept as written ("NA" stays "NA")."""
-    if path.stat().st_size == 0:
-        raise ConfigError(f"{path} is empty: give the task's file with its rows (task.local)")
-    fmt = file_format(task, path)
-    encoding = task.local.encoding
+def read_table(
+    path: Path,
+    fmt: str,
+    encoding: str,
+    column_names: Optional[List[str]] = None,
+    setting: str = "task.local.encoding",
+) -> Dataset:
+    """One file of rows through `datasets`' own loaders (csv/tsv by pandas, json lines or a JSON list
+    by pyarrow, parquet); text is kept as written ("NA" stays "NA"), a tsv is read without quoting.
+    What a task's files are read with, and ptlab-predict's --input files, so both give the same rows;
+    `setting` is what the decoding error names as the fix."""
     options: Dict[str, Any] = {}
     if fmt != "parquet":  # a binary format: no text encoding
-        _check_decodes(path, encoding)
+        check_decodes(path, encoding, setting)
         options["encoding"] = encoding
     if fmt == "jsonl":
         _check_jsonl(path, encoding)
     if fmt in ("csv", "tsv"):
         options.update(TSV_OPTIONS if fmt == "tsv" else {"keep_default_na": False, "na_filter": False})
-        if task.local.column_names:
-            options["column_names"] = list(task.local.column_names)
+        if column_names:
+            options["column_names"] = list(column_names)
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # ptlab says what it reads; a bar would be stray lines on stderr
     try:
         return load_dataset(LOADERS[fmt], data_files=str(path), split="train", **options)
     except Exception as error:  # the loaders' own words (pandas: "Expected 2 fields in line 7, saw 3")
         cause = error.__cause__ or error
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ConfigError(f"{path} cannot be read as {fmt}: {reason}") from None
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _read_file(task: TaskConfig, path: Path) -> Dataset:
+    if path.stat().st_size == 0:
+        raise ConfigError(f"{path} is empty: give the task's file with its rows (task.local)")
+    return read_table(path, file_format(task, path), task.local.encoding, task.local.column_names)
 
 
 def _load_local(task: TaskConfig, files: Dict[str, Path]) -> DatasetDict:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Callable, List
+from pathlib import Path
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from ptlab.files import write_file_atomically
+from ptlab.files import one_writer, write_file_atomically
 from ptlab.model.loading import cache_dir
 
 log = logging.getLogger(__name__)
@@ -37,27 +38,43 @@ def cache_key(texts: List[str], identity: str, max_length: int) -> str:
     return digest.hexdigest()[:32]
 
 
+def _load(path: Path) -> Optional[List[List[int]]]:
+    """A cache entry's rows, or None when there is none or it cannot be read (then it is rebuilt)."""
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as saved:
+            flat, lengths = saved["flat"], saved["lengths"]
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("tokenized cache %s unreadable (%s): tokenizing again", path, error)
+        return None
+    ends = np.cumsum(lengths)
+    return [flat[start:end].tolist() for start, end in zip(ends - lengths, ends)]
+
+
+def _save(path: Path, ids: List[List[int]]) -> None:
+    lengths = np.array([len(row) for row in ids], dtype=np.int64)
+    flat = np.fromiter((token for row in ids for token in row), dtype=np.int64, count=int(lengths.sum()))
+    write_file_atomically(path, lambda tmp: np.savez(tmp, flat=flat, lengths=lengths))
+
+
 def cached_tokenize(
     texts: List[str], tokenize: Callable[[List[str]], List[List[int]]], identity: str, max_length: int
 ) -> List[List[int]]:
-    """`tokenize(texts)`, from the disk cache when these texts were tokenized this way before."""
+    """`tokenize(texts)`, from the disk cache when these texts were tokenized this way before. The
+    jobs of a sweep that start together tokenize a split once: one builds the entry (`one_writer`),
+    the others wait and load it."""
     path = cache_dir() / "tokenized" / f"{cache_key(texts, identity, max_length)}.npz"
-    if path.exists():
-        try:
-            with np.load(path) as saved:
-                flat, lengths = saved["flat"], saved["lengths"]
-            ends = np.cumsum(lengths)
-            starts = ends - lengths
-            return [flat[start:end].tolist() for start, end in zip(starts, ends)]
-        except (OSError, ValueError, KeyError) as error:  # a damaged entry is rebuilt
-            log.warning("tokenized cache %s unreadable (%s): tokenizing again", path, error)
-    ids = tokenize(texts)
-    lengths = np.array([len(row) for row in ids], dtype=np.int64)
-    flat = np.fromiter((token for row in ids for token in row), dtype=np.int64, count=int(lengths.sum()))
+    ids = _load(path)
+    if ids is not None:
+        return ids
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # concurrent jobs of a sweep may race: the last complete file wins
-        write_file_atomically(path, lambda tmp: np.savez(tmp, flat=flat, lengths=lengths))
+        with one_writer(path):
+            ids = _load(path)  # built by another job while this one waited
+            if ids is None:
+                ids = tokenize(texts)
+                _save(path, ids)
     except OSError as error:  # a read-only or full cache costs speed, never the run
         log.warning("tokenized cache not written (%s)", error)
+        ids = ids if ids is not None else tokenize(texts)
     return ids

@@ -1,11 +1,11 @@
-"""A trained prompt's predictions for new inputs: rows in (jsonl, json, csv, tsv, or plain text lines
-for single-text tasks), the predicted verbalizer and every verbalizer's score out. Several runs on
-one shared backbone are predicted together, their prompts scored in one pass per batch."""
+"""A trained prompt's predictions for new inputs: rows in (jsonl, json, csv, tsv, parquet, or plain
+text lines for single-text tasks), the predicted verbalizer and every verbalizer's score out.
+Several runs on one shared backbone are predicted together, their prompts scored in one pass per
+batch."""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import sys
 from pathlib import Path
@@ -13,25 +13,25 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 
 import torch
 
-from ptlab.data.examples import Example
+from ptlab.config.schema import LOCAL_FORMATS
+from ptlab.data.examples import Example, check_decodes, read_table
 from ptlab.data.tasks import render_source
 from ptlab.errors import ConfigError
 from ptlab.model.readout import RunParts
 from ptlab.training.build import Pipeline
 from ptlab.training.evaluate import runs_scores
 
-FORMATS = ("jsonl", "json", "csv", "tsv", "text")
 
-
-def input_format(name: str, text: str) -> str:
-    """By the file's suffix; for stdin (or an unknown suffix), JSON lines if it starts with `{`."""
-    suffix = Path(name).suffix.lstrip(".").lower()
-    if suffix in FORMATS or suffix == "txt":
-        return "text" if suffix == "txt" else suffix
+def text_format(name: str, text: str) -> str:
+    """Stdin's or a text file's rows: plain text lines for a `.txt` file, else JSON lines if it
+    starts with `{`."""
+    if Path(name).suffix.lower() == ".txt":
+        return "text"
     return "jsonl" if text.lstrip().startswith("{") else "text"
 
 
 def parse_rows(text: str, fmt: str, fields: List[str], source: str) -> List[Dict[str, Any]]:
+    """Rows from stdin or a text file: one per non-empty line, as text (single-field tasks) or JSON."""
     if fmt == "text":
         if len(fields) != 1:
             raise ConfigError(
@@ -39,11 +39,6 @@ def parse_rows(text: str, fmt: str, fields: List[str], source: str) -> List[Dict
                 f"{fields}: give jsonl, csv or tsv rows with those fields"
             )
         return [{fields[0]: line} for line in text.splitlines() if line.strip()]
-    if fmt in ("csv", "tsv"):
-        return list(csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ","))
-    if fmt == "json":
-        rows = json.loads(text)
-        return rows if isinstance(rows, list) else [rows]
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
@@ -55,18 +50,28 @@ def parse_rows(text: str, fmt: str, fields: List[str], source: str) -> List[Dict
 
 
 def read_rows(
-    source: str, fields: List[str], stdin: Optional[TextIO] = None, whose: str = ""
+    source: str, fields: List[str], encoding: str, stdin: Optional[TextIO] = None, whose: str = ""
 ) -> List[Dict[str, Any]]:
     """Rows holding the template's `fields`; `source` is a file path or `-` for stdin; `whose`
-    names the run whose template it is in the error (several runs predicted together)."""
+    names the run whose template it is in the error (several runs predicted together). A csv, tsv,
+    jsonl, json or parquet file is read as training reads a task's files (`read_table`: the
+    `encoding`, a tsv without quoting, text kept as written); stdin and other files by line."""
     if source == "-":
         text = (stdin or sys.stdin).read()
+        rows = parse_rows(text, text_format(source, text), fields, "stdin")
     else:
         path = Path(source)
         if not path.is_file():
             raise ConfigError(f"--input {source}: no such file")
-        text = path.read_text()
-    rows = parse_rows(text, input_format(source, text), fields, "stdin" if source == "-" else source)
+        fmt = path.suffix.lower().lstrip(".")
+        if path.stat().st_size == 0:
+            rows = []
+        elif fmt in LOCAL_FORMATS:
+            rows = read_table(path, fmt, encoding, setting="--encoding").to_list()
+        else:
+            check_decodes(path, encoding, setting="--encoding")
+            text = path.read_text(encoding=encoding)
+            rows = parse_rows(text, text_format(source, text), fields, source)
     if not rows:
         raise ConfigError(f"--input {source}: no rows")
     check_fields(rows, fields, source, whose)
@@ -75,10 +80,14 @@ def read_rows(
 
 def check_fields(rows: List[Dict[str, Any]], fields: List[str], source: str, whose: str = "") -> None:
     """Every row holds each of `fields` (a template's); `whose`: the run it is checked for."""
-    for number, row in enumerate(rows, 1):
-        missing = [f for f in fields if not isinstance(row, dict) or f not in row]
+    for number, row in enumerate(rows, 1):  # a table's row lacking a field holds None there
+        missing = [f for f in fields if not isinstance(row, dict) or row.get(f) is None]
         if missing:
-            have = sorted(row) if isinstance(row, dict) else type(row).__name__
+            have = (
+                sorted(key for key, value in row.items() if value is not None)
+                if isinstance(row, dict)
+                else type(row).__name__
+            )
             raise ConfigError(
                 f"--input {source}, row {number}: no field {missing[0]!r} (it has {have}){whose}"
             )

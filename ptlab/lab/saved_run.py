@@ -24,7 +24,7 @@ from ptlab.errors import ConfigError
 from ptlab.training import checkpoint
 from ptlab.training.build import Pipeline, SharedBackbone, build, frozen_backbone
 from ptlab.training.packing import shared_settings
-from ptlab.training.run_folder import read_json_record
+from ptlab.training.run_folder import read_record
 
 
 def saved_config(path: Path, overrides: Sequence[str] = (), say: Callable[[str], None] = tell) -> Config:
@@ -34,10 +34,14 @@ def saved_config(path: Path, overrides: Sequence[str] = (), say: Callable[[str],
         raise ConfigError(f"{path}: no such run or prompt folder")
     composed = path / ".hydra" / "config.yaml"
     if composed.is_file():
-        return load_saved_config(yaml.safe_load(composed.read_text()), str(composed), overrides, say)
-    record = read_json_record(path / "prompt_config.json")
-    if record is not None and "config" in record:
-        return load_saved_config(record["config"], str(path / "prompt_config.json"), overrides, say)
+        fix = ("the run's composed config is damaged: restore it from a copy, or give the run's "
+               "checkpoints/best folder (its prompt_config.json holds the same config)")  # fmt: skip
+        saved = read_record(composed, lambda file: yaml.safe_load(file.read_text(encoding="utf-8")), fix)
+        return load_saved_config(saved, str(composed), overrides, say)
+    if (path / "prompt_config.json").is_file():
+        record = checkpoint.read_prompt_record(path / "prompt_config.json")
+        if "config" in record:
+            return load_saved_config(record["config"], str(path / "prompt_config.json"), overrides, say)
     raise ConfigError(f"{path} has neither .hydra/config.yaml (a run folder) nor a prompt_config.json with the "
                       "run's config (checkpoints/best): give a folder that ptlab-train wrote")  # fmt: skip
 

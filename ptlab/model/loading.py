@@ -7,6 +7,7 @@ once and cached as fp32 safetensors, because dequantizing takes ~20 s and reload
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -23,10 +24,11 @@ from transformers import (
     ByT5Tokenizer,
     PreTrainedModel,
 )
+from transformers.utils import cached_file
 
 from ptlab.config.schema import BackboneConfig
 from ptlab.errors import ConfigError
-from ptlab.files import write_folder_atomically
+from ptlab.files import one_writer, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +58,52 @@ def resolve_pypi_path(path: str) -> Path:
     return folder / subfolder if subfolder else folder
 
 
-def _dequantized_gguf(folder: Path, gguf_file: str, family: str) -> Path:
-    """Convert a GGUF checkpoint to an fp32 safetensors folder once; return that folder."""
-    target = cache_dir() / "gguf" / f"{folder.name}-{Path(gguf_file).stem}"
+def gguf_source(path: str, gguf_file: str) -> Path:
+    """The GGUF file itself, on this disk: in a local folder, or the hub's cached copy (a path that
+    is the commit's: `snapshots/<commit>/<file>`, a link into `blobs/<hash>`)."""
+    try:
+        return Path(cached_file(path, gguf_file))
+    except OSError as error:
+        raise ConfigError(f"backbone.gguf_file={gguf_file!r} is not in backbone.path={path!r} "
+                          f"({str(error).splitlines()[0]}): name a GGUF file that is there") from None  # fmt: skip
+
+
+def gguf_cache_key(source: Path) -> str:
+    """The cache folder's name: the file's stem (for people) and a digest of its resolved path, size
+    and modification time, so two folders of one name, two hub organisations' files of one name and
+    an edited file each get their own entry."""
+    resolved = source.resolve()
+    stat = resolved.stat()
+    digest = hashlib.sha256(f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return f"{source.stem}-{digest}"
+
+
+def _dequantized_gguf(path: str, gguf_file: str, family: str) -> Path:
+    """Convert a GGUF checkpoint to an fp32 safetensors folder once; return that folder. Parallel
+    jobs wait for the one converting it (`one_writer`): a complete folder is never replaced."""
+    source = gguf_source(path, gguf_file)
+    target = cache_dir() / "gguf" / gguf_cache_key(source)
     if (target / "config.json").exists():
         return target
-    log.info("dequantizing %s once into %s (takes ~20 s)", gguf_file, target)
-    model = AUTO_CLASSES[family].from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    with one_writer(target):
+        if not (target / "config.json").exists():  # another job may have built it while this one waited
+            _dequantize(source, family, target)
+    return target
+
+
+# what transformers reads and loads a GGUF file with (the `offline` extra); ptlab imports neither
+GGUF_NEEDS = ("gguf", "accelerate")
+
+
+def _dequantize(source: Path, family: str, target: Path) -> None:
+    missing = [name for name in GGUF_NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ConfigError(f"backbone.gguf_file={source.name!r}: transformers needs {' and '.join(missing)} to "
+                          "read a GGUF file: pip install 'ptlab[offline]'")  # fmt: skip
+    log.info("dequantizing %s once into %s (takes ~20 s)", source, target)
+    folder, name = str(source.parent), source.name
+    model = AUTO_CLASSES[family].from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -74,8 +114,7 @@ def _dequantized_gguf(folder: Path, gguf_file: str, family: str) -> Path:
         clean.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    write_folder_atomically(target, write, shared=True)
-    return target
+    write_folder_atomically(target, write)
 
 
 WEIGHT_FILES = (
@@ -142,7 +181,7 @@ def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, obje
     ):  # a local path, not a hub id
         raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
     if cfg.gguf_file:
-        path = str(_dequantized_gguf(Path(path), cfg.gguf_file, cfg.family))
+        path = str(_dequantized_gguf(path, cfg.gguf_file, cfg.family))
     if Path(path).expanduser().is_dir():
         check_model_folder(Path(path).expanduser(), cfg.path)
     try:

@@ -22,6 +22,7 @@ from ptlab.config.schema import Config
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.files import write_folder_atomically
 from ptlab.training.randomness import RunRandomness
+from ptlab.training.run_folder import read_record
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +273,20 @@ def best_prompt_dir(run_dir: Path) -> Path:
     return folder
 
 
+# what to do about a damaged prompt folder
+DAMAGED_PROMPT = "the saved prompt is damaged: restore the folder from a copy, or train the run again"
+
+
+def read_prompt_record(path: Path) -> Dict[str, Any]:
+    """A prompt folder's `prompt_config.json`; a damaged one is one line naming it."""
+    return read_record(path, lambda file: json.loads(file.read_text()), DAMAGED_PROMPT)
+
+
 def saved_prompt(run_dir: Path) -> tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
-    """The best prompt's tensors (`method.*`, `backbone.*` keys) and its record."""
+    """The best prompt's tensors (`method.*`, `backbone.*` keys) and its record; a damaged one is
+    one line naming the file."""
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir}: no such run folder")
     folder = best_prompt_dir(run_dir)
-    return load_file(folder / "prompt.safetensors"), json.loads((folder / "prompt_config.json").read_text())
+    tensors = read_record(folder / "prompt.safetensors", load_file, DAMAGED_PROMPT)
+    return tensors, read_prompt_record(folder / "prompt_config.json")

@@ -16,10 +16,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from logging.handlers import MemoryHandler
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from ptlab.errors import ConfigError
 from ptlab.files import write_text_atomically
 
 FAILURE_FILE = "failure.json"
@@ -33,6 +34,23 @@ def read_json_record(path: Path) -> Optional[Dict[str, Any]]:
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
+
+
+def read_record(path: Path, load: Callable[[Path], Any], fix: str) -> Dict[str, Any]:
+    """A record that a reuse of the run needs (its composed config, its prompt, the prompt's record),
+    a mapping read by `load`; when it is empty, cut short or not a mapping, one line naming the file,
+    what is wrong (the parser's own words) and `fix`, never a parser's traceback."""
+    try:
+        loaded = load(path) if path.stat().st_size else None
+    except Exception as error:  # each parser's own error (yaml, json, safetensors): the file is damaged
+        mark = getattr(error, "problem_mark", None)  # yaml's: where its parser stopped
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        reason = f"{error.problem} at line {mark.line + 1}" if mark is not None else reason
+    else:
+        if isinstance(loaded, dict):
+            return loaded
+        reason = "empty" if loaded is None else f"a {type(loaded).__name__}, not a mapping"
+    raise ConfigError(f"{path} cannot be read ({reason}): {fix}")
 
 
 def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
@@ -134,7 +152,7 @@ def save_snapshots(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> Non
         ("hydra.yaml", hydra_cfg),
         ("overrides.yaml", hydra_cfg.hydra.overrides.task),
     ):
-        (folder / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+        write_text_atomically(folder / name, OmegaConf.to_yaml(node))
 
 
 def record_failure(run_dir: Path, error: Exception) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from ptlab.config.schema import LoggerConfig
+from ptlab.files import write_text_atomically
 from ptlab.training.run_folder import write_summary
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ class Tracker:
         later process on it (resume, requeue, a longer max_steps), so one folder is one W&B run."""
         id_file = self.run_dir / "wandb_id"
         if not id_file.exists():
-            id_file.write_text(secrets.token_hex(4))
+            write_text_atomically(id_file, secrets.token_hex(4))
         return id_file.read_text().strip()
 
     def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
@@ -169,7 +170,8 @@ class Tracker:
         self._wandb("log", {"step": step, **{f"{split}/{k}": v for k, v in values.items()}})
 
     def truncate_after(self, step: int) -> None:
-        """Drop events logged after `step`: a resumed run replays them from its checkpoint."""
+        """Drop events logged after `step`: a resumed run replays them from its checkpoint. The kept
+        events are written aside and renamed in, so a kill during the rewrite keeps the history."""
         if not self.enabled or not self.metrics_file.exists():
             return
         kept = []
@@ -181,7 +183,7 @@ class Tracker:
                 continue
             if event is not None and event["step"] <= step:
                 kept.append(line)
-        self.metrics_file.write_text("".join(line + "\n" for line in kept))
+        write_text_atomically(self.metrics_file, "".join(line + "\n" for line in kept))
 
     def summary(self, values: Dict[str, Any]) -> None:
         if not self.enabled:
