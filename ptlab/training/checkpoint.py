@@ -97,7 +97,8 @@ RUN_KEYS = (*PROMPT_KEYS, "task", "data")
 # machine it runs on, how far it trains; any other setting that differs from its checkpoint's stops it
 MAY_CHANGE_ON_RESUME = (
     "trainer.resume", "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_batch_size",
-    "trainer.compile", "logger.", "hardware.", "data.dir", "backbone.path", "method.label", "method.init_from",
+    "trainer.compile", "trainer.lock_timeout_s", "logger.", "hardware.", "data.dir", "backbone.path",
+    "method.label", "method.init_from",
 )  # fmt: skip
 
 
