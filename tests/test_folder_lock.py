@@ -128,3 +128,9 @@ def test_a_packed_member_whose_folder_is_held_fails_alone_and_untouched(tmp_path
     assert "Traceback" not in result.stderr
     assert read_summary(sweep / "0")["status"] == "finished"
     assert json.loads((held / FAILURE_FILE).read_text())["error"] == "an earlier attempt"
+    report = result.stderr.splitlines()[-1]  # the sweep's end: the held job, not its holder's old failure
+    assert report.startswith("ptlab: error: 1 of 2 jobs failed: ") and "an earlier attempt" not in report
+    assert (
+        f"job 1 ({held}): not run, its folder is held by pid {holder.pid} on host {socket.gethostname()}"
+        in report
+    )
