@@ -12,6 +12,11 @@ class ConfigError(ValueError):
     """A config value that composes but cannot be used; the message names the value and the fix."""
 
 
+class FolderHeld(ConfigError):
+    """A run folder another live process trains in (ptlab/training/folder_lock.py): this process
+    writes nothing there, so it is no failure of that folder's run."""
+
+
 class TrainingFault(RuntimeError):
     """Training cannot go on (a non-finite loss); the message says where, why and what to try."""
 

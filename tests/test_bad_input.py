@@ -4,6 +4,7 @@ hardware that is not there; a non-finite loss stops with one line naming the ste
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -139,6 +140,31 @@ def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_fix(tmp_path, 
     )
     line = one_line_error(result, 2)
     assert f"ptlab: error: {state} {message}" in line and "trainer.resume=false" in line
+
+
+class RunsCode:
+    """A pickled object whose unpickling runs a shell command (issue #29: os.system in __reduce__)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    run_dir = trained_once(tmp_path)
+    state, marker = run_dir / "checkpoints/last/state.pt", tmp_path / "code-ran"
+    saved = checkpoint_module.load_training_state(state.parent)
+    torch.save({**saved, "train_state": {**saved["train_state"], "note": RunsCode(marker)}}, state)
+    result = cli(
+        [*QUICK, "trainer.max_steps=4", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
+    )
+    line = one_line_error(result, 2)
+    assert f"ptlab: error: {state} holds objects other than tensors and plain values (posix.system)" in line
+    assert "trainer.resume=false" in line and not marker.exists()
+    torch.load(state, weights_only=False)  # what a resume did before: the payload is real
+    assert marker.exists()
 
 
 def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):

@@ -24,9 +24,13 @@ class PackedLauncher(Launcher):
         self.settings = DictConfig({"pack_size": pack_size, "submitit": submitit})
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.context, self.config = hydra_context, config  # the task function is not called: packs train
+        # the task function is not called (packs train); the per-job callbacks are told of it
+        self.context, self.config, self.task_function = hydra_context, config, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        return launch(self.settings, self.context, self.config, job_overrides, initial_job_idx)
+        return launch(
+            self.settings, self.context, self.config, job_overrides, initial_job_idx, self.task_function
+        )

@@ -6,7 +6,8 @@ can share a backbone (ptlab/training/packing.py), says how it packed them, and t
 in packs, in this process or as one SLURM job per group through submitit. Each job still gets
 what Hydra gives a job: its folder, its `.hydra/` snapshots (written by ptlab once it starts), its
 overrides, and a `JobReturn` whose value is its best validation score (None when it failed, so an
-Optuna trial records a failure), and the sweep's callbacks see it end as usual.
+Optuna trial records a failure), and the sweep's per-job callbacks (`on_job_start`, `on_job_end`)
+see it start and end as under Hydra's basic launcher (ptlab/cli/job_hooks.py).
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
-from hydra.types import HydraContext
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
+from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
+from ptlab.cli.job_hooks import JobHooks
 from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 
@@ -53,7 +55,8 @@ def check_launcher(settings: DictConfig) -> Optional[int]:
 
 
 def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[str], number: int):
-    """One job's composed config and Hydra facts, as Hydra's basic launcher and `run_job` make them."""
+    """One job's sweep config (`hydra:` included), Hydra facts and JobReturn (its `cfg` the task's
+    config), as Hydra's basic launcher and `run_job` make them."""
     from ptlab.cli.train import run_facts
 
     sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
@@ -76,14 +79,15 @@ def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[
         working_dir=os.getcwd(),
         task_name=sweep_config.hydra.job.name,
     )
-    return task_cfg, facts, job_return
+    return sweep_config, facts, job_return
 
 
 def launch(
     settings: DictConfig, context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-    initial_job_idx: int,
+    initial_job_idx: int, task_function: Optional[TaskFunction] = None,
 ) -> List[JobReturn]:  # fmt: skip
-    """Compose, group, report and train the jobs; one JobReturn per job, in order."""
+    """Compose, group, report and train the jobs; one JobReturn per job, in order, each job seen
+    by the sweep's callbacks as it starts and ends (ptlab/cli/job_hooks.py)."""
     from ptlab.training.packed_job import PackedJob, failed
     from ptlab.training.packing import check_packable, group_jobs, packing_report
 
@@ -91,17 +95,19 @@ def launch(
     pack_size = check_launcher(settings)
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-    jobs, returns, usable = [], [], []
+    hooks = JobHooks(context.callbacks, task_function)
+    jobs, usable = [], []
     for offset, overrides in enumerate(job_overrides):
-        task_cfg, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
-        returns.append(job_return)
+        sweep_config, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
+        hooks.add(sweep_config, job_return)
         log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
         try:
-            jobs.append(PackedJob(task_cfg, to_object(task_cfg), facts))
+            jobs.append(PackedJob(job_return.cfg, to_object(job_return.cfg), facts))
             usable.append(offset)
         except ConfigError as error:  # this job's own settings: it fails alone
+            hooks.started([offset])
             failed(facts.run_dir, error)
-            job_return.status, job_return.return_value = JobStatus.COMPLETED, None
+            hooks.ended(offset, None)
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])
     groups = group_jobs([job.config for job in jobs])
@@ -112,36 +118,40 @@ def launch(
         log.info("  %s", line)
     if pack_size is None:
         log.info("  (a group splits into packs of the size that fits its device once its backbone is loaded)")
-    sweep_dir = Path(str(config.hydra.sweep.dir))
-    values = run_groups([[jobs[i] for i in group.jobs] for group in groups], pack_size, settings, sweep_dir)
-    for group, group_values in zip(groups, values):
-        for i, value in zip(group.jobs, group_values):
-            returns[usable[i]].status, returns[usable[i]].return_value = JobStatus.COMPLETED, value
-    return returns
+    grouped = [([jobs[i] for i in group.jobs], [usable[i] for i in group.jobs]) for group in groups]
+    run_groups(grouped, pack_size, settings, Path(str(config.hydra.sweep.dir)), hooks)
+    return hooks.returns
 
 
 def run_groups(
-    groups: List[List[Any]], pack_size: Optional[int], settings: DictConfig, sweep_dir: Path
-) -> List[List[Any]]:
-    """Each group's results: trained here, or one submitit job per group (waited for)."""
+    groups: List[Tuple[List[Any], List[int]]], pack_size: Optional[int], settings: DictConfig, sweep_dir: Path,
+    hooks: JobHooks,
+) -> None:  # fmt: skip
+    """Train each group (its jobs, and their numbers in `hooks`) here, its jobs' callbacks told as
+    each starts and ends, or as one submitit job per group (waited for)."""
     from ptlab.training.packed_job import run_group
     from ptlab.training.preemption import Preempted
 
     submitit = settings.get("submitit")
-    if not submitit:
-        try:
-            return [run_group(group, pack_size) for group in groups]
-        except Preempted as stop:  # each member's checkpoint is written; the same command resumes
-            print(f"ptlab: {stop}", file=sys.stderr)
-            sys.exit(128 + stop.signum)
-    return submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True), sweep_dir)
+    if submitit:
+        submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True), sweep_dir, hooks)
+        return
+    try:
+        for group, numbers in groups:
+            hooks.started(numbers)
+            hooks.ended_if_untold(numbers, run_group(group, pack_size, hooks.ender(numbers)))
+    except Preempted as stop:  # each member's checkpoint is written; the same command resumes
+        print(f"ptlab: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def submitted(
-    groups: List[List[Any]], pack_size: Optional[int], params: Dict[str, Any], sweep_dir: Path
-) -> List[List[Any]]:
+    groups: List[Tuple[List[Any], List[int]]], pack_size: Optional[int], params: Dict[str, Any], sweep_dir: Path,
+    hooks: JobHooks,
+) -> None:  # fmt: skip
     """One submitit job per group, with the keys Hydra's submitit launcher takes (its logs under
-    the sweep's `.submitit/`, as Hydra's); waits for all."""
+    the sweep's `.submitit/`, as Hydra's); waits for all. The callbacks stay in this process: a
+    group's jobs start when it is submitted and end when its submitit job returns."""
     import submitit
 
     from ptlab.training.packed_job import run_group
@@ -156,7 +166,10 @@ def submitted(
     executor.update_parameters(
         **{key if key in base else f"{prefix}_{key}": value for key, value in params.items()}
     )
-    submitted_jobs = [executor.submit(run_group, group, pack_size) for group in groups]
+    for _, numbers in groups:
+        hooks.started(numbers)
+    submitted_jobs = [executor.submit(run_group, group, pack_size) for group, _ in groups]
     log.info("submitted %d pack jobs through submitit (%s): %s", len(submitted_jobs), executor.cluster,
              ", ".join(job.job_id for job in submitted_jobs))  # fmt: skip
-    return [job.result() for job in submitted_jobs]
+    for (_, numbers), job in zip(groups, submitted_jobs):
+        hooks.ended_if_untold(numbers, job.result())

@@ -231,6 +231,9 @@ class TrainerConfig:
     # auto: continue this run folder if it holds a checkpoint (requeued and rerun jobs pick up where
     # they stopped) | true: the same | false: start over | a path: continue that run folder
     resume: Any = "auto"
+    # seconds after its last heartbeat that a run folder's holder on another host counts as gone
+    # (ptlab/training/folder_lock.py); it refreshes the heartbeat every tenth of this
+    lock_timeout_s: float = 300.0
     eval_mode: str = "rank"  # rank (verbalizer log-likelihoods) | generate (exact match)
     log_every: int = 10
     max_new_tokens: int = 8
@@ -256,6 +259,7 @@ class TrainerConfig:
         check_range("trainer.warmup_ratio", self.warmup_ratio, 0, 1, high_open=True)
         check_range("trainer.grad_clip", self.grad_clip, 0, off="0 or null: no clipping")
         check_range("trainer.patience", self.patience, 0, off="null: no early stopping")
+        check_range("trainer.lock_timeout_s", self.lock_timeout_s, 0, low_open=True)
         if not isinstance(self.resume, (bool, str)):
             raise ConfigError(f"trainer.resume={self.resume!r}: use auto, true, false or a run folder path")
 

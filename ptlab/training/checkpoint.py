@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import pickle
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Sequence
@@ -61,11 +63,29 @@ def save_prompt(
 
 
 def save_training_state(folder: Path, state: Dict[str, Any]) -> None:
+    """Tensors, numbers, strings, lists and dicts only: what `load_training_state` reads back."""
     torch.save(state, folder / "state.pt")
 
 
 def load_training_state(folder: Path) -> Dict[str, Any]:
-    return torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    return read_plain(folder / "state.pt")
+
+
+def read_plain(path: Path) -> Any:
+    """A torch file of the run folder (`state.pt`, `ffn_scores.pt`) read without running code from
+    it (`weights_only`: tensors and plain values, no other pickled object): a run folder is data,
+    whoever wrote it. A file holding anything else is a ConfigError naming what it holds (the
+    checkpoints of ptlab before 2026-12-01 held numpy's random state)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"GLOBAL (\S+)", str(error))
+        held = f" ({found.group(1)})" if found else ""
+        raise ConfigError(
+            f"{path} holds objects other than tensors and plain values{held}, which ptlab does not unpickle "
+            "(loading them could run code): today's ptlab did not write it; start over with "
+            "trainer.resume=false, or run in a new folder (hydra.run.dir=...)"
+        ) from None
 
 
 # method settings that do not change what a prompt is: how runs are named, where training started
@@ -78,7 +98,8 @@ RUN_KEYS = (*PROMPT_KEYS, "task", "data")
 # machine it runs on, how far it trains; any other setting that differs from its checkpoint's stops it
 MAY_CHANGE_ON_RESUME = (
     "trainer.resume", "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_batch_size",
-    "trainer.compile", "logger.", "hardware.", "data.dir", "backbone.path", "method.label", "method.init_from",
+    "trainer.compile", "trainer.lock_timeout_s", "logger.", "hardware.", "data.dir", "backbone.path",
+    "method.label", "method.init_from",
 )  # fmt: skip
 
 
@@ -218,6 +239,8 @@ class RunCheckpoint:
             saved = load_training_state(folder)
             if not isinstance(saved, dict) or not {"prompt_config", "train_state", "trainable"} <= set(saved):
                 raise ValueError("not a ptlab checkpoint")
+        except ConfigError:
+            raise
         except Exception as error:
             raise ConfigError(
                 f"{folder / 'state.pt'} cannot be read ({type(error).__name__}: {error}): {fix}"

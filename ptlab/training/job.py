@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -21,12 +21,14 @@ from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 from ptlab.training.checkpoint import config_difference, config_record, record_difference
 from ptlab.training.distributed import World, close_world, init_world
+from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.run_folder import (
     FAILURE_FILE,
     RunFacts,
     is_finished,
     read_json_record,
     read_summary,
+    unwritable,
 )
 from ptlab.training.train_runs import PackedJob, train_runs
 
@@ -49,14 +51,16 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, facts: Optional[RunFact
     facts = facts or RunFacts()
     world = init_world(config.hardware)
     try:
-        return train_in(prepared_run_dir(config, run_dir or facts.run_dir), config, cfg, world, facts)
+        with FolderLocks() as locks:  # held until the run has ended, however it ends
+            return train_in(prepared_run_dir(config, run_dir or facts.run_dir, locks, world), config, cfg, world, facts)
     finally:
         close_world(world)
 
 
-def prepared_run_dir(config: Config, run_dir: Optional[Path]) -> Path:
-    """The run's folder (`trainer.resume=<folder>` names it, else `run_dir`), made, checked
-    writable, and rid of an earlier attempt's failure record."""
+def prepared_run_dir(config: Config, run_dir: Optional[Path], locks: FolderLocks, world: World) -> Path:
+    """The run's folder (`trainer.resume=<folder>` names it, else `run_dir`), made, held by this
+    process (rank 0 holds it for every rank; a folder another process holds is refused before
+    anything in it is written), checked writable, and rid of an earlier attempt's failure record."""
     run_dir = Path(run_dir or "outputs/runs/unnamed")
     if isinstance(config.trainer.resume, str) and config.trainer.resume != "auto":
         run_dir = Path(config.trainer.resume)
@@ -64,14 +68,32 @@ def prepared_run_dir(config: Config, run_dir: Optional[Path]) -> Path:
             raise ConfigError(f"trainer.resume={config.trainer.resume!r}: no such run folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise unwritable(run_dir, error) from None
+    held_by_main(world, lambda: locks.take(run_dir, config.trainer.lock_timeout_s))
+    try:
         probe = run_dir / f".ptlab_write_check.{os.getpid()}"  # one per process: DDP ranks share the folder
         probe.touch()
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
-                          "choose another one with hydra.run.dir=...") from None  # fmt: skip
-    (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's; this one may succeed
+        raise unwritable(run_dir, error) from None
+    if world.is_main:
+        (run_dir / FAILURE_FILE).unlink(missing_ok=True)  # an earlier attempt's; this one may succeed
     return run_dir
+
+
+def held_by_main(world: World, take: Callable[[], None]) -> None:
+    """`take()` the run folder on rank 0; every rank raises rank 0's refusal, so no rank writes in
+    a folder another process holds."""
+    refused: Optional[ConfigError] = None
+    if world.is_main:
+        try:
+            take()
+        except ConfigError as error:
+            refused = error
+    refused = world.gather([refused])[0][0]
+    if refused is not None:
+        raise refused
 
 
 def train_in(run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: RunFacts) -> float:

@@ -20,11 +20,17 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from ptlab.errors import ConfigError
+from ptlab.errors import ConfigError, FolderHeld
 from ptlab.files import write_text_atomically
 
 FAILURE_FILE = "failure.json"
 SUMMARY_FILE = "summary.json"
+
+
+def unwritable(run_dir: Path, error: OSError) -> ConfigError:
+    """The one line for a run folder this process cannot write in."""
+    return ConfigError(f"cannot write the run folder {run_dir}: {error.strerror or error}; "
+                       "choose another one with hydra.run.dir=...")  # fmt: skip
 
 
 def read_json_record(path: Path) -> Optional[Dict[str, Any]]:
@@ -158,7 +164,10 @@ def save_snapshots(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> Non
 def record_failure(run_dir: Path, error: Exception) -> None:
     """A failed job's one-line error, for ptlab's sweep report (ptlab/lab/sweep_report.py) and
     `ptlab-compare`. A finished run's summary is never replaced: a failed rerun of it leaves its
-    result standing and says only, in `failure.json`, that the rerun failed."""
+    result standing and says only, in `failure.json`, that the rerun failed. A refusal to write a
+    folder another process holds writes nothing: that folder's run is not this one."""
+    if isinstance(error, FolderHeld):
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     failure = {"status": "failed", "error": str(error), "kind": type(error).__name__}
     write_text_atomically(run_dir / FAILURE_FILE, json.dumps(failure, indent=2))

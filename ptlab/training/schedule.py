@@ -14,10 +14,12 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from ptlab.config.schema import ScheduleConfig
+from ptlab.files import write_file_atomically
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
 from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel
+from ptlab.training.checkpoint import read_plain
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ class StageSchedule:
         scores a packmate with the same inputs computed (`packing.stage_plan`), so the same ones."""
         cache = run_dir / "ffn_scores.pt"
         if cache.exists():
-            self.partial.scores = torch.load(cache)
+            self.partial.scores = read_plain(cache)
             return
         if known is not None:
             scores = self.partial.scores = known
@@ -68,9 +70,7 @@ class StageSchedule:
             scores = self.partial.score_neurons(run_batches)
         if not write:  # ranks other than 0 compute the same scores and leave the file to rank 0
             return
-        tmp = cache.with_suffix(".tmp")
-        torch.save(scores, tmp)
-        tmp.replace(cache)
+        write_file_atomically(cache, lambda tmp: torch.save(scores, tmp))
 
     def enter(self, step: int) -> Optional[Dict[str, object]]:
         """Switch the model to the stage of `step`; returns the new stage's facts on a change."""

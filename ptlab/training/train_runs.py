@@ -18,7 +18,7 @@ import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -54,19 +54,28 @@ def failed(run_dir: Optional[Path], error: Exception) -> None:
         print(f"ptlab: error: {run_dir}: its failure could not be recorded there ({unrecorded})", file=sys.stderr)
 
 
+Ended = Callable[[int, Optional[float]], None]  # a job's index and best validation value (None: failed)
+
+
+def unheard(index: int, value: Optional[float]) -> None:
+    """Nobody is told when a job ends (a run alone; a group trained in a submitit job: its launcher
+    reads the results)."""
+
+
 def train_runs(
     jobs: Sequence[PackedJob], folders: Sequence[Path], shared: Optional[SharedBackbone], world: World,
-    alone: bool = False,
+    alone: bool = False, ended: Ended = unheard,
 ) -> List[Optional[float]]:  # fmt: skip
     """Train the jobs, in their prepared run `folders`, as one pack on `shared` (None: a run alone
-    builds its own backbone); each one's best validation value, None for a member that failed.
-    `alone`: a run alone, whose failure is raised (its command ends with it), not recorded."""
+    builds its own backbone); each one's best validation value, None for a member that failed;
+    `ended` is told as each one ends. `alone`: a run alone, whose failure is raised (its command
+    ends with it), not recorded."""
     results: List[Optional[float]] = [None] * len(jobs)
     parts = [list(range(len(jobs)))]
     while parts:
         part = parts.pop(0)
         try:
-            train_part(jobs, folders, part, shared, world, alone, results)
+            train_part(jobs, folders, part, shared, world, alone, results, ended)
         except PackFault as fault:
             todo = [index for index in part if folders[index].name in {m.name for m in fault.members}]
             size = max(1, len(todo) // 2) if fault.out_of_memory else 1
@@ -79,7 +88,7 @@ def train_runs(
 
 def train_part(
     jobs: Sequence[PackedJob], folders: Sequence[Path], part: List[int], shared: Optional[SharedBackbone],
-    world: World, alone: bool, results: List[Optional[float]],
+    world: World, alone: bool, results: List[Optional[float]], ended: Ended,
 ) -> None:  # fmt: skip
     """The jobs `part` (indices) opened and trained as one pack; each one's result into `results`."""
     opened: Dict[int, OpenRun] = {}
@@ -96,6 +105,7 @@ def train_part(
                     if alone:
                         raise
                     failed(folder, error)
+                    ended(index, None)
                     continue
             member = Member(run.trainer, run_log.speaking, folder.name, stage_plan=stage_plan(job.config))
             opened[id(member)], index_of[id(member)] = run, index
@@ -108,6 +118,7 @@ def train_part(
             run = opened[id(member)]
             results[index_of[id(member)]] = close_run(run, summary)
             run.tracker.finish()
+            ended(index_of[id(member)], results[index_of[id(member)]])
 
         def failed_member(member: Member, error: Exception) -> None:
             if alone:  # raised once the pack is done: its command ends with it
@@ -118,6 +129,7 @@ def train_part(
                 opened[id(member)].tracker.finish()
             except Exception as unfinished:  # noqa: BLE001 - its tracker's fault is its own too
                 failed(None, unfinished)
+            ended(index_of[id(member)], None)
 
         if not alone:
             first = opened[id(members[0])].config
