@@ -49,7 +49,7 @@ def causal_target_logits(model, batch, prompt_length: int = 0) -> torch.Tensor:
 def own_dropout(backbone, *methods, seed: int = 0):
     """Around a training pass outside the training loop: each run's frozen-network dropout masks
     from its own generator, as the loop gives them."""
-    return backbone.drawing({id(m): torch.Generator().manual_seed(seed + i) for i, m in enumerate(methods)})
+    return backbone.frozen_dropout.drawing({id(m): torch.Generator().manual_seed(seed + i) for i, m in enumerate(methods)})
 
 
 def write_tiny_gguf(path, seed: int = 0):

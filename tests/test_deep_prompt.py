@@ -22,7 +22,7 @@ from ptlab.methods.deep_prompt import table_of
 from ptlab.model.anatomy import self_attentions
 from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel
-from ptlab.model.prefixes import EncoderPrefixes
+from ptlab.model.prefixes import EncoderPrefixes, pass_dtype
 
 from conftest import compose_config
 from helpers import build, causal_target_logits, examples, seq2seq_logits
@@ -141,7 +141,7 @@ def test_encoder_prefixes_match_a_hand_written_attention(backbone_name, monkeypa
     inputs = {"input_ids": batch["source_ids"], "attention_mask": batch["source_mask"]}
     with torch.no_grad():
         injection = method.inject(None, batch["source_mask"])
-        with backbone.encoder_prefixes(injection, len(batch["source_ids"])):
+        with backbone.encoder_prefixes.placed(injection, len(batch["source_ids"])):
             ours = encoder(**inputs).last_hidden_state
         plain = encoder(**inputs).last_hidden_state  # the hooks are inactive outside the block
         attentions = self_attentions(backbone.model)["encoder"]
@@ -320,7 +320,7 @@ def test_under_bf16_autocast_the_prefixes_follow_the_pass_and_stay_fp32_paramete
     _, backbone, readout, method = build([*PREFIX, f"backbone={backbone_name}", f"method.stacks={stacks}"])
     batch = backbone.collate(readout, examples(backbone, readout))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert backbone.prefix_dtype() == torch.bfloat16
+        assert pass_dtype(backbone.model) == torch.bfloat16
         logits = backbone.output_logits(readout, method, batch)
         loss = backbone.loss_from_logits(logits, batch)
     loss.backward()

@@ -165,11 +165,11 @@ def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name):
 
     parts, batch = packed(backbone, runs)
     together = streams(100)
-    with backbone.drawing(together):
+    with backbone.frozen_dropout.drawing(together):
         logits = backbone.runs_logits(parts, batch).split(batch["run"].bincount().tolist())
     for index, (readout, method, items) in enumerate(runs):
         alone = streams(100)
-        with backbone.drawing(alone):
+        with backbone.frozen_dropout.drawing(alone):
             reference = backbone.output_logits(readout, method, backbone.collate(readout, items))
         mine = logits[index][:, : reference.shape[1]]
         scored = backbone.collate(readout, items)["target_ids"] != -100  # where a row has a target token
@@ -180,7 +180,7 @@ def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name):
             if theirs is not None:
                 torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
         assert torch.equal(together[id(method)].get_state(), alone[id(method)].get_state())
-        with backbone.drawing(streams(200)):  # other masks, other logits: the masks are drawn
+        with backbone.frozen_dropout.drawing(streams(200)):  # other masks, other logits: the masks are drawn
             other = backbone.output_logits(readout, method, backbone.collate(readout, items))
         other = other[scored] if backbone.reads_target_tokens else other
         assert float((other - reference).abs().max()) > 1e-6

@@ -25,6 +25,7 @@ from test_scale_out import cli
 from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
 from ptlab.lab.compare import main as compare_main
+from ptlab.methods.smop import SMoP
 from ptlab.model.partial import PartialModel
 from ptlab.training import packed_step
 from ptlab.training import train_runs as train_runs_module
@@ -227,6 +228,45 @@ def test_a_fault_in_one_members_own_work_ends_that_member_alone(tmp_path, monkey
     if phase == "checkpoint":
         run(compose_config([*base, "seed=2"]), run_dir=tmp_path / "alone2")
         assert_same_run(tmp_path / "2", tmp_path / "alone2")
+
+
+@pytest.mark.parametrize("phase", ["injection", "loss", "evaluation"])
+def test_a_fault_in_one_members_part_of_the_joint_pass_ends_that_member_alone(tmp_path, monkeypatch, phase):
+    """Member 1's method (SMoP, the others prompt tuning) raises from its 4th training step on, in
+    its injection or its loss, or in its evaluation passes after that: the pack cannot tell whose
+    the error is, so its members train again one by one from their last checkpoints; member 1
+    fails alone and the others end as alone."""
+    base = [*COMMON, "backbone=tiny_t5", "trainer.max_steps=6", "trainer.eval_every=3"]
+    jobs = [job([*base, f"seed={seed}", "method=smop" if seed == 1 else "method=prompt_tuning"],
+                tmp_path / str(seed)) for seed in range(3)]  # fmt: skip
+    trained = []
+    forward, extra_loss = SMoP.forward, SMoP.extra_loss
+
+    def faulty_forward(self, *args, **kwargs):
+        if self.training:
+            trained.append(1)
+        if (phase == "injection" and self.training and len(trained) > 3) or (
+            phase == "evaluation" and not self.training and len(trained) > 3
+        ):
+            raise RuntimeError(f"member 1's {phase} broke")
+        return forward(self, *args, **kwargs)
+
+    def faulty_extra_loss(self):
+        if phase == "loss" and len(trained) > 3:
+            raise RuntimeError("member 1's loss broke")
+        return extra_loss(self)
+
+    monkeypatch.setattr(SMoP, "forward", faulty_forward)
+    monkeypatch.setattr(SMoP, "extra_loss", faulty_extra_loss)
+    results = run_group(jobs, pack_size=3)
+    assert results[1] is None and results[0] is not None and results[2] is not None
+    failure = json.loads((tmp_path / "1" / "failure.json").read_text())
+    assert f"member 1's {phase} broke" in failure["error"]
+    assert all(read_summary(tmp_path / str(i))["status"] == "finished" for i in (0, 2))
+    monkeypatch.setattr(SMoP, "forward", forward)
+    monkeypatch.setattr(SMoP, "extra_loss", extra_loss)
+    run(compose_config([*base, "seed=2", "method=prompt_tuning"]), run_dir=tmp_path / "alone2")
+    assert_same_run(tmp_path / "2", tmp_path / "alone2")
 
 
 def test_a_pack_out_of_memory_halves_down_to_packs_that_fit(tmp_path, monkeypatch, caplog):

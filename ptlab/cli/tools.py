@@ -22,7 +22,7 @@ import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from ptlab.errors import ConfigError, check_encoding
 
@@ -116,26 +116,10 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
     training reads the task's files: its encoding (--encoding, else the run's task.local.encoding),
     a tsv without quoting, text kept as written."""
     from ptlab.data.tasks import template_fields
-    from ptlab.files import write_file_atomically
-    from ptlab.lab.predict import check_fields, read_rows, runs_predictions, write_predictions
+    from ptlab.lab.predict import check_fields, read_rows, runs_predictions
     from ptlab.lab.saved_run import load_runs, saved_config
 
-    usage = "%(prog)s RUN_DIR [RUN_DIR...] --input FILE|- [--output FILE] [--format ...] [OVERRIDE...]"
-    parser = argparse.ArgumentParser(prog="ptlab-predict", usage=usage, description=predict_main.__doc__)
-    parser.add_argument(
-        "--input", required=True, metavar="FILE|-", help="jsonl, json, csv, tsv, parquet or text lines"
-    )
-    parser.add_argument(
-        "--encoding", help="the input file's text encoding (default: the run's task.local.encoding)"
-    )
-    parser.add_argument("--output", metavar="FILE", help="default: stdout")
-    parser.add_argument(
-        "--format", choices=("jsonl", "csv", "tsv"), help="default: the output's suffix, else jsonl"
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--allow-other-weights", action="store_true", help=OTHER_WEIGHTS)
-    parser.add_argument("items", nargs="+", metavar="RUN_DIR|OVERRIDE", help=FOLDERS)
-    args = parser.parse_intermixed_args(argv)
+    args = predict_parser().parse_intermixed_args(argv)
     run_dirs, overrides = run_folders(args.items)
     configs = [saved_config(run_dir, overrides) for run_dir in run_dirs]
     several = len(run_dirs) > 1
@@ -159,18 +143,48 @@ def predict_main(argv: Optional[Sequence[str]] = None) -> None:
         ]
     else:
         predictions = per_run[0]
-    fmt = args.format or (Path(args.output).suffix.lstrip(".") if args.output else "jsonl")
+    emit_predictions(predictions, args.output, args.format)
+
+
+def predict_parser() -> argparse.ArgumentParser:
+    """ptlab-predict's command line."""
+    usage = "%(prog)s RUN_DIR [RUN_DIR...] --input FILE|- [--output FILE] [--format ...] [OVERRIDE...]"
+    parser = argparse.ArgumentParser(prog="ptlab-predict", usage=usage, description=predict_main.__doc__)
+    parser.add_argument(
+        "--input", required=True, metavar="FILE|-", help="jsonl, json, csv, tsv, parquet or text lines"
+    )
+    parser.add_argument(
+        "--encoding", help="the input file's text encoding (default: the run's task.local.encoding)"
+    )
+    parser.add_argument("--output", metavar="FILE", help="default: stdout")
+    parser.add_argument(
+        "--format", choices=("jsonl", "csv", "tsv"), help="default: the output's suffix, else jsonl"
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--allow-other-weights", action="store_true", help=OTHER_WEIGHTS)
+    parser.add_argument("items", nargs="+", metavar="RUN_DIR|OVERRIDE", help=FOLDERS)
+    return parser
+
+
+def emit_predictions(predictions: List[Dict[str, Any]], output: Optional[str], fmt: Optional[str]) -> None:
+    """The predictions written to `output` (atomically; None: stdout) as `fmt` (None: the output's
+    suffix, else jsonl)."""
+    from ptlab.files import write_file_atomically
+    from ptlab.lab.predict import write_predictions
+
+    fmt = fmt or (Path(output).suffix.lstrip(".") if output else "jsonl")
     fmt = fmt if fmt in ("jsonl", "csv", "tsv") else "jsonl"
-    if args.output:
+    if output:
 
         def write(path: Path) -> None:
             with open(path, "w", newline="", encoding="utf-8") as out:
                 write_predictions(predictions, out, fmt)
 
-        write_file_atomically(Path(args.output), write)
-        print(f"{len(predictions)} predictions written to {args.output}", file=sys.stderr)
+        write_file_atomically(Path(output), write)
+        print(f"{len(predictions)} predictions written to {output}", file=sys.stderr)
     else:
         write_predictions(predictions, sys.stdout, fmt)
+
 
 
 @one_line_errors

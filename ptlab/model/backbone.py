@@ -9,7 +9,7 @@ The trainer only calls `loss`, `score` and `generate`; the prompt method supplie
 
 A backbone holds only the frozen model: every call that needs a task's facts takes the run's
 TaskReadout (ptlab.model.readout), so one backbone serves any number of runs. A batch may hold the
-rows of several runs (`collate_runs`; its `run` says whose each row is, run by run): each method
+rows of several runs (ptlab.model.batching; its `run` says whose each row is, run by run): each method
 injects for its own rows, `PromptInjection.stack` pads them, and the families place the padding so
 that every real token has the positions it has in its run alone (`runs_logits`, `runs_scores`,
 `run_losses`).
@@ -30,30 +30,22 @@ from ptlab.data.examples import Example
 from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
 from ptlab.model.anatomy import key_value_heads, self_attentions
+from ptlab.model.batching import Batch, collate_runs, pad, rows_per_run
 from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.model.prefixes import (
-    EncoderPrefixes,
+    EncoderPrefixSite,
     batch_of,
     cache_parameter,
     decoder_cache,
     encoder_key_values,
+    pass_dtype,
     rows_of,
     selected_rows,
 )
 from ptlab.model.readout import RunParts, TaskReadout
-from ptlab.model.run_dropout import FrozenDropout
+from ptlab.model.run_dropout import NO_DROPOUT, FrozenDropout
 
-Batch = Dict[str, torch.Tensor]
 Runs = Sequence[RunParts]  # the runs whose rows a batch holds, in the order of their `run` index
-
-
-def pad(sequences: List[List[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max(len(seq) for seq in sequences)
-    rows = [
-        [value] * (width - len(seq)) + seq if left else seq + [value] * (width - len(seq))
-        for seq in sequences
-    ]
-    return torch.tensor(rows, dtype=torch.long)
 
 
 def with_visible(
@@ -85,16 +77,6 @@ def real_first(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, 
     """Each row's real positions moved, in their order, in front of its padding."""
     order = torch.argsort(1 - mask, dim=1, stable=True)
     return embeds.gather(1, order.unsqueeze(-1).expand_as(embeds)), mask.gather(1, order)
-
-
-def rows_per_run(batch: Batch, count: int) -> List[int]:
-    """How many rows of `batch` each of `count` runs has (a batch of one run needs no `run` index)."""
-    if count == 1:
-        return [len(batch["source_ids"])]
-    run = batch["run"]
-    if bool((run[1:] < run[:-1]).any()):
-        raise ValueError("a batch of several runs holds their rows run by run, as collate_runs makes it")
-    return torch.bincount(run, minlength=count).tolist()
 
 
 def no_generation_with_decoder_prefixes(injection: PromptInjection) -> None:
@@ -144,9 +126,9 @@ class Backbone(nn.Module):
         if hasattr(self.model.config, "use_cache"):
             self.model.config.use_cache = False
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.encoder_hooks: Optional[EncoderPrefixes] = None  # installed on a deep prompt's first pass
+        self.encoder_prefixes = EncoderPrefixSite(self.model)  # a deep prompt's encoder prefixes
         # the frozen network's dropout, drawn per run (ptlab.model.run_dropout); none when it stays off
-        self.frozen_dropout = FrozenDropout(self.model, self.dropout_stack) if cfg.dropout else None
+        self.frozen_dropout = FrozenDropout(self.model, self.dropout_stack) if cfg.dropout else NO_DROPOUT
 
     # --- what the rest of ptlab needs to know ------------------------------------------------
     @property
@@ -203,29 +185,9 @@ class Backbone(nn.Module):
         """The module that runs the bidirectional encoder stack on its own (BERT: the model)."""
         return self.model
 
-    def positions_taken(self, method: PromptMethod) -> int:
-        """Positions the prompt occupies in front of the input: its block, and a prefix in the
-        input's stack where the family counts its positions (`prefix_takes_positions`)."""
-        prefix = self.prefix_takes_positions and self.input_stack in method.prefix_stacks
-        return method.num_tokens + (method.prefix_length if prefix else 0)
-
     def position_limit(self) -> Optional[int]:
         """The most positions an input may take (None: no limit known)."""
         return getattr(self.model.config, "max_position_embeddings", None)
-
-    def check_fits(self, readout: TaskReadout, method: PromptMethod) -> None:
-        """Fail early, not inside the position embeddings, when prompt + input cannot fit."""
-        num_prompt_tokens = self.positions_taken(method)
-        limit = self.position_limit()
-        longest_target = max(len(ids) for ids in readout.choice_ids) if self.targets_take_positions else 0
-        needed = readout.max_source_length + num_prompt_tokens + longest_target
-        if limit is not None and needed > limit:
-            targets = f" + {longest_target} target tokens" if longest_target else ""
-            raise ConfigError(
-                f"data.max_source_length={readout.max_source_length} + {num_prompt_tokens} prompt tokens"
-                f"{targets} = {needed} exceeds the backbone's {limit} positions: lower method.prompt_length "
-                "or data.max_source_length"
-            )
 
     @contextlib.contextmanager
     def per_example_prompt_states(self):
@@ -252,19 +214,6 @@ class Backbone(nn.Module):
         """The stack whose hidden states the model's module `module_name` works on."""
         return self.input_stack
 
-    def drawing(self, streams: Dict[int, torch.Generator]) -> contextlib.AbstractContextManager:
-        """Inside the block, the frozen network's dropout in a pass over the rows of a run whose
-        method is a key of `streams` (by id) draws from that run's generator."""
-        return contextlib.nullcontext() if self.frozen_dropout is None else self.frozen_dropout.drawing(streams)
-
-    def laid_out(self, runs: Runs, batch: Batch, **real: torch.Tensor) -> contextlib.AbstractContextManager:
-        """Around the model call of a pass over `batch`: where each stack's real positions are
-        (`[B, L]` per stack), so each run's dropout masks are its own (nothing in eval mode)."""
-        if self.frozen_dropout is None:
-            return contextlib.nullcontext()
-        rows = rows_per_run(batch, len(runs))
-        return self.frozen_dropout.laid_out([run.method for run in runs], rows, real)
-
     # --- tokenization and batching ---------------------------------------------------------
     def tokenize_sources(self, readout: TaskReadout, texts: List[str]) -> List[List[int]]:
         return self.tokenizer(texts, truncation=True, max_length=readout.max_source_length)["input_ids"]
@@ -277,23 +226,8 @@ class Backbone(nn.Module):
         return self.collate_runs([(readout, examples)])
 
     def collate_runs(self, parts: Sequence[Tuple[TaskReadout, List[Example]]]) -> Batch:
-        """One batch of several runs' examples, run by run; `run` holds each row's run index."""
-        rows = [(readout, example) for readout, examples in parts for example in examples]
-        source = [example.source_ids for _, example in rows]
-        source_ids = pad(source, self.pad_id, left=self.pad_source_left)
-        mask = pad([[1] * len(ids) for ids in source], 0, left=self.pad_source_left)
-        labels = torch.tensor([example.label for _, example in rows], dtype=torch.long)
-        targets = pad([readout.choice_ids[example.label] for readout, example in rows], -100)
-        run = torch.tensor(
-            [index for index, (_, examples) in enumerate(parts) for _ in examples], dtype=torch.long
-        )
-        return {
-            "source_ids": source_ids,
-            "source_mask": mask,
-            "labels": labels,
-            "target_ids": targets,
-            "run": run,
-        }
+        """One batch of several runs' examples, run by run (ptlab.model.batching)."""
+        return collate_runs(parts, self.pad_id, self.pad_source_left)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
@@ -318,26 +252,6 @@ class Backbone(nn.Module):
             injection,
             *join(injection.block, source_embeds, batch["source_mask"], at, injection.block_mask),
         )
-
-    def prefix_dtype(self) -> torch.dtype:
-        """The dtype of this pass's keys and values: autocast's where it is on (bf16 on a GPU), else
-        the model's; prefixes are cast to it so attention sees one dtype."""
-        device = self.model.device.type
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.model.dtype
-
-    @contextlib.contextmanager
-    def encoder_prefixes(self, injection: PromptInjection, size: int) -> Iterator[None]:
-        """Inside this block the encoder stack attends to the injection's encoder prefixes."""
-        prefixes = injection.prefixes.get("encoder")
-        if not prefixes:
-            yield
-            return
-        if self.encoder_hooks is None:
-            self.encoder_hooks = EncoderPrefixes(self_attentions(self.model)["encoder"])
-        with self.encoder_hooks.placed(
-            prefixes, size, self.prefix_dtype(), injection.prefix_masks.get("encoder")
-        ):
-            yield
 
     # --- one run's batch -----------------------------------------------------------------------
     def output_logits(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
@@ -385,16 +299,18 @@ class Backbone(nn.Module):
         total = sums.new_zeros(len(runs)).index_add(0, batch["run"], sums)
         return total / counts.new_zeros(len(runs)).index_add(0, batch["run"], counts)
 
-    def choice_targets(self, runs: Runs, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """`[B*C, L]` verbalizer token ids of each row's run, example-major, padded with -100 (C:
-        the most verbalizers of a run), and the `[B, C]` mask of the verbalizers each row's run has."""
-        width = max(len(run.readout.choice_ids) for run in runs)
-        choices = [run.readout.choice_ids + [[]] * (width - len(run.readout.choice_ids)) for run in runs]
-        table = pad([ids for run_choices in choices for ids in run_choices], -100).view(len(runs), width, -1)
-        has = torch.tensor([[c < len(run.readout.choice_ids) for c in range(width)] for run in runs])
-        rows = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(rows_per_run(batch, len(runs))))
-        device = batch["source_ids"].device
-        return table[rows].flatten(0, 1).to(device), has[rows].to(device)
+
+
+def choice_targets(runs: Runs, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`[B*C, L]` verbalizer token ids of each row's run, example-major, padded with -100 (C:
+    the most verbalizers of a run), and the `[B, C]` mask of the verbalizers each row's run has."""
+    width = max(len(run.readout.choice_ids) for run in runs)
+    choices = [run.readout.choice_ids + [[]] * (width - len(run.readout.choice_ids)) for run in runs]
+    table = pad([ids for run_choices in choices for ids in run_choices], -100).view(len(runs), width, -1)
+    has = torch.tensor([[c < len(run.readout.choice_ids) for c in range(width)] for run in runs])
+    rows = torch.repeat_interleave(torch.arange(len(runs)), torch.tensor(rows_per_run(batch, len(runs))))
+    device = batch["source_ids"].device
+    return table[rows].flatten(0, 1).to(device), has[rows].to(device)
 
 
 def target_logprob_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -446,7 +362,7 @@ class Seq2SeqBackbone(Backbone):
     def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
         injection, inputs_embeds, mask = self.prompted(runs, batch)
         targets = batch["target_ids"]
-        with self.encoder_prefixes(injection, len(inputs_embeds)), self.laid_out(
+        with self.encoder_prefixes.placed(injection, len(inputs_embeds)), self.frozen_dropout.laid_out(
             runs, batch, encoder=mask, decoder=targets != -100
         ):
             return self.decode_logits(injection, inputs_embeds, mask, targets)
@@ -460,7 +376,7 @@ class Seq2SeqBackbone(Backbone):
         prefixes = injection.prefixes.get("decoder")
         extra = {}
         if prefixes:
-            own = decoder_cache(prefixes, len(targets), self.prefix_dtype())
+            own = decoder_cache(prefixes, len(targets), pass_dtype(self.model))
             extra[self.cache_key] = EncoderDecoderCache(own, DynamicCache())
             visible = injection.prefix_masks.get("decoder")
             if visible is not None:  # the rows of several runs: each sees its own prefix only
@@ -479,10 +395,10 @@ class Seq2SeqBackbone(Backbone):
     def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Encode once, then decode every verbalizer against the shared encoder states."""
         injection, inputs_embeds, mask = self.prompted(runs, batch)
-        with self.encoder_prefixes(injection, len(inputs_embeds)):
+        with self.encoder_prefixes.placed(injection, len(inputs_embeds)):
             encoder = self.model.get_encoder()
             encoded = encoder(inputs_embeds=inputs_embeds, attention_mask=mask).last_hidden_state
-        targets, has = self.choice_targets(runs, batch)
+        targets, has = choice_targets(runs, batch)
         num_choices = has.shape[1]
         logits = self.decode_logits(
             injection,
@@ -497,7 +413,7 @@ class Seq2SeqBackbone(Backbone):
         self, readout: TaskReadout, method: PromptMethod, batch: Batch, max_new_tokens: int
     ) -> List[str]:
         injection, inputs_embeds, mask = generation_inputs(self, readout, method, batch)
-        with self.encoder_prefixes(injection, len(inputs_embeds)):
+        with self.encoder_prefixes.placed(injection, len(inputs_embeds)):
             output = self.model.generate(
                 inputs_embeds=inputs_embeds, attention_mask=mask, max_new_tokens=max_new_tokens
             )
@@ -572,7 +488,7 @@ class CausalBackbone(Backbone):
             inputs = torch.cat([inputs, suffix], 1)
             mask = torch.cat([prefix_mask, suffix_mask], 1)
             positions = torch.cat([positions, positions[:, -1:] + suffix_mask.cumsum(1)], 1)
-        with self.laid_out(runs, batch, decoder=mask[:, -inputs.shape[1] :]):
+        with self.frozen_dropout.laid_out(runs, batch, decoder=mask[:, -inputs.shape[1] :]):
             hidden, cache = self.states(
                 cache,
                 keep_cache,
@@ -591,7 +507,7 @@ class CausalBackbone(Backbone):
         runs pays R prompts per batch, not one per row); the other runs' blocks and prefixes stay
         per row. Cache columns, in order: the per-row prefixes, then the shared prefixes and
         blocks, each masked where its run is not the row's."""
-        dtype = self.prefix_dtype()
+        dtype = pass_dtype(self.model)
         sizes = rows_per_run(batch, len(runs))
         once = [rows > 0 and self.runs_prompt_once(run.method) for run, rows in zip(runs, sizes)]
         shared, per_row = [], []
@@ -636,7 +552,7 @@ class CausalBackbone(Backbone):
     def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Run [prompt][source] once and keep its key/value cache, then run every verbalizer
         against that shared prefix: C verbalizers cost C short passes, not C full ones."""
-        targets, has = self.choice_targets(runs, batch)
+        targets, has = choice_targets(runs, batch)
         num_choices = has.shape[1]
         fed, fed_mask = self.fed_targets(targets)
         hidden, cache, prefix_mask, last_position = self.run_prefix(runs, batch, keep_cache=fed.shape[1] > 0)
@@ -691,7 +607,7 @@ class EncoderBackbone(Backbone):
         )
         injection, inputs_embeds, mask = self.prompted(runs, batch, at=keep_first)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        with self.encoder_prefixes(injection, len(inputs_embeds)), self.laid_out(runs, batch, encoder=mask):
+        with self.encoder_prefixes.placed(injection, len(inputs_embeds)), self.frozen_dropout.laid_out(runs, batch, encoder=mask):
             hidden = self.model(
                 inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions
             ).last_hidden_state

@@ -22,8 +22,8 @@ from torch import nn
 from transformers import DynamicCache
 
 from ptlab.errors import ConfigError
-from ptlab.methods.base import KeyValue
-from ptlab.model.anatomy import key_value_projections
+from ptlab.methods.base import KeyValue, PromptInjection
+from ptlab.model.anatomy import key_value_projections, self_attentions
 
 
 def rows_of(tensor: torch.Tensor, size: int) -> torch.Tensor:
@@ -129,6 +129,34 @@ class EncoderPrefixes:
         keys = call.arguments["hidden_states"].shape[1]
         call.arguments[mask] = widened(call.arguments.get(mask), key.shape[2], self.visible, keys)
         return call.args, call.kwargs
+
+
+def pass_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of this pass's keys and values: autocast's where it is on (bf16 on a GPU), else
+    the model's; prefixes are cast to it so attention sees one dtype."""
+    device = model.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.dtype
+
+
+class EncoderPrefixSite:
+    """A model's bidirectional stack as a place for a pass's encoder prefixes; its hooks are
+    installed on the first pass that has some (a deep prompt's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.hooks: Optional[EncoderPrefixes] = None
+
+    @contextlib.contextmanager
+    def placed(self, injection: PromptInjection, size: int) -> Iterator[None]:
+        """Inside this block the encoder stack attends to the injection's encoder prefixes."""
+        prefixes = injection.prefixes.get("encoder")
+        if not prefixes:
+            yield
+            return
+        if self.hooks is None:
+            self.hooks = EncoderPrefixes(self_attentions(self.model)["encoder"])
+        with self.hooks.placed(prefixes, size, pass_dtype(self.model), injection.prefix_masks.get("encoder")):
+            yield
 
 
 @torch.no_grad()

@@ -29,6 +29,9 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
+from ptlab.model.batching import Batch, rows_per_run
+from ptlab.model.readout import RunParts
+
 ATTENTION = "ptlab_run_dropout"  # the attention implementation's name inside a training pass
 # where T5, BERT and LLaMA configs keep their attention weights' dropout
 ATTENTION_DROPOUT_NAMES = ("dropout_rate", "attention_probs_dropout_prob", "attention_dropout")
@@ -220,16 +223,18 @@ class FrozenDropout:
             self.streams = previous
 
     @contextlib.contextmanager
-    def laid_out(self, methods: Sequence[nn.Module], rows: Sequence[int], real: Dict[str, torch.Tensor]
-                 ) -> Iterator[None]:  # fmt: skip
-        """A training pass over the rows of the runs of `methods`; nothing changes in eval mode."""
+    def laid_out(self, runs: Sequence[RunParts], batch: Batch, **real: torch.Tensor) -> Iterator[None]:
+        """Around the model call of a training pass over the rows of `runs` in `batch`: where each
+        stack's real positions are (`[B, L]` per stack), so each run's masks are its own;
+        nothing changes in eval mode."""
         if not self.model.training:
             yield
             return
+        methods, rows = [run.method for run in runs], rows_per_run(batch, len(runs))
         missing = [m for m in methods if id(m) not in self.streams]
         if missing:
             raise RuntimeError("a training pass with the frozen network's dropout on needs each run's "
-                               "dropout stream (Backbone.drawing)")  # fmt: skip
+                               "dropout stream (Backbone.frozen_dropout.drawing)")  # fmt: skip
         self.layout = DropoutLayout(list(rows), [self.streams[id(m)] for m in methods], real)
         previous = {key: config._attn_implementation_internal for key, config in self.configs.items()}
         for config in self.configs.values() if self.in_attention else ():
@@ -240,3 +245,16 @@ class FrozenDropout:
             self.layout = None
             for key, config in self.configs.items():
                 config._attn_implementation_internal = previous[key]
+
+
+class NoFrozenDropout:
+    """`backbone.dropout=false`: the frozen network stays in eval mode, so a pass draws nothing."""
+
+    def drawing(self, streams: Dict[int, torch.Generator]) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def laid_out(self, runs: Sequence[RunParts], batch: Batch, **real: torch.Tensor) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+NO_DROPOUT = NoFrozenDropout()

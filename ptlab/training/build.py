@@ -29,6 +29,7 @@ from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone, build_backbone
 from ptlab.model.compile import compile_blocks
 from ptlab.model.fingerprint import fingerprint
+from ptlab.model.prompt_fit import check_fits
 from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
@@ -190,7 +191,7 @@ def build(
     method = build_method(config.method, context)
     if initial is not None:
         start_from(method, config.method, initial)
-    backbone.check_fits(readout, method)
+    check_fits(backbone, readout, method)
     if method.backbone_dropout is not None and method.backbone_dropout != config.backbone.dropout:
         wanted = str(method.backbone_dropout).lower()
         log.warning(

@@ -96,7 +96,7 @@ def step(runs: Sequence[Stepping]) -> Tuple[float, List[float]]:
     totals = {id(t): torch.zeros(3, dtype=torch.float64) for t in trainers}  # loss, FLOPs, full-model FLOPs
     streams = {key: value for t in trainers for key, value in t.dropout_streams().items()}
     started = time.perf_counter()
-    with backbone.drawing(streams):  # each run's masks from its own stream
+    with backbone.frozen_dropout.drawing(streams):  # each run's masks from its own stream
         for round_ in range(max(t.cfg.grad_accum for t in trainers)):
             takers, examples, weights = micro_batch(runs, round_)
             batches = {id(t): backbone.collate(t.readout, examples[id(t)]) for t in takers}
