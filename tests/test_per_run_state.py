@@ -4,6 +4,7 @@ own random streams and logs to its own W&B run, and only the entry point reads H
 from __future__ import annotations
 
 import ast
+import time
 
 import pytest
 import torch
@@ -103,9 +104,14 @@ def test_two_trackers_open_at_once_log_to_their_own_wandb_runs(tmp_path, monkeyp
     assert infos["a"]["id"] != infos["b"]["id"]
     for name, other in (("a", "b"), ("b", "a")):
         (folder,) = (tmp_path / name / "wandb").glob(f"offline-run-*-{infos[name]['id']}")
+        # W&B's service closes a finished run's file on its own time: read it once its stream has ended
+        internal_log = folder / "logs" / "debug-internal.log"
+        deadline = time.monotonic() + 120
+        while "stream: all finished" not in internal_log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "stream: all finished" in internal_log.read_text()
         logged = (folder / f"run-{infos[name]['id']}.wandb").read_bytes()
         assert f"train_{name}/loss".encode() in logged and f"train_{other}/loss".encode() not in logged
-        assert "stream: all finished" in (folder / "logs" / "debug-internal.log").read_text()
 
 
 def imports_of(path) -> set:
