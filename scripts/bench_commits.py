@@ -62,11 +62,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--setups", nargs="+", choices=list(SETUPS), default=list(SETUPS))
+    parser.add_argument("--dropout", nargs="+", choices=["on", "off"], default=["on", "off"])
     args = parser.parse_args()
     trees = {"base": checkout(args.base), "here": REPO}
     rows = []
     for setup in args.setups:
-        for dropout in ("true", "false"):
+        for dropout in ("true" if d == "on" else "false" for d in args.dropout):
             overrides = [*SETUPS[setup], f"backbone.dropout={dropout}"]
             times = {name: [] for name in trees}
             for _ in range(args.repeats):

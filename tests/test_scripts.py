@@ -121,3 +121,27 @@ def test_compare_preset_runs_its_experiment_and_tables_it(tmp_path):
         assert f"| {schedule} |" in table
     assert "Difference to **constant**" in table and "Made by `python scripts/compare.py fpt" in table
     assert len(list(runs.glob("*/summary.json"))) == 4 and (runs / "compare" / "curves_sst2.png").exists()
+
+
+def test_bench_dropout_tables_what_each_member_adds():
+    """A pack's per-run dropout on tiny T5 at K = 1, 2: a row per K, and a second member adds
+    ops of its own (its masks are drawn at its own shape, from its own generator)."""
+    result = script("scripts/bench_dropout.py", "--backbones", "tiny_t5", "--sizes", "1", "2", "--repeats", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| tiny_t5 |")]
+    assert [int(cells[1]) for cells in rows] == [1, 2]
+    added = [float(cells[-1]) for cells in rows]
+    assert 0 < added[0] < added[1]
+
+
+def test_bench_commits_times_a_commit_against_the_tree():
+    """The solo-speed comparison with another commit: a worktree of HEAD against this tree, one
+    real `ptlab-train` run each on tiny T5, dropout on; the table has the row and its ratios."""
+    result = script(
+        "scripts/bench_commits.py", "--base", "HEAD", "--setups", "tiny_t5 + sst2, batch 8", "--dropout", "on",
+        "--repeats", "1", "--steps", "2",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| tiny_t5 + sst2, batch 8, dropout on |")]
+    cells = row.strip("|").split("|")
+    assert float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].strip().endswith("x")
