@@ -1,5 +1,6 @@
 """The package's shape: no import circle (imports inside functions count), the wheel's package list
-is every folder of ptlab/, and docs/architecture.md names every module there is."""
+is every folder of ptlab/, docs/architecture.md names every module there is, and no class passes 200
+lines nor any function 60."""
 
 from __future__ import annotations
 
@@ -138,3 +139,16 @@ def test_architecture_doc_names_every_module():
     named = set(re.findall(r"`(ptlab/[\w/]+\.py)`", section))
     actual = {str(path.relative_to(REPO)) for path in PACKAGE.rglob("*.py") if path.name != "__init__.py"}
     assert named == actual, (sorted(actual - named), sorted(named - actual))
+
+
+def test_every_class_fits_in_200_lines_and_every_function_in_60():
+    """A class or function past these has a piece that belongs elsewhere (docs/architecture.md)."""
+    too_long = []
+    for path in sorted((REPO / "ptlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            limit = 200 if isinstance(node, ast.ClassDef) else 60
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > limit:
+                    too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
+    assert too_long == []
