@@ -29,7 +29,6 @@ from bench import default_config  # noqa: E402
 
 import ptlab  # noqa: E402
 from ptlab.config.schema import to_object  # noqa: E402
-from ptlab.data.examples import Example  # noqa: E402
 from ptlab.methods import build_method  # noqa: E402
 from ptlab.model.readout import RunParts  # noqa: E402
 
@@ -58,7 +57,7 @@ def pack_on(backbone_name: str, dropout: bool, size: int, batch: int):
         config = default_config([f"backbone={backbone_name}", f"seed={index}"])
         readout = backbone.readout(list(pipeline.readout.verbalizers), config.data.max_source_length, seed=index)
         method = build_method(to_object(config).method, backbone.prompt_context(readout, index))
-        examples = [Example(source_ids=e.source_ids, label=e.label) for e in rows[index * batch : (index + 1) * batch]]
+        examples = rows[index * batch : (index + 1) * batch]
         runs.append(RunParts(readout, method))
         parts.append((readout, examples))
     return backbone.train(), runs, backbone.collate_runs(parts)

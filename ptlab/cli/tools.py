@@ -186,7 +186,6 @@ def emit_predictions(predictions: List[Dict[str, Any]], output: Optional[str], f
         write_predictions(predictions, sys.stdout, fmt)
 
 
-
 @one_line_errors
 def export_main(argv: Optional[Sequence[str]] = None) -> None:
     """`ptlab-export`: the best prompt as a HuggingFace PEFT prompt-tuning adapter folder."""

@@ -27,13 +27,9 @@ class FailedJobs(Callback):
         folder = Path(config.hydra.runtime.output_dir)
         self.ended.append(folder)
         holder = Holder.read(folder)
-        if (
-            job_return.status == JobStatus.COMPLETED
-            and job_return.return_value is None
-            and holder is not None
-        ):
-            if not holder.is_this_process():
-                self.refused[folder] = holder
+        unrun = job_return.status == JobStatus.COMPLETED and job_return.return_value is None
+        if unrun and holder is not None and not holder.is_this_process():
+            self.refused[folder] = holder
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(config.hydra.sweep.dir)

@@ -300,7 +300,6 @@ class Backbone(nn.Module):
         return total / counts.new_zeros(len(runs)).index_add(0, batch["run"], counts)
 
 
-
 def choice_targets(runs: Runs, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
     """`[B*C, L]` verbalizer token ids of each row's run, example-major, padded with -100 (C:
     the most verbalizers of a run), and the `[B, C]` mask of the verbalizers each row's run has."""
