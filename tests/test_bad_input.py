@@ -300,6 +300,24 @@ def test_a_bad_data_file_is_named_with_its_row_before_any_model_loads(tmp_path, 
     assert str(caught.value).startswith(str(bad)) and message in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (["1", "0", "zz", "7", "zz"], "row 3: task 'sst2': label 'zz' is neither a verbalizer"),
+        (["1", "0", "7", "zz", "7"], "row 3: task 'sst2': label '7' is not a class of the 2 verbalizers"),
+        (["1", None, ""], "row 2: field 'label' is empty"),
+        (["1", "0", ""], "row 3: field 'label' is empty"),
+        ([1.0, 0.0, float("nan")], "row 3: task 'sst2': label nan is neither a verbalizer"),
+    ],
+    ids=["unknown-first", "out-of-range-first", "null", "empty-string", "nan"],
+)
+def test_the_first_row_with_a_bad_label_is_named(labels, message):
+    config = to_object(compose_config(["task=sst2"]))
+    rows = data_module.Dataset.from_dict({"sentence": ["a", "b", "c", "d", "e"][: len(labels)], "label": labels})
+    with pytest.raises(ConfigError, match=f"^train.tsv, {message}"):
+        data_module.check_rows(rows, config.task, "train.tsv")
+
+
 def test_the_command_line_names_a_bad_data_file_in_one_line(tmp_path):
     bad = data_dir_with(tmp_path / "data", "cb", replace_text('"premise"', '"context"'))
     result = cli(

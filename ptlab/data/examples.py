@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Protocol
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, load_dataset
 
@@ -169,15 +171,32 @@ def check_rows(rows: Dataset, task: TaskConfig, where: str) -> None:
                 f"{where}: no field {name!r} in its rows (they have {sorted(columns)}): fix task.template, "
                 "task.label_field or task.local.rename"
             )
+    table = rows.with_format("arrow")
     for name in needed:
-        for number, value in enumerate(rows[name], 1):
-            if value is None or (name == task.label_field and value == ""):
-                raise ConfigError(f"{where}, row {number}: field {name!r} is empty")
-    for number, raw in enumerate(rows[task.label_field], 1):
+        column = table[name]
+        empty = column.is_null()
+        if name == task.label_field and column.type in (pa.string(), pa.large_string()):
+            empty = pc.or_kleene(empty, pc.equal(column, "")).fill_null(False)
+        first = pc.index(empty, True).as_py()
+        if first >= 0:
+            raise ConfigError(f"{where}, row {first + 1}: field {name!r} is empty")
+    labels = table[task.label_field]
+    bad = {}  # first row of each label the task does not know, checked once per distinct value
+    for raw in pc.unique(labels).to_pylist():
         try:
             label_index(task, raw)
         except ConfigError as error:
-            raise ConfigError(f"{where}, row {number}: {error}") from None
+            bad[_first_row(labels, raw)] = error
+    if bad:
+        first = min(bad)
+        raise ConfigError(f"{where}, row {first + 1}: {bad[first]}") from None
+
+
+def _first_row(column: pa.ChunkedArray, value: Any) -> int:
+    """Index of `value`'s first row; NaN, which equals nothing, found as NaN."""
+    if value != value:
+        return pc.index(pc.is_nan(column), True).as_py()
+    return pc.index(column, value).as_py()
 
 
 def _load_hub(task: TaskConfig) -> DatasetDict:
