@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,13 +109,20 @@ def test_a_non_finite_loss_stops_in_one_line_and_keeps_the_last_good_checkpoint(
     assert (tmp_path / "checkpoints" / "last" / "state.pt").exists()
 
 
-def trained_once(tmp_path):
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One run trained for 2 steps from the command line; each test damages a copy of it."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
     result = cli(
         [*QUICK, "trainer.max_steps=2", "trainer.eval_every=2", f"hydra.run.dir={run_dir}"], timeout=300
     )
     assert result.returncode == 0, result.stderr[-2000:]
     return run_dir
+
+
+def trained_once(tmp_path, trained):
+    """A copy of the trained run's folder, as its own run folder."""
+    return Path(shutil.copytree(trained, tmp_path / "run"))
 
 
 @pytest.mark.parametrize(
@@ -131,8 +140,8 @@ def trained_once(tmp_path):
     ],
     ids=["truncated", "empty", "not-a-checkpoint"],
 )
-def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_fix(tmp_path, damage, message):
-    run_dir = trained_once(tmp_path)
+def test_a_damaged_checkpoint_is_one_line_naming_the_file_and_the_fix(tmp_path, trained, damage, message):
+    run_dir = trained_once(tmp_path, trained)
     state = run_dir / "checkpoints/last/state.pt"
     damage(state)
     result = cli(
@@ -152,8 +161,8 @@ class RunsCode:
         return (os.system, (f"touch {self.marker}",))
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path):
-    run_dir = trained_once(tmp_path)
+def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothing(tmp_path, trained):
+    run_dir = trained_once(tmp_path, trained)
     state, marker = run_dir / "checkpoints/last/state.pt", tmp_path / "code-ran"
     saved = checkpoint_module.load_training_state(state.parent)
     torch.save({**saved, "train_state": {**saved["train_state"], "note": RunsCode(marker)}}, state)
@@ -167,16 +176,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_in_one_line_and_runs_nothin
     assert marker.exists()
 
 
-def test_a_checkpoint_of_another_shape_is_one_line(tmp_path):
-    run_dir = trained_once(tmp_path)
+def test_a_checkpoint_of_another_shape_is_one_line(tmp_path, trained):
+    run_dir = trained_once(tmp_path, trained)
     other = ["++backbone.random_init.d_model=48", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"]
     line = one_line_error(cli([*QUICK, *other], timeout=300), 2)
     assert "the checkpoint in" in line and "was trained with hidden_size=32, this run has 48" in line
     assert "trainer.resume=false" in line
 
 
-def test_a_torn_metrics_line_and_a_stray_temporary_checkpoint_do_not_stop_a_resume(tmp_path):
-    run_dir = trained_once(tmp_path)
+def test_a_torn_metrics_line_and_a_stray_temporary_checkpoint_do_not_stop_a_resume(tmp_path, trained):
+    run_dir = trained_once(tmp_path, trained)
     with open(run_dir / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 3, "split": "tra')  # killed mid-write
     (run_dir / "checkpoints/.last.tmp").mkdir()  # a write cut short by a full disk
@@ -219,8 +228,8 @@ def test_a_run_folder_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     assert f"cannot write {blocker / 'run'} (Not a directory)" in line and "hydra.run.dir=" in line
 
 
-def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    run_dir = trained_once(tmp_path)
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tmp_path, trained, monkeypatch):
+    run_dir = trained_once(tmp_path, trained)
     before = (run_dir / "checkpoints/last/state.pt").read_bytes()
 
     def disk_full(obj, path, *args, **kwargs):
@@ -333,8 +342,8 @@ def record_of(run_dir):
 
 
 @pytest.mark.parametrize("bad", [["trainer.lr=-1"], ["data.dir=/nonexistent-data"]], ids=["value", "data"])
-def test_a_failed_rerun_leaves_the_earlier_runs_record_as_it_was(tmp_path, bad):
-    run_dir = trained_once(tmp_path)
+def test_a_failed_rerun_leaves_the_earlier_runs_record_as_it_was(tmp_path, trained, bad):
+    run_dir = trained_once(tmp_path, trained)
     before = record_of(run_dir)
     assert b"task sst2: local files" in before["train.log"]  # logged before the log file opened
     result = cli([*QUICK, "trainer.max_steps=4", *bad, f"hydra.run.dir={run_dir}"], timeout=300)
@@ -388,8 +397,8 @@ def test_labels_that_are_the_verbalizers_or_indices_need_no_label_map():
         label_index(task, "music")
 
 
-def test_a_resume_on_other_rows_than_the_checkpoints_is_refused(tmp_path):
-    run_dir = trained_once(tmp_path)
+def test_a_resume_on_other_rows_than_the_checkpoints_is_refused(tmp_path, trained):
+    run_dir = trained_once(tmp_path, trained)
     before = record_of(run_dir)
     result = cli([*QUICK, "trainer.max_steps=4", "data.max_train_examples=128", f"hydra.run.dir={run_dir}"],
                  timeout=300)  # fmt: skip

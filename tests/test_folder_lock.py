@@ -1,7 +1,7 @@
 """One writer per run folder (ptlab/training/folder_lock.py), with real processes: a second
 process on a held folder is refused in one line naming the holder and writes nothing there; a
-holder killed with kill -9 blocks nothing; a holder on another host counts until its heartbeat is
-older than the timeout; in a packed sweep a held member fails alone."""
+holder killed with kill -9 blocks nothing; a holder on another host holds while its heartbeat
+moves and is taken over once it is older than the timeout; in a packed sweep a held member fails alone."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -88,7 +89,7 @@ def wait_for_a_new_heartbeat(folder: Path, after: float) -> None:
     raise AssertionError(f"no heartbeat after {after} in {folder}")
 
 
-def test_a_holder_on_another_host_holds_until_its_heartbeat_is_older_than_the_timeout(tmp_path):
+def test_a_holder_on_another_host_holds_while_it_beats_and_is_taken_over_once_it_stops(tmp_path):
     run_dir = with_an_earlier_failure(tmp_path / "run")
     holder = holding(run_dir, timeout_s=0.5)  # a heartbeat every 0.05 s
     wait_for_a_new_heartbeat(run_dir, Holder.read(run_dir).started)
@@ -96,17 +97,39 @@ def test_a_holder_on_another_host_holds_until_its_heartbeat_is_older_than_the_ti
     assert holder.wait(timeout=60) == 0 and not (run_dir / HOLDER_FILE).exists()
 
     # a file system that keeps locks per host: the OS lock is free, the holder record decides
-    elsewhere = Holder("node-elsewhere", 4242, time.time() - 3600, time.time() - 30, 60.0)
+    elsewhere = Holder("node-elsewhere", 4242, time.time() - 3600, time.time(), 2.0)  # it beats every 0.2 s
     elsewhere.write(run_dir)
-    before = snapshot(run_dir)
-    with FolderLocks() as locks, pytest.raises(FolderHeld, match="held by pid 4242 on host node-elsewhere"):
-        locks.take(run_dir, 60.0)
-    assert snapshot(run_dir) == before
-    elsewhere.heartbeat = time.time() - 120  # older than its timeout, and than this run's
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.2):
+            elsewhere.heartbeat = time.time()
+            elsewhere.write(run_dir)
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    def untouched():  # what the beats do not rewrite: every file but the holder record
+        return {path: stat for path, stat in snapshot(run_dir).items() if path not in (str(run_dir),
+                str(run_dir / HOLDER_FILE))}  # fmt: skip
+
+    before = untouched()
+    try:
+        with FolderLocks() as locks, pytest.raises(FolderHeld, match="held by pid 4242 on host node-elsewhere"):
+            locks.take(run_dir, 2.0)  # its heartbeat moves while this waits: it lives
+    finally:
+        stop.set()
+        thread.join()
+    assert untouched() == before
+    # its heartbeat stops (its host is gone): a taker waits for it to be older than the timeout
+    with FolderLocks() as locks:
+        locks.take(run_dir, 2.0)
+        assert time.time() - elsewhere.heartbeat >= 2.0 and Holder.read(run_dir).is_this_process()
+    elsewhere.heartbeat = time.time() - 120  # a record long stale: taken over at once
     elsewhere.write(run_dir)
     taker = cli([*SHORT, "trainer.lock_timeout_s=60", f"hydra.run.dir={run_dir}"], timeout=300)
     assert taker.returncode == 0, taker.stderr[-2000:]
     assert "taken over from pid 4242 on host node-elsewhere, whose last heartbeat is" in taker.stdout
+    assert "waiting up to" not in taker.stdout
     assert read_summary(run_dir)["status"] == "finished"
 
 

@@ -30,8 +30,9 @@ from ptlab.model.partial import PartialModel
 from ptlab.training import packed_step
 from ptlab.training import train_runs as train_runs_module
 from ptlab.training.job import run
+from ptlab.training.pack_plan import packing_report, plan_packs
 from ptlab.training.packed_job import PackedJob, run_group
-from ptlab.training.packing import group_jobs, packing_report
+from ptlab.training.packing import group_jobs
 from ptlab.training.run_folder import RunFacts, read_summary
 from ptlab.training.trainer import Trainer
 
@@ -306,9 +307,10 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     ]
     groups = group_jobs(configs)
     assert [g.jobs for g in groups] == [[0, 1, 2], [3], [4], [5]]
-    lines = packing_report(groups, [2, 1, 1, 1], list(range(10, 16)))
+    plan = plan_packs(groups, [2, 1, 1, 1], 1)
+    lines = packing_report(groups, plan, [2, 1, 1, 1], 1, list(range(10, 16)))
     assert lines[0] == "pack 1: jobs 10,11 (2 runs)"
-    assert lines[1] == "pack 2: jobs 12 (1 runs): pack_size=2"
+    assert lines[1] == "pack 2: jobs 12 (1 runs): 3 jobs in 2 packs (pack_size=2, 1 device)"
     assert "another backbone setup: backbone.family: 'seq2seq' -> 'causal'" in lines[2]
     assert "schedule=fpt_depth: its partial models change the backbone at its own steps" in lines[3]
     assert "backbone.dropout: True -> False" in lines[4]
@@ -440,19 +442,6 @@ def test_a_killed_pack_resumes_and_each_member_ends_as_if_never_killed(tmp_path)
         run(compose_config([*COMMON, "backbone=tiny_t5", "trainer.eval_every=5", f"seed={seed}",
                             "trainer.max_steps=30"]), run_dir=alone)  # fmt: skip
         assert_same_run(sweep / str(job), alone)
-
-
-def test_submitit_runs_one_job_per_group(tmp_path):
-    """`hydra.launcher.submitit=...` (here submitit's local cluster): each group is one job."""
-    sweep = tmp_path / "sweep"
-    result = packed_sweep(
-        sweep, "+hydra.launcher.submitit={cluster:local,timeout_min:10}", "trainer.max_steps=2",
-        "trainer.eval_every=2", "backbone=tiny_t5,tiny_llama",
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "submitted 2 pack jobs through submitit (local)" in result.stdout
-    assert len([job for job in (sweep / ".submitit").iterdir() if job.name.isdigit()]) == 2
-    assert [read_summary(sweep / str(job))["backbone"] for job in (0, 1)] == ["tiny_t5", "tiny_llama"]
 
 
 def test_an_optuna_batch_of_n_jobs_trials_is_one_pack(tmp_path):

@@ -14,12 +14,13 @@ pytestmark = pytest.mark.slow
 
 
 def test_minilm_prompt_tuning_beats_the_majority_class_on_sst2(tmp_path):
+    """60 steps reach 76.7 % (2026-12-04: 77.1 % at step 40, 78.6 % at 120; majority 50.9 %)."""
     cfg = compose_config(
         [
             "logger=none",
             "backbone=minilm_l6",
             "task=sst2",
-            "trainer.max_steps=120",
+            "trainer.max_steps=60",
             "trainer.eval_every=60",
             "data.max_train_examples=4000",
         ]
@@ -31,14 +32,15 @@ def test_minilm_prompt_tuning_beats_the_majority_class_on_sst2(tmp_path):
 
 
 def test_minilm_deep_prompts_beat_the_majority_class_on_sst2(tmp_path):
-    """P-tuning v2's setting (a BERT-family encoder, prefixes in every layer) learns real SST-2."""
+    """P-tuning v2's setting (a BERT-family encoder, prefixes in every layer) learns real SST-2:
+    77.4 % at step 60 (2026-12-04; 75.3 % at 40, 77.9 % at 120)."""
     cfg = compose_config(
         [
             "logger=none",
             "backbone=minilm_l6",
             "task=sst2",
             "method=deep_prompt",
-            "trainer.max_steps=120",
+            "trainer.max_steps=60",
             "trainer.eval_every=60",
             "data.max_train_examples=4000",
         ]

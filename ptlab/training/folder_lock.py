@@ -12,9 +12,11 @@ system:
 - the holder record, `<run>/.ptlab.holder.json` (host, pid, started, heartbeat, timeout_s), whose
   heartbeat a daemon thread refreshes every `timeout_s / 10`. A file system that keeps locks per
   host (or none: ENOLCK) grants the OS lock while another host's process trains; so, OS lock in
-  hand, a taker still refuses a holder on another host whose heartbeat is younger than the timeout
-  (the larger of the holder's and its own) and takes over an older one. On this host, where the OS
-  lock decides, a record's holder blocks only where no lock is kept and its pid still lives.
+  hand, a taker waits on a holder on another host whose heartbeat is younger than the timeout (the
+  larger of the holder's and its own): a heartbeat that moves means it lives (refused); one that
+  grows older than the timeout means its host is gone (taken over: a pack Ray retries on another
+  node after losing one resumes there). On this host, where the OS lock decides, a record's holder
+  blocks only where no lock is kept and its pid still lives.
 
 The heartbeat rule assumes the hosts' clocks agree within a small part of the timeout.
 """
@@ -100,6 +102,25 @@ def refusal(folder: Path, holder: Optional[Holder]) -> FolderHeld:
     )
 
 
+def outlived(folder: Path, holder: Holder, timeout_s: float) -> Optional[Holder]:
+    """Wait on a holder on another host with a recent heartbeat until it beats again (it lives:
+    FolderHeld) or its heartbeat is older than the timeout (its host is gone: returned, to be taken
+    over); None when it gave the folder up meanwhile."""
+    limit = max(timeout_s, holder.timeout_s)
+    log.info("%s is held by pid %d on host %s, whose heartbeat is %.0f s old: waiting up to %.0f s for it to "
+             "beat again (it lives) or go stale (its host is gone)", folder, holder.pid, holder.host,
+             time.time() - holder.heartbeat, limit)  # fmt: skip
+    while True:
+        time.sleep(min(1.0, limit / BEATS_PER_TIMEOUT / 2))
+        current = Holder.read(folder)
+        if current is None:
+            return None
+        if (current.host, current.pid, current.heartbeat) != (holder.host, holder.pid, holder.heartbeat):
+            raise refusal(folder, current)
+        if time.time() - current.heartbeat >= limit:
+            return current
+
+
 def os_lock(fd: int) -> bool:
     """Take the OS lock without waiting: True when taken, False when the file system keeps no
     locks; BlockingIOError when another process holds it."""
@@ -144,7 +165,10 @@ class FolderLocks:
             os_locked = os_lock(fd)
             now, holder = time.time(), Holder.read(folder)
             if holder is not None and holder.blocks(os_locked, timeout_s, now):
-                raise refusal(folder, holder)
+                if holder.host == HOST:
+                    raise refusal(folder, holder)
+                holder = outlived(folder, holder, timeout_s)
+                now = time.time()
             mine = Holder(HOST, os.getpid(), now, now, timeout_s)
             mine.write(folder)
         except BlockingIOError:

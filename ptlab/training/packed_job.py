@@ -20,7 +20,8 @@ from ptlab.training.build import frozen_backbone
 from ptlab.training.distributed import World
 from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.job import finished_summary, prepared_run_dir, setup_hardware, skipped
-from ptlab.training.packing import auto_pack_size, chunked
+from ptlab.training.pack_plan import balanced
+from ptlab.training.packing import auto_pack_size
 from ptlab.training.train_runs import Ended, PackedJob, failed, train_runs, unheard
 
 __all__ = ["PackedJob", "failed", "run_group"]
@@ -70,7 +71,7 @@ def run_held_group(
         device = torch.device("cuda" if jobs[todo[0]].config.hardware.device == "cuda" else "cpu")
         pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
         log.info("hydra.launcher.pack_size unset: %s", why)
-    for pack in chunked(todo, pack_size):
+    for pack in balanced(todo, -(-len(todo) // pack_size)):
         values = train_runs([jobs[i] for i in pack], [folders[i] for i in pack], shared, World(),
                             ended=lambda i, v, pack=pack: ended(pack[i], v))  # fmt: skip
         for index, value in zip(pack, values):

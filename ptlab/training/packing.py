@@ -4,9 +4,8 @@ Jobs share a pass when they share the frozen backbone with the same settings: `b
 dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
 differ. A job with a stage schedule (FPT) changes the shared backbone at its own steps, so it packs
 only with jobs whose partial models coincide at every step (`stage_plan`): the same stages, the
-same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. Nothing
-is dropped: every job is in exactly one pack, and the report says why a job is not in the first
-pack of its sweep.
+same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. The packs of
+each group are planned in ptlab/training/pack_plan.py.
 """
 
 from __future__ import annotations
@@ -112,23 +111,6 @@ def staged_why(config: Config, settings: Dict[str, Any], groups: Sequence[Group]
         "it packs only with jobs whose partial models coincide (same stages, steps and neuron scores' "
         "seed, method, task and data)"
     )
-
-
-def chunked(jobs: List[int], size: int) -> List[List[int]]:
-    return [jobs[start : start + size] for start in range(0, len(jobs), size)]
-
-
-def packing_report(groups: Sequence[Group], sizes: Sequence[int], numbers: Sequence[int]) -> List[str]:
-    """One line per pack: its jobs (`numbers[i]`: job i's number in the sweep), and why it is not
-    with the first pack."""
-    lines, number = [], 0
-    for group, size in zip(groups, sizes):
-        for part, jobs in enumerate(chunked(group.jobs, size)):
-            number += 1
-            why = group.why if part == 0 and group.why else (f"pack_size={size}" if part else "")
-            shown = ",".join(str(numbers[job]) for job in jobs)
-            lines.append(f"pack {number}: jobs {shown} ({len(jobs)} runs)" + (f": {why}" if why else ""))
-    return lines
 
 
 # --- how many runs fit in one pack ---------------------------------------------------------------

@@ -1,0 +1,118 @@
+"""A sweep's packs, planned in the driver before any model loads, balanced over its devices.
+
+Each group of jobs that can share a backbone (ptlab/training/packing.py) gets the fewest packs of at
+most its cap (`hydra.launcher.pack_size`, else an estimate of what fits one device), and then more,
+smaller packs while that takes no extra round of packs on the devices: 48 jobs that fit 10 to a GPU
+make 6 packs of 8 on 6 GPUs, not 5 packs of 10 that leave one idle, and 8 packs of 6 on 4 GPUs (two
+rounds either way, the smaller packs step faster). A pack's members differ in size by one at most.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+
+from ptlab.config.schema import Config
+from ptlab.model.flops import ModelShape
+from ptlab.model.loading import model_config
+from ptlab.training.packing import MAX_AUTO_PACK, Group, available_bytes, member_bytes
+
+
+@dataclass
+class PlannedPack:
+    """One pack of the plan: its group (index into the sweep's groups) and its jobs (indices into
+    the sweep's jobs)."""
+
+    group: int
+    jobs: List[int]
+
+
+def balanced(jobs: Sequence[int], count: int) -> List[List[int]]:
+    """`jobs` in order, cut into `count` runs of lengths that differ by one at most."""
+    count = max(1, min(count, len(jobs)))
+    size, extra = divmod(len(jobs), count)
+    cuts, start = [], 0
+    for part in range(count):
+        end = start + size + (1 if part < extra else 0)
+        cuts.append(list(jobs[start:end]))
+        start = end
+    return cuts
+
+
+def pack_counts(sizes: Sequence[int], caps: Sequence[int], devices: int) -> List[int]:
+    """How many packs each group gets: the fewest its cap allows, then more while the packs fill no
+    more rounds of `devices` than those did; a new pack goes to the group whose packs are largest."""
+    counts = [math.ceil(n / max(1, cap)) for n, cap in zip(sizes, caps)]
+    rounds = math.ceil(sum(counts) / max(1, devices))
+    target = min(sum(sizes), rounds * max(1, devices))
+    while sum(counts) < target:
+        largest = max(range(len(sizes)), key=lambda g: (math.ceil(sizes[g] / counts[g]), -g))
+        counts[largest] += 1
+    return counts
+
+
+def plan_packs(groups: Sequence[Group], caps: Sequence[int], devices: int) -> List[PlannedPack]:
+    """Every job of every group in exactly one pack, in sweep order."""
+    counts = pack_counts([len(g.jobs) for g in groups], caps, devices)
+    return [
+        PlannedPack(index, jobs)
+        for index, (group, count) in enumerate(zip(groups, counts))
+        for jobs in balanced(group.jobs, count)
+    ]
+
+
+def packing_report(
+    groups: Sequence[Group], plan: Sequence[PlannedPack], caps: Sequence[int], devices: int, numbers: Sequence[int]
+) -> List[str]:  # fmt: skip
+    """One line per pack: its jobs (`numbers[i]`: job i's number in the sweep) and why it is not with
+    the pack before it: its group's reason for the first pack of a group, else how the group was cut."""
+    lines, seen = [], set()
+    for number, pack in enumerate(plan, 1):
+        group = groups[pack.group]
+        if pack.group in seen:
+            count = sum(1 for other in plan if other.group == pack.group)
+            on = f"{devices} device" + ("s" if devices != 1 else "")
+            why = f"{len(group.jobs)} jobs in {count} packs (pack_size={caps[pack.group]}, {on})"
+        else:
+            why = group.why
+        seen.add(pack.group)
+        shown = ",".join(str(numbers[job]) for job in pack.jobs)
+        lines.append(f"pack {number}: jobs {shown} ({len(pack.jobs)} runs)" + (f": {why}" if why else ""))
+    return lines
+
+
+def device_bytes(config: Config, workers: int) -> Optional[float]:
+    """What one pack may use on this machine's device, shared by `workers` packs on the CPU; None
+    when the packs run elsewhere (a cluster's nodes) or on a GPU this machine does not have."""
+    if config.hardware.device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(0).total_memory * 0.8
+    return available_bytes(torch.device("cpu")) / max(1, workers)
+
+
+def estimated_cap(configs: Sequence[Config], memory: Optional[float]) -> int:
+    """The most members one device should hold, from the model's config (no weights load) and the
+    members' sizes; MAX_AUTO_PACK when the device or the shape is unknown (each pack then sizes
+    itself once its backbone is loaded, and halves if it does not fit)."""
+    shape_config = model_config(configs[0].backbone) if memory is not None else None
+    if shape_config is None:
+        return MAX_AUTO_PACK
+    shape = ModelShape.from_config(shape_config, configs[0].backbone.family)
+    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
+    bytes_per_value = 2 if bf16 else 4
+    need = max(member_bytes(shape, config, bytes_per_value) for config in configs)
+    free = memory - weight_bytes(shape, bytes_per_value)
+    return int(max(1, min(MAX_AUTO_PACK, free // max(need, 1.0))))
+
+
+def weight_bytes(shape: ModelShape, bytes_per_value: int) -> float:
+    """The frozen weights' size from the model's shape: each block's attention and FFN matrices,
+    decoder blocks' cross-attention, and the embedding table."""
+    block = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv + shape.d * shape.ffn * (shape.ffn_inputs + 1)
+    cross = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv
+    values = (shape.encoder_layers + shape.decoder_layers) * block + shape.decoder_layers * cross
+    return float((values + shape.vocab * shape.d) * bytes_per_value)
