@@ -20,8 +20,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(OFFLINE) $(VENV)/bin/ptlab-train
 
+# one pytest worker per core of the 2-core CI machine; each test file stays on one worker, so a
+# module's shared fixtures (a Ray cluster, a trained run) are built once (make test TEST_WORKERS=0: serial)
+TEST_WORKERS ?= 2
 test: setup
-	$(OFFLINE) $(PY) -m pytest -q
+	$(OFFLINE) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # ptlab vs PEFT and vs the long prompt (docs/results/bench-cpu.md); e.g. make bench ARGS="--quick"
 bench: setup

@@ -63,7 +63,7 @@ def checkpoint_step(folder: Path) -> int:
     return load_training_state(last)["train_state"]["step"] if (last / "state.pt").exists() else 0
 
 
-def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jobs: list) -> dict:
+def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jobs: list, max_steps: int) -> dict:
     """Once a member of a pack has a checkpoint and has not finished, remove the node its worker
     runs on; returns which node and jobs."""
     deadline = time.time() + 300
@@ -71,7 +71,7 @@ def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jo
         for jobs in pack_jobs:
             folders = [sweep_dir / str(job) for job in jobs]
             pid = holder_pid(folders[0])
-            if pid is None or validated(folders[0]) < 3 or (folders[0] / "summary.json").exists():
+            if pid is None or not 3 <= validated(folders[0]) < max_steps:  # checkpointed, steps to go
                 continue
             try:
                 raylet = parent_of(pid)
@@ -84,7 +84,9 @@ def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jo
                     while Path(f"/proc/{pid}").exists() and time.time() < gone:
                         time.sleep(0.05)
                     at = {str(job): checkpoint_step(folder) for job, folder in zip(jobs, folders)}
-                    return {"node": name, "jobs": jobs, "worker_pid": pid, "checkpoint_at_removal": at}
+                    done = [job for job, folder in zip(jobs, folders) if (folder / "summary.json").exists()]
+                    return {"node": name, "jobs": jobs, "worker_pid": pid, "checkpoint_at_removal": at,
+                            "finished_at_removal": done}  # fmt: skip
         time.sleep(0.05)
     raise RuntimeError("no pack reached a checkpoint on a worker node")
 
@@ -103,7 +105,8 @@ def main() -> None:
 
     t = time.time()
     process = sweep(out, "node_lost", args, at, wait=False)
-    removed = remove_node_mid_pack(cluster, nodes, out / "node_lost", [[0, 1, 2, 3], [4, 5, 6, 7]])
+    max_steps = int(next(arg for arg in args if arg.startswith("trainer.max_steps=")).split("=")[1])
+    removed = remove_node_mid_pack(cluster, nodes, out / "node_lost", [[0, 1, 2, 3], [4, 5, 6, 7]], max_steps)
     removed["rc"] = process.wait(timeout=600)
     removed["wall_s"] = time.time() - t
     removed["worker_alive_after"] = Path(f"/proc/{removed['worker_pid']}").exists()
