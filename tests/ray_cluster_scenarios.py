@@ -46,7 +46,7 @@ def parent_of(pid: int) -> int:
 
 
 def validated(folder: Path) -> int:
-    """The last step at which the member evaluated (and so wrote its checkpoint)."""
+    """The last step at which the member evaluated (its checkpoint of that step comes after)."""
     try:
         lines = (folder / "metrics.jsonl").read_text().splitlines()
     except OSError:
@@ -59,11 +59,15 @@ def checkpoint_step(folder: Path) -> int:
     """The step of the member's last checkpoint (0: none yet)."""
     from ptlab.training.checkpoint import load_training_state
 
-    last = folder / "checkpoints" / "last"
-    return load_training_state(last)["train_state"]["step"] if (last / "state.pt").exists() else 0
+    try:
+        return load_training_state(folder / "checkpoints" / "last")["train_state"]["step"]
+    except (OSError, RuntimeError, EOFError):  # none yet, or being swapped in
+        return 0
 
 
-def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jobs: list, max_steps: int) -> dict:
+def remove_node_mid_pack(
+    cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jobs: list, max_steps: int
+) -> dict:
     """Once a member of a pack has a checkpoint and has not finished, remove the node its worker
     runs on; returns which node and jobs."""
     deadline = time.time() + 300
@@ -71,8 +75,8 @@ def remove_node_mid_pack(cluster: Cluster, nodes: dict, sweep_dir: Path, pack_jo
         for jobs in pack_jobs:
             folders = [sweep_dir / str(job) for job in jobs]
             pid = holder_pid(folders[0])
-            if pid is None or not 3 <= validated(folders[0]) < max_steps:  # checkpointed, steps to go
-                continue
+            if pid is None or validated(folders[0]) >= max_steps or not checkpoint_step(folders[0]):
+                continue  # the validation line comes before its checkpoint: wait for the checkpoint
             try:
                 raylet = parent_of(pid)
             except OSError:
