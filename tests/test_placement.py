@@ -97,37 +97,78 @@ def checkpoint_step(folder: Path) -> int:
     return load_training_state(last)["train_state"]["step"] if (last / "state.pt").exists() else 0
 
 
-def test_a_driver_killed_mid_sweep_takes_its_workers_and_the_rerun_resumes_each_member(one_process, tmp_path):
-    sweep = tmp_path / "sweep"
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "ptlab.cli.train", *sweep_command(sweep, "hydra.launcher.workers=2",
-                                                                 "trainer.max_steps=30")],
-        cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+LONGER = ["hydra.launcher.workers=2", "trainer.max_steps=30", "trainer.log_every=1"]  # a train event per step
+
+
+@pytest.fixture(scope="module")
+def one_process_longer(tmp_path_factory):
+    """The 30-step sweep in one process: what a sweep stopped mid-way and rerun must end as."""
+    sweep = tmp_path_factory.mktemp("one_process_longer") / "sweep"
+    assert packed(sweep, "hydra.launcher.workers=1", "trainer.max_steps=30").returncode == 0
+    return sweep
+
+
+def driver_once_both_packs_checkpointed(sweep: Path, output: Path) -> subprocess.Popen:
+    """The 30-step sweep on two workers, returned once each pack has written a checkpoint."""
+    with open(output, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "ptlab.cli.train", *sweep_command(sweep, *LONGER)], cwd=REPO,
+                                  env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 300
     while not all(checkpoint_step(sweep / str(pack[0])) >= 3 for pack in PACKS):
         assert driver.poll() is None and time.time() < deadline, "the sweep ended before both packs had a checkpoint"
         time.sleep(0.05)
-    workers = {json.loads((sweep / str(pack[0]) / ".ptlab.holder.json").read_text())["pid"] for pack in PACKS}
+    return driver
+
+
+def workers_of(sweep: Path) -> set:
+    return {json.loads((sweep / str(pack[0]) / ".ptlab.holder.json").read_text())["pid"] for pack in PACKS}
+
+
+def trained_steps(folder: Path) -> list:
+    lines = (folder / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if '"train"' in line]
+
+
+def assert_rerun_resumes(sweep: Path, reference: Path, checkpoints: dict) -> None:
+    """The same command again: each member resumes from the checkpoint it had, trains each step
+    once, and ends as the sweep that was never stopped."""
+    rerun = packed(sweep, *LONGER)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert_members_equal(sweep, reference)
+    for job, step in checkpoints.items():
+        log = (sweep / str(job) / "train.log").read_text()
+        if step:  # resumed from the checkpoint it had, so nothing before it trained twice
+            assert f"at step {step}" in log and "resumed from" in log, (job, step)
+        steps = trained_steps(sweep / str(job))
+        assert steps == sorted(set(steps)) == list(range(1, 31)), job  # each step trained (and recorded) once
+
+
+def test_a_driver_killed_mid_sweep_takes_its_workers_and_the_rerun_resumes_each_member(one_process_longer, tmp_path):
+    sweep = tmp_path / "sweep"
+    driver = driver_once_both_packs_checkpointed(sweep, tmp_path / "driver.log")
+    workers = workers_of(sweep)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     time.sleep(2)
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its driver"
     at_kill = {job: checkpoint_step(sweep / str(job)) for job in range(8)}
     assert not any((sweep / str(job) / "summary.json").exists() for job in range(8))
+    assert_rerun_resumes(sweep, one_process_longer, at_kill)
 
-    rerun = packed(sweep, "hydra.launcher.workers=2", "trainer.max_steps=30")
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    reference = tmp_path / "reference"
-    assert packed(reference, "hydra.launcher.workers=1", "trainer.max_steps=30").returncode == 0
-    assert_members_equal(sweep, reference)
-    for job, step in at_kill.items():
-        log = (sweep / str(job) / "train.log").read_text()
-        if step:  # resumed from the checkpoint it had, so nothing before it trained twice
-            assert f"at step {step}" in log and "resumed from" in log, (job, step)
-        steps = [json.loads(line)["step"] for line in (sweep / str(job) / "metrics.jsonl").read_text().splitlines()
-                 if '"train"' in line]  # fmt: skip
-        assert steps == sorted(set(steps)), job  # each step trained (and recorded) once
+
+def test_sigterm_to_the_driver_checkpoints_each_pack_after_its_step_and_the_rerun_resumes_there(one_process_longer, tmp_path):
+    sweep, output = tmp_path / "sweep", tmp_path / "driver.log"
+    driver = driver_once_both_packs_checkpointed(sweep, output)
+    workers = workers_of(sweep)
+    driver.send_signal(signal.SIGTERM)  # SLURM's preemption, a scancel, a kill
+    assert driver.wait(timeout=300) == 128 + signal.SIGTERM, output.read_text()[-3000:]
+    assert output.read_text().strip().splitlines()[-1].startswith("ptlab: SIGTERM at step"), output.read_text()[-3000:]
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its driver"
+    stopped = {job: checkpoint_step(sweep / str(job)) for job in range(8)}
+    for job, step in stopped.items():  # each member checkpointed the last step it trained: none is lost
+        assert not (sweep / str(job) / "summary.json").exists(), job
+        assert step and step == max(trained_steps(sweep / str(job)), default=0), (job, step)
+    assert_rerun_resumes(sweep, one_process_longer, stopped)
 
 
 def test_a_member_held_by_a_live_process_is_skipped_named_and_the_sweep_exits_non_zero(one_process, tmp_path):

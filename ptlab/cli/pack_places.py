@@ -12,11 +12,14 @@ import multiprocessing
 import os
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+from ptlab.training.preemption import PREEMPTION_SIGNALS, Preempted, note_signals_between_packs
 
 if TYPE_CHECKING:  # the driver's --help imports no torch
     from ptlab.training.packed_job import PackedJob
@@ -45,11 +48,13 @@ def cores() -> int:
 
 
 def worker_start(devices: Any, threads: int) -> None:
-    """A worker dies with its driver (a kill -9 of the sweep leaves no pack training unseen), owns
-    the GPU it takes from `devices` (None: the CPU) and its share of the cores."""
+    """A worker dies with its driver (a kill -9 of the sweep leaves no pack training unseen), keeps
+    a termination signal for its packs to stop on, owns the GPU it takes from `devices` (None: the
+    CPU) and its share of the cores."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the driver died before the line above
         os._exit(1)
+    note_signals_between_packs()
     device = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
@@ -80,15 +85,48 @@ def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: Pack
     threads = max(1, cores() // workers)
     log.info("hydra.launcher.workers=%d: %d packs, each in a process of its own on %s", workers, len(packs),
              f"one of {gpus} GPUs" if gpus else f"{threads} of this machine's {cores()} cores")  # fmt: skip
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=worker_start, initargs=(devices, threads)) as pool:
+    preempted: List[Preempted] = []
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=worker_start, initargs=(devices, threads))
+    with signals_passed_to_workers(), pool:
         futures = {pool.submit(run_placed_pack, pack.jobs, pack.size): pack for pack in packs}
         for future in as_completed(futures):
             pack = futures[future]
             try:
                 values = future.result()
+            except CancelledError:  # not started when the sweep was stopped: the rerun trains it
+                continue
+            except Preempted as stop:  # its members' checkpoints are written
+                preempted.append(stop)
+                pool.shutdown(wait=False, cancel_futures=True)
+                continue
             except BrokenProcessPool as error:
                 values = lost(pack, f"its pack's worker process died ({first_line(error)})")
             ended(pack, values)
+    if preempted:
+        raise preempted[0]
+
+
+@contextmanager
+def signals_passed_to_workers() -> Iterator[None]:
+    """A termination signal to the driver (SLURM's preemption, a `kill`) goes on to its workers,
+    whose packs checkpoint after their step while the driver waits for them: a stopped sweep loses
+    no step. A kill -9 of the driver still takes its workers down (worker_start)."""
+
+    def pass_on(signum: int, frame) -> None:
+        log.warning("received %s: passing it to the workers; each pack checkpoints after its step",
+                    signal.Signals(signum).name)  # fmt: skip
+        for child in multiprocessing.active_children():
+            try:
+                os.kill(child.pid, signum)
+            except ProcessLookupError:  # it has just ended
+                pass
+
+    previous = {signum: signal.signal(signum, pass_on) for signum in PREEMPTION_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def on_submitit(packs: Sequence[PlacedPack], params: Dict[str, Any], sweep_dir: Path, ended: PackEnded) -> None:

@@ -195,21 +195,21 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
         log.info("pack of jobs %s ended: %d of %d runs finished", ",".join(map(str, pack.numbers)),
                  sum(value is not None for value in values), len(values))  # fmt: skip
 
-    if settings.get("submitit"):
-        on_submitit(packs, OmegaConf.to_container(settings.submitit, resolve=True), sweep_dir, ended)
-    elif settings.get("ray"):
-        from ptlab.cli.ray_place import on_ray
+    try:
+        if settings.get("submitit"):
+            on_submitit(packs, OmegaConf.to_container(settings.submitit, resolve=True), sweep_dir, ended)
+        elif settings.get("ray"):
+            from ptlab.cli.ray_place import on_ray
 
-        on_ray(packs, OmegaConf.to_container(settings.ray, resolve=True), ended)
-    elif where.workers > 1:
-        on_workers(packs, where.workers, where.gpus, ended)
-    else:
-        try:
+            on_ray(packs, OmegaConf.to_container(settings.ray, resolve=True), ended)
+        elif where.workers > 1:
+            on_workers(packs, where.workers, where.gpus, ended)
+        else:
             for group in by_group(packs):
                 hooks.ended_if_untold(group.numbers, run_group(group.jobs, group.size, hooks.ender(group.numbers)))
-        except Preempted as stop:  # each member's checkpoint is written; the same command resumes
-            print(f"ptlab: {stop}", file=sys.stderr)
-            sys.exit(128 + stop.signum)
+    except Preempted as stop:  # each member's checkpoint is written; the same command resumes
+        print(f"ptlab: {stop}", file=sys.stderr)
+        sys.exit(128 + stop.signum)
 
 
 def by_group(packs: Sequence[PlacedPack]) -> List[PlacedPack]:
