@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -232,15 +233,18 @@ def test_a_pack_whose_node_is_lost_is_retried_on_the_other_and_its_members_resum
     assert not lost["worker_alive_after"]
     sweep = out / "node_lost"
     assert_members_equal(sweep, one_process)
-    resumed = [job for job in lost["jobs"] if job not in lost["finished_at_removal"] and lost["checkpoint_at_removal"][str(job)]]
-    assert resumed, lost  # the node went while some member had a checkpoint and steps to go
+    resumed_at = {}
     for job in range(8):
         log = (sweep / str(job) / "train.log").read_text()
         starts = [line for line in log.splitlines() if "resumed from" in line or "starting from step" in line]
-        if job in resumed:
-            assert "resumed from" in starts[-1] and f"at step {lost['checkpoint_at_removal'][str(job)]}" in starts[-1], (job, starts)
-        elif job not in lost["jobs"] or job in lost["finished_at_removal"]:  # trained once, from step 0
-            assert starts == [starts[0]] and "starting from step 0" in starts[0], (job, starts)
+        assert "starting from step 0" in starts[0], (job, starts)
+        if job not in lost["jobs"]:  # the other pack: trained once, from step 0
+            assert len(starts) == 1, (job, starts)
+        elif len(starts) > 1:  # opened again by Ray's retry of the task (one that had finished is skipped)
+            step = int(re.search(r"(?:at|from) step (\d+)", starts[-1]).group(1))
+            assert len(starts) == 2 and step >= lost["checkpoint_at_removal"][str(job)], (job, starts, lost)
+            resumed_at[job] = step
+    assert any(resumed_at.values()), lost  # some member resumed from a checkpoint written on the lost node
 
 
 def test_ray_settings_no_node_can_meet_are_one_line(ray_cluster):
