@@ -109,13 +109,13 @@ def one_process_longer(tmp_path_factory):
     return sweep
 
 
-def driver_once_both_packs_checkpointed(sweep: Path, output: Path) -> subprocess.Popen:
-    """The 30-step sweep on two workers, returned once each pack has written a checkpoint."""
+def driver_once_both_packs_checkpointed(sweep: Path, output: Path, past: int) -> subprocess.Popen:
+    """The 30-step sweep on two workers, returned once each pack has a checkpoint past step `past`."""
     with open(output, "w") as out:
         driver = subprocess.Popen([sys.executable, "-m", "ptlab.cli.train", *sweep_command(sweep, *LONGER)], cwd=REPO,
                                   env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.STDOUT)  # fmt: skip
     deadline = time.time() + 300
-    while not all(checkpoint_step(sweep / str(pack[0])) >= 3 for pack in PACKS):
+    while not all(checkpoint_step(sweep / str(pack[0])) > past for pack in PACKS):
         assert driver.poll() is None and time.time() < deadline, "the sweep ended before both packs had a checkpoint"
         time.sleep(0.05)
     return driver
@@ -144,24 +144,15 @@ def assert_rerun_resumes(sweep: Path, reference: Path, checkpoints: dict) -> Non
         assert steps == sorted(set(steps)) == list(range(1, 31)), job  # each step trained (and recorded) once
 
 
-def test_a_driver_killed_mid_sweep_takes_its_workers_and_the_rerun_resumes_each_member(one_process_longer, tmp_path):
-    sweep = tmp_path / "sweep"
-    driver = driver_once_both_packs_checkpointed(sweep, tmp_path / "driver.log")
+def test_a_stopped_driver_loses_nothing_sigterm_checkpoints_each_pack_and_kill_9_takes_its_workers(
+    one_process_longer, tmp_path
+):
+    """The driver stopped twice, then the same command: SIGTERM (SLURM's preemption, a scancel)
+    makes each pack checkpoint the step it is at; a kill -9 of the rerun takes its workers along."""
+    sweep, output = tmp_path / "sweep", tmp_path / "sigterm.log"
+    driver = driver_once_both_packs_checkpointed(sweep, output, past=0)
     workers = workers_of(sweep)
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
-    time.sleep(2)
-    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its driver"
-    at_kill = {job: checkpoint_step(sweep / str(job)) for job in range(8)}
-    assert not any((sweep / str(job) / "summary.json").exists() for job in range(8))
-    assert_rerun_resumes(sweep, one_process_longer, at_kill)
-
-
-def test_sigterm_to_the_driver_checkpoints_each_pack_after_its_step_and_the_rerun_resumes_there(one_process_longer, tmp_path):
-    sweep, output = tmp_path / "sweep", tmp_path / "driver.log"
-    driver = driver_once_both_packs_checkpointed(sweep, output)
-    workers = workers_of(sweep)
-    driver.send_signal(signal.SIGTERM)  # SLURM's preemption, a scancel, a kill
+    driver.send_signal(signal.SIGTERM)
     assert driver.wait(timeout=300) == 128 + signal.SIGTERM, output.read_text()[-3000:]
     assert output.read_text().strip().splitlines()[-1].startswith("ptlab: SIGTERM at step"), output.read_text()[-3000:]
     assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its driver"
@@ -169,7 +160,18 @@ def test_sigterm_to_the_driver_checkpoints_each_pack_after_its_step_and_the_reru
     for job, step in stopped.items():  # each member checkpointed the last step it trained: none is lost
         assert not (sweep / str(job) / "summary.json").exists(), job
         assert step and step == max(trained_steps(sweep / str(job)), default=0), (job, step)
-    assert_rerun_resumes(sweep, one_process_longer, stopped)
+
+    driver = driver_once_both_packs_checkpointed(sweep, tmp_path / "killed.log", past=max(stopped.values()))
+    workers = workers_of(sweep)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived its driver"
+    at_kill = {job: checkpoint_step(sweep / str(job)) for job in range(8)}
+    assert not any((sweep / str(job) / "summary.json").exists() for job in range(8))
+    for job, step in at_kill.items():  # the first rerun resumed each member where SIGTERM stopped it
+        assert f"at step {stopped[job]}" in (sweep / str(job) / "train.log").read_text() and step >= stopped[job], job
+    assert_rerun_resumes(sweep, one_process_longer, at_kill)
 
 
 def test_a_member_held_by_a_live_process_is_skipped_named_and_the_sweep_exits_non_zero(one_process, tmp_path):
