@@ -56,12 +56,13 @@ def validated(folder: Path) -> int:
 
 
 def checkpoint_step(folder: Path) -> int:
-    """The step of the member's last checkpoint (0: none yet)."""
-    from ptlab.training.checkpoint import load_training_state
+    """The step of a member's last checkpoint, found as a resume finds it (0: none yet)."""
+    from ptlab.training.checkpoint import find, load_training_state
 
     try:
-        return load_training_state(folder / "checkpoints" / "last")["train_state"]["step"]
-    except (OSError, RuntimeError, EOFError):  # none yet, or being swapped in
+        last = find(folder / "checkpoints" / "last")
+        return load_training_state(last)["train_state"]["step"] if last else 0
+    except OSError:  # swapped out between finding and reading it
         return 0
 
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from ray_cluster_scenarios import checkpoint_step
 from safetensors.torch import load_file
 from test_scale_out import cli
 
-from ptlab.training.checkpoint import load_training_state
 from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.run_folder import read_summary
 
@@ -90,12 +90,6 @@ def test_submitit_runs_one_job_per_pack(one_process, tmp_path):
     jobs = [job for job in (sweep / ".submitit").iterdir() if job.name[0].isdigit()]
     assert len(jobs) == 2  # one job (here: one array task) per pack
     assert_members_equal(sweep, one_process)
-
-
-def checkpoint_step(folder: Path) -> int:
-    """The step of a member's last checkpoint (0: none yet)."""
-    last = folder / "checkpoints" / "last"
-    return load_training_state(last)["train_state"]["step"] if (last / "state.pt").exists() else 0
 
 
 LONGER = ["hydra.launcher.workers=2", "trainer.max_steps=30", "trainer.log_every=1"]  # a train event per step
