@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -205,3 +206,13 @@ def test_the_fast_help_is_the_text_hydra_prints():
          "print(sorted(m for m in ('torch', 'hydra._internal.hydra') if m in sys.modules))"],
         capture_output=True, text=True, env=env,
     ).stdout.splitlines()[-1]  # fmt: skip
+
+
+def test_help_into_a_pipe_its_reader_has_closed_ends_without_a_traceback():
+    """`ptlab-train --help | head -2`: head has gone before the text is written."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    done = subprocess.run([sys.executable, "-m", "ptlab.cli.entry", "--help"], stdout=write_end,
+                          stderr=subprocess.PIPE, text=True, env={**os.environ, **OFFLINE_ENV})  # fmt: skip
+    os.close(write_end)
+    assert done.returncode == 1 and done.stderr == "", done.stderr

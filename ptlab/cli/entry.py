@@ -5,6 +5,7 @@ them). Everything else is `ptlab.cli.train.main`."""
 
 from __future__ import annotations
 
+import os
 import string
 import sys
 
@@ -33,7 +34,11 @@ def help_text() -> str:
 
 def main() -> None:
     if sys.argv[1:] in (["--help"], ["-h"]):
-        print(help_text())
+        try:
+            print(help_text(), flush=True)
+        except BrokenPipeError:  # `ptlab-train --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+            sys.exit(1)
         return
     from ptlab.cli.train import main as train
 
