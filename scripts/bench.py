@@ -889,10 +889,11 @@ def sweep_rates(summaries: list, pack_size: int) -> tuple:
     return examples / max(seconds, 1e-9), max(s["peak_memory_mb"] for s in summaries)
 
 
-def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path) -> dict:
+def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path, floor: float) -> dict:
     """One sweep of `size` runs, packed (`pack_size=size`) vs one after another, `--pack-repeats`
     times in this process, the arms alternating (A B B A ...): median wall times, the sweep's
-    training examples/s and peak memory (from the last repeat), each run's best value in both."""
+    training examples/s, its training FLOPs/s as a share of the matmul `floor`, and peak memory
+    (from the last repeat), each run's best value in both."""
     args = bench.args
     overrides = sweep_overrides(bench, name, size, batch)
     walls: dict = {"alone": [], "packed": []}
@@ -914,7 +915,9 @@ def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path) ->
     for arm, pack_size in (("alone", 1), ("packed", size)):
         best, summaries = last[arm]
         rate, memory = sweep_rates(summaries, pack_size)
+        flops_per_s = rate * sum(run["train_flops"] for run in summaries) / sum(trained_examples(run) for run in summaries)
         measured[arm] = {
+            "floor_share": flops_per_s / floor,
             "wall_s": statistics.median(walls[arm]),
             "wall_s_all": walls[arm],
             "examples_per_s": rate,
@@ -940,6 +943,12 @@ def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path) ->
         f"{packed['examples_per_s']:.0f}",
         f"{alone['examples_per_s']:.0f}",
         f"{packed['examples_per_s'] / alone['examples_per_s']:.2f}x",
+    )
+    bench.row(
+        f"{what}, training FLOPs/s as a share of the matmul floor ({floor / 1e12:.2f} TFLOP/s), packed vs one after another",
+        f"{packed['floor_share']:.1%}",
+        f"{alone['floor_share']:.1%}",
+        f"{packed['floor_share'] / alone['floor_share']:.2f}x",
     )
     bench.row(
         f"{what}, peak memory, the pack vs its largest run alone",
@@ -992,13 +1001,14 @@ def packed_sweep(bench: Bench) -> None:
     if realistic and realistic != args.batch:
         batch_sizes.append((max(args.pack_sizes), realistic))
     results = bench.results["packed_sweep"] = {}
+    floor = matmul_flops_per_s(bench.device, bench.sync, args.repeats)
     with tempfile.TemporaryDirectory(prefix="ptlab-bench-packed-") as folder:
         scratch = Path(folder)
         for name in args.pack_backbones:
             warm_up(bench, name, scratch)
             rows = results[name] = {}
             for size, batch in batch_sizes:
-                rows[f"k{size}_batch{batch}"] = packed_row(bench, name, size, batch, scratch)
+                rows[f"k{size}_batch{batch}"] = packed_row(bench, name, size, batch, scratch, floor)
             difference = max(row["best_max_difference"] for row in rows.values())
             loss = max(row["loss_max_relative_difference"] for row in rows.values())
             runs = sum(len(row["packed"]["best"]) for row in rows.values())

@@ -4,9 +4,9 @@
     python scripts/bench_dropout.py --backbones minilm_l6 --sizes 1 4 --repeats 7
 
 A training pass (forward + backward) of K PT-20 runs of SST-2 rows in one batch, as the training
-loop makes it (`frozen_dropout.drawing` with each run's own generator, `run_losses`), on one
-backbone built twice: `backbone.dropout=true` (each run's masks drawn at its own shape and placed,
-attention through the eager `attention_with_run_dropout`) and `=false` (the model's SDPA, no masks).
+loop makes it (each run's `DropoutStream`, `run_losses`), on one backbone built twice:
+`backbone.dropout=true` (every row's masks addressed by a counter-based hash, attention through
+the eager `attention_with_run_dropout`) and `=false` (the model's SDPA, no masks).
 Per K: the median seconds of a pass of each arm (their passes alternate), the extra seconds per member, and the ATen ops
 (on a GPU: about one kernel launch each) per layer that dropout on adds, counted by a
 TorchDispatchMode over the same pass.
@@ -30,6 +30,7 @@ from bench import default_config  # noqa: E402
 import ptlab  # noqa: E402
 from ptlab.config.schema import to_object  # noqa: E402
 from ptlab.methods import build_method  # noqa: E402
+from ptlab.model.dropout_stream import DropoutStream  # noqa: E402
 from ptlab.model.readout import RunParts  # noqa: E402
 
 
@@ -58,15 +59,13 @@ def pack_on(backbone_name: str, dropout: bool, size: int, batch: int):
         readout = backbone.readout(list(pipeline.readout.verbalizers), config.data.max_source_length, seed=index)
         method = build_method(to_object(config).method, backbone.prompt_context(readout, index))
         examples = rows[index * batch : (index + 1) * batch]
-        runs.append(RunParts(readout, method))
+        runs.append(RunParts(readout, method, dropout=DropoutStream(seed=index)))
         parts.append((readout, examples))
     return backbone.train(), runs, backbone.collate_runs(parts)
 
 
 def one_pass(backbone, runs, batch) -> None:
-    streams = {id(run.method): torch.Generator().manual_seed(index) for index, run in enumerate(runs)}
-    with backbone.frozen_dropout.drawing(streams):
-        backbone.run_losses(runs, batch).sum().backward()
+    backbone.run_losses(runs, batch).sum().backward()
 
 
 def layers_of(config) -> int:

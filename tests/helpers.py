@@ -46,12 +46,6 @@ def causal_target_logits(model, batch, prompt_length: int = 0) -> torch.Tensor:
     return logits[:, start : start + batch["target_ids"].shape[1]]
 
 
-def own_dropout(backbone, *methods, seed: int = 0):
-    """Around a training pass outside the training loop: each run's frozen-network dropout masks
-    from its own generator, as the loop gives them."""
-    return backbone.frozen_dropout.drawing({id(m): torch.Generator().manual_seed(seed + i) for i, m in enumerate(methods)})
-
-
 def write_tiny_gguf(path, seed: int = 0):
     """A two-layer LLaMA with a 97-token byte-level BPE vocabulary as an fp32 GGUF file, written
     by the `gguf` package: what transformers dequantizes, in a fraction of a second."""

@@ -10,6 +10,7 @@ import torch
 from ptlab.config.schema import to_object
 from ptlab.data.examples import Example
 from ptlab.methods import build_method
+from ptlab.model.dropout_stream import DropoutStream
 from ptlab.model.readout import RunParts
 
 from conftest import compose_config
@@ -24,13 +25,25 @@ METHODS = [
     ["method=smop", "method.prompt_length=2", "method.num_prompts=3"],
 ]
 T5_DECODER_PREFIXES = ["method=deep_prompt", "method.prompt_length=5", "method.stacks=[decoder]"]
+# methods that inject their rows together (PromptMethod.together_key): blocks of one length stacked
+# whatever the method (PT-3 with SuperPos-3, PT-7 with Residual-7), SMoP runs of one shape routed
+# together; three groups, so the batch is assembled from groups padded to the widest
+TOGETHER = [
+    ["method.prompt_length=3"],
+    ["method.prompt_length=7"],
+    ["method=smop", "method.prompt_length=2", "method.num_prompts=3"],
+    ["method=superpos", "method.prompt_length=3"],
+    ["method=smop", "method.prompt_length=2", "method.num_prompts=3", "method.noise_sigma=2.0"],
+    ["method=residual", "method.prompt_length=7", "method.bottleneck=16"],
+]
+SETS = {"mixed": METHODS, "together": TOGETHER}
 TASKS = [["negative", "positive"], ["no", "yes", "maybe"]]  # two readouts, two numbers of verbalizers
 
 
-def runs_on(name: str, dropout: bool = False):
+def runs_on(name: str, dropout: bool = False, methods: str = "mixed"):
     """The runs of one batch, all on one backbone: (readout, method, examples) per run."""
     _, backbone, _, _ = build([f"backbone={name}", f"backbone.dropout={str(dropout).lower()}"])
-    methods = METHODS + ([T5_DECODER_PREFIXES] if name == "tiny_t5" else [])
+    methods = SETS[methods] + ([T5_DECODER_PREFIXES] if name == "tiny_t5" and methods == "mixed" else [])
     runs = []
     for index, overrides in enumerate(methods):
         config = to_object(compose_config([f"backbone={name}", *overrides, f"seed={index}"]))
@@ -47,9 +60,10 @@ def runs_on(name: str, dropout: bool = False):
     return backbone.eval(), runs
 
 
-@pytest.fixture(scope="module", params=FAMILIES)
+@pytest.fixture(scope="module", params=[(name, methods) for name in FAMILIES for methods in SETS],
+                ids=lambda param: "-".join(param))  # fmt: skip
 def family(request):
-    return runs_on(request.param)
+    return runs_on(*request.param[:1], methods=request.param[1])
 
 
 def packed(backbone, runs):
@@ -145,32 +159,40 @@ def test_shared_prompts_of_several_runs_run_once_per_batch_on_a_causal_backbone(
     assert fed == [(rows, 7 + source + targets_fed)]
 
 
+@pytest.mark.parametrize("methods", SETS)
 @pytest.mark.parametrize("name", FAMILIES)
-def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name):
+def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name, methods):
     """The frozen network's dropout on (hidden states and attention weights): each run's masks
-    come from its own generator at its own shape (ptlab.model.run_dropout), so its logits and
-    gradients in a batch of several runs equal its run alone with the same generator, and the
-    generator ends where it ends alone. float64, so that equality is to rounding."""
-    backbone, runs = runs_on(name, dropout=True)
+    are addressed by its own seed, step and pass, its rows and their real positions
+    (ptlab.model.run_dropout), so its logits and gradients in a batch of several runs equal its run
+    alone at the same address, whichever runs share the batch. float64, so that equality is to
+    rounding; another step gives other masks. The methods train too: SMoP's router noise comes
+    from each run's own generator at its own rows' shape, and ends where it ends alone."""
+    backbone, runs = runs_on(name, dropout=True, methods=methods)
     backbone.double().train()
     for readout, method, _ in runs:
-        readout.double(), method.double()
+        readout.double(), method.double().train()
+    generators = [getattr(method, "generator", None) or torch.Generator() for _, method, _ in runs]
+    before = [generator.get_state() for generator in generators]
 
-    def streams(seed: int):
-        return {id(method): torch.Generator().manual_seed(seed + i) for i, (_, method, _) in enumerate(runs)}
+    def streams(step: int):
+        return [DropoutStream(seed=10 + index, step=step) for index in range(len(runs))]
 
     def gradients(loss, method, readout):
         params = [*method.parameters(), *readout.parameters()]
         return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
 
-    parts, batch = packed(backbone, runs)
-    together = streams(100)
-    with backbone.frozen_dropout.drawing(together):
-        logits = backbone.runs_logits(parts, batch).split(batch["run"].bincount().tolist())
+    _, batch = packed(backbone, runs)
+    together = streams(3)
+    parts = [RunParts(readout, method, dropout=stream) for (readout, method, _), stream in zip(runs, together)]
+    logits = backbone.runs_logits(parts, batch).split(batch["run"].bincount().tolist())
+    after = [generator.get_state() for generator in generators]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))  # SMoP's router noise was drawn
     for index, (readout, method, items) in enumerate(runs):
-        alone = streams(100)
-        with backbone.frozen_dropout.drawing(alone):
-            reference = backbone.output_logits(readout, method, backbone.collate(readout, items))
+        alone = streams(3)[index]
+        generators[index].set_state(before[index])
+        reference = backbone.output_logits(readout, method, backbone.collate(readout, items), alone)
+        assert torch.equal(generators[index].get_state(), after[index])
         mine = logits[index][:, : reference.shape[1]]
         scored = backbone.collate(readout, items)["target_ids"] != -100  # where a row has a target token
         if backbone.reads_target_tokens:
@@ -179,8 +201,7 @@ def test_with_dropout_on_each_run_draws_its_own_masks_as_alone(name):
         for ours, theirs in zip(gradients(mine.sum(), method, readout), gradients(reference.sum(), method, readout)):
             if theirs is not None:
                 torch.testing.assert_close(ours, theirs, atol=1e-9, rtol=1e-9)
-        assert torch.equal(together[id(method)].get_state(), alone[id(method)].get_state())
-        with backbone.frozen_dropout.drawing(streams(200)):  # other masks, other logits: the masks are drawn
-            other = backbone.output_logits(readout, method, backbone.collate(readout, items))
+        assert together[index].passes == alone.passes == 1
+        other = backbone.output_logits(readout, method, backbone.collate(readout, items), streams(4)[index])
         other = other[scored] if backbone.reads_target_tokens else other
         assert float((other - reference).abs().max()) > 1e-6

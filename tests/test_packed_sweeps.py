@@ -243,21 +243,30 @@ def test_a_fault_in_one_members_part_of_the_joint_pass_ends_that_member_alone(tm
     trained = []
     forward, extra_loss = SMoP.forward, SMoP.extra_loss
 
-    def faulty_forward(self, *args, **kwargs):
-        if self.training:
+    def faulty(method):
+        if method.training:
             trained.append(1)
-        if (phase == "injection" and self.training and len(trained) > 3) or (
-            phase == "evaluation" and not self.training and len(trained) > 3
+        if (phase == "injection" and method.training and len(trained) > 3) or (
+            phase == "evaluation" and not method.training and len(trained) > 3
         ):
             raise RuntimeError(f"member 1's {phase} broke")
+
+    def faulty_forward(self, *args, **kwargs):  # alone
+        faulty(self)
         return forward(self, *args, **kwargs)
+
+    def faulty_together(cls, methods, *args, **kwargs):  # in a pack, SMoP members route their rows together
+        faulty(methods[0])
+        return together(methods, *args, **kwargs)
 
     def faulty_extra_loss(self):
         if phase == "loss" and len(trained) > 3:
             raise RuntimeError("member 1's loss broke")
         return extra_loss(self)
 
+    together = SMoP.inject_together
     monkeypatch.setattr(SMoP, "forward", faulty_forward)
+    monkeypatch.setattr(SMoP, "inject_together", classmethod(faulty_together))
     monkeypatch.setattr(SMoP, "extra_loss", faulty_extra_loss)
     results = run_group(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
@@ -265,6 +274,7 @@ def test_a_fault_in_one_members_part_of_the_joint_pass_ends_that_member_alone(tm
     assert f"member 1's {phase} broke" in failure["error"]
     assert all(read_summary(tmp_path / str(i))["status"] == "finished" for i in (0, 2))
     monkeypatch.setattr(SMoP, "forward", forward)
+    monkeypatch.setattr(SMoP, "inject_together", together)
     monkeypatch.setattr(SMoP, "extra_loss", extra_loss)
     run(compose_config([*base, "seed=2", "method=prompt_tuning"]), run_dir=tmp_path / "alone2")
     assert_same_run(tmp_path / "2", tmp_path / "alone2")

@@ -126,6 +126,9 @@ def padded_on_left(
     mask of the real positions."""
     like = next(part for part in parts if part is not None)
     width = max(0 if part is None else part.shape[dim] for part in parts)
+    if all(part is not None and part.shape[dim] == width for part in parts):  # nothing to pad
+        rows = torch.cat([part.expand(size, *part.shape[1:]) for part, size in zip(parts, sizes)])
+        return rows, torch.ones(sum(sizes), width, dtype=torch.long, device=like.device)
     rows, masks = [], []
     for part, size in zip(parts, sizes):
         length = 0 if part is None else part.shape[dim]
@@ -180,14 +183,28 @@ class PromptMethod(nn.Module):
         """What this method puts into the network for a batch (by default: the input block)."""
         return PromptInjection(block=self(source_embeds, source_mask))
 
+    def together_key(self) -> Optional[Tuple]:
+        """Runs whose methods give equal keys inject their rows' blocks together, in one set of
+        tensor ops whatever their number (`inject_together`: a pack costs what one run costs);
+        None: this run injects alone (per-layer prefixes, draws from the ambient stream)."""
+        return None
+
+    @classmethod
+    def inject_together(cls, methods: Sequence[PromptMethod], source_embeds: torch.Tensor,
+                        source_mask: torch.Tensor, run: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:  # fmt: skip
+        """The `[B, n, d]` blocks of the rows of several runs with one `together_key` (`run`: each
+        row's index into `methods`, ascending; `sizes`: each run's rows), each row's what its run's
+        own `inject` gives it, each draw from its run's own generator."""
+        raise NotImplementedError
+
     def extra_loss(self) -> Optional[torch.Tensor]:
         """An auxiliary loss of the last forward pass, added to the task loss (a router's balancing loss)."""
         return None
 
-    def training_loss(self, backbone, readout, batch) -> torch.Tensor:
-        """The loss a training step minimises on `backbone` for the task `readout` reads out;
-        methods that need several passes override it."""
-        loss = backbone.loss(readout, self, batch)
+    def training_loss(self, backbone, readout, batch, dropout=None) -> torch.Tensor:
+        """The loss a training step minimises on `backbone` for the task `readout` reads out
+        (`dropout`: the run's `DropoutStream`); methods that need several passes override it."""
+        loss = backbone.loss(readout, self, batch, dropout)
         extra = self.extra_loss()
         return loss if extra is None else loss + extra
 
@@ -212,6 +229,58 @@ class SharedPromptMethod(PromptMethod):
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
+
+    def together_key(self) -> Tuple:
+        return ("block", self.num_tokens)  # prompt() draws nothing: any such runs stack their blocks
+
+    @classmethod
+    def inject_together(cls, methods, source_embeds, source_mask, run, sizes) -> torch.Tensor:
+        return prompts_of(methods).index_select(0, run)
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`torch.stack(tensors)`; where they are the slices of one stack's tensor in a pack
+    (ptlab/training/stacks.py marks each with `stack_slice`: the tensor and its index there), that
+    tensor itself, so the gradient lands there in one piece rather than in each run's parameter."""
+    slices = [getattr(tensor, "stack_slice", None) for tensor in tensors]
+    if all(part is not None for part in slices) and all(part[0] is slices[0][0] for part in slices):
+        whole, indices = slices[0][0], [index for _, index in slices]
+        if indices == list(range(len(whole))):
+            return whole
+        return whole.index_select(0, torch.tensor(indices, device=whole.device))
+    return torch.stack(list(tensors))
+
+
+def prompts_of(methods: Sequence[SharedPromptMethod]) -> torch.Tensor:
+    """`[R, n, d]`: every method's prompt; those of one class and tensor shapes computed together,
+    in one set of ops whatever their number (`vmap` over their stacked tensors)."""
+    groups: Dict[Tuple, List[int]] = {}
+    for index, method in enumerate(methods):
+        shapes = tuple((name, tuple(t.shape)) for name, t in [*method.named_parameters(), *method.named_buffers()])
+        groups.setdefault((type(method), shapes), []).append(index)
+    blocks, order = [], []
+    for indices in groups.values():
+        members = [methods[index] for index in indices]
+        blocks.append(members[0].prompt()[None] if len(members) == 1 else vmapped_prompts(members))
+        order += indices
+    block = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+    if order != sorted(order):
+        block = block.index_select(0, torch.tensor(order, device=block.device).argsort())
+    return block
+
+
+def vmapped_prompts(methods: Sequence[SharedPromptMethod]) -> torch.Tensor:
+    """The prompts of methods of one class and shapes: the first one's `prompt()` mapped over the
+    methods' tensors stacked (gradients reach each method's own parameters)."""
+    first = methods[0]
+    params = {name: stacked([dict(m.named_parameters())[name] for m in methods]) for name, _ in first.named_parameters()}
+    buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in methods]) for name, _ in first.named_buffers()}
+    probe = torch.zeros(1, 1, first.num_tokens, device=next(iter(params.values())).device)
+
+    def prompt(own_params, own_buffers):
+        return torch.func.functional_call(first, (own_params, own_buffers), (probe, probe[..., 0]))[0]
+
+    return torch.vmap(prompt)(params, buffers)
 
 
 @contextmanager

@@ -18,7 +18,7 @@ Differences from the released code, each an option:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,7 @@ from torch import nn
 from ptlab.errors import ConfigError, check_choice, check_range
 from ptlab.method_stats import routing_stats
 from ptlab.methods import register
-from ptlab.methods.base import PromptContext, PromptMethod
+from ptlab.methods.base import PromptContext, PromptMethod, stacked
 from ptlab.methods.prompt_tuning import PromptTuningConfig, initial_prompt
 
 
@@ -137,6 +137,39 @@ class SMoP(PromptMethod):
             return gates[:, :1, None] * selected[:, 0].sum(0, keepdim=True)
         return (gates[..., None, None] * selected).sum(1)
 
+    def together_key(self) -> Optional[Tuple]:
+        """Learned top-k routing with Gaussian noise or none: runs of one shape route their rows
+        together (`inject_together`); the other variants inject run by run."""
+        cfg = self.cfg
+        if cfg.routing != "learned" or cfg.perturbation not in ("gaussian", "none") or cfg.compat_batch_sum_bug:
+            return None
+        if cfg.load_balancing_weight > 0:
+            return None
+        return "smop", cfg.num_prompts, cfg.prompt_length, cfg.top_k, cfg.perturbation
+
+    @classmethod
+    def inject_together(cls, methods, source_embeds, source_mask, run, sizes) -> torch.Tensor:
+        """Every row routed by its run's router over its run's prompts: the routers and prompts of
+        all runs side by side, each row taking its run's columns; each run's noise from its own
+        generator at its own rows' shape (as it draws alone)."""
+        first, rows = methods[0], torch.arange(len(run), device=run.device)
+        count, runs = first.cfg.num_prompts, len(methods)
+        mask = source_mask.unsqueeze(-1).to(source_embeds.dtype)
+        sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
+        weight = stacked([method.router.weight for method in methods]).flatten(0, 1)  # [R * k, d]
+        logits = F.linear(sentence.to(weight.dtype), weight).view(len(run), runs, count)[rows, run]
+        if first.training and first.cfg.perturbation == "gaussian":
+            noise = torch.cat([torch.randn((size, count), generator=method.generator)
+                               for method, size in zip(methods, sizes)])  # fmt: skip
+            sigma = like(torch.tensor([method.cfg.noise_sigma for method in methods]), logits)[run]
+            logits = logits + sigma[:, None] * like(noise, logits) * logits.detach()
+        probs = torch.softmax(logits, dim=-1)
+        gates, chosen = probs.topk(first.cfg.top_k, dim=-1)
+        record_together(methods, probs, chosen[:, 0], run)
+        prompts = stacked([method.prompts for method in methods]).flatten(0, 1)  # [R * k, l, d]
+        selected = prompts[run[:, None] * count + chosen]  # [B, top_k, l, d]
+        return (gates[..., None, None] * selected).sum(1)
+
     def _record(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
         load = torch.bincount(chosen, minlength=self.cfg.num_prompts).to(probs.dtype) / len(chosen)
         if self.training:
@@ -151,16 +184,17 @@ class SMoP(PromptMethod):
     def extra_loss(self) -> Optional[torch.Tensor]:
         return self._aux_loss
 
+
     @property
     def loss_in_one_pass(self) -> bool:
         return self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0
 
-    def training_loss(self, backbone, readout, batch) -> torch.Tensor:
+    def training_loss(self, backbone, readout, batch, dropout=None) -> torch.Tensor:
         """Stochastic routing trains two draws against each other (official `consistency_alpha`)."""
         if self.loss_in_one_pass:
-            return super().training_loss(backbone, readout, batch)
-        logits_a = backbone.output_logits(readout, self, batch)
-        logits_b = backbone.output_logits(readout, self, batch)
+            return super().training_loss(backbone, readout, batch, dropout)
+        logits_a = backbone.output_logits(readout, self, batch, dropout)
+        logits_b = backbone.output_logits(readout, self, batch, dropout)
         task_loss = backbone.loss_from_logits(logits_a, batch) + backbone.loss_from_logits(logits_b, batch)
         batch_size = logits_a.shape[0]
         if backbone.reads_target_tokens:  # target-token logits: compare the scored positions only
@@ -177,3 +211,19 @@ class SMoP(PromptMethod):
         self.routed_counts.zero_()
         self.entropy_sum.zero_()
         return stats
+
+
+def record_together(methods: Sequence[SMoP], probs: torch.Tensor, chosen: torch.Tensor, run: torch.Tensor) -> None:
+    """`SMoP._record` for the rows of several runs routed together (no balancing loss: such runs
+    route together only without one): each run's evaluation statistics from its own rows."""
+    if methods[0].training:
+        for method in methods:
+            method._aux_loss = None
+        return
+    counts = probs.new_zeros(len(methods), probs.shape[1]).index_put_(
+        (run, chosen), torch.ones_like(chosen, dtype=probs.dtype), accumulate=True
+    )
+    entropy = probs.new_zeros(len(methods)).index_add_(0, run, -(probs * torch.log(probs.clamp(min=1e-20))).sum(-1))
+    for method, routed, spread in zip(methods, counts, entropy):
+        method.routed_counts += routed
+        method.entropy_sum += spread

@@ -28,9 +28,10 @@ from transformers import DynamicCache, EncoderDecoderCache
 from ptlab.config.schema import BackboneConfig
 from ptlab.data.examples import Example
 from ptlab.errors import ConfigError
-from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
+from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape, stacked
 from ptlab.model.anatomy import key_value_heads, self_attentions
 from ptlab.model.batching import Batch, collate_runs, pad, rows_per_run
+from ptlab.model.dropout_stream import DropoutStream
 from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.model.prefixes import (
     EncoderPrefixSite,
@@ -71,6 +72,59 @@ def join(
     block = block.to(embeds.dtype).expand(len(embeds), -1, -1)
     joined = torch.cat([embeds[:, :at], block, embeds[:, at:]], 1)
     return joined, with_visible(mask, block.shape[1], at, block_mask)
+
+
+def runs_injection(runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> PromptInjection:
+    """Several runs' injections for their rows: together where their methods can
+    (`PromptMethod.together_key`, one group per key), else run by run."""
+    keys = [run.method.together_key() for run in runs]
+    sizes = rows_per_run(batch, len(runs))
+    if any(key is None for key in keys):
+        parts = []
+        for run, embeds, mask in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes)):
+            with run.draws():
+                parts.append(run.method.inject(embeds, mask))
+        return PromptInjection.stack(parts, sizes)
+    groups = keyed_groups(runs, [True] * len(runs))
+    if len(groups) == 1:
+        methods = [run.method for run in runs]
+        block = type(methods[0]).inject_together(methods, source_embeds, batch["source_mask"], batch["run"], sizes)
+        return PromptInjection(block=block)
+    return together_in_groups(runs, groups, batch, source_embeds, sizes)
+
+
+def keyed_groups(runs: Runs, taking: Sequence[bool]) -> List[List[int]]:
+    """The runs that take part (`taking`), grouped by their methods' `together_key`."""
+    groups: Dict[Tuple, List[int]] = {}
+    for index, (run, takes) in enumerate(zip(runs, taking)):
+        if takes:
+            groups.setdefault(run.method.together_key(), []).append(index)
+    return list(groups.values())
+
+
+def together_in_groups(runs: Runs, groups: List[List[int]], batch: Batch, source_embeds: torch.Tensor,
+                       sizes: List[int]) -> PromptInjection:  # fmt: skip
+    """The blocks of runs injecting together in several groups (a mixed pack): each group's for its
+    rows, padded on the left to the widest (as `PromptInjection.stack` pads); the rows of runs in no
+    group get none (masked)."""
+    placed = []
+    for group in groups:
+        lookup = [-1] * len(runs)
+        for local, index in enumerate(group):
+            lookup[index] = local
+        local = torch.tensor(lookup, device=batch["run"].device)[batch["run"]]
+        rows = (local >= 0).nonzero().squeeze(1)
+        methods = [runs[index].method for index in group]
+        block = type(methods[0]).inject_together(methods, source_embeds[rows], batch["source_mask"][rows],
+                                                 local[rows], [sizes[index] for index in group])  # fmt: skip
+        placed.append((rows, block))
+    width = max(block.shape[1] for _, block in placed)
+    full = placed[0][1].new_zeros(len(source_embeds), width, placed[0][1].shape[2])
+    mask = torch.zeros(len(source_embeds), width, dtype=torch.long, device=full.device)
+    for rows, block in placed:
+        full = full.index_copy(0, rows, F.pad(block, (0, 0, width - block.shape[1], 0)))
+        mask[rows, width - block.shape[1] :] = 1
+    return PromptInjection(block=full, block_mask=mask)
 
 
 def real_first(embeds: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -233,16 +287,13 @@ class Backbone(nn.Module):
         return self.model.get_input_embeddings()(ids)
 
     def injected(self, runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> PromptInjection:
-        """Each run's injection for its own rows, as one batch's (one run's as its method made it)."""
+        """Each run's injection for its own rows, as one batch's (one run's as its method made it).
+        Runs whose methods can inject together (`PromptMethod.together_key`) do, one group per key:
+        a pack of them costs the tensor ops of one run, not one set per run."""
         if len(runs) == 1:
             with runs[0].draws():
                 return runs[0].method.inject(source_embeds, batch["source_mask"])
-        sizes = rows_per_run(batch, len(runs))
-        parts = []
-        for run, embeds, mask in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes)):
-            with run.draws():
-                parts.append(run.method.inject(embeds, mask))
-        return PromptInjection.stack(parts, sizes)
+        return runs_injection(runs, batch, source_embeds)
 
     def prompted(self, runs: Runs, batch: Batch, at: int = 0):
         """The runs' injection for the batch, and the input embeddings and mask with its block."""
@@ -254,16 +305,21 @@ class Backbone(nn.Module):
         )
 
     # --- one run's batch -----------------------------------------------------------------------
-    def output_logits(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        """The logits the loss is computed from: target-token logits, or class logits."""
-        return self.runs_logits([RunParts(readout, method)], batch)
+    def output_logits(
+        self, readout: TaskReadout, method: PromptMethod, batch: Batch, dropout: Optional[DropoutStream] = None
+    ) -> torch.Tensor:
+        """The logits the loss is computed from: target-token logits, or class logits (`dropout`:
+        the run's place in the frozen network's dropout, for a training pass with it on)."""
+        return self.runs_logits([RunParts(readout, method, dropout=dropout)], batch)
 
     def loss_from_logits(self, logits: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Token-mean cross-entropy on the gold verbalizer (as HF's `labels=` loss)."""
         return F.cross_entropy(logits.flatten(0, 1).float(), batch["target_ids"].flatten(), ignore_index=-100)
 
-    def loss(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
-        return self.loss_from_logits(self.output_logits(readout, method, batch), batch)
+    def loss(
+        self, readout: TaskReadout, method: PromptMethod, batch: Batch, dropout: Optional[DropoutStream] = None
+    ) -> torch.Tensor:
+        return self.loss_from_logits(self.output_logits(readout, method, batch, dropout), batch)
 
     def score(self, readout: TaskReadout, method: PromptMethod, batch: Batch) -> torch.Tensor:
         """`[B, C]` scores of each verbalizer (sum of target-token log-probabilities)."""
@@ -509,13 +565,7 @@ class CausalBackbone(Backbone):
         dtype = pass_dtype(self.model)
         sizes = rows_per_run(batch, len(runs))
         once = [rows > 0 and self.runs_prompt_once(run.method) for run, rows in zip(runs, sizes)]
-        shared, per_row = [], []
-        for run, embeds, mask, alone in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes), once):
-            with run.draws():
-                injection = run.method.inject(embeds[:1] if alone else embeds, mask[:1] if alone else mask)
-            shared.append(injection if alone else PromptInjection())
-            per_row.append(PromptInjection() if alone else injection)
-        prompts = PromptInjection.stack(shared, [1] * len(runs))
+        prompts, rows = prompts_and_rows(self, runs, batch, source_embeds, sizes, once)
         prefixes = prompts.prefixes.get("decoder")
         cache = decoder_cache(prefixes, len(runs), dtype) if prefixes else None
         columns = prompts.prefix_masks["decoder"] if prefixes else batch["source_mask"].new_zeros(len(runs), 0)
@@ -528,7 +578,6 @@ class CausalBackbone(Backbone):
         run_of_row = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
         layers = selected_rows(cache, run_of_row)
         columns = columns.index_select(0, run_of_row)
-        rows = PromptInjection.stack(per_row, sizes)
         row_prefixes = rows.prefixes.get("decoder")
         if row_prefixes:
             own = batch_of(row_prefixes, len(source_embeds), dtype)
@@ -582,6 +631,35 @@ class CausalBackbone(Backbone):
         return self.tokenizer.batch_decode(output, skip_special_tokens=True)
 
 
+def prompts_and_rows(backbone: Backbone, runs: Runs, batch: Batch, source_embeds: torch.Tensor, sizes: List[int],
+                     once: List[bool]) -> Tuple[PromptInjection, PromptInjection]:  # fmt: skip
+    """The injections of the runs whose prompt runs once (one row per run, masked where a run's
+    prompt does not), and of the others' rows (`injected`: runs of one kind together)."""
+    if not any(once):
+        rows = backbone.injected(runs, batch, source_embeds)
+        for stack, layers in rows.prefixes.items():  # a run alone's prefixes come without masks
+            rows.prefix_masks.setdefault(stack, batch["source_mask"].new_ones(len(source_embeds), layers[0][0].shape[2]))
+        return PromptInjection(), rows
+    if all(run.method.together_key() is not None for run in runs):
+        first = torch.tensor([sum(sizes[:index]) for index in range(len(runs))], device=source_embeds.device)
+        one_each = {"run": torch.arange(len(runs), device=first.device), "source_mask": batch["source_mask"][first]}
+        if all(once):
+            prompts = backbone.injected(runs, one_each, source_embeds[first])
+            if prompts.block is not None and prompts.block_mask is None:
+                prompts.block_mask = torch.ones(prompts.block.shape[:2], dtype=torch.long, device=first.device)
+            return prompts, PromptInjection()
+        prompts = together_in_groups(runs, keyed_groups(runs, once), one_each, source_embeds[first], [1] * len(runs))
+        rows = together_in_groups(runs, keyed_groups(runs, [not o for o in once]), batch, source_embeds, sizes)
+        return prompts, rows
+    shared, per_row = [], []
+    for run, embeds, mask, alone in zip(runs, source_embeds.split(sizes), batch["source_mask"].split(sizes), once):
+        with run.draws():
+            injection = run.method.inject(embeds[:1] if alone else embeds, mask[:1] if alone else mask)
+        shared.append(injection if alone else PromptInjection())
+        per_row.append(PromptInjection() if alone else injection)
+    return PromptInjection.stack(shared, [1] * len(runs)), PromptInjection.stack(per_row, sizes)
+
+
 class EncoderBackbone(Backbone):
     """Encoders have no LM head here, so classes are read off each run's trainable linear head."""
 
@@ -616,7 +694,16 @@ class EncoderBackbone(Backbone):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
-        """Each row's class logits from its run's head."""
+        """Each row's class logits from its run's head (heads of one shape: every row through
+        every head in one product, each row keeping its run's classes)."""
+        heads = [run.readout.head for run in runs]
+        if len(runs) > 1 and all(head.weight.shape == heads[0].weight.shape for head in heads):
+            classes = heads[0].weight.shape[0]
+            weight = stacked([head.weight for head in heads]).flatten(0, 1)  # [R * C, d]
+            bias = stacked([head.bias for head in heads]).flatten()
+            every = torch.addmm(bias, self.pooled(runs, batch).to(weight.dtype), weight.t())
+            rows = torch.arange(len(every), device=every.device)
+            return every.view(len(every), len(runs), classes)[rows, batch["run"]]
         pooled = self.pooled(runs, batch).split(rows_per_run(batch, len(runs)))
         logits = [run.readout.head(rows.to(run.readout.head.weight.dtype)) for run, rows in zip(runs, pooled)]
         width = max(part.shape[1] for part in logits)

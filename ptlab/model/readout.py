@@ -14,6 +14,7 @@ from typing import Callable, ContextManager, List, NamedTuple, Optional
 from torch import nn
 
 from ptlab.methods.base import PromptMethod
+from ptlab.model.dropout_stream import DropoutStream
 
 
 class TaskReadout(nn.Module):
@@ -34,10 +35,11 @@ class TaskReadout(nn.Module):
 
 
 class RunParts(NamedTuple):
-    """What the rows of one run need beside the shared backbone: its task readout, its method, and
-    the random streams its method draws from when it injects for its rows (a packed sweep gives
-    each member's; alone, the run's stream is active around the whole step)."""
+    """What the rows of one run need beside the shared backbone: its task readout, its method,
+    the random streams its method draws from when it injects for its rows, and its place in the
+    frozen network's dropout (a training pass with dropout on needs it)."""
 
     readout: TaskReadout
     method: PromptMethod
     draws: Callable[[], ContextManager] = contextlib.nullcontext
+    dropout: Optional[DropoutStream] = None

@@ -205,7 +205,8 @@ class RunCheckpoint:
         if not self.writes:
             return
         state = {
-            "trainable": {k: v.detach().cpu() for k, v in self.trainable_state().items()},
+            # copies: a packed run's tensors are slices of its stack's (saved alone, they would save it whole)
+            "trainable": {k: v.detach().to("cpu", copy=True) for k, v in self.trainable_state().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "randomness": self.randomness.state_dict(),
@@ -278,6 +279,11 @@ class RunCheckpoint:
             raise ConfigError(f"{folder / 'state.pt'} does not fit this model ({first}): {fix}") from None
         if "randomness" in saved:
             self.randomness.load_state_dict(saved["randomness"])
+            if self.randomness.resumed_dropout_stream:
+                log.warning("%s was written by a ptlab that drew the frozen network's dropout from a stream "
+                            "(22e2f2c and earlier): the run goes on with addressed masks, so it is not "
+                            "bit-identical to an uninterrupted run of that version; for one, train it again "
+                            "(trainer.resume=false)", folder)  # fmt: skip
         else:  # a checkpoint of before 2026-12-01 saved the process's global streams instead
             log.warning("%s holds no per-run random streams: they start afresh from the seed", folder)
         log.info("resumed from %s at step %d", folder, saved["train_state"]["step"])

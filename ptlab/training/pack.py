@@ -15,8 +15,8 @@ partial models coincide at every step (`stage_partitions`; the launcher groups t
 `packing.stage_plan`), so every switch in a step sets the same partial model.
 
 Randomness: every draw is the member's own: its method's from its streams (`RunParts.draws`),
-the frozen network's dropout from its dropout generator at its own shape (`Backbone.drawing`,
-ptlab/model/run_dropout.py), so a member equals its run alone with dropout on or off and resumes
+the frozen network's dropout addressed by its run, step, pass, row and position
+(ptlab/model/run_dropout.py), so a member equals its run alone with dropout on or off and resumes
 exactly. Time: each member's `train_seconds` counts the packed steps it took part in (the pack's
 wall time, shared), so its examples/s is its share of the pack; its summary's `pack_size` says how
 many runs trained together (the part it trained in).
@@ -35,6 +35,7 @@ from ptlab.training.build import evaluate_together
 from ptlab.training.memory import reset_peak_memory
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
+from ptlab.training.stacks import Stacks
 from ptlab.training.trainer import LogWindow, Trainer
 
 log = logging.getLogger("ptlab")
@@ -98,6 +99,7 @@ class Pack:
         self.size = len(members)  # the runs training together now: a finished member's pack_size
         self.finished, self.failed, self.alone = finished, failed, alone
         self.device = members[0].trainer.device
+        self.stacks: Optional[Stacks] = None  # the training members' stacks (ptlab/training/stacks.py)
 
     # --- the loop ----------------------------------------------------------------------------
     def run(self) -> None:
@@ -135,6 +137,7 @@ class Pack:
 
     def train(self, guard: PreemptionGuard) -> None:
         """Rounds until every member of `self.members` has left."""
+        self.stacks = Stacks([member.trainer for member in self.members])
         while self.members:
             try:
                 self.round()
@@ -196,6 +199,8 @@ class Pack:
     def leave(self, member: Member, error: Optional[Exception] = None) -> None:
         """`member` leaves the pack: finished (its test split scored, its summary made) or failed."""
         self.members.remove(member)
+        if self.stacks is not None:  # its slices and optimizer state become its own again
+            self.stacks.leave(member.trainer)
         if member.progress is not None:
             member.progress.close()
         with member.speaking():

@@ -4,28 +4,30 @@ Each run draws its next `grad_accum` batches from its own stream (this rank's sh
 weighted by its share). The runs' rows are collated run by run (`Backbone.collate_runs`), one
 forward computes every run's loss over its own rows (`Backbone.run_losses`: the token mean of its
 rows, as alone) plus its method's auxiliary loss, and the weighted sum is backpropagated once. The
-runs' parameters are disjoint, so each gets exactly the gradient of its own loss; then each steps
-its own optimizer (`Trainer.apply_gradients`). A run whose method computes its loss in several
+runs' parameters are disjoint, so each gets exactly the gradient of its own loss; then each stack
+of runs (ptlab/training/stacks.py) takes one optimizer step that is each run's own. A run whose method computes its loss in several
 passes (`PromptMethod.loss_in_one_pass` false: SMoP's stochastic routing with its consistency
 loss) runs its own pass within the step. Every draw is the run's own: its method's from its
-streams (`RunParts.draws`), the frozen network's dropout from its dropout generator
-(`Backbone.drawing`, ptlab/model/run_dropout.py).
+streams (`RunParts.draws`), the frozen network's dropout addressed by its `DropoutStream`
+(`RunParts.dropout`, ptlab/model/run_dropout.py).
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from ptlab.data.examples import Example
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
+from ptlab.model.dropout_stream import DropoutStream
 from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.training.evaluate import to_device
-from ptlab.training.trainer import Trainer
+from ptlab.training.stacks import stacked
+from ptlab.training.trainer import StepTotals, Trainer
 
 Stepping = Tuple[Trainer, Iterator[List[int]]]  # a run and its stream of training batches
 
@@ -37,53 +39,65 @@ def backward_loss(
     batch: Dict[str, torch.Tensor],
     autocast,
     weight: float = 1.0,
+    dropout: Optional[DropoutStream] = None,
 ) -> float:
     """One batch's training loss, backpropagated scaled by `weight`; returns the unscaled loss.
     A method's own passes (`PromptMethod.training_loss`), shared with the benchmark."""
     with autocast():
-        loss = method.training_loss(backbone, readout, batch)
+        loss = method.training_loss(backbone, readout, batch, dropout)
     (loss if weight == 1.0 else loss * weight).backward()
     return loss.item()
 
 
 def parts(trainer: Trainer) -> RunParts:
     """What the run's rows bring to a pass: readout, method, and its method's draws."""
-    return RunParts(trainer.readout, trainer.method, functools.partial(trainer.randomness.active, trainer.device))
+    return RunParts(trainer.readout, trainer.method, functools.partial(trainer.randomness.active, trainer.device),
+                    trainer.dropout)  # fmt: skip
 
 
-def joint_losses(backbone: Backbone, takers: Sequence[Trainer], batch: Dict, weights: Dict[int, float],
-                 totals: Dict[int, torch.Tensor], autocast) -> None:  # fmt: skip
-    """One pass over the runs' rows together; backpropagates the sum of their weighted losses."""
+class Taker(NamedTuple):
+    """A run taking part in one micro-batch of the step: its examples there, and their loss's
+    weight (its share of the step)."""
+
+    trainer: Trainer
+    totals: StepTotals
+    examples: List[Example]
+    weight: float
+
+
+def joint_losses(backbone: Backbone, takers: Sequence[Taker], batch: Dict, autocast) -> None:
+    """One pass over the runs' rows together; backpropagates the sum of their weighted losses
+    (each run's loss over its own rows plus its method's auxiliary loss)."""
     with autocast():
-        losses = backbone.run_losses([parts(t) for t in takers], batch)
-        total = losses.new_zeros(())
-        for trainer, loss in zip(takers, losses):
-            extra = trainer.method.extra_loss()
-            loss = loss if extra is None else loss + extra
-            weight = weights[id(trainer)]
-            total = total + (loss if weight == 1.0 else loss * weight)
-            totals[id(trainer)][0] += loss.item() * weight
+        losses = backbone.run_losses([parts(taker.trainer) for taker in takers], batch)
+        extra = [taker.trainer.method.extra_loss() for taker in takers]
+        if any(loss is not None for loss in extra):
+            losses = losses + torch.stack([losses.new_zeros(()) if e is None else e.to(losses.dtype) for e in extra])
+        weights = torch.tensor([taker.weight for taker in takers], dtype=losses.dtype, device=losses.device)
+        total = (losses * weights).sum()
+    for taker, loss in zip(takers, losses.tolist()):
+        taker.totals.loss += loss * taker.weight
     total.backward()
 
 
-def own_loss(backbone: Backbone, trainer: Trainer, batch: Dict, weight: float, totals, autocast) -> None:
+def own_loss(backbone: Backbone, taker: Taker, batch: Dict, autocast) -> None:
     """A run whose loss takes several passes: its own, on the shared backbone."""
+    trainer = taker.trainer
     with trainer.randomness.active(trainer.device):
-        loss = backward_loss(trainer.method, backbone, trainer.readout, batch, autocast, weight)
-    totals[id(trainer)][0] += loss * weight
+        loss = backward_loss(trainer.method, backbone, trainer.readout, batch, autocast, taker.weight, trainer.dropout)
+    taker.totals.loss += loss * taker.weight
 
 
-def micro_batch(runs: Sequence[Stepping], round_: int) -> Tuple[List[Trainer], Dict[int, List[Example]], Dict[int, float]]:
+def micro_batch(runs: Sequence[Stepping], totals: Sequence[StepTotals], round_: int) -> List[Taker]:
     """The runs that take part in micro-batch `round_` of the step (a run has `grad_accum` of
-    them; a rank's shard may be empty), their examples and their losses' weights."""
-    takers, examples, weights = [], {}, {}
-    for trainer, stream in runs:
+    them; a rank's shard may be empty), with their examples and their losses' weights."""
+    takers = []
+    for (trainer, stream), run_totals in zip(runs, totals):
         if round_ < trainer.cfg.grad_accum:
             rows, weight = trainer.next_examples(stream)
             if rows:
-                takers.append(trainer)
-                examples[id(trainer)], weights[id(trainer)] = rows, weight
-    return takers, examples, weights
+                takers.append(Taker(trainer, run_totals, rows, weight))
+    return takers
 
 
 def step(runs: Sequence[Stepping]) -> Tuple[float, List[float]]:
@@ -93,24 +107,23 @@ def step(runs: Sequence[Stepping]) -> Tuple[float, List[float]]:
     for trainer in trainers:
         trainer.begin_step()
     backbone.train()
-    totals = {id(t): torch.zeros(3, dtype=torch.float64) for t in trainers}  # loss, FLOPs, full-model FLOPs
-    streams = {key: value for t in trainers for key, value in t.dropout_streams().items()}
+    totals = [StepTotals() for _ in trainers]
     started = time.perf_counter()
-    with backbone.frozen_dropout.drawing(streams):  # each run's masks from its own stream
-        for round_ in range(max(t.cfg.grad_accum for t in trainers)):
-            takers, examples, weights = micro_batch(runs, round_)
-            batches = {id(t): backbone.collate(t.readout, examples[id(t)]) for t in takers}
-            for trainer in takers:  # FLOPs as alone: on the run's own batch
-                totals[id(trainer)][1:] += trainer.batch_flops(batches[id(trainer)])
-            joint = [t for t in takers if t.method.loss_in_one_pass]
-            if len(joint) == 1:
-                joint_losses(backbone, joint, to_device(batches[id(joint[0])], device), weights, totals, autocast)
-            elif joint:
-                batch = backbone.collate_runs([(t.readout, examples[id(t)]) for t in joint])
-                joint_losses(backbone, joint, to_device(batch, device), weights, totals, autocast)
-            for trainer in takers:
-                if not trainer.method.loss_in_one_pass:
-                    batch = to_device(batches[id(trainer)], device)
-                    own_loss(backbone, trainer, batch, weights[id(trainer)], totals, autocast)
-    losses = [trainer.apply_gradients(totals[id(trainer)]) for trainer in trainers]
+    for round_ in range(max(t.cfg.grad_accum for t in trainers)):
+        takers = micro_batch(runs, totals, round_)
+        for taker in takers:  # FLOPs as alone: on the run's own batch
+            taker.totals.add_flops(taker.trainer.batch_flops(taker.examples))
+        joint = [taker for taker in takers if taker.trainer.method.loss_in_one_pass]
+        if joint:
+            batch = backbone.collate_runs([(taker.trainer.readout, taker.examples) for taker in joint])
+            joint_losses(backbone, joint, to_device(batch, device), autocast)
+        for taker in takers:
+            if not taker.trainer.method.loss_in_one_pass:
+                batch = to_device(backbone.collate(taker.trainer.readout, taker.examples), device)
+                own_loss(backbone, taker, batch, autocast)
+    for trainer, run_totals in zip(trainers, totals):
+        trainer.reduce(run_totals)
+    for stack in stacked(trainers):  # every run's own update, one optimizer step per stack
+        stack.step()
+    losses = [trainer.count_update(run_totals) for trainer, run_totals in zip(trainers, totals)]
     return time.perf_counter() - started, losses

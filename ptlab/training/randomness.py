@@ -1,18 +1,17 @@
 """A run's randomness, owned by the run rather than by the process.
 
-Three streams, all from the run's seed, all saved in `checkpoints/last`:
+Two streams, both from the run's seed, both saved in `checkpoints/last`:
 - `generator`, a CPU `torch.Generator` for the draws ptlab makes itself while training (SMoP's
   router noise), handed to the method at build (`PromptContext.generator`). It lives on the CPU
   whatever the device, so a seed draws the same numbers on a CPU and on a GPU.
-- `dropout(device)`, a generator on the device for the frozen network's dropout masks, which
-  `ptlab.model.run_dropout` draws at the run's own shape whatever rows share the batch.
 - the ambient stream, for the draws torch makes from its global default generators where no
   generator can be passed (dropout inside a method, SMoP's router dropout): `active(device)` swaps
   the run's state into the default generators around the run's own draws and takes it back.
 
 So runs interleaved in one process, or sharing batches in a pack, each draw exactly the numbers
 they would draw alone, and a resumed run continues its streams where its checkpoint left them.
-Nothing here reads or seeds the global generators outside `active`.
+Nothing here reads or seeds the global generators outside `active`. The frozen network's dropout
+has no stream: its masks are addressed (ptlab/model/run_dropout.py), so it needs no state.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from typing import Any, Dict, Iterator, List
 import torch
 
 AMBIENT_OFFSET = 1 << 62  # the ambient stream's seed: the run's, shifted out of the seeds runs are given
-DROPOUT_OFFSET = 1 << 61  # the frozen network's dropout stream's seed, likewise
 
 
 def default_state(device: torch.device) -> torch.Tensor:
@@ -46,7 +44,9 @@ class RunRandomness:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.ambient: Dict[str, torch.Tensor] = {}  # device -> its default generator's state in this run
-        self.dropouts: Dict[str, torch.Generator] = {}  # device -> the frozen network's dropout stream
+        # a checkpoint of ptlab before addressed dropout held a dropout generator's state (22e2f2c and
+        # earlier): its run goes on with addressed masks from the step it resumes at
+        self.resumed_dropout_stream = False
 
     def _ambient_devices(self, device: torch.device) -> List[torch.device]:
         """The default generators a step on `device` may draw from: the CPU's, and the GPU's."""
@@ -73,20 +73,11 @@ class RunRandomness:
                 self.ambient[str(d)] = default_state(d)
                 set_default_state(d, state)
 
-    def dropout(self, device: torch.device) -> torch.Generator:
-        """The generator the frozen network's dropout draws from on `device` for this run."""
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", torch.cuda.current_device())
-        if str(device) not in self.dropouts:
-            self.dropouts[str(device)] = torch.Generator(device).manual_seed(self.seed + DROPOUT_OFFSET)
-        return self.dropouts[str(device)]
-
     def state_dict(self) -> Dict[str, Any]:
         return {
             "seed": self.seed,
             "generator": self.generator.get_state(),
             "ambient": dict(self.ambient),
-            "dropout": {device: generator.get_state() for device, generator in self.dropouts.items()},
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -94,5 +85,4 @@ class RunRandomness:
         self.seed = state["seed"]
         self.generator.set_state(state["generator"])
         self.ambient = dict(state["ambient"])
-        for device, generator_state in state.get("dropout", {}).items():  # absent before the stream
-            self.dropout(torch.device(device)).set_state(generator_state)
+        self.resumed_dropout_stream = bool(state.get("dropout"))

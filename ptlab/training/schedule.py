@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional
 
 import torch
 
@@ -22,6 +22,14 @@ from ptlab.model.partial import PartialModel
 from ptlab.training.checkpoint import read_plain
 
 log = logging.getLogger(__name__)
+
+
+class StepFlops(NamedTuple):
+    """A step's training FLOPs on the model it trained (a partial one in FPT's early stages) and on
+    the full model."""
+
+    actual: float
+    full: float
 
 
 class StageSchedule:
@@ -86,21 +94,21 @@ class StageSchedule:
             facts.update(self.partial.stage_facts())
         return facts
 
-    def batch_flops(
-        self, batch: Dict[str, torch.Tensor], method: PromptMethod, shared_prompt: bool
-    ) -> torch.Tensor:
-        """[FLOPs of a training step on `batch` on the current model, the same on the full model];
-        `shared_prompt`: the method's block runs once per batch (a causal LM's shared prompt)."""
+    def batch_flops(self, rows: int, source_width: int, target_width: int, method: PromptMethod,
+                    shared_prompt: bool) -> StepFlops:  # fmt: skip
+        """A training step's FLOPs on a batch of `rows` padded to `source_width` and `target_width`
+        tokens, on the current model and on the full one; `shared_prompt`: the method's block runs
+        once per batch (a causal LM's shared prompt)."""
         sizes = dict(
-            batch=len(batch["labels"]),
-            source_tokens=batch["source_ids"].shape[1] + method.num_tokens,
-            target_tokens=batch["target_ids"].shape[1],
+            batch=rows,
+            source_tokens=source_width + method.num_tokens,
+            target_tokens=target_width,
             shared_prompt=method.num_tokens if shared_prompt else 0,
             prefixes=method.prefix_positions,
         )
         full = train_step_flops(self.shape, self.family, **sizes)
         if self.is_full:
-            return torch.tensor([full, full], dtype=torch.float64)
+            return StepFlops(full, full)
         layers: List[List[int]] = self.partial.kept_layers
         actual = train_step_flops(
             self.shape,
@@ -111,4 +119,4 @@ class StageSchedule:
             decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else None,
             **sizes,
         )
-        return torch.tensor([actual, full], dtype=torch.float64)
+        return StepFlops(actual, full)

@@ -26,12 +26,14 @@ from ptlab.config.schema import Config, TrainerConfig
 from ptlab.data.examples import Example, chunks, training_batches
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.model.backbone import trainable_parameters
+from ptlab.model.dropout_stream import DropoutStream
 from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
 from ptlab.training.evaluate import baseline_metrics, to_device
 from ptlab.training.memory import peak_memory_mb
 from ptlab.training.progress import Progress
-from ptlab.training.schedule import StageSchedule
+from ptlab.training.schedule import StageSchedule, StepFlops
+from ptlab.training.stacks import Stack
 from ptlab.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,20 @@ class TrainState:
     flops: float = 0.0  # analytic training FLOPs so far (ptlab/model/flops.py)
     full_model_flops: float = 0.0  # the same steps on the full model
     stages: List[Dict[str, float]] = field(default_factory=list)  # per stage: steps, flops, seconds
+
+
+@dataclass
+class StepTotals:
+    """What one optimizer step of a run adds up over its micro-batches: its loss (each
+    micro-batch's weighted by its share of the step) and its training FLOPs."""
+
+    loss: float = 0.0
+    flops: float = 0.0  # on the model it trains (a partial one in FPT's early stages)
+    full_flops: float = 0.0  # the same batches on the full model
+
+    def add_flops(self, flops: StepFlops) -> None:
+        self.flops += flops.actual
+        self.full_flops += flops.full
 
 
 @dataclass
@@ -134,6 +150,7 @@ class Trainer:
         self.readout = pipeline.readout
         self.data, self.world, self.randomness = pipeline.data, pipeline.world, pipeline.randomness
         self.tracker, self.run_dir = tracker, run_dir
+        self.dropout = DropoutStream(config.seed, self.world.rank)  # its frozen-network dropout's address
         self.train_lengths = [len(example.source_ids) for example in self.data["train"]]
         self.baseline = baseline_metrics(self.task, self.data["validation"])  # the floor a prompt must beat
         self.device, self.autocast = pipeline.place(), pipeline.autocast
@@ -141,23 +158,18 @@ class Trainer:
         if not self.params:
             raise ConfigError("the method has no trainable parameters")
         self.num_trainable = sum(p.numel() for p in self.params)
+        # the run's optimizer in a solo run's format: its lr schedule writes the lr there, its state is
+        # kept there between packs; a pack steps it as a slice of a stack (ptlab/training/stacks.py)
         self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.stack: Optional[Stack] = None
         self.total_steps = total_steps(self.cfg, len(self.data["train"]))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
         self.eval_batch_size = self.cfg.eval_batch
         self.stage_schedule = StageSchedule(config.schedule, self.backbone, self.total_steps)
         stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.schedule.stages]
         self.state = TrainState(stages=stages)
-        self.checkpoint = RunCheckpoint(
-            run_dir,
-            self.method,
-            self.readout,
-            self.optimizer,
-            self.lr_scheduler,
-            self.randomness,
-            pipeline.prompt_config(),
-            writes=self.world.is_main,
-        )
+        self.checkpoint = RunCheckpoint(run_dir, self.method, self.readout, self.optimizer, self.lr_scheduler,
+                                        self.randomness, pipeline.prompt_config(), writes=self.world.is_main)  # fmt: skip
         self.fit_started = time.perf_counter()
         self.scoring_seconds = 0.0  # FPT's neuron scoring in this process (0: none, or cached)
         self.last_finite_loss: Optional[float] = None
@@ -173,6 +185,8 @@ class Trainer:
         return True
 
     def save_last(self) -> None:
+        if self.stack is not None:  # its optimizer's state lives in its stack while it trains
+            self.stack.sync(self)
         self.checkpoint.save_last(asdict(self.state))
 
     def run_eval(self, split: str) -> Dict[str, float]:
@@ -183,11 +197,8 @@ class Trainer:
         self.state.last_metrics = metrics
         # curves against compute: train_s (training seconds, all sessions of the run), flops (training
         # FLOPs so far) and wall_s (this process's training and evaluation seconds)
-        clocks = {
-            "train_s": self.state.train_seconds,
-            "flops": self.state.flops,
-            "wall_s": time.perf_counter() - self.fit_started,
-        }
+        clocks = {"train_s": self.state.train_seconds, "flops": self.state.flops,
+                  "wall_s": time.perf_counter() - self.fit_started}  # fmt: skip
         self.tracker.log(self.state.step, "validation", {**metrics, **clocks})
         score = metrics[self.task.main_metric]
         if self.state.best_score is None or score > self.state.best_score:
@@ -224,7 +235,9 @@ class Trainer:
     def begin_step(self) -> None:
         """Before a step: the stage it trains in, gradients cleared, the method in training mode."""
         self.enter_stage()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.dropout.at_step(self.state.step)
+        for param in self.params:  # the optimizer's zero_grad, without its profiler record per run
+            param.grad = None
         self.method.train()
 
     def next_examples(self, stream: Iterator[List[int]]) -> Tuple[List[Example], float]:
@@ -237,26 +250,33 @@ class Trainer:
         weight = len(mine) / len(indices) / self.cfg.grad_accum
         return [self.data["train"][i] for i in mine], weight
 
-    def batch_flops(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """This run's training FLOPs on one of its batches, and the full model's (float64 `[2]`)."""
+    def batch_flops(self, examples: List[Example]) -> StepFlops:
+        """This run's training FLOPs on a batch of `examples` (padded as `collate` pads them), on
+        the model it trains and on the full model."""
         return self.stage_schedule.batch_flops(
-            batch, self.method, self.backbone.runs_prompt_once(self.method)
+            len(examples),
+            max(len(example.source_ids) for example in examples),
+            max(len(self.readout.choice_ids[example.label]) for example in examples),
+            self.method,
+            self.backbone.runs_prompt_once(self.method),
         )
 
-    def apply_gradients(self, totals: torch.Tensor) -> float:
-        """The optimizer step once this rank's gradients are in (summed over ranks here); `totals`:
-        the step's loss, FLOPs and full-model FLOPs. Returns the loss."""
+    def reduce(self, totals: StepTotals) -> None:
+        """Once this rank's gradients are in: gradients and `totals` summed over ranks, ready for
+        the optimizer step (its stack's)."""
         self.world.sum_gradients(self.params)
-        self.world.sum_(totals)
-        if self.cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.world.size > 1:
+            summed = self.world.sum_(torch.tensor([totals.loss, totals.flops, totals.full_flops], dtype=torch.float64))
+            totals.loss, totals.flops, totals.full_flops = summed.tolist()
+
+    def count_update(self, totals: StepTotals) -> float:
+        """After the optimizer step: the lr schedule's step, the step counted; returns the loss."""
         self.lr_scheduler.step()
         self.state.step += 1
-        self.state.flops += float(totals[1])
-        self.state.full_model_flops += float(totals[2])
-        self.state.stages[self.stage_schedule.current]["flops"] += float(totals[1])
-        return float(totals[0])
+        self.state.flops += totals.flops
+        self.state.full_model_flops += totals.full_flops
+        self.state.stages[self.stage_schedule.current]["flops"] += totals.flops
+        return totals.loss
 
     def enter_stage(self) -> None:
         """Before a step: the stage it trains in (FPT's partial models), logged when it changes."""
@@ -264,10 +284,6 @@ class Trainer:
         if stage is not None and len(self.state.stages) > 1:
             log.info("step %d: stage %s", self.state.step, stage)
             self.tracker.log(self.state.step, "stage", stage)
-
-    def dropout_streams(self) -> Dict[int, torch.Generator]:
-        """Where the frozen network's dropout draws from in this run's passes (`Backbone.drawing`)."""
-        return {id(self.method): self.randomness.dropout(self.device)}
 
     def out_of_memory(self, error: Exception) -> TrainingFault:
         """The one-line report of this run's step running out of memory alone."""
