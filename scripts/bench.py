@@ -889,6 +889,36 @@ def sweep_rates(summaries: list, pack_size: int) -> tuple:
     return examples / max(seconds, 1e-9), max(s["peak_memory_mb"] for s in summaries)
 
 
+def packed_table_rows(bench: Bench, what: str, measured: dict, floor: float) -> None:
+    """The table's rows of one packed sweep (`what`): wall time, examples/s, share of the matmul
+    `floor` and peak memory, packed vs one after another."""
+    alone, packed = measured["alone"], measured["packed"]
+    bench.row(
+        f"{what}, wall s (load + tokenize + train + eval), packed vs one after another",
+        f"{packed['wall_s']:.1f} s",
+        f"{alone['wall_s']:.1f} s",
+        f"{alone['wall_s'] / packed['wall_s']:.2f}x faster",
+    )
+    bench.row(
+        f"{what}, training examples/s, packed vs one after another",
+        f"{packed['examples_per_s']:.0f}",
+        f"{alone['examples_per_s']:.0f}",
+        f"{packed['examples_per_s'] / alone['examples_per_s']:.2f}x",
+    )
+    bench.row(
+        f"{what}, training FLOPs/s as a share of the matmul floor ({floor / 1e12:.2f} TFLOP/s), packed vs one after another",
+        f"{packed['floor_share']:.1%}",
+        f"{alone['floor_share']:.1%}",
+        f"{packed['floor_share'] / alone['floor_share']:.2f}x",
+    )
+    bench.row(
+        f"{what}, peak memory, the pack vs its largest run alone",
+        f"{packed['peak_memory_mb']:.0f} MiB",
+        f"{alone['peak_memory_mb']:.0f} MiB",
+        f"{packed['peak_memory_mb'] / alone['peak_memory_mb']:.2f}x",
+    )
+
+
 def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path, floor: float) -> dict:
     """One sweep of `size` runs, packed (`pack_size=size`) vs one after another, `--pack-repeats`
     times in this process, the arms alternating (A B B A ...): median wall times, the sweep's
@@ -932,30 +962,7 @@ def packed_row(bench: Bench, name: str, size: int, batch: int, scratch: Path, fl
         for a, b in zip(packed["runs"], alone["runs"])
     )
     what = f"{name}: sweep of K={size} PT-20 runs ({args.pack_steps} steps, batch {batch})"
-    bench.row(
-        f"{what}, wall s (load + tokenize + train + eval), packed vs one after another",
-        f"{packed['wall_s']:.1f} s",
-        f"{alone['wall_s']:.1f} s",
-        f"{alone['wall_s'] / packed['wall_s']:.2f}x faster",
-    )
-    bench.row(
-        f"{what}, training examples/s, packed vs one after another",
-        f"{packed['examples_per_s']:.0f}",
-        f"{alone['examples_per_s']:.0f}",
-        f"{packed['examples_per_s'] / alone['examples_per_s']:.2f}x",
-    )
-    bench.row(
-        f"{what}, training FLOPs/s as a share of the matmul floor ({floor / 1e12:.2f} TFLOP/s), packed vs one after another",
-        f"{packed['floor_share']:.1%}",
-        f"{alone['floor_share']:.1%}",
-        f"{packed['floor_share'] / alone['floor_share']:.2f}x",
-    )
-    bench.row(
-        f"{what}, peak memory, the pack vs its largest run alone",
-        f"{packed['peak_memory_mb']:.0f} MiB",
-        f"{alone['peak_memory_mb']:.0f} MiB",
-        f"{packed['peak_memory_mb'] / alone['peak_memory_mb']:.2f}x",
-    )
+    packed_table_rows(bench, what, measured, floor)
     return measured
 
 

@@ -279,7 +279,7 @@ class RunCheckpoint:
             raise ConfigError(f"{folder / 'state.pt'} does not fit this model ({first}): {fix}") from None
         if "randomness" in saved:
             self.randomness.load_state_dict(saved["randomness"])
-            if self.randomness.resumed_dropout_stream:
+            if saved["randomness"].get("dropout"):  # 22e2f2c and earlier drew dropout from a generator
                 log.warning("%s was written by a ptlab that drew the frozen network's dropout from a stream "
                             "(22e2f2c and earlier): the run goes on with addressed masks, so it is not "
                             "bit-identical to an uninterrupted run of that version; for one, train it again "

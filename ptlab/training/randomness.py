@@ -44,9 +44,6 @@ class RunRandomness:
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.ambient: Dict[str, torch.Tensor] = {}  # device -> its default generator's state in this run
-        # a checkpoint of ptlab before addressed dropout held a dropout generator's state (22e2f2c and
-        # earlier): its run goes on with addressed masks from the step it resumes at
-        self.resumed_dropout_stream = False
 
     def _ambient_devices(self, device: torch.device) -> List[torch.device]:
         """The default generators a step on `device` may draw from: the CPU's, and the GPU's."""
@@ -85,4 +82,3 @@ class RunRandomness:
         self.seed = state["seed"]
         self.generator.set_state(state["generator"])
         self.ambient = dict(state["ambient"])
-        self.resumed_dropout_stream = bool(state.get("dropout"))

@@ -49,7 +49,9 @@ def stack_key(trainer: Trainer) -> Tuple:
 class Stack:
     """Members of a pack with one `stack_key`: their parameters' storage and their optimizer."""
 
-    def __init__(self, trainers: List[Trainer]) -> None:
+    def __init__(self, trainers: List[Trainer], states: Optional[List[Dict]] = None) -> None:
+        """`states`: the members' optimizer states in a solo run's format (default: their own
+        optimizers')."""
         self.trainers = list(trainers)
         count = len(trainers[0].params)
         with torch.no_grad():
@@ -61,7 +63,7 @@ class Stack:
                 param.stack_slice = (tensor, index)  # a pass over several members takes the tensor
         hypers = [MemberHyper(t.optimizer.param_groups[0]["lr"], t.cfg.weight_decay, t.cfg.grad_clip)
                   for t in self.trainers]  # fmt: skip
-        states = [t.optimizer.state_dict() for t in self.trainers]
+        states = states or [t.optimizer.state_dict() for t in self.trainers]
         self.optimizer = STACKED_OPTIMIZERS[trainers[0].cfg.optimizer](self.tensors, hypers, states)
         self.clips = any(t.cfg.grad_clip for t in self.trainers)
 
@@ -92,18 +94,16 @@ class Stack:
         for group, kept in zip(trainer.optimizer.param_groups, groups):
             group.update(kept)
 
-    def without(self, trainer: Trainer) -> List[Trainer]:
+    def without(self, trainer: Trainer) -> Tuple[List[Trainer], List[Dict]]:
         """`trainer` leaves: its state synced, its parameters given storage of their own; the members
-        that stay (to be stacked again)."""
+        that stay and their optimizer states (to be stacked again)."""
         self.sync(trainer)
         with torch.no_grad():
             for param in trainer.params:
                 param.data = param.data.clone()
                 del param.stack_slice
-        for other in self.trainers:
-            if other is not trainer:
-                self.sync(other)
-        return [t for t in self.trainers if t is not trainer]
+        staying = [index for index, other in enumerate(self.trainers) if other is not trainer]
+        return [self.trainers[i] for i in staying], [self.optimizer.member_state(i) for i in staying]
 
 
 def stacked(trainers: List[Trainer]) -> List[Stack]:
@@ -135,10 +135,10 @@ class Stacks:
         stack = trainer.stack
         if stack is None or stack not in self.stacks:
             return
-        staying = stack.without(trainer)
+        staying, states = stack.without(trainer)
         trainer.stack = None
         self.stacks.remove(stack)
         if staying:
-            self.stacks.append(Stack(staying))
+            self.stacks.append(Stack(staying, states))
             for other in staying:
                 other.stack = self.stacks[-1]
