@@ -12,7 +12,7 @@ RSS high-water mark (reset per contender) on CPU. After the fixed-shape comparis
 real-data ones: length-grouped vs random batches on SST-2, evaluation of SST-2 validation with
 SmolLM2 (ptlab rank vs PEFT generate), and time to accuracy (ptlab's default recipe vs PEFT).
 On request (`--sections packed`, not in the default set): a sweep of K runs trained packed over one
-backbone (`ptlab.training.packed_job.run_group`) vs the same K runs one after another (`job.run`).
+backbone (`ptlab.training.job.run_jobs`) vs the same K runs one after another (`job.run`).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from ptlab.model.compile import compile_blocks
 from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel
 from ptlab.training.evaluate import map_sorted_batches, predict_examples, to_device
+from ptlab.training.loop import backward_loss
 from ptlab.training.memory import peak_memory_mb, proc_status_kb, reset_peak_memory
-from ptlab.training.packed_step import backward_loss
 
 REPO = Path(__file__).resolve().parent.parent
 T5_BASE_SHAPE = [
@@ -855,14 +855,14 @@ def sweep_alone(overrides: list[list[str]], root: Path) -> tuple:
 
 def sweep_packed(overrides: list[list[str]], root: Path, pack_size: int) -> tuple:
     """(wall seconds, best values, run outcomes) of the same runs trained in packs of `pack_size`
-    over one backbone loaded once (`run_group`), each run in its own folder."""
-    from ptlab.training.packed_job import PackedJob, run_group
+    over one backbone loaded once (`run_jobs`), each run in its own folder."""
+    from ptlab.training.job import Job, run_jobs
     from ptlab.training.run_folder import RunFacts
 
     cfgs = [sweep_config(o) for o in overrides]
-    jobs = [PackedJob(cfg, to_object(cfg), RunFacts(run_dir=root / str(i))) for i, cfg in enumerate(cfgs)]
+    jobs = [Job(cfg, to_object(cfg), RunFacts(run_dir=root / str(i))) for i, cfg in enumerate(cfgs)]
     started = time.perf_counter()
-    best = run_group(jobs, pack_size=pack_size)
+    best = run_jobs(jobs, pack_size=pack_size)
     wall = time.perf_counter() - started
     return wall, best, [run_outcome(root / str(i)) for i in range(len(cfgs))]
 
@@ -994,7 +994,7 @@ def packed_verdict(difference: float, steps: int, device: str) -> str:
 def packed_sweep(bench: Bench) -> None:
     """Packed sweeps: for each `--pack-backbones` backbone and each K of `--pack-sizes`, the same K
     PT-20 runs (`sweep_overrides`) trained one after another with `job.run` vs packed with
-    `run_group(..., pack_size=K)`, in this process: whole-sweep wall time, the sweep's training
+    `run_jobs(..., pack_size=K)`, in this process: whole-sweep wall time, the sweep's training
     examples/s, peak memory (the pack vs its largest run alone) and whether every run's best
     validation value is the same in both (dropout off: equal within 1e-5). Rows at `--batch`, plus
     one at the realistic `--pack-batch` (default: the config's trainer.batch_size) for the largest K."""

@@ -19,7 +19,7 @@ from ptlab.data.tasks import label_index
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.training import checkpoint as checkpoint_module
-from ptlab.training import packed_step
+from ptlab.training import loop
 from ptlab.training.job import run
 
 from conftest import SHARED_DATA, compose_config
@@ -247,7 +247,7 @@ def test_out_of_memory_in_a_step_is_one_line_with_the_sizes_to_lower(tmp_path, m
     def exhausted(runs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(packed_step, "step", exhausted)
+    monkeypatch.setattr(loop, "step", exhausted)
     with pytest.raises(TrainingFault) as caught:
         run(compose_config([*QUICK, "trainer.batch_size=8"]), run_dir=tmp_path)
     message = str(caught.value)

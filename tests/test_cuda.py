@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_scale_out import QUICK, cli, trained_prompt
 
-from ptlab.training import checkpoint, packed_step
+from ptlab.training import checkpoint, loop
 from ptlab.training.evaluate import to_device
 from ptlab.training.job import run
 
@@ -101,17 +101,17 @@ class Killed(Exception):
 def test_killed_run_resumes_on_the_device_like_an_uninterrupted_one(tmp_path, monkeypatch):
     overrides = ["backbone=tiny_t5", "backbone.dropout=true", *STEPS]  # dropout: RNG state matters
     full, full_summary = train(tmp_path, "full", overrides)
-    original_step = packed_step.step
+    original_step = loop.step
 
     def dies_at_step_4(runs):
         if runs[0][0].state.step == 4:
             raise Killed()
         return original_step(runs)
 
-    monkeypatch.setattr(packed_step, "step", dies_at_step_4)
+    monkeypatch.setattr(loop, "step", dies_at_step_4)
     with pytest.raises(Killed):
         train(tmp_path, "resumed", overrides)
-    monkeypatch.setattr(packed_step, "step", original_step)
+    monkeypatch.setattr(loop, "step", original_step)
     resumed, resumed_summary = train(tmp_path, "resumed", [*overrides, "trainer.resume=true"])
     assert resumed_summary["steps"] == full_summary["steps"] == 6
     for key in ("best", "final"):

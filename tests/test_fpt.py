@@ -14,7 +14,7 @@ from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 from ptlab.model.flops import ModelShape, train_step_flops
 from ptlab.model.partial import PartialModel, evenly_spaced_layers
-from ptlab.training import packed_step
+from ptlab.training import loop
 from ptlab.training.job import run
 from ptlab.training.trainer import Trainer
 
@@ -183,17 +183,17 @@ def test_fpt_saves_flops_and_reports_them(tmp_path):
 
 def test_resume_in_the_middle_of_a_stage(tmp_path, monkeypatch):
     full_dir, full = fpt_run(tmp_path, "full", extra=["trainer.eval_every=1"])
-    original = packed_step.step
+    original = loop.step
 
     def dies_at_step_4(runs):
         if runs[0][0].state.step == 3:  # stage 1 spans steps 2-3; the last checkpoint is at step 3
             raise KeyboardInterrupt
         return original(runs)
 
-    monkeypatch.setattr(packed_step, "step", dies_at_step_4)
+    monkeypatch.setattr(loop, "step", dies_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1"])
-    monkeypatch.setattr(packed_step, "step", original)
+    monkeypatch.setattr(loop, "step", original)
     scores_before = torch.load(tmp_path / "resumed/ffn_scores.pt")
     _, resumed = fpt_run(tmp_path, "resumed", extra=["trainer.eval_every=1", "trainer.resume=true"])
     assert all(

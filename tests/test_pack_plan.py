@@ -11,8 +11,8 @@ import torch
 from ptlab.config.schema import to_object
 from ptlab.model.flops import ModelShape
 from ptlab.model.loading import load_model_and_tokenizer, model_config
-from ptlab.training.pack_plan import balanced, estimated_cap, pack_counts, plan_packs, weight_bytes
-from ptlab.training.packing import MAX_AUTO_PACK, Group, member_bytes
+from ptlab.training.pack_plan import balanced, pack_counts, plan_packs
+from ptlab.training.packing import MAX_AUTO_PACK, Group, estimated_cap, member_bytes, weight_bytes
 
 from conftest import compose_config
 

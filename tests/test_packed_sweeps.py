@@ -1,4 +1,4 @@
-"""Packed sweeps (ptlab/training/pack.py): every member of a pack ends where its run alone ends.
+"""Packed sweeps (ptlab/training/loop.py): every member of a pack ends where its run alone ends.
 
 With the frozen network's dropout on (the default: each run draws its own masks) or off, a
 member's metrics.jsonl (losses, lr, validation metrics) and its trained prompt equal the same job
@@ -27,11 +27,9 @@ from ptlab.config.schema import to_object
 from ptlab.lab.compare import main as compare_main
 from ptlab.methods.smop import SMoP
 from ptlab.model.partial import PartialModel
-from ptlab.training import packed_step
-from ptlab.training import train_runs as train_runs_module
-from ptlab.training.job import run
+from ptlab.training import loop
+from ptlab.training.job import Job, run, run_jobs
 from ptlab.training.pack_plan import packing_report, plan_packs
-from ptlab.training.packed_job import PackedJob, run_group
 from ptlab.training.packing import group_jobs
 from ptlab.training.run_folder import RunFacts, read_summary
 from ptlab.training.trainer import Trainer
@@ -61,9 +59,9 @@ MEMBERS = [
 COMPARED = ("loss", "lr", "acc")
 
 
-def job(overrides: List[str], run_dir: Path) -> PackedJob:
+def job(overrides: List[str], run_dir: Path) -> Job:
     cfg = compose_config(overrides)
-    return PackedJob(cfg, to_object(cfg), RunFacts(run_dir=run_dir))
+    return Job(cfg, to_object(cfg), RunFacts(run_dir=run_dir))
 
 
 def events(run_dir: Path) -> List[Dict]:
@@ -123,7 +121,7 @@ def test_each_member_of_a_mixed_pack_equals_its_run_alone(tmp_path, backbone, dr
     overrides = [[*COMMON, f"backbone={backbone}", switch, "hardware.num_threads=1", *m] for m in MEMBERS]
     jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(overrides)]
     assert len(group_jobs([j.config for j in jobs])) == 1  # one backbone setup: one group
-    results = run_group(jobs, pack_size=None)
+    results = run_jobs(jobs, pack_size=None)
     for i, member in enumerate(overrides):
         alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
         assert results[i] == pytest.approx(alone, rel=1e-6)
@@ -167,7 +165,7 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
         return real_score(self, run_batches)
 
     monkeypatch.setattr(PartialModel, "score_neurons", score_neurons)
-    results = run_group(jobs, pack_size=None)
+    results = run_jobs(jobs, pack_size=None)
     monkeypatch.undo()
     for i, member in enumerate(members):
         alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
@@ -191,7 +189,7 @@ def test_a_member_that_fails_fails_alone(tmp_path):
         job(bad, tmp_path / "1"),
         job([*base, "seed=2"], tmp_path / "2"),
     ]
-    results = run_group(jobs, pack_size=3)
+    results = run_jobs(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
     failure = json.loads((tmp_path / "1" / "failure.json").read_text())
     assert "training loss is" in failure["error"] and "lower trainer.lr" in failure["error"]
@@ -213,15 +211,15 @@ def test_a_fault_in_one_members_own_work_ends_that_member_alone(tmp_path, monkey
     elif phase == "tracker":
         (tmp_path / "1" / "metrics.jsonl").mkdir()
     else:
-        close_run = train_runs_module.close_run
+        close_run = loop.close_run
 
         def close_run_but_not_member_1(run, summary):
             if run.run_dir == tmp_path / "1":
                 raise OSError(f"no space left on device: {run.run_dir / 'summary.json'}")
             return close_run(run, summary)
 
-        monkeypatch.setattr(train_runs_module, "close_run", close_run_but_not_member_1)
-    results = run_group(jobs, pack_size=3)
+        monkeypatch.setattr(loop, "close_run", close_run_but_not_member_1)
+    results = run_jobs(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
     failure = json.loads((tmp_path / "1" / "failure.json").read_text())
     assert failure["status"] == "failed" and failure["error"]
@@ -268,7 +266,7 @@ def test_a_fault_in_one_members_part_of_the_joint_pass_ends_that_member_alone(tm
     monkeypatch.setattr(SMoP, "forward", faulty_forward)
     monkeypatch.setattr(SMoP, "inject_together", classmethod(faulty_together))
     monkeypatch.setattr(SMoP, "extra_loss", faulty_extra_loss)
-    results = run_group(jobs, pack_size=3)
+    results = run_jobs(jobs, pack_size=3)
     assert results[1] is None and results[0] is not None and results[2] is not None
     failure = json.loads((tmp_path / "1" / "failure.json").read_text())
     assert f"member 1's {phase} broke" in failure["error"]
@@ -286,7 +284,7 @@ def test_a_pack_out_of_memory_halves_down_to_packs_that_fit(tmp_path, monkeypatc
     one, and each ends equal to its run alone."""
     base = [*COMMON, "backbone=tiny_t5", "trainer.max_steps=6", "trainer.eval_every=2"]
     jobs = [job([*base, f"seed={seed}"], tmp_path / str(seed)) for seed in range(4)]
-    real_step, calls = packed_step.step, []
+    real_step, calls = loop.step, []
 
     def step(runs):
         calls.append(len(runs))
@@ -294,8 +292,8 @@ def test_a_pack_out_of_memory_halves_down_to_packs_that_fit(tmp_path, monkeypatc
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(runs)
 
-    monkeypatch.setattr(packed_step, "step", step)
-    results = run_group(jobs, pack_size=4)
+    monkeypatch.setattr(loop, "step", step)
+    results = run_jobs(jobs, pack_size=4)
     assert all(value is not None for value in results)
     err = caplog.text
     assert "a pack of 4 runs ran out of memory" in err and "in packs of 2" in err

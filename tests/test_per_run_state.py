@@ -11,7 +11,7 @@ import torch
 
 from ptlab.config.schema import to_object
 from ptlab.data.examples import training_batches
-from ptlab.training import packed_step
+from ptlab.training import loop
 from ptlab.training.build import build
 from ptlab.training.randomness import RunRandomness
 from ptlab.training.tracking import Tracker
@@ -37,7 +37,7 @@ def stepping(trainer: Trainer, losses: list):
     stream = training_batches(trainer.train_lengths, trainer.cfg, trainer.seed, trainer.state)
     window = LogWindow(losses=losses)
     for _ in range(STEPS):
-        elapsed, (loss,) = packed_step.step([(trainer, stream)])  # a step of the run alone
+        elapsed, (loss,) = loop.step([(trainer, stream)])  # a step of the run alone
         trainer.count_step(loss, elapsed, 0, window)
         yield
 

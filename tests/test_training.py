@@ -12,7 +12,7 @@ from test_scale_out import QUICK, cli
 from ptlab.config.schema import LoggerConfig
 from ptlab.errors import ConfigError
 from ptlab.model.compile import compile_blocks
-from ptlab.training import checkpoint, packed_step
+from ptlab.training import checkpoint, loop
 from ptlab.training.job import run
 from ptlab.training.tracking import Tracker
 
@@ -78,14 +78,14 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
     overrides = [f"backbone={backbone}", "backbone.dropout=true", *STEPS]
     _, full, full_summary = train(tmp_path, "full", overrides)
 
-    original_step = packed_step.step
+    original_step = loop.step
 
     def dies_at_step_5(runs):
         if runs[0][0].state.step == 4:
             raise Killed()
         return original_step(runs)
 
-    monkeypatch.setattr(packed_step, "step", dies_at_step_5)
+    monkeypatch.setattr(loop, "step", dies_at_step_5)
     with pytest.raises(Killed):
         train(tmp_path, "resumed", overrides)
     steps_run = []
@@ -94,7 +94,7 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(tmp_path, monkeyp
         steps_run.append(runs[0][0].state.step)
         return original_step(runs)
 
-    monkeypatch.setattr(packed_step, "step", counted)
+    monkeypatch.setattr(loop, "step", counted)
     _, resumed, resumed_summary = train(tmp_path, "resumed", [*overrides, "trainer.resume=true"])
     assert steps_run == [4, 5]  # continued after the checkpoint at step 4
 
@@ -226,7 +226,7 @@ def test_starting_over_in_a_used_folder_keeps_only_the_new_events(tmp_path):
 
 def test_resume_auto_of_a_finished_run_trains_no_more(tmp_path, monkeypatch):
     _, run_dir, summary = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
-    monkeypatch.setattr(packed_step, "step", lambda runs: pytest.fail("trained again"))
+    monkeypatch.setattr(loop, "step", lambda runs: pytest.fail("trained again"))
     _, _, again = train(tmp_path, "a", ["backbone=tiny_t5", *STEPS])
     assert again["best"] == summary["best"] and again["steps"] == summary["steps"]
 

@@ -17,7 +17,7 @@ ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedL
 
 
 class PackedLauncher(Launcher):
-    """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/pack.py)."""
+    """Trains a multirun's jobs in packs over one frozen backbone (ptlab/training/loop.py)."""
 
     def __init__(
         self, pack_size: Optional[int] = None, workers: Optional[int] = None, submitit: Optional[DictConfig] = None,

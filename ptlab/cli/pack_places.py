@@ -1,6 +1,6 @@
 """Where a packed sweep's planned packs train (ptlab/training/pack_plan.py): in this process, on
 this machine's devices (`hydra.launcher.workers`: one process per device, packs queued), or as
-one submitit job per pack. Each place runs `run_group` on its packs and reports each pack as it
+one submitit job per pack. Each place runs `run_jobs` on its packs and reports each pack as it
 ends; Ray's place is ptlab/cli/ray_place.py.
 """
 
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional,
 from ptlab.training.preemption import PREEMPTION_SIGNALS, Preempted, note_signals_between_packs
 
 if TYPE_CHECKING:  # the driver's --help imports no torch
-    from ptlab.training.packed_job import PackedJob
+    from ptlab.training.opened_run import Job
 
 log = logging.getLogger("ptlab")
 
@@ -35,7 +35,7 @@ class PlacedPack:
     device once its backbone is loaded) and its jobs' numbers in the sweep."""
 
     group: int
-    jobs: List[PackedJob]
+    jobs: List[Job]
     size: Optional[int]
     numbers: List[int]
 
@@ -63,15 +63,15 @@ def worker_start(devices: Any, threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_placed_pack(jobs: List[PackedJob], size: Optional[int]) -> List[Optional[float]]:
-    """`run_group` in a process of its own (a worker, a submitit job, a Ray task), logging as the
+def run_placed_pack(jobs: List[Job], size: Optional[int]) -> List[Optional[float]]:
+    """`run_jobs` in a process of its own (a worker, a submitit job, a Ray task), logging as the
     driver's jobs do: Hydra's format on stdout, and each member's lines in its train.log."""
-    from ptlab.training.packed_job import run_group
+    from ptlab.training.job import run_jobs
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
                         stream=sys.stdout)  # fmt: skip
     logging.getLogger().setLevel(logging.INFO)
-    return run_group(jobs, size)
+    return run_jobs(jobs, size)
 
 
 def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: PackEnded) -> None:
@@ -163,8 +163,8 @@ def first_line(error: BaseException) -> str:
 def lost(pack: PlacedPack, why: str) -> List[Optional[float]]:
     """A pack whose process or job ended without results: each member fails alone, its
     checkpoints kept, and a rerun of the sweep resumes it."""
-    from ptlab.training.packed_job import failed
+    from ptlab.training.opened_run import record_failed
 
     for job in pack.jobs:
-        failed(job.facts.run_dir, RuntimeError(f"{why}; rerun the sweep to resume it"))
+        record_failed(job.facts.run_dir, RuntimeError(f"{why}; rerun the sweep to resume it"))
     return [None] * len(pack.jobs)

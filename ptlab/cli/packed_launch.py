@@ -1,4 +1,4 @@
-"""`hydra/launcher=packed`: a multirun's jobs trained in packs (ptlab/training/pack.py).
+"""`hydra/launcher=packed`: a multirun's jobs trained in packs (ptlab/training/loop.py).
 
 Hydra's launchers call the task function once per job; this one composes every job's config
 (as Hydra's basic launcher does: sweep config, job number, output folder), groups the jobs that
@@ -103,9 +103,9 @@ def launch(
 ) -> List[JobReturn]:  # fmt: skip
     """Compose, group, report and train the jobs; one JobReturn per job, in order, each job seen
     by the sweep's callbacks as it starts and ends (ptlab/cli/job_hooks.py)."""
-    from ptlab.training.pack_plan import estimated_cap, packing_report, plan_packs
-    from ptlab.training.packed_job import PackedJob, failed
-    from ptlab.training.packing import check_packable, group_jobs
+    from ptlab.training.opened_run import Job, record_failed
+    from ptlab.training.pack_plan import packing_report, plan_packs
+    from ptlab.training.packing import check_packable, estimated_cap, group_jobs
 
     setup_globals()
     pack_size = check_launcher(settings)
@@ -118,11 +118,11 @@ def launch(
         hooks.add(sweep_config, job_return)
         log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
         try:
-            jobs.append(PackedJob(job_return.cfg, to_object(job_return.cfg), facts))
+            jobs.append(Job(job_return.cfg, to_object(job_return.cfg), facts))
             usable.append(offset)
         except ConfigError as error:  # this job's own settings: it fails alone
             hooks.started([offset])
-            failed(facts.run_dir, error)
+            record_failed(facts.run_dir, error)
             hooks.ended(offset, None)
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])
@@ -155,7 +155,7 @@ class Placement:
     remote: str = ""
 
     def memory(self, config: Any) -> Optional[float]:
-        from ptlab.training.pack_plan import device_bytes
+        from ptlab.training.packing import device_bytes
 
         return None if self.remote else device_bytes(config, self.workers)
 
@@ -184,7 +184,7 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
     """Train the packs where the settings say, each pack's jobs told to the callbacks as it starts
     and ends: here one group at a time on its backbone loaded once, else each pack on a device of
     its own (this machine's workers, submitit jobs or Ray tasks)."""
-    from ptlab.training.packed_job import run_group
+    from ptlab.training.job import run_jobs
     from ptlab.training.preemption import Preempted
 
     for pack in packs:
@@ -206,7 +206,7 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
             on_workers(packs, where.workers, where.gpus, ended)
         else:
             for group in by_group(packs):
-                hooks.ended_if_untold(group.numbers, run_group(group.jobs, group.size, hooks.ender(group.numbers)))
+                hooks.ended_if_untold(group.numbers, run_jobs(group.jobs, group.size, hooks.ender(group.numbers)))
     except Preempted as stop:  # each member's checkpoint is written; the same command resumes
         print(f"ptlab: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
@@ -214,7 +214,7 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
 
 def by_group(packs: Sequence[PlacedPack]) -> List[PlacedPack]:
     """The packs of each group as one, for a process that trains a group on its backbone loaded once
-    (`run_group` cuts it into the same balanced packs)."""
+    (`run_jobs` cuts it into the same balanced packs)."""
     merged: Dict[int, PlacedPack] = {}
     for pack in packs:
         if pack.group in merged:

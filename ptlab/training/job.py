@@ -1,9 +1,15 @@
-"""One training job: its run folder, the pipeline, the trainer and the summary.
+"""Training jobs, from their folders to their results: `run(cfg)` for one run, `run_jobs` for a
+group that shares one backbone setup (a packed sweep's, `ptlab.training.packing.group_jobs`).
 
-`run(cfg)` is a plain function returning the best validation score, so tests and scripts can call
-it directly; `ptlab-train` (ptlab/cli/train.py) calls it once the command line is parsed, with
-Hydra's facts about the job (`RunFacts`). This module imports torch and transformers, which the
-command line itself does not need for `--help` or `--cfg`.
+Both go through one sequence: each job's folder is held (ptlab/training/folder_lock.py) and
+prepared, a finished run is skipped, the backbone is loaded (by a run alone itself, after its data,
+so a data error comes first; once for a group), and the jobs train in packs on it
+(ptlab/training/loop.py). A failure is raised for a run alone (`OnFailure.RAISE`: its command ends
+with it) and recorded for a group's member, whose folder another process holds, say, while the
+others go on. `run` is a plain function returning the best validation score, so tests and scripts
+can call it; `ptlab-train` (ptlab/cli/train.py) calls it with Hydra's facts about the job
+(`RunFacts`). This module imports torch and transformers, which the command line itself does not
+need for `--help` or `--cfg`.
 """
 
 from __future__ import annotations
@@ -11,17 +17,23 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig
 
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
+from ptlab.training.build import frozen_backbone
 from ptlab.training.checkpoint import config_difference, config_record, record_difference
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.folder_lock import FolderLocks
+from ptlab.training.loop import Ended, OnFailure, train_runs, unheard
+from ptlab.training.opened_run import Job, record_failed
+from ptlab.training.pack_plan import balanced
+from ptlab.training.packing import auto_pack_size
 from ptlab.training.run_folder import (
     FAILURE_FILE,
     RunFacts,
@@ -30,7 +42,8 @@ from ptlab.training.run_folder import (
     read_summary,
     unwritable,
 )
-from ptlab.training.train_runs import PackedJob, train_runs
+
+__all__ = ["Job", "run", "run_jobs"]
 
 log = logging.getLogger("ptlab")
 
@@ -49,12 +62,70 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, facts: Optional[RunFact
     Hydra did not launch it)."""
     config = to_object(cfg)
     facts = facts or RunFacts()
+    facts = dataclasses.replace(facts, run_dir=run_dir or facts.run_dir)
     world = init_world(config.hardware)
     try:
-        with FolderLocks() as locks:  # held until the run has ended, however it ends
-            return train_in(prepared_run_dir(config, run_dir or facts.run_dir, locks, world), config, cfg, world, facts)
+        (best,) = run_jobs([Job(cfg, config, facts)], pack_size=1, world=world, on_failure=OnFailure.RAISE)
+        return best
     finally:
         close_world(world)
+
+
+def run_jobs(
+    jobs: Sequence[Job], pack_size: Optional[int], ended: Ended = unheard, world: Optional[World] = None,
+    on_failure: OnFailure = OnFailure.RECORD,
+) -> List[Optional[float]]:  # fmt: skip
+    """The jobs (that share one backbone setup) in packs of at most `pack_size` (None: as many as
+    fit, `auto_pack_size`) on one backbone loaded once; each one's best validation value (None: it
+    failed), and `ended` told as each one ends. Finished jobs are skipped before anything loads.
+    Each job's folder is held by this process until the group ends."""
+    world = world or World()
+    with FolderLocks() as locks:  # held until the jobs have ended, however they end
+        results: List[Optional[float]] = [None] * len(jobs)
+        folders: Dict[int, Path] = {}
+        for index, job in enumerate(jobs):
+            try:
+                folder = prepared_run_dir(job.config, job.facts.run_dir, locks, world)
+                finished = finished_summary(folder, job.config) if job.config.trainer.resume else None
+            except Exception as error:  # noqa: BLE001 - a fault in its folder is its own
+                if on_failure is OnFailure.RAISE:
+                    raise
+                record_failed(job.facts.run_dir, error)
+                ended(index, None)
+                continue
+            if finished is not None:  # a rerun sweep skips its finished jobs
+                results[index] = skipped(folder, job.config, finished)
+                ended(index, results[index])
+            else:
+                folders[index] = folder
+        if folders:
+            train_held(jobs, folders, pack_size, world, on_failure, ended, results)
+        return results
+
+
+def train_held(
+    jobs: Sequence[Job], folders: Dict[int, Path], pack_size: Optional[int], world: World,
+    on_failure: OnFailure, ended: Ended, results: List[Optional[float]],
+) -> None:  # fmt: skip
+    """The jobs in their held `folders` trained in packs; a job alone loads its own backbone
+    (after its data), a group loads one for all."""
+    todo, first = list(folders), jobs[next(iter(folders))].config
+    setup_hardware(first)
+    shared = None
+    if len(todo) > 1:
+        started = time.perf_counter()
+        shared = frozen_backbone(first)
+        log.info("backbone %s loaded once for %d runs (%.1f s)", first.backbone.name, len(todo),
+                 time.perf_counter() - started)  # fmt: skip
+        if pack_size is None:
+            device = torch.device("cuda" if first.hardware.device == "cuda" else "cpu")
+            pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
+            log.info("hydra.launcher.pack_size unset: %s", why)
+    for pack in balanced(todo, -(-len(todo) // (pack_size or 1))):
+        values = train_runs([jobs[i] for i in pack], [folders[i] for i in pack], shared, world, on_failure,
+                            ended=lambda i, v, pack=pack: ended(pack[i], v))  # fmt: skip
+        for index, value in zip(pack, values):
+            results[index] = value
 
 
 def prepared_run_dir(config: Config, run_dir: Optional[Path], locks: FolderLocks, world: World) -> Path:
@@ -94,18 +165,6 @@ def held_by_main(world: World, take: Callable[[], None]) -> None:
     refused = world.gather([refused])[0][0]
     if refused is not None:
         raise refused
-
-
-def train_in(run_dir: Path, config: Config, cfg: DictConfig, world: World, facts: RunFacts) -> float:
-    """The run in its (writable) folder: skipped when it finished before, else a pack of one:
-    built, recorded (config snapshots, log file: only now, so a run that fails its checks leaves
-    the folder as it was), trained and summarised (ptlab/training/train_runs.py)."""
-    finished = finished_summary(run_dir, config) if config.trainer.resume else None
-    if finished is not None:  # a rerun sweep skips its finished jobs
-        return skipped(run_dir, config, finished)
-    setup_hardware(config)
-    (best,) = train_runs([PackedJob(cfg, config, facts)], [run_dir], None, world, alone=True)
-    return best
 
 
 def skipped(run_dir: Path, config: Config, finished: Dict[str, Any]) -> float:

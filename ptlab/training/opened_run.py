@@ -1,10 +1,12 @@
 """One run opened and closed: built (on a shared backbone or its own), resumed where its folder
-says, recorded and tracking; at its end, its summary recorded. Solo and packed runs alike."""
+says, recorded and tracking; at its end, its summary recorded, or its failure. Solo and packed
+runs alike."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -15,11 +17,21 @@ from ptlab.config.schema import Config
 from ptlab.provenance import code_version
 from ptlab.training.build import SharedBackbone, build
 from ptlab.training.distributed import World
-from ptlab.training.run_folder import RunFacts, RunLog, save_snapshots
+from ptlab.training.run_folder import RunFacts, RunLog, record_failure, save_snapshots
 from ptlab.training.tracking import Tracker, run_name, wandb_config
 from ptlab.training.trainer import Trainer
 
 log = logging.getLogger("ptlab")
+
+
+@dataclasses.dataclass
+class Job:
+    """A job to train: its composed config (as Hydra gave it, and validated) and what Hydra knows
+    of it (its folder among it)."""
+
+    cfg: DictConfig
+    config: Config
+    facts: RunFacts
 
 
 @dataclasses.dataclass
@@ -118,3 +130,14 @@ def open_tracker(run_dir: Path, config: Config, cfg: DictConfig, world: World, f
             "tags": [config.method.run_label, config.backbone.name, config.task.name, *config.logger.tags],
         },
     )
+
+
+def record_failed(run_dir: Optional[Path], error: Exception) -> None:
+    """A member's one-line error on stderr and in its folder; the other members go on."""
+    print(f"ptlab: error: {run_dir}: {error}", file=sys.stderr)
+    if run_dir is None:
+        return
+    try:
+        record_failure(run_dir, error)
+    except OSError as unrecorded:  # the folder itself is the fault: say so, and go on
+        print(f"ptlab: error: {run_dir}: its failure could not be recorded there ({unrecorded})", file=sys.stderr)

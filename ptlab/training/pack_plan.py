@@ -11,14 +11,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
-import torch
-
-from ptlab.config.schema import Config
-from ptlab.model.flops import ModelShape
-from ptlab.model.loading import model_config
-from ptlab.training.packing import MAX_AUTO_PACK, Group, available_bytes, member_bytes
+from ptlab.training.packing import Group
 
 
 @dataclass
@@ -82,37 +77,3 @@ def packing_report(
         shown = ",".join(str(numbers[job]) for job in pack.jobs)
         lines.append(f"pack {number}: jobs {shown} ({len(pack.jobs)} runs)" + (f": {why}" if why else ""))
     return lines
-
-
-def device_bytes(config: Config, workers: int) -> Optional[float]:
-    """What one pack may use on this machine's device, shared by `workers` packs on the CPU; None
-    when the packs run elsewhere (a cluster's nodes) or on a GPU this machine does not have."""
-    if config.hardware.device == "cuda":
-        if not torch.cuda.is_available():
-            return None
-        return torch.cuda.get_device_properties(0).total_memory * 0.8
-    return available_bytes(torch.device("cpu")) / max(1, workers)
-
-
-def estimated_cap(configs: Sequence[Config], memory: Optional[float]) -> int:
-    """The most members one device should hold, from the model's config (no weights load) and the
-    members' sizes; MAX_AUTO_PACK when the device or the shape is unknown (each pack then sizes
-    itself once its backbone is loaded, and halves if it does not fit)."""
-    shape_config = model_config(configs[0].backbone) if memory is not None else None
-    if shape_config is None:
-        return MAX_AUTO_PACK
-    shape = ModelShape.from_config(shape_config, configs[0].backbone.family)
-    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
-    bytes_per_value = 2 if bf16 else 4
-    need = max(member_bytes(shape, config, bytes_per_value) for config in configs)
-    free = memory - weight_bytes(shape, bytes_per_value)
-    return int(max(1, min(MAX_AUTO_PACK, free // max(need, 1.0))))
-
-
-def weight_bytes(shape: ModelShape, bytes_per_value: int) -> float:
-    """The frozen weights' size from the model's shape: each block's attention and FFN matrices,
-    decoder blocks' cross-attention, and the embedding table."""
-    block = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv + shape.d * shape.ffn * (shape.ffn_inputs + 1)
-    cross = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv
-    values = (shape.encoder_layers + shape.decoder_layers) * block + shape.decoder_layers * cross
-    return float((values + shape.vocab * shape.d) * bytes_per_value)

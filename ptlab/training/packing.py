@@ -4,8 +4,9 @@ Jobs share a pass when they share the frozen backbone with the same settings: `b
 dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
 differ. A job with a stage schedule (FPT) changes the shared backbone at its own steps, so it packs
 only with jobs whose partial models coincide at every step (`stage_plan`): the same stages, the
-same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. The packs of
-each group are planned in ptlab/training/pack_plan.py.
+same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. How many
+runs fit in one pack is sized here too, before the weights load and after; the packs of each group
+are planned in ptlab/training/pack_plan.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.model.backbone import Backbone
 from ptlab.model.flops import ModelShape
+from ptlab.model.loading import model_config
 from ptlab.training.checkpoint import config_difference
 
 MAX_AUTO_PACK = 16  # the automatic pack size's ceiling: past it a step's batch is no longer small
@@ -140,16 +142,52 @@ def available_bytes(device: torch.device) -> float:
     return 8 * 2**30
 
 
-def auto_pack_size(backbone: Backbone, configs: Sequence[Config], device: torch.device) -> Tuple[int, str]:
-    """The most members that should fit beside the loaded backbone (at most MAX_AUTO_PACK), and
-    the arithmetic behind it, for the log."""
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
-    bf16 = device.type == "cuda" and configs[0].hardware.precision == "bf16"
+def members_fitting(shape: ModelShape, configs: Sequence[Config], usable: float, where: str) -> Tuple[int, str]:
+    """The most members that `usable` bytes should hold (at most MAX_AUTO_PACK), and the
+    arithmetic behind it, for the log: the one sizing rule, before the weights load (from the
+    model's config, `estimated_cap`) and after (`auto_pack_size`)."""
+    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
     need = max(member_bytes(shape, config, 2 if bf16 else 4) for config in configs)
-    free = available_bytes(device)
-    size = int(max(1, min(MAX_AUTO_PACK, free // max(need, 1.0))))
+    size = int(max(1, min(MAX_AUTO_PACK, usable // max(need, 1.0))))
     why = (
-        f"pack_size={size}: about {need / 2**30:.2f} GiB per member (estimated) of {free / 2**30:.1f} GiB "
-        f"usable on {device.type}, at most {MAX_AUTO_PACK}; set hydra.launcher.pack_size to choose"
+        f"pack_size={size}: about {need / 2**30:.2f} GiB per member (estimated) of {usable / 2**30:.1f} GiB "
+        f"usable {where}, at most {MAX_AUTO_PACK}; set hydra.launcher.pack_size to choose"
     )
     return size, why
+
+
+def auto_pack_size(backbone: Backbone, configs: Sequence[Config], device: torch.device) -> Tuple[int, str]:
+    """A pack's size once its backbone is loaded: what fits in the memory left beside it."""
+    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    return members_fitting(shape, configs, available_bytes(device), f"on {device.type}")
+
+
+def device_bytes(config: Config, workers: int) -> Optional[float]:
+    """What one pack may use on this machine's device, shared by `workers` packs on the CPU; None
+    when the packs run elsewhere (a cluster's nodes) or on a GPU this machine does not have."""
+    if config.hardware.device == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.get_device_properties(0).total_memory * 0.8
+    return available_bytes(torch.device("cpu")) / max(1, workers)
+
+
+def estimated_cap(configs: Sequence[Config], memory: Optional[float]) -> int:
+    """A pack's size planned before any weights load: what fits in `memory` beside the frozen
+    weights, from the model's config; MAX_AUTO_PACK when the device or the shape is unknown (each
+    pack then sizes itself once its backbone is loaded, and halves if it does not fit)."""
+    shape_config = model_config(configs[0].backbone) if memory is not None else None
+    if shape_config is None:
+        return MAX_AUTO_PACK
+    shape = ModelShape.from_config(shape_config, configs[0].backbone.family)
+    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
+    return members_fitting(shape, configs, memory - weight_bytes(shape, 2 if bf16 else 4), "per device")[0]
+
+
+def weight_bytes(shape: ModelShape, bytes_per_value: int) -> float:
+    """The frozen weights' size from the model's shape: each block's attention and FFN matrices,
+    decoder blocks' cross-attention, and the embedding table."""
+    block = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv + shape.d * shape.ffn * (shape.ffn_inputs + 1)
+    cross = 2 * shape.d * shape.attn + 2 * shape.d * shape.kv
+    values = (shape.encoder_layers + shape.decoder_layers) * block + shape.decoder_layers * cross
+    return float((values + shape.vocab * shape.d) * bytes_per_value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -120,3 +120,45 @@ class StageSchedule:
             **sizes,
         )
         return StepFlops(actual, full)
+
+
+# --- staged runs sharing one backbone ------------------------------------------------------------
+def partial_model_key(schedule: StageSchedule, step: int) -> Optional[Tuple]:
+    """What a run's partial models depend on from `step`, where it stands: its stages and their
+    ends, its neuron scores' use (None: no stage schedule, the full model throughout)."""
+    if schedule.partial is None:
+        return None
+    stages = tuple((stage.depth, stage.width) for stage in schedule.cfg.stages)
+    return step, stages, tuple(schedule.stage_ends), schedule.cfg.with_decoder
+
+
+def same_scores(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]) -> bool:
+    if a is None or b is None:
+        return a is b
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def stage_partitions(runs: Sequence[Tuple[StageSchedule, int]]) -> List[List[int]]:
+    """The runs (each its schedule and step), by index, in parts that train one after another: the
+    runs of a part shrink and grow the shared backbone identically at every step. The launcher
+    packs only staged jobs with one stage plan (`packing.stage_plan`); runs resumed at other steps,
+    or whose neuron scores differ after all, train after the others rather than on the wrong model."""
+    parts: List[Tuple[Optional[Tuple], Optional[List[torch.Tensor]], List[int]]] = []
+    for index, (schedule, step) in enumerate(runs):
+        key = partial_model_key(schedule, step)
+        scores = None if schedule.partial is None else schedule.partial.scores
+        for part_key, part_scores, part in parts:
+            if part_key == key and same_scores(part_scores, scores):
+                part.append(index)
+                break
+        else:
+            parts.append((key, scores, [index]))
+    return [part for _, _, part in parts]
+
+
+def restore_full_model(schedules: Iterable[StageSchedule]) -> None:
+    """The shared backbone back in its full form once staged runs are done with it."""
+    for schedule in schedules:
+        if schedule.partial is not None:
+            schedule.partial.restore()
+            return

@@ -1,8 +1,8 @@
 """One run's training state and parts: its optimizer, lr schedule, random streams, step count,
 evaluations, checkpoints and tracker. Plain PyTorch, readable top to bottom.
 
-The loop that drives it is the pack's (ptlab/training/pack.py; a run alone is a pack of one), and
-a step's passes are ptlab/training/packed_step.py. Only the prompt method's parameters (and the
+The loop that drives it, from each batch to each optimizer step, is ptlab/training/loop.py (a run
+alone is a pack of one there). Only the prompt method's parameters (and the
 encoder family's head) are trained. The state is checkpointed at every evaluation
 (ptlab/training/checkpoint.py), so a killed run resumed with `trainer.resume` ends with the same
 metrics as an uninterrupted one; evaluation is ptlab/training/evaluate.py.
@@ -31,7 +31,6 @@ from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
 from ptlab.training.evaluate import baseline_metrics, to_device
 from ptlab.training.memory import peak_memory_mb
-from ptlab.training.progress import Progress
 from ptlab.training.schedule import StageSchedule, StepFlops
 from ptlab.training.stacks import Stack
 from ptlab.training.tracking import Tracker
@@ -119,17 +118,6 @@ def non_finite_loss(
     return TrainingFault(
         f"training loss is {loss} at step {step} (last finite loss {last_finite}, lr {lr:g}): "
         f"lower trainer.lr or set trainer.grad_clip; last good checkpoint: {kept}"
-    )
-
-
-def out_of_memory(error: Exception, cfg: TrainerConfig, max_length: int, last_dir: Path) -> TrainingFault:
-    """The one-line report of a training step that ran out of memory, with the sizes to lower."""
-    kept = last_dir if last_dir.exists() else "none yet"
-    first = str(error).strip().splitlines()[0][:160]
-    return TrainingFault(
-        f"out of memory in a training step ({first}) at trainer.batch_size={cfg.batch_size}, "
-        f"data.max_source_length={max_length}: lower them, or raise trainer.grad_accum to keep the "
-        f"effective batch; last good checkpoint: {kept}"
     )
 
 
@@ -285,10 +273,6 @@ class Trainer:
             log.info("step %d: stage %s", self.state.step, stage)
             self.tracker.log(self.state.step, "stage", stage)
 
-    def out_of_memory(self, error: Exception) -> TrainingFault:
-        """The one-line report of this run's step running out of memory alone."""
-        return out_of_memory(error, self.cfg, self.readout.max_source_length, self.checkpoint.last_dir)
-
     def count_step(self, loss: float, elapsed: float, examples: int, window: LogWindow) -> None:
         """A finished step's seconds, loss and examples into the state and the log window; a loss
         that is not finite ends the run here."""
@@ -316,15 +300,11 @@ class Trainer:
             self.scoring_seconds = time.perf_counter() - started
         return stream
 
-    def log_if_due(self, window: LogWindow, progress: Optional[Progress] = None) -> LogWindow:
-        """After a step: the train log line when one is due (then a new window)."""
+    def log_if_due(self, window: LogWindow) -> Optional[Tuple[float, float, float]]:
+        """After a step: the train log line when one is due; its (loss, lr, examples/s), else None."""
         if self.state.step % self.cfg.log_every and self.state.step != self.total_steps:
-            return window
-        lr = self.lr_scheduler.get_last_lr()[0]
-        logged = window.log(self.tracker, self.state.step, lr, self.state.flops)
-        if progress is not None:
-            progress.trained(self.state.step, *logged)
-        return LogWindow()
+            return None
+        return window.log(self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops)
 
     def eval_due(self) -> bool:
         """After a step: whether it evaluates (every `eval_every` and at the end; partial models
