@@ -1,6 +1,6 @@
 """The package's shape: no import circle (imports inside functions count), the wheel's package list
-is every folder of ptlab/, docs/architecture.md names every module there is, and no module passes 450
-lines nor any function 60."""
+is every folder of ptlab/, docs/architecture.md names every module there is, no module passes 450
+lines nor any function 60, and a module dropped into a registry's package registers itself."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Set
 
+import pytest
 import tomllib
 
 from conftest import REPO
@@ -156,3 +157,49 @@ def test_every_file_fits_in_450_lines_and_every_function_in_60():
                 if lines > 60:
                     too_long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {lines} lines")
     assert too_long == []
+
+
+DROPPED = {  # a registry's package, the module dropped into it, and what it registers
+    "methods": (
+        "ptlab.methods", "echo_prompt", "method.name",
+        "from dataclasses import dataclass\n"
+        "from ptlab.methods import Method, register\n"
+        "from ptlab.methods.prompt_tuning import PromptTuning, PromptTuningConfig\n\n"
+        "@dataclass\nclass EchoConfig(PromptTuningConfig):\n    name: str = 'echo_prompt'\n\n"
+        "@register('echo_prompt', EchoConfig)\nclass EchoPrompt(PromptTuning):\n    pass\n\n"
+        "EXPECTED = Method('echo_prompt', EchoConfig, EchoPrompt)\n",
+    ),
+    "families": (
+        "ptlab.model.families", "echo_family", "backbone.family",
+        "from ptlab.model.families import Family, register\n"
+        "from ptlab.model.families.seq2seq import Seq2SeqBackbone\n\n"
+        "@register('echo_family')\nclass EchoBackbone(Seq2SeqBackbone):\n    pass\n\n"
+        "EXPECTED = Family('echo_family', EchoBackbone)\n",
+    ),
+}
+
+
+@pytest.mark.parametrize("registry", sorted(DROPPED))
+def test_a_module_dropped_into_a_registry_package_registers_itself(registry, tmp_path, monkeypatch):
+    """No import list to extend: a new module in ptlab/methods/ or ptlab/model/families/ is found,
+    registers its record, and an unknown name is one line naming the known ones."""
+    import importlib
+    import sys
+
+    from ptlab.errors import ConfigError
+
+    package_name, name, key, source = DROPPED[registry]
+    package = importlib.import_module(package_name)
+    table = package.METHODS if registry == "methods" else package.FAMILIES
+    before = set(table.all())
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.setattr(package, "__path__", [*package.__path__, str(tmp_path)])
+    monkeypatch.setattr(table, "entries", dict(table.entries))
+    monkeypatch.setattr(table, "imported", set(table.imported))
+    try:
+        assert table[name] == sys.modules[f"{package_name}.{name}"].EXPECTED
+        assert set(table.all()) == before | {name}
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}='nothing' is not registered; known: \["):
+            table["nothing"]
+    finally:
+        sys.modules.pop(f"{package_name}.{name}", None)

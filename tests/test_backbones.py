@@ -225,3 +225,12 @@ def test_causal_generate_equals_greedy_decoding_without_a_cache():
                 )
                 generated.append(int(backbone.model(inputs_embeds=inputs).logits[0, -1].argmax()))
             assert text == backbone.tokenizer.decode(generated, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_backbone_is_built_by_the_family_its_config_names(name):
+    from ptlab.model.families import registered_families
+
+    _, backbone, _, _ = build([f"backbone={name}"])
+    family = registered_families()[backbone.cfg.family]
+    assert type(backbone) is family.backbone and backbone.family == family.name == backbone.cfg.family

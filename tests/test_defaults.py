@@ -73,7 +73,7 @@ def group_yamls():
 
 def method_schema(values: dict) -> type:
     (schema_name,) = [entry for entry in values["defaults"] if str(entry).startswith("/schema_method_")]
-    return registered_methods()[schema_name.removeprefix("/schema_method_").removesuffix("@_here_")][0]
+    return registered_methods()[schema_name.removeprefix("/schema_method_").removesuffix("@_here_")].config
 
 
 @pytest.mark.parametrize("group, path", group_yamls())

@@ -46,27 +46,3 @@ def test_method_trains_on_every_family(tmp_path, method, backbone):
         assert all("router_entropy" in event and "router_prompt0_fraction" in event for event in validation)
     run(compose_config([*overrides, "trainer.max_steps=6", "trainer.resume=true"]), run_dir=tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 6
-
-
-def test_a_module_dropped_into_the_methods_package_registers_itself(tmp_path, monkeypatch):
-    """No import list to extend: a new module in ptlab/methods/ is found and registered."""
-    import sys
-
-    import ptlab.methods as methods
-
-    (tmp_path / "echo_prompt.py").write_text(
-        "from dataclasses import dataclass\n"
-        "from ptlab.methods import register\n"
-        "from ptlab.methods.prompt_tuning import PromptTuning, PromptTuningConfig\n\n"
-        "@dataclass\nclass EchoConfig(PromptTuningConfig):\n    name: str = 'echo_prompt'\n\n"
-        "@register('echo_prompt', EchoConfig)\nclass EchoPrompt(PromptTuning):\n    pass\n"
-    )
-    monkeypatch.setattr(methods, "__path__", [*methods.__path__, str(tmp_path)])
-    monkeypatch.setattr(methods, "METHODS", dict(methods.METHODS))
-    monkeypatch.setattr(methods, "_imported", set(methods._imported))
-    try:
-        found = methods.registered_methods()
-        assert found["echo_prompt"][1].__name__ == "EchoPrompt"
-        assert {"prompt_tuning", "smop", "superpos", "residual"} <= set(found)
-    finally:
-        sys.modules.pop("ptlab.methods.echo_prompt", None)

@@ -53,7 +53,7 @@ def on_todays_schemas(saved: DictConfig, source: str, say: Callable[[str], None]
     rest = OmegaConf.masked_copy(saved, [key for key in saved if key != "method"])
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), rest)
-        merged.method = OmegaConf.merge(OmegaConf.structured(methods[name][0]), saved.method)
+        merged.method = OmegaConf.merge(OmegaConf.structured(methods[name].config), saved.method)
     except ConfigKeyError as error:
         raise ConfigError(
             f"{source}: {error.full_key} is not a setting of this ptlab (removed or renamed since the run): "

@@ -315,8 +315,8 @@ def register_configs() -> None:
         ("schedule", ScheduleConfig),
     ):
         store.store(name=f"schema_{group}", node=node)
-    for name, (config_cls, _) in registered_methods().items():
-        store.store(name=f"schema_method_{name}", node=config_cls)
+    for name, method in registered_methods().items():
+        store.store(name=f"schema_method_{name}", node=method.config)
 
 
 def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> None:

@@ -31,7 +31,7 @@ def check_exportable(config: Config) -> None:
             f"ptlab-export: the {family} family puts the prompt after [CLS] and trains a classification "
             "head; PEFT's prompt tuning has neither: export works for seq2seq (T5) and causal backbones"
         )
-    _, method_cls = registered_methods()[config.method.name]
+    method_cls = registered_methods()[config.method.name].module
     if method_cls.peft_export == "prefix_tuning":
         if family != "causal":
             raise ConfigError(

@@ -26,8 +26,9 @@ from ptlab.data.token_cache import tokenizer_identity
 from ptlab.errors import ConfigError
 from ptlab.methods import build_method
 from ptlab.methods.base import MethodConfig, PromptMethod
-from ptlab.model.backbone import Backbone, build_backbone
+from ptlab.model.backbone import Backbone
 from ptlab.model.compile import compile_blocks
+from ptlab.model.families import build_backbone
 from ptlab.model.fingerprint import fingerprint
 from ptlab.model.prompt_fit import check_fits
 from ptlab.model.readout import RunParts, TaskReadout

@@ -1,4 +1,4 @@
-"""Which jobs of a sweep can train in one pack, how many per pack, and the report that says so.
+"""Which jobs of a sweep can train in one pack, and how many fit in one (the one place for pack sizing).
 
 Jobs share a pass when they share the frozen backbone with the same settings: `backbone.*` (path,
 dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
@@ -6,7 +6,7 @@ differ. A job with a stage schedule (FPT) changes the shared backbone at its own
 only with jobs whose partial models coincide at every step (`stage_plan`): the same stages, the
 same step count and, when a stage keeps fewer FFN neurons, the same neuron scores' inputs. How many
 runs fit in one pack is sized here too, before the weights load and after; the packs of each group
-are planned in ptlab/training/pack_plan.py.
+are planned, and reported, in ptlab/training/pack_plan.py.
 """
 
 from __future__ import annotations

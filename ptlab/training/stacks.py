@@ -85,6 +85,8 @@ class Stack:
         self.optimizer.step()
         for tensor in self.tensors:
             tensor.grad = None
+        for trainer in self.trainers:  # the stack's step is each member's: its lr schedule may step
+            trainer.optimizer._opt_called = True  # (torch's LRScheduler checks this, else warns)
 
     def sync(self, trainer: Trainer) -> None:
         """The member's optimizer state written into its own torch optimizer (a solo run's format);
