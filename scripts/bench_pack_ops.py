@@ -3,6 +3,7 @@
     python scripts/bench_pack_ops.py --base 22e2f2c                  # everything (hours on 2 cores)
     python scripts/bench_pack_ops.py --base 22e2f2c --backbones tiny_t5 --packs prompt_tuning --sizes 1 8
     python scripts/bench_pack_ops.py --base HEAD --quick --json out.json   # tiny T5, K = 1 2, dropout on
+    python scripts/bench_pack_ops.py --base 22e2f2c --packs prompt_tuning --set data.max_source_length=32
 
 Each measurement is one real packed sweep, `ptlab-train -m hydra/launcher=packed
 hydra.launcher.pack_size=K seed=0,...,K-1 method=M` (the mixed pack: `method=prompt_tuning,smop,superpos`
@@ -72,7 +73,7 @@ class Cell:
             f"method={method}", "seed=" + ",".join(str(seed) for seed in range(seeds)), "logger=none",
             "hardware.num_threads=1", f"trainer.batch_size={args.batch}", f"trainer.max_steps={steps}",
             f"trainer.eval_every={steps}", "trainer.log_every=1000", "data.max_eval_examples=16",
-            f"data.max_train_examples={args.train_examples or 'null'}",
+            f"data.max_train_examples={args.train_examples or 'null'}", *args.set,
         ]  # fmt: skip
 
 
@@ -241,6 +242,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed sweeps per side (median)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny_t5, K = 1 2, dropout on, prompt_tuning, 1 repeat, 512 rows")  # fmt: skip
+    parser.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="more ptlab-train overrides for every sweep, e.g. data.max_source_length=32")  # fmt: skip
     parser.add_argument("--json", type=Path, help="write the raw numbers here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -275,6 +278,7 @@ def main() -> None:
           f"whole sweep at {COUNT_STEPS[1]} steps - at {COUNT_STEPS[0]}) / {COUNT_STEPS[1] - COUNT_STEPS[0]}; "
           f"ms/step = the pack's train_seconds / steps over {args.timing_steps} steps, median of {args.repeats}; "
           f"base = {args.base}, here = {args.here or 'working tree'}; K0 = 1 (one method), 3 (mixed); "
+          f"{' '.join(args.set) + '; ' if args.set else ''}"
           f"every member's pack_size = K (checked)\n")  # fmt: skip
     print("\n".join(table(rows)))
     print(f"\n(machine: {os.cpu_count()} cores, {time.perf_counter() - started:.0f} s)")

@@ -154,10 +154,13 @@ def test_bench_commits_times_a_commit_against_the_tree():
 def test_bench_pack_ops_tables_a_packs_ops_and_time_per_step_against_a_commit(tmp_path):
     """The packed-sweep step cost as K grows, a worktree of HEAD against this tree: real packed
     sweeps of K = 1, 2 on tiny T5 (dropout on) for each, ATen ops and ms per step in one table, every
-    member's pack_size checked to be K, and K = 2 costs more ops than K = 1 on both sides."""
+    member's pack_size checked to be K, and K = 2 costs more ops than K = 1 on both sides; `--set`
+    reaches every sweep (a key ptlab does not know would fail it)."""
     out = tmp_path / "ops.json"
-    result = script("scripts/bench_pack_ops.py", "--quick", "--base", "HEAD", "--json", str(out))
+    result = script("scripts/bench_pack_ops.py", "--quick", "--base", "HEAD", "--json", str(out),
+                    "--set", "data.max_source_length=48")  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.max_source_length=48; " in result.stdout
     rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| tiny_t5 | on |")]
     assert [int(cells[3]) for cells in rows] == [1, 2] and {cells[2].strip() for cells in rows} == {"prompt_tuning"}
     for cells in rows:
