@@ -287,7 +287,7 @@ class Pack:
                 logged = trainer.log_if_due(run.window)
                 if logged is not None:
                     run.window = LogWindow()
-                    run.progress.trained(trainer.state.step, *logged)
+                    run.progress.trained(trainer.state.step, logged)
             except Exception as error:  # noqa: BLE001 - it ends this run only
                 self.leave(run, error)
 

@@ -8,11 +8,21 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainLine:
+    """A train log line's means over its window of steps."""
+
+    loss: float
+    lr: float
+    examples_per_s: float
 
 
 def clock(seconds: float) -> str:
@@ -37,15 +47,15 @@ class Progress:
     def advance(self) -> None:
         self.bar.update(1)
 
-    def trained(self, step: int, loss: float, lr: float, examples_per_s: float) -> None:
-        self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+    def trained(self, step: int, line: TrainLine) -> None:
+        self.bar.set_postfix(loss=f"{line.loss:.4f}", refresh=False)
         if self.lines:
             elapsed = time.perf_counter() - self.started
             done = step - self.initial
             eta = elapsed / done * (self.total - step) if done else float("nan")
             log.info(
                 "%sstep %d/%d  loss %.4f  lr %.3g  %.1f examples/s  elapsed %s  ETA %s",
-                self.label, step, self.total, loss, lr, examples_per_s, clock(elapsed), clock(eta),
+                self.label, step, self.total, line.loss, line.lr, line.examples_per_s, clock(elapsed), clock(eta),
             )  # fmt: skip
 
     def evaluated(self, step: int, metrics: Dict[str, float], best: float, best_step: int) -> None:

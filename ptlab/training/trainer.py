@@ -31,6 +31,7 @@ from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
 from ptlab.training.evaluate import baseline_metrics, to_device
 from ptlab.training.memory import peak_memory_mb
+from ptlab.training.progress import TrainLine
 from ptlab.training.schedule import StageSchedule, StepFlops
 from ptlab.training.stacks import Stack
 from ptlab.training.tracking import Tracker
@@ -79,12 +80,12 @@ class LogWindow:
     examples: int = 0
     started: float = field(default_factory=time.perf_counter)
 
-    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> Tuple[float, float, float]:
-        """Log the mean loss and throughput of the window; returns (loss, lr, examples/s)."""
+    def log(self, tracker: Tracker, step: int, lr: float, flops: float) -> TrainLine:
+        """Log the mean loss and throughput of the window, and return them."""
         loss = float(np.mean(self.losses))
         examples_per_s = self.examples / max(time.perf_counter() - self.started, 1e-9)
         tracker.log(step, "train", {"loss": loss, "lr": lr, "examples_per_s": examples_per_s, "flops": flops})
-        return loss, lr, examples_per_s
+        return TrainLine(loss, lr, examples_per_s)
 
 
 def build_optimizer(
@@ -300,8 +301,8 @@ class Trainer:
             self.scoring_seconds = time.perf_counter() - started
         return stream
 
-    def log_if_due(self, window: LogWindow) -> Optional[Tuple[float, float, float]]:
-        """After a step: the train log line when one is due; its (loss, lr, examples/s), else None."""
+    def log_if_due(self, window: LogWindow) -> Optional[TrainLine]:
+        """After a step: the train log line when one is due (its means), else None."""
         if self.state.step % self.cfg.log_every and self.state.step != self.total_steps:
             return None
         return window.log(self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops)
