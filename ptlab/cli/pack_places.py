@@ -1,7 +1,7 @@
-"""Where a packed sweep's planned packs train (ptlab/training/pack_plan.py): in this process, on
-this machine's devices (`hydra.launcher.workers`: one process per device, packs queued), or as
+"""Where a packed sweep's planned packs train (ptlab/training/pack_plan.py) outside the driver:
+on this machine's devices (`hydra.launcher.workers`: one process per device, packs queued), or as
 one submitit job per pack. Each place runs `run_jobs` on its packs and reports each pack as it
-ends; Ray's place is ptlab/cli/ray_place.py.
+ends; the driver's own process is `packed_launch.place`'s, Ray's place is ptlab/cli/ray_place.py.
 """
 
 from __future__ import annotations
