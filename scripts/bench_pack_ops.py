@@ -18,7 +18,8 @@ working tree (or `--here COMMIT`). Every member's `summary.json` must say `pack_
   and for 12 steps and ops/step = (ops(12) - ops(4)) / 8, so loading, tokenizing, checkpoints and the
   final evaluation cancel out. Counted once per row and side (the count is deterministic).
 - ms/step: a sweep of `--timing-steps` steps without the dispatch mode, after a 1-step warm-up sweep
-  in the same process; the pack's `train_seconds / steps` from its members' summary.json (the
+  in the same process and a `gc.collect()` (else the previous sweep's garbage, ~0.3 s to collect,
+  may land in one of the timed steps); the pack's `train_seconds / steps` from its members' summary.json (the
   pack's wall time of the steps alone: no load, tokenization or evaluation, which the sweep's own
   wall time would add), median of `--repeats`.
 
@@ -79,6 +80,7 @@ class Cell:
 
 def child(spec_path: str) -> None:
     """In the child process: run each command of the spec in-process, counting ATen ops where asked."""
+    import gc
     from collections import Counter
 
     from hydra.core.global_hydra import GlobalHydra
@@ -100,6 +102,7 @@ def child(spec_path: str) -> None:
     results = []
     for command in spec["commands"]:
         GlobalHydra.instance().clear()
+        gc.collect()  # the last sweep's garbage (~60k objects, ~0.3 s) collected here, not in this one's steps
         sys.argv = ["ptlab-train", *command["argv"]]
         counter = OpCount() if command["count"] else None
         started = time.perf_counter()
