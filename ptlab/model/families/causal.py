@@ -135,9 +135,10 @@ class CausalBackbone(Backbone):
         row_prefixes = rows.prefixes.get("decoder")
         if row_prefixes:
             own = batch_of(row_prefixes, len(source_embeds), dtype)
-            layers = [
-                mine if theirs[0] is None else (torch.cat([mine[0], theirs[0]], 2), torch.cat([mine[1], theirs[1]], 2))
-                for mine, theirs in zip(own, layers)
+            layers = [  # each layer: the row's own prefix keys and values, then the shared ones (if any)
+                (keys, values) if shared_keys is None
+                else (torch.cat([keys, shared_keys], 2), torch.cat([values, shared_values], 2))
+                for (keys, values), (shared_keys, shared_values) in zip(own, layers)
             ] if layers else own
             columns = torch.cat([rows.prefix_masks["decoder"].to(columns.dtype), columns], 1)
         inputs, source_mask = join(rows.block, source_embeds, batch["source_mask"], block_mask=rows.block_mask)
