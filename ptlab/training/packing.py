@@ -142,12 +142,16 @@ def available_bytes(device: torch.device) -> float:
     return 8 * 2**30
 
 
+def bytes_per_value(config: Config) -> int:
+    """The frozen weights' and activations' bytes per value: bf16 autocast on a GPU, else fp32."""
+    return 2 if config.hardware.device == "cuda" and config.hardware.precision == "bf16" else 4
+
+
 def members_fitting(shape: ModelShape, configs: Sequence[Config], usable: float, where: str) -> Tuple[int, str]:
     """The most members that `usable` bytes should hold (at most MAX_AUTO_PACK), and the
     arithmetic behind it, for the log: the one sizing rule, before the weights load (from the
     model's config, `estimated_cap`) and after (`auto_pack_size`)."""
-    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
-    need = max(member_bytes(shape, config, 2 if bf16 else 4) for config in configs)
+    need = max(member_bytes(shape, config, bytes_per_value(configs[0])) for config in configs)
     size = int(max(1, min(MAX_AUTO_PACK, usable // max(need, 1.0))))
     why = (
         f"pack_size={size}: about {need / 2**30:.2f} GiB per member (estimated) of {usable / 2**30:.1f} GiB "
@@ -180,8 +184,8 @@ def estimated_cap(configs: Sequence[Config], memory: Optional[float]) -> int:
     if shape_config is None:
         return MAX_AUTO_PACK
     shape = ModelShape.from_config(shape_config, configs[0].backbone.family)
-    bf16 = configs[0].hardware.device == "cuda" and configs[0].hardware.precision == "bf16"
-    return members_fitting(shape, configs, memory - weight_bytes(shape, 2 if bf16 else 4), "per device")[0]
+    usable = memory - weight_bytes(shape, bytes_per_value(configs[0]))
+    return members_fitting(shape, configs, usable, "per device")[0]
 
 
 def weight_bytes(shape: ModelShape, bytes_per_value: int) -> float:

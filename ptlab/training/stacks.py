@@ -61,6 +61,8 @@ class Stack:
             for param, tensor in zip(trainer.params, self.tensors):
                 param.data = tensor[index]
                 param.stack_slice = (tensor, index)  # a pass over several members takes the tensor
+            # it steps through this stack now: torch's LRScheduler checks this flag, else warns
+            trainer.optimizer._opt_called = True
         hypers = [MemberHyper(t.optimizer.param_groups[0]["lr"], t.cfg.weight_decay, t.cfg.grad_clip)
                   for t in self.trainers]  # fmt: skip
         states = states or [t.optimizer.state_dict() for t in self.trainers]
@@ -85,8 +87,6 @@ class Stack:
         self.optimizer.step()
         for tensor in self.tensors:
             tensor.grad = None
-        for trainer in self.trainers:  # the stack's step is each member's: its lr schedule may step
-            trainer.optimizer._opt_called = True  # (torch's LRScheduler checks this, else warns)
 
     def sync(self, trainer: Trainer) -> None:
         """The member's optimizer state written into its own torch optimizer (a solo run's format);
