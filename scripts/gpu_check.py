@@ -158,26 +158,7 @@ class Check:
                 "",
                 *table,
             ]
-        runs = [step for step in self.steps if step.run_dir and (step.run_dir / "summary.json").exists()]
-        if runs:
-            lines += [
-                "",
-                "## Training runs (real SST-2, all-MiniLM-L6-v2 from the kit in fp16 weights, loaded as fp32)",
-                "",
-                "| run | command | best validation | steps | train s | wall s (load s) | train examples/s | peak memory | FLOPs ratio |",
-                "|---|---|---|---|---|---|---|---|---|",
-            ]
-            for step in runs:
-                summary = json.loads((step.run_dir / "summary.json").read_text())
-                metric, floor = summary["main_metric"], summary["baseline"]
-                overrides = " ".join(a for a in step.command[3:] if not a.startswith("hydra.run.dir"))
-                lines.append(
-                    f"| {step.name} | `{overrides}` | {metric} {summary['best'][metric]:.4f} "
-                    f"({floor['name']} {floor[metric]:.3f}) | {summary['steps']} | "
-                    f"{summary['train_seconds']:.1f} | {summary['wall_seconds']:.1f} ({summary['load_seconds']:.1f}) | "
-                    f"{summary['examples_per_s']:.0f} | {summary['peak_memory_mb']:.0f} MiB | "
-                    f"{summary.get('flops_ratio', 1.0):.2f} |"
-                )
+        lines += runs_table(self.steps)
         for step in self.steps:
             if step.status not in ("ok", "not run") and not step.status.startswith("skipped"):
                 tail = step.output.strip().splitlines()[-25:]
@@ -192,6 +173,42 @@ class Check:
             for s in self.steps
         ]
         (self.args.out / "gpu-check.log").write_text("\n".join(log))
+
+
+def runs_table(steps: List[Step]) -> List[str]:
+    """The report's table of the training runs that wrote a summary (none: no lines)."""
+    runs = [step for step in steps if step.run_dir and (step.run_dir / "summary.json").exists()]
+    if not runs:
+        return []
+    lines = [
+        "",
+        "## Training runs (real SST-2, all-MiniLM-L6-v2 from the kit in fp16 weights, loaded as fp32)",
+        "",
+        "| run | command | best validation | steps | train s | wall s (load s) | train examples/s | peak memory | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for step in runs:
+        summary = json.loads((step.run_dir / "summary.json").read_text())
+        metric, floor = summary["main_metric"], summary["baseline"]
+        overrides = " ".join(a for a in step.command[3:] if not a.startswith("hydra.run.dir"))
+        lines.append(
+            f"| {step.name} | `{overrides}` | {metric} {summary['best'][metric]:.4f} "
+            f"({floor['name']} {floor[metric]:.3f}) | {summary['steps']} | "
+            f"{summary['train_seconds']:.1f} | {summary['wall_seconds']:.1f} ({summary['load_seconds']:.1f}) | "
+            f"{summary['examples_per_s']:.0f} | {summary['peak_memory_mb']:.0f} MiB | "
+            f"{summary.get('flops_ratio', 1.0):.2f} |"
+        )
+    return lines
+
+
+def packed_command(python: str, device: str, dry: bool, out: Path) -> List[str]:
+    """The packed-sweep step: K = 1, 8, 32 PT-20 runs at bench.py's --batch (8) and the largest K at
+    batch 32, on the random-init T5-base shape (bench.py's t5_base_shape); the dry run: --quick's
+    tiny T5."""
+    packed = [python, "scripts/bench.py", "--device", device, "--sections", "packed", "--out", str(out)]
+    if dry:
+        return packed + ["--quick", "--pack-backbones", "tiny_t5"]
+    return packed + "--pack-backbones t5_base_shape --pack-sizes 1 8 32 --pack-batch 32".split()
 
 
 def plan(args: argparse.Namespace, site: Path) -> List[Step]:
@@ -211,13 +228,6 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         "--out",
         str(args.out),
     ]
-    # packed sweeps: K = 1, 8, 32 PT-20 runs at bench.py's --batch (8) and the largest K at batch 32,
-    # on the random-init T5-base shape (bench.py's t5_base_shape); the dry run: --quick's tiny T5
-    packed = [python, "scripts/bench.py", "--device", device, "--sections", "packed", "--out", str(args.out)]
-    if dry:
-        packed += ["--quick", "--pack-backbones", "tiny_t5"]
-    else:
-        packed += "--pack-backbones t5_base_shape --pack-sizes 1 8 32 --pack-batch 32".split()
     # the dry run keeps the jobs short; on the GPU they are the real default job
     small = [
         "trainer.max_steps=8",
@@ -252,7 +262,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         training("smop", ["method=smop"], 90),
         training("deep_prompt", ["method=deep_prompt"], 90),
         training("compile", ["trainer.compile=true"], 120),
-        Step("packed sweep", packed, 360),
+        Step("packed sweep", packed_command(python, device, dry, args.out), 360),
         multi_device(python, dry, gpu_count(python) if not dry else 0),
     ]
 
