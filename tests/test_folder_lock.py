@@ -74,7 +74,7 @@ def test_a_held_folder_refuses_a_second_run_untouched_and_a_killed_holder_blocks
     assert Holder.read(run_dir).pid == holder.pid  # the dead holder's record stays behind
     rerun = cli([*SHORT, f"hydra.run.dir={run_dir}"], timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"taken over from pid {holder.pid} on host {socket.gethostname()}" in rerun.stdout
+    assert f"{run_dir}: freed by pid {holder.pid}, which died; taken" in rerun.stdout
     assert read_summary(run_dir)["status"] == "finished" and not (run_dir / FAILURE_FILE).exists()
     assert not (run_dir / HOLDER_FILE).exists()  # released at the end
 

@@ -27,10 +27,10 @@ from ptlab.config.schema import to_object
 from ptlab.lab.compare import main as compare_main
 from ptlab.methods.smop import SMoP
 from ptlab.model.partial import PartialModel
+from ptlab.sweep.grouping import group_jobs
+from ptlab.sweep.plan import packing_report, plan_packs
 from ptlab.training import loop
 from ptlab.training.job import Job, run, run_jobs
-from ptlab.training.pack_plan import packing_report, plan_packs
-from ptlab.training.packing import group_jobs
 from ptlab.training.run_folder import RunFacts, read_summary
 from ptlab.training.trainer import Trainer
 
@@ -213,10 +213,10 @@ def test_a_fault_in_one_members_own_work_ends_that_member_alone(tmp_path, monkey
     else:
         close_run = loop.close_run
 
-        def close_run_but_not_member_1(run, summary):
+        def close_run_but_not_member_1(run, summary, rung=None):
             if run.run_dir == tmp_path / "1":
                 raise OSError(f"no space left on device: {run.run_dir / 'summary.json'}")
-            return close_run(run, summary)
+            return close_run(run, summary, rung)
 
         monkeypatch.setattr(loop, "close_run", close_run_but_not_member_1)
     results = run_jobs(jobs, pack_size=3)
@@ -276,6 +276,51 @@ def test_a_fault_in_one_members_part_of_the_joint_pass_ends_that_member_alone(tm
     monkeypatch.setattr(SMoP, "extra_loss", extra_loss)
     run(compose_config([*base, "seed=2", "method=prompt_tuning"]), run_dir=tmp_path / "alone2")
     assert_same_run(tmp_path / "2", tmp_path / "alone2")
+
+
+def test_a_pack_takes_the_next_job_as_a_member_leaves_each_member_as_alone(tmp_path, caplog):
+    """7 mixed jobs in 3 slots: as members end (their step counts differ) the queued jobs join the
+    running pack on the loaded backbone and its stacks (one of them from its own checkpoint, at
+    step 3); every member equals its run alone."""
+    overrides = [[*COMMON, "backbone=tiny_t5", "hardware.num_threads=1", *m] for m in MEMBERS]
+    superpos = 3  # trained to step 3 before the sweep: it joins from its checkpoint
+    run(compose_config([*overrides[superpos], "trainer.max_steps=3"]), run_dir=tmp_path / "packed" / str(superpos))
+    jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(overrides)]
+    caplog.set_level("INFO", logger="ptlab")
+    results = run_jobs(jobs, pack_size=3)
+    assert "backbone tiny_t5 loaded once for 7 runs" in caplog.text
+    assert "pack of 3 runs on tiny_t5: training together, 4 more joining as slots free" in caplog.text
+    assert caplog.text.count("joins the pack (3 of 3 slots)") == 4
+    for i, member in enumerate(overrides):
+        alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
+        assert results[i] == pytest.approx(alone, rel=1e-6)
+        assert read_summary(tmp_path / "packed" / str(i))["pack_size"] == 3
+        assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i), resumed_at=3 if i == superpos else 0)
+
+
+def test_a_fault_in_a_refilling_pack_retrains_its_members_alone_and_its_queue_goes_on(tmp_path, monkeypatch, caplog):
+    """The joint pass fails once in a pack of 2 slots with 3 jobs queued: its 2 members train again
+    alone from their checkpoints, then the queue trains in 2 slots again; each equals its run alone."""
+    base = [*COMMON, "backbone=tiny_t5", "trainer.max_steps=4", "trainer.eval_every=2"]
+    jobs = [job([*base, f"seed={seed}"], tmp_path / str(seed)) for seed in range(5)]
+    real_step, calls = loop.step, []
+
+    def step(runs):
+        calls.append(len(runs))
+        if len(calls) == 3:
+            raise RuntimeError("an error in the joint pass")
+        return real_step(runs)
+
+    monkeypatch.setattr(loop, "step", step)
+    caplog.set_level("INFO", logger="ptlab")
+    results = run_jobs(jobs, pack_size=2)
+    assert all(value is not None for value in results)
+    assert "a pack of 2 runs failed (an error in the joint pass)" in caplog.text and "in packs of 1" in caplog.text
+    assert caplog.text.count("3 more joining as slots free") == 1 and "2 runs on tiny_t5: training together, 1 more joining" in caplog.text
+    assert [read_summary(tmp_path / str(seed))["pack_size"] for seed in range(5)] == [1, 1, 2, 2, 2]
+    for seed in (0, 4):
+        run(compose_config([*base, f"seed={seed}"]), run_dir=tmp_path / f"alone{seed}")
+        assert_same_run(tmp_path / str(seed), tmp_path / f"alone{seed}")
 
 
 def test_a_pack_out_of_memory_halves_down_to_packs_that_fit(tmp_path, monkeypatch, caplog):

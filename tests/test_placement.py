@@ -124,10 +124,10 @@ def trained_steps(folder: Path) -> list:
     return [json.loads(line)["step"] for line in lines if '"train"' in line]
 
 
-def assert_rerun_resumes(sweep: Path, reference: Path, checkpoints: dict) -> None:
+def assert_rerun_resumes(sweep: Path, reference: Path, checkpoints: dict, *extra: str) -> str:
     """The same command again: each member resumes from the checkpoint it had, trains each step
-    once, and ends as the sweep that was never stopped."""
-    rerun = packed(sweep, *LONGER)
+    once, and ends as the sweep that was never stopped; the rerun's output."""
+    rerun = packed(sweep, *LONGER, *extra)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert_members_equal(sweep, reference)
     for job, step in checkpoints.items():
@@ -136,6 +136,7 @@ def assert_rerun_resumes(sweep: Path, reference: Path, checkpoints: dict) -> Non
             assert f"at step {step}" in log and "resumed from" in log, (job, step)
         steps = trained_steps(sweep / str(job))
         assert steps == sorted(set(steps)) == list(range(1, 31)), job  # each step trained (and recorded) once
+    return rerun.stdout
 
 
 def test_a_stopped_driver_loses_nothing_sigterm_checkpoints_each_pack_and_kill_9_takes_its_workers(
@@ -166,6 +167,41 @@ def test_a_stopped_driver_loses_nothing_sigterm_checkpoints_each_pack_and_kill_9
     for job, step in at_kill.items():  # the first rerun resumed each member where SIGTERM stopped it
         assert f"at step {stopped[job]}" in (sweep / str(job) / "train.log").read_text() and step >= stopped[job], job
     assert_rerun_resumes(sweep, one_process_longer, at_kill)
+
+
+def test_a_killed_worker_takes_only_its_own_pack_and_the_queue_trains_on_a_new_one(one_process_longer, tmp_path):
+    """Four packs of two on two workers; the worker of the first pack gets kill -9 mid-pack (the OOM
+    killer, a segfault): its two members fail with their checkpoints kept, the other pack and the
+    two queued behind train to their end, the driver's last line names exactly the lost members and
+    exits 1; the same command resumes them."""
+    sweep, output = tmp_path / "sweep", tmp_path / "crash.log"
+    command = sweep_command(sweep, *LONGER, "hydra.launcher.pack_size=2")  # the later pack_size wins
+    with open(output, "w") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "ptlab.cli.train", *command],
+                                  cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.PIPE,
+                                  text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while checkpoint_step(sweep / "0") == 0:
+        assert driver.poll() is None and time.time() < deadline, output.read_text()[-3000:]
+        time.sleep(0.05)
+    worker = json.loads((sweep / "0" / ".ptlab.holder.json").read_text())["pid"]
+    assert worker != driver.pid
+    os.kill(worker, signal.SIGKILL)
+    _, stderr = driver.communicate(timeout=600)
+    assert driver.returncode == 1, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert "2 of 8 jobs failed" in last and re.findall(r"job (\d+) \(", last) == ["0", "1"], last
+    assert "its worker process died: signal 9 (SIGKILL)" in last and "held by" not in last, last
+    at_kill = {}
+    for job in (0, 1):
+        failure = json.loads((sweep / str(job) / "failure.json").read_text())["error"]
+        assert "its worker process died: signal 9" in failure, failure
+        at_kill[job] = checkpoint_step(sweep / str(job))
+        assert 0 < at_kill[job] < 30 and read_summary(sweep / str(job))["status"] == "failed", job
+    for job in range(2, 8):  # the live pack and both queued behind the dead worker trained to their end
+        assert read_summary(sweep / str(job))["status"] == "finished", job
+    rerun = assert_rerun_resumes(sweep, one_process_longer, at_kill, "hydra.launcher.pack_size=2")
+    assert f"{sweep / '0'}: freed by pid {worker}, which died; taken" in rerun
 
 
 def test_a_member_held_by_a_live_process_is_skipped_named_and_the_sweep_exits_non_zero(one_process, tmp_path):

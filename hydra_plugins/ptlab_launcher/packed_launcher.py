@@ -1,5 +1,5 @@
 """ptlab's Hydra launcher plugin, `hydra/launcher=packed`: Hydra finds launchers in the
-`hydra_plugins` namespace package; the work is ptlab's (ptlab/cli/packed_launch.py)."""
+`hydra_plugins` namespace package; the work is ptlab's (ptlab/sweep/launcher.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
-from ptlab.cli.packed_launch import PackedLauncherConf, launch
+from ptlab.sweep.launcher import PackedLauncherConf, launch
 
 ConfigStore.instance().store(group="hydra/launcher", name="packed", node=PackedLauncherConf, provider="ptlab")
 
@@ -21,10 +21,11 @@ class PackedLauncher(Launcher):
 
     def __init__(
         self, pack_size: Optional[int] = None, workers: Optional[int] = None, submitit: Optional[DictConfig] = None,
-        ray: Optional[DictConfig] = None,
+        ray: Optional[DictConfig] = None, halving: Optional[DictConfig] = None,
     ) -> None:  # fmt: skip
-        """`hydra.launcher.*`: see ptlab.cli.packed_launch.PackedLauncherConf."""
-        self.settings = DictConfig({"pack_size": pack_size, "workers": workers, "submitit": submitit, "ray": ray})
+        """`hydra.launcher.*`: see ptlab.sweep.launcher.PackedLauncherConf."""
+        self.settings = DictConfig({"pack_size": pack_size, "workers": workers, "submitit": submitit, "ray": ray,
+                                    "halving": halving})  # fmt: skip
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None

@@ -194,9 +194,24 @@ def cost_section(comp: Comparison, target: Optional[float], scale: float) -> Lis
     return lines
 
 
+def stopped_section(comp: Comparison, scale: float) -> List[str]:
+    """The runs successive halving stopped at a rung (hydra.launcher.halving): apart from the
+    finished ones, which alone make the tables above and choose `--best-of`."""
+    stopped = [r for r in comp.runs if r.status == "stopped"]
+    if not stopped:
+        return []
+    lines = ["", f"Stopped by successive halving ({len(stopped)} runs; not in the tables above):", ""]
+    for run in sorted(stopped, key=lambda r: (-r.summary["rung"], natural_key(r.path))):
+        summary = run.summary
+        metric = summary["main_metric"]
+        lines.append(f"- `{shown_path(run.path)}`: rung {summary['rung']} of {summary['rungs']} (step {summary['steps']}), "
+                     f"validation {metric} {scale * summary['final'][metric]:.1f}")  # fmt: skip
+    return lines
+
+
 def problem_section(comp: Comparison) -> List[str]:
     """The runs without a result, each with its error."""
-    problems = [r for r in comp.runs if r.status != "finished"]
+    problems = [r for r in comp.runs if r.status not in ("finished", "stopped")]
     if not problems:
         return []
     lines = ["", "Runs without a result:", ""]
@@ -216,7 +231,7 @@ def markdown(comp: Comparison, baseline: Optional[Tuple[str, ...]], target: Opti
         lines += best_section(comp, best_of, scale)
     if baseline is not None:
         lines += difference_section(comp, baseline, scale)
-    lines += cost_section(comp, target, scale) + problem_section(comp)
+    lines += cost_section(comp, target, scale) + stopped_section(comp, scale) + problem_section(comp)
     lines += [""] + [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 

@@ -22,8 +22,7 @@ from ptlab.config.saved import load_saved_config, tell
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.training import checkpoint
-from ptlab.training.build import Pipeline, SharedBackbone, build, frozen_backbone
-from ptlab.training.packing import shared_settings
+from ptlab.training.build import Pipeline, SharedBackbone, build, frozen_backbone, shared_settings
 from ptlab.training.run_folder import read_record
 
 

@@ -157,6 +157,15 @@ def evaluate_together(pipelines: Sequence[Pipeline], split: str) -> List[Dict[st
     return [metrics[i] for i in range(len(pipelines))]
 
 
+def shared_settings(config: Config) -> Dict[str, Any]:
+    """What the members of a pack must have in common."""
+    return {
+        "backbone": dataclasses.asdict(config.backbone),
+        "hardware": dataclasses.asdict(config.hardware),
+        "trainer.compile": config.trainer.compile,
+    }
+
+
 def frozen_backbone(config: Config) -> SharedBackbone:
     """The frozen backbone `config` asks for, ready for any number of runs."""
     backbone = build_backbone(config.backbone)

@@ -105,9 +105,21 @@ def runs_split_metrics(
     together by rank classification (one process: a packed sweep's members due at one step)."""
     scores = runs_scores(backbone, [(parts, examples) for parts, examples, _ in runs], batch_size, device, autocast)
     return [
-        {**task_metrics(task, [int(row.argmax()) for row in run_scores], examples), **parts.method.eval_stats()}
+        {**task_metrics(task, [int(row.argmax()) for row in run_scores], examples),
+         "loss": mean_loss(loss_terms(parts.readout, run_scores, examples)), **parts.method.eval_stats()}
         for (parts, examples, task), run_scores in zip(runs, scores)
-    ]
+    ]  # fmt: skip
+
+
+def loss_terms(readout: TaskReadout, scores: Sequence[torch.Tensor], examples: Sequence[Example]) -> List[Tuple[float, int]]:
+    """Each example's target loss (minus its verbalizer's summed log-probability) and its token
+    count, so that a split's `loss` is the token mean that training minimises."""
+    return [(-float(row[example.label]), max(1, len(readout.choice_ids[example.label])))
+            for row, example in zip(scores, examples)]  # fmt: skip
+
+
+def mean_loss(terms: Sequence[Tuple[float, int]]) -> float:
+    return sum(loss for loss, _ in terms) / max(1, sum(count for _, count in terms))
 
 
 def predict_examples(
@@ -148,22 +160,20 @@ def split_metrics(
     mode: str = "rank",
     max_new_tokens: int = 8,
 ) -> Dict[str, float]:
-    """The task's metrics on `examples`, plus the method's own statistics; each rank of a
-    distributed run predicts its shard and every rank gets the metrics of all of them."""
+    """The task's metrics and target `loss` on `examples`, plus the method's own statistics; each
+    rank of a distributed run scores its shard and every rank gets the metrics of all of them.
+    Generation (`mode="generate"`) predicts by generating; the loss still comes from the scores."""
     mine = world.shard(list(range(len(examples))))
-    preds = predict_examples(
-        backbone,
-        readout,
-        method,
-        [examples[i] for i in mine],
-        batch_size,
-        device,
-        autocast,
-        mode,
-        max_new_tokens,
-    )
-    by_index = {i: p for shard in world.gather(list(zip(mine, preds))) for i, p in shard}
-    metrics = task_metrics(task, [by_index[i] for i in range(len(examples))], examples)
+    shard = [examples[i] for i in mine]
+    scores = runs_scores(backbone, [(RunParts(readout, method), shard)], batch_size, device, autocast)[0]
+    if mode == "rank":
+        preds = [int(row.argmax()) for row in scores]
+    else:
+        preds = predict_examples(backbone, readout, method, shard, batch_size, device, autocast, mode, max_new_tokens)
+    rows = list(zip(mine, preds, loss_terms(readout, scores, shard)))
+    by_index = {i: (pred, terms) for part in world.gather(rows) for i, pred, terms in part}
+    metrics = task_metrics(task, [by_index[i][0] for i in range(len(examples))], examples)
+    metrics["loss"] = mean_loss([terms for _, terms in by_index.values()])
     metrics.update(method.eval_stats())
     return metrics
 

@@ -91,6 +91,10 @@ class Holder:
     def is_this_process(self) -> bool:
         return (self.host, self.pid) == (HOST, os.getpid())
 
+    def died_here(self) -> bool:
+        """Whether its process was on this host and is gone (killed: its record outlived it)."""
+        return self.host == HOST and not pid_alive(self.pid)
+
 
 def refusal(folder: Path, holder: Optional[Holder]) -> FolderHeld:
     fix = "wait for it to end, or choose another folder (hydra.run.dir=..., hydra.sweep.dir=... for a sweep)"
@@ -180,7 +184,9 @@ class FolderLocks:
         except BaseException:
             os.close(fd)  # closing it frees the OS lock
             raise
-        if holder is not None:  # it died (this host), or its heartbeat is older than the timeout
+        if holder is not None and holder.host == HOST:  # its process died: the OS freed its lock
+            log.warning("%s: freed by pid %d, which died; taken", folder, holder.pid)
+        elif holder is not None:  # its heartbeat is older than the timeout: its host is gone
             log.warning("%s: taken over from pid %d on host %s, whose last heartbeat is %.0f s old",
                         folder, holder.pid, holder.host, now - holder.heartbeat)  # fmt: skip
         with self.guard:

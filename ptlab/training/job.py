@@ -1,5 +1,5 @@
 """Training jobs, from their folders to their results: `run(cfg)` for one run, `run_jobs` for a
-group that shares one backbone setup (a packed sweep's, `ptlab.training.packing.group_jobs`).
+group that shares one backbone setup (a packed sweep's, `ptlab.sweep.grouping.group_jobs`).
 
 Both go through one sequence: each job's folder is held (ptlab/training/folder_lock.py) and
 prepared, a finished run is skipped, the backbone is loaded (by a run alone itself, after its data,
@@ -15,6 +15,7 @@ need for `--help` or `--cfg`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -26,14 +27,19 @@ from omegaconf import DictConfig
 
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
-from ptlab.training.build import frozen_backbone
-from ptlab.training.checkpoint import config_difference, config_record, record_difference
+from ptlab.training.build import SharedBackbone, frozen_backbone, shared_settings
+from ptlab.training.checkpoint import (
+    config_difference,
+    config_record,
+    find,
+    load_training_state,
+    record_difference,
+)
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.loop import Ended, OnFailure, train_runs, unheard
 from ptlab.training.opened_run import Job, record_failed
-from ptlab.training.pack_plan import balanced
-from ptlab.training.packing import auto_pack_size
+from ptlab.training.pack_size import auto_pack_size, balanced
 from ptlab.training.run_folder import (
     FAILURE_FILE,
     RunFacts,
@@ -42,6 +48,7 @@ from ptlab.training.run_folder import (
     read_summary,
     unwritable,
 )
+from ptlab.training.schedule import stage_plan
 
 __all__ = ["Job", "run", "run_jobs"]
 
@@ -73,12 +80,13 @@ def run(cfg: DictConfig, run_dir: Optional[Path] = None, facts: Optional[RunFact
 
 def run_jobs(
     jobs: Sequence[Job], pack_size: Optional[int], ended: Ended = unheard, world: Optional[World] = None,
-    on_failure: OnFailure = OnFailure.RECORD,
+    on_failure: OnFailure = OnFailure.RECORD, loaded: Optional[Dict[str, SharedBackbone]] = None,
 ) -> List[Optional[float]]:  # fmt: skip
     """The jobs (that share one backbone setup) in packs of at most `pack_size` (None: as many as
     fit, `auto_pack_size`) on one backbone loaded once; each one's best validation value (None: it
-    failed), and `ended` told as each one ends. Finished jobs are skipped before anything loads.
-    Each job's folder is held by this process until the group ends."""
+    failed; at a rung, its value there), and `ended` told as each one ends. Finished jobs are
+    skipped before anything loads. Each job's folder is held by this process until the group ends.
+    `loaded`: backbones kept across calls (successive halving's rounds in one process), by setup."""
     world = world or World()
     with FolderLocks() as locks:  # held until the jobs have ended, however they end
         results: List[Optional[float]] = [None] * len(jobs)
@@ -86,44 +94,53 @@ def run_jobs(
         for index, job in enumerate(jobs):
             try:
                 folder = prepared_run_dir(job.config, job.facts.run_dir, locks, world)
-                finished = finished_summary(folder, job.config) if job.config.trainer.resume else None
+                finished = reached_summary(folder, job) if job.config.trainer.resume else None
             except Exception as error:  # noqa: BLE001 - a fault in its folder is its own
                 if on_failure is OnFailure.RAISE:
                     raise
                 record_failed(job.facts.run_dir, error)
                 ended(index, None)
                 continue
-            if finished is not None:  # a rerun sweep skips its finished jobs
+            if finished is not None:  # a rerun sweep skips its finished jobs (and those stopped at a rung)
                 results[index] = skipped(folder, job.config, finished)
                 ended(index, results[index])
             else:
                 folders[index] = folder
         if folders:
-            train_held(jobs, folders, pack_size, world, on_failure, ended, results)
+            train_held(jobs, folders, pack_size, world, on_failure, ended, results, loaded)
         return results
 
 
 def train_held(
     jobs: Sequence[Job], folders: Dict[int, Path], pack_size: Optional[int], world: World,
     on_failure: OnFailure, ended: Ended, results: List[Optional[float]],
+    loaded: Optional[Dict[str, SharedBackbone]] = None,
 ) -> None:  # fmt: skip
     """The jobs in their held `folders` trained in packs; a job alone loads its own backbone
-    (after its data), a group loads one for all."""
+    (after its data), a group loads one for all (or takes it from `loaded`)."""
     todo, first = list(folders), jobs[next(iter(folders))].config
     setup_hardware(first)
-    shared = None
-    if len(todo) > 1:
+    setup = json.dumps(shared_settings(first), sort_keys=True, default=str)
+    shared = (loaded or {}).get(setup)
+    if shared is None and (len(todo) > 1 or loaded is not None):
         started = time.perf_counter()
         shared = frozen_backbone(first)
         log.info("backbone %s loaded once for %d runs (%.1f s)", first.backbone.name, len(todo),
                  time.perf_counter() - started)  # fmt: skip
-        if pack_size is None:
-            device = torch.device("cuda" if first.hardware.device == "cuda" else "cpu")
-            pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
-            log.info("hydra.launcher.pack_size unset: %s", why)
-    for pack in balanced(todo, -(-len(todo) // (pack_size or 1))):
+        if loaded is not None:
+            loaded[setup] = shared
+    if len(todo) > 1 and pack_size is None:
+        device = torch.device("cuda" if first.hardware.device == "cuda" else "cpu")
+        pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
+        log.info("hydra.launcher.pack_size unset: %s", why)
+    packs = balanced(todo, -(-len(todo) // (pack_size or 1)))
+    if stage_plan(first) is None:  # one pack, as full as the balanced packs, that takes the next job as a member leaves
+        packs, slots = [todo], len(packs[0])
+    else:  # FPT's partial models change the shared backbone: packs one after another
+        slots = None
+    for pack in packs:
         values = train_runs([jobs[i] for i in pack], [folders[i] for i in pack], shared, world, on_failure,
-                            ended=lambda i, v, pack=pack: ended(pack[i], v))  # fmt: skip
+                            ended=lambda i, v, pack=pack: ended(pack[i], v), slots=slots)  # fmt: skip
         for index, value in zip(pack, values):
             results[index] = value
 
@@ -168,10 +185,33 @@ def held_by_main(world: World, take: Callable[[], None]) -> None:
 
 
 def skipped(run_dir: Path, config: Config, finished: Dict[str, Any]) -> float:
-    best = finished["best"][config.task.main_metric]
+    metric = config.task.main_metric
+    if finished["status"] == "stopped":
+        value = finished["final"][metric]
+        log.info("%s already stopped at rung %d, step %d (validation %s = %.4f): skipped", run_dir,
+                 finished["rung"], finished["steps"], metric, value)  # fmt: skip
+        return value
+    best = finished["best"][metric]
     log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
-             "it again", run_dir, config.task.main_metric, best)  # fmt: skip
+             "it again", run_dir, metric, best)  # fmt: skip
     return best
+
+
+def reached_summary(run_dir: Path, job: Job) -> Optional[Dict[str, Any]]:
+    """The folder's summary when this round has nothing to train for the job: it finished
+    (`finished_summary`), or a successive-halving round stops it at a rung it already stopped at,
+    or passed, with this config."""
+    finished = finished_summary(run_dir, job.config)
+    if finished is not None or job.rung is None:
+        return finished
+    summary = read_summary(run_dir)
+    if summary is None or summary.get("status") != "stopped" or summary.get("steps", 0) < job.rung.step:
+        return None
+    last = find(run_dir / "checkpoints" / "last")
+    if last is None:
+        return None
+    saved = load_training_state(last)["prompt_config"].get("config")
+    return summary if config_difference(saved, dataclasses.asdict(job.config)) is None else None
 
 
 def finished_summary(run_dir: Path, config: Config) -> Optional[Dict[str, Any]]:

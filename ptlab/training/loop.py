@@ -53,13 +53,12 @@ from ptlab.training.distributed import World
 from ptlab.training.evaluate import to_device
 from ptlab.training.memory import reset_peak_memory
 from ptlab.training.opened_run import Job, OpenRun, close_run, open_run, record_failed
-from ptlab.training.packing import stage_plan
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
 from ptlab.training.run_folder import RunLog
-from ptlab.training.schedule import restore_full_model, stage_partitions
+from ptlab.training.schedule import restore_full_model, stage_partitions, stage_plan
 from ptlab.training.stacks import Stacks, stacked
-from ptlab.training.trainer import LogWindow, StepTotals, Trainer
+from ptlab.training.trainer import LogWindow, StepTotals, Trainer, run_summary
 
 log = logging.getLogger("ptlab")
 
@@ -106,7 +105,12 @@ class Run:
 
     @property
     def done(self) -> bool:
-        return self.stopped_early or self.trainer.state.step >= self.trainer.total_steps
+        return self.stopped_early or self.trainer.state.step >= self.trainer.end_step
+
+    @property
+    def at_rung(self) -> bool:
+        """It has trained to the successive-halving rung it stops at, short of its end."""
+        return not self.stopped_early and self.trainer.end_step == self.trainer.state.step < self.trainer.total_steps
 
 
 @dataclass
@@ -128,6 +132,7 @@ class PackFault(Exception):
     def __init__(self, runs: List[Run], error: Exception, out_of_memory: bool) -> None:
         super().__init__(str(error))
         self.runs, self.error, self.out_of_memory = runs, error, out_of_memory
+        self.queue: List[int] = []  # the pack's jobs that had not joined it yet
 
 
 def out_of_memory_error(error: Exception) -> bool:
@@ -150,53 +155,64 @@ def out_of_memory_fault(error: Exception, trainer: Trainer) -> TrainingFault:
 # --- the jobs, in packs that halve when they do not fit ----------------------------------------------
 def train_runs(
     jobs: Sequence[Job], folders: Sequence[Path], shared: Optional[SharedBackbone], world: World,
-    on_failure: OnFailure = OnFailure.RECORD, ended: Ended = unheard,
+    on_failure: OnFailure = OnFailure.RECORD, ended: Ended = unheard, slots: Optional[int] = None,
 ) -> List[Optional[float]]:  # fmt: skip
     """Train the jobs, in their prepared run `folders`, as one pack on `shared` (None: a run alone
-    builds its own backbone); each one's best validation value, None for a run that failed;
-    `ended` is told as each one ends."""
+    builds its own backbone) of `slots` runs at once (None: all), the next job joining as a member
+    leaves; each one's best validation value (at a rung: its value there), None for a run that
+    failed; `ended` is told as each one ends."""
     results: List[Optional[float]] = [None] * len(jobs)
-    parts = [list(range(len(jobs)))]
+    parts = [(list(range(len(jobs))), slots or len(jobs))]
     while parts:
-        part = parts.pop(0)
+        part, size = parts.pop(0)
         try:
-            train_part(jobs, folders, part, shared, world, Outcomes(on_failure, results, ended))
+            train_part(jobs, folders, part, size, shared, world, Outcomes(on_failure, results, ended))
         except PackFault as fault:
             faulted = {run.index for run in fault.runs}
             todo = [index for index in part if index in faulted]
-            size = max(1, len(todo) // 2) if fault.out_of_memory else 1
+            smaller = max(1, min(size, len(todo)) // 2) if fault.out_of_memory else 1
             log.warning("a pack of %d runs %s (%s): its members train again from their last checkpoints, "
                         "in packs of %d", len(todo), "ran out of memory" if fault.out_of_memory else "failed",
-                        str(fault.error).strip().splitlines()[0][:160], size)  # fmt: skip
-            parts[:0] = [todo[i : i + size] for i in range(0, len(todo), size)]
+                        str(fault.error).strip().splitlines()[0][:160], smaller)  # fmt: skip
+            later = [(fault.queue, smaller if fault.out_of_memory else size)] if fault.queue else []
+            parts[:0] = [(todo[i : i + smaller], smaller) for i in range(0, len(todo), smaller)] + later
     return results
 
 
 def train_part(
-    jobs: Sequence[Job], folders: Sequence[Path], part: List[int], shared: Optional[SharedBackbone],
+    jobs: Sequence[Job], folders: Sequence[Path], part: List[int], slots: int, shared: Optional[SharedBackbone],
     world: World, outcome: Outcomes,
 ) -> None:  # fmt: skip
-    """The jobs `part` (indices) opened and trained as one pack; each one's outcome told."""
-    runs: List[Run] = []
+    """The jobs `part` (indices) trained as one pack of `slots` runs at once, the rest queued to
+    join as members leave; each one's outcome told."""
     with ExitStack() as stack:
-        for index in part:
+
+        def opened(index: int) -> Optional[Run]:
+            """Job `index` opened into a `Run` (its failure to open recorded: None)."""
             job, folder = jobs[index], folders[index]
             run_log = stack.enter_context(RunLog())
             with run_log.speaking():
                 try:
-                    opened = open_run(folder, job.config, job.cfg, world, job.facts, run_log, shared)
+                    run = open_run(folder, job.config, job.cfg, world, job.facts, run_log, shared)
                 except Exception as error:  # noqa: BLE001 - a fault in building or resuming it is its own
                     if outcome.on_failure is OnFailure.RAISE:
                         raise
                     record_failed(folder, error)
                     outcome.ended(index, None)
-                    continue
-            runs.append(Run(index, job, opened, run_log))
-            stack.callback(opened.tracker.finish)  # also when the pack stops (a signal, a bug)
+                    return None
+            run.trainer.stop_at = job.rung.step if job.rung else None
+            stack.callback(run.tracker.finish)  # also when the pack stops (a signal, a bug)
+            return Run(index, job, run, run_log)
+
+        queue, runs = list(part), []
+        while queue and len(runs) < slots:
+            run = opened(queue.pop(0))
+            runs += [run] if run is not None else []
         if len(runs) > 1:
-            log.info("pack of %d runs on %s: training together", len(runs), runs[0].job.config.backbone.name)
+            log.info("pack of %d runs on %s: training together%s", len(runs), runs[0].job.config.backbone.name,
+                     f", {len(queue)} more joining as slots free" if queue else "")  # fmt: skip
         if runs:
-            Pack(runs, outcome).run()
+            Pack(runs, outcome, queue, opened).run()
         if outcome.raised:
             raise outcome.raised[0]
 
@@ -206,9 +222,12 @@ class Pack:
     """Trains `runs` (opened over one backbone, already resumed) together until each is done; each
     one's outcome goes to `outcome` as it leaves."""
 
-    def __init__(self, runs: List[Run], outcome: Outcomes) -> None:
+    def __init__(self, runs: List[Run], outcome: Outcomes, queue: Optional[List[int]] = None,
+                 opened: Optional[Callable[[int], Optional[Run]]] = None) -> None:  # fmt: skip
         self.runs, self.outcome = runs, outcome
         self.size = len(runs)  # the runs training together now: a finished run's pack_size
+        self.slots = len(runs)  # the pack stays this full while its queue lasts
+        self.queue, self.opened = queue or [], opened  # jobs (indices) to join as members leave
         self.stacks: Optional[Stacks] = None  # the training runs' stacks (ptlab/training/stacks.py)
 
     def run(self) -> None:
@@ -226,8 +245,9 @@ class Pack:
                 self.runs, self.size = part, len(part)
                 try:
                     self.train(guard)
-                except PackFault as fault:  # the runs still waiting go with it
+                except PackFault as fault:  # the runs still waiting go with it, and its queue
                     fault.runs += [run for later in parts[index + 1 :] for run in later]
+                    fault.queue, self.queue = self.queue, []
                     raise
                 finally:
                     restore_full_model(run.trainer.stage_schedule for run in part)
@@ -303,7 +323,8 @@ class Pack:
             run.progress.evaluated(state.step, state.last_metrics, state.best_score, state.best_step)
 
     def leave(self, run: Run, error: Optional[Exception] = None) -> None:
-        """`run` leaves the pack: finished (its test split scored, its summary recorded) or failed."""
+        """`run` leaves the pack: finished (its test split scored, its summary recorded), stopped at
+    its rung (its summary recorded), or failed."""
         self.runs.remove(run)
         if self.stacks is not None:  # its slices and optimizer state become its own again
             self.stacks.leave(run.trainer)
@@ -311,16 +332,32 @@ class Pack:
             run.progress.close()
         with run.log.speaking():
             if error is None:
-                try:  # its test split, its summary, its W&B run
-                    summary = run.trainer.finish_fit(run.stopped_early)
+                try:  # its test split (not at a rung), its summary, its W&B run
+                    rung = run.job.rung if run.at_rung else None
+                    summary = run_summary(run.trainer, False, None) if rung else run.trainer.finish_fit(run.stopped_early)
                     summary["pack_size"] = self.size
-                    self.outcome.results[run.index] = close_run(run.opened, summary)
+                    self.outcome.results[run.index] = close_run(run.opened, summary, rung)
                     run.opened.tracker.finish()
                     self.outcome.ended(run.index, self.outcome.results[run.index])
-                    return
                 except Exception as failure:  # noqa: BLE001 - it ends this run only
                     error = failure
-            self.fail(run, error)
+            if error is not None:
+                self.fail(run, error)
+        self.refill()
+
+    def refill(self) -> None:
+        """Queued jobs join while the pack has free slots: opened on the loaded backbone (resumed
+        from their checkpoints), started, and stacked with the members of their method and shapes."""
+        while self.queue and len(self.runs) < self.slots:
+            run = self.opened(self.queue.pop(0))
+            if run is None:
+                continue
+            log.info("%s joins the pack (%d of %d slots)", run.name, len(self.runs) + 1, self.slots)
+            self.runs.append(run)
+            self.size = max(self.size, len(self.runs))
+            self.start(run, alone=False)
+            if run in self.runs and self.stacks is not None:
+                self.stacks.join(run.trainer)
 
     def fail(self, run: Run, error: Exception) -> None:
         if self.outcome.on_failure is OnFailure.RAISE:  # raised once the pack is done

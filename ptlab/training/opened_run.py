@@ -24,14 +24,26 @@ from ptlab.training.trainer import Trainer
 log = logging.getLogger("ptlab")
 
 
+@dataclasses.dataclass(frozen=True)
+class Rung:
+    """Where successive halving (ptlab/sweep/halving.py) stops a job in this round: rung `number`
+    of `of`, after `step` steps. Its lr schedule stays its full run's, so a run promoted to the end
+    equals the run trained without the scheduler."""
+
+    number: int
+    of: int
+    step: int
+
+
 @dataclasses.dataclass
 class Job:
-    """A job to train: its composed config (as Hydra gave it, and validated) and what Hydra knows
-    of it (its folder among it)."""
+    """A job to train: its composed config (as Hydra gave it, and validated), what Hydra knows
+    of it (its folder among it), and the rung it stops at in this round (None: its end)."""
 
     cfg: DictConfig
     config: Config
     facts: RunFacts
+    rung: Optional[Rung] = None
 
 
 @dataclasses.dataclass
@@ -78,12 +90,16 @@ def open_run(
     return OpenRun(run_dir, config, trainer, tracker, started, load_seconds)
 
 
-def close_run(run: OpenRun, summary: Dict[str, Any]) -> float:
+def close_run(run: OpenRun, summary: Dict[str, Any], rung: Optional[Rung] = None) -> float:
     """A trained run's summary completed and recorded (summary.json, W&B, the prompt artifact);
-    returns its best validation value. The caller finishes its tracker."""
+    returns its best validation value. Stopped at a successive-halving `rung`: its summary says so
+    (`status: stopped`, the rung, its steps), and it returns its validation value there. The
+    caller finishes its tracker."""
     config, tracker = run.config, run.tracker
+    if rung is not None:
+        summary.update(rung=rung.number, rungs=rung.of)
     summary.update(
-        status="finished",
+        status="finished" if rung is None else "stopped",
         method=config.method.run_label,
         backbone=config.backbone.name,
         task=config.task.name,
@@ -94,11 +110,16 @@ def close_run(run: OpenRun, summary: Dict[str, Any]) -> float:
         code=code_version(),
     )
     tracker.summary(summary)
+    metric, baseline = config.task.main_metric, summary["baseline"]
+    if rung is not None:
+        value = summary["final"][metric]
+        log.info("stopped at rung %d of %d (step %d): validation %s = %.4f; if promoted, it goes on from here; "
+                 "summary: %s", rung.number, rung.of, summary["steps"], metric, value, run.run_dir / "summary.json")  # fmt: skip
+        return value
     if config.logger.log_prompt:
         name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
         metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
         tracker.log_prompt(run.run_dir / "checkpoints" / "best", name, metadata)
-    metric, baseline = config.task.main_metric, summary["baseline"]
     best = summary["best"][metric]
     log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
              baseline["name"], baseline[metric], run.run_dir / "summary.json")  # fmt: skip

@@ -1,7 +1,7 @@
 """Preemption: SLURM sends SIGUSR1/SIGUSR2 (--signal) before its time limit and SIGTERM on
 preemption. A run notes the signal, writes a resumable checkpoint at the next step boundary and
 stops; a handler installed before ours (submitit's requeue) is called after the save. A packed
-sweep's worker process (ptlab/cli/pack_places.py) also keeps a signal that comes while no pack
+sweep's worker process (ptlab/sweep/places.py) also keeps a signal that comes while no pack
 trains, for the next pack to stop on."""
 
 from __future__ import annotations

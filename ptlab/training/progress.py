@@ -58,16 +58,15 @@ class Progress:
                 self.label, step, self.total, line.loss, line.lr, line.examples_per_s, clock(elapsed), clock(eta),
             )  # fmt: skip
 
-    def evaluated(self, step: int, metrics: Dict[str, float], best: float, best_step: int) -> None:
+    def evaluated(self, step: int, metrics: Dict[str, float], best: Optional[float], best_step: Optional[int]) -> None:
+        """A validation result; `best` is None at a halving rung's look before any scheduled one."""
         value = metrics[self.main_metric]
         self.bar.set_postfix(**{f"val_{self.main_metric}": f"{value:.4f}"})
         if self.lines:
             shown = "  ".join(f"{name} {v:.4f}" for name, v in metrics.items() if isinstance(v, float))
-            log.info(
-                "%sstep %d validation: %s  (best %s %.4f at step %d; %s %.4f)",
-                self.label, step, shown, self.main_metric, best, best_step, self.baseline["name"],
-                self.baseline[self.main_metric],
-            )  # fmt: skip
+            kept = "no best yet" if best is None else f"best {self.main_metric} {best:.4f} at step {best_step}"
+            log.info("%sstep %d validation: %s  (%s; %s %.4f)", self.label, step, shown, kept,
+                     self.baseline["name"], self.baseline[self.main_metric])  # fmt: skip
 
     def close(self) -> None:
         self.bar.close()

@@ -162,7 +162,7 @@ def save_snapshots(run_dir: Path, cfg: DictConfig, hydra_cfg: DictConfig) -> Non
 
 
 def record_failure(run_dir: Path, error: Exception) -> None:
-    """A failed job's one-line error, for ptlab's sweep report (ptlab/lab/sweep_report.py) and
+    """A failed job's one-line error, for ptlab's sweep report (ptlab/sweep/hooks.py, `FailedJobs`) and
     `ptlab-compare`. A finished run's summary is never replaced: a failed rerun of it leaves its
     result standing and says only, in `failure.json`, that the rerun failed. A refusal to write a
     folder another process holds writes nothing: that folder's run is not this one."""

@@ -7,13 +7,14 @@ a stage change: the same tensors and the same optimizer state carry over ("promp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from ptlab.config.schema import ScheduleConfig
+from ptlab.config.schema import Config, ScheduleConfig
 from ptlab.files import write_file_atomically
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
@@ -32,17 +33,29 @@ class StepFlops(NamedTuple):
     full: float
 
 
+def stage_ends(cfg: ScheduleConfig, total_steps: int) -> List[int]:
+    """The step each stage ends at (exclusive): its share of `total_steps`, the last at the end."""
+    ends, done = [], 0.0
+    for stage in cfg.stages:
+        done += stage.steps_fraction
+        ends.append(round(done * total_steps))
+    ends[-1] = total_steps
+    return ends
+
+
+def partial_at(cfg: ScheduleConfig, total_steps: int, step: int) -> bool:
+    """Whether the model a run evaluates after `step` steps is a partial one (FPT's early stages)."""
+    ends = stage_ends(cfg, total_steps)
+    stage = cfg.stages[next(i for i, end in enumerate(ends) if step - 1 < end or i == len(ends) - 1)]
+    return (stage.depth, stage.width) != (1.0, 1.0)
+
+
 class StageSchedule:
     def __init__(self, cfg: ScheduleConfig, backbone: Backbone, total_steps: int) -> None:
         self.cfg = cfg
         self.family = backbone.family
         self.shape = ModelShape.from_config(backbone.model.config, backbone.family)
-        ends, done = [], 0.0
-        for stage in cfg.stages:
-            done += stage.steps_fraction
-            ends.append(round(done * total_steps))
-        ends[-1] = total_steps
-        self.stage_ends = ends
+        self.stage_ends = stage_ends(cfg, total_steps)
         self.partial = PartialModel(backbone.model, cfg.with_decoder) if cfg.shrinks_model else None
         self.current: Optional[int] = None
 
@@ -66,7 +79,7 @@ class StageSchedule:
     ) -> None:
         """FFN neuron scores, computed once with the untrained prompt and cached in the run folder
         (a resumed run reloads them rather than scoring with its trained prompt). `known`: the
-        scores a packmate with the same inputs computed (`packing.stage_plan`), so the same ones."""
+        scores a packmate with the same inputs computed (`stage_plan`), so the same ones."""
         cache = run_dir / "ffn_scores.pt"
         if cache.exists():
             self.partial.scores = read_plain(cache)
@@ -138,10 +151,34 @@ def same_scores(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def stage_plan(config: Config) -> Optional[Dict[str, Any]]:
+    """What fixes a staged job's partial models at every step (None: no stage schedule). Jobs with
+    equal plans shrink and grow the backbone identically at the same steps, so they can share a
+    pack. The kept FFN neurons come from scores of the untrained prompt on the first training
+    examples (`StageSchedule.prepare_scores`): what makes them is part of the plan."""
+    schedule = config.schedule
+    if not schedule.shrinks_model:
+        return None
+    trainer = config.trainer
+    plan: Dict[str, Any] = {
+        "schedule": dataclasses.asdict(schedule),
+        "steps": {key: getattr(trainer, key) for key in ("max_steps", "epochs", "batch_size", "grad_accum")},
+    }
+    if schedule.cuts_ffn_width:
+        plan["neuron scores"] = {
+            "seed": config.seed,
+            "method": dataclasses.asdict(config.method),
+            "task": dataclasses.asdict(config.task),
+            "data": dataclasses.asdict(config.data),
+            "trainer.eval_batch": trainer.eval_batch,
+        }
+    return plan
+
+
 def stage_partitions(runs: Sequence[Tuple[StageSchedule, int]]) -> List[List[int]]:
     """The runs (each its schedule and step), by index, in parts that train one after another: the
     runs of a part shrink and grow the shared backbone identically at every step. The launcher
-    packs only staged jobs with one stage plan (`packing.stage_plan`); runs resumed at other steps,
+    packs only staged jobs with one stage plan (`stage_plan`); runs resumed at other steps,
     or whose neuron scores differ after all, train after the others rather than on the wrong model."""
     parts: List[Tuple[Optional[Tuple], Optional[List[torch.Tensor]], List[int]]] = []
     for index, (schedule, step) in enumerate(runs):

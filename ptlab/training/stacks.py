@@ -121,7 +121,7 @@ def stacked(trainers: List[Trainer]) -> List[Stack]:
 
 
 class Stacks:
-    """A pack's members in stacks; members leave as they end."""
+    """A pack's members in stacks; members leave as they end, and join as slots free."""
 
     def __init__(self, trainers: List[Trainer]) -> None:
         groups: Dict[Tuple, List[Trainer]] = {}
@@ -131,6 +131,22 @@ class Stacks:
         for stack in self.stacks:
             for trainer in stack.trainers:
                 trainer.stack = stack
+
+    def join(self, trainer: Trainer) -> None:
+        """`trainer` (a run that joins a running pack) joins the stack of its `stack_key`, a new one
+        if there is none: the members' values and optimizer states carried over unchanged, its own
+        from its optimizer (fresh, or as its checkpoint left it)."""
+        key = stack_key(trainer)
+        stack = next((stack for stack in self.stacks if stack_key(stack.trainers[0]) == key), None)
+        members, states = [], []
+        if stack is not None:
+            members = stack.trainers
+            states = [stack.optimizer.member_state(i) for i in range(len(members))]
+            self.stacks.remove(stack)
+        joined = Stack(members + [trainer], states + [trainer.optimizer.state_dict()])
+        self.stacks.append(joined)
+        for member in joined.trainers:
+            member.stack = joined
 
     def leave(self, trainer: Trainer) -> None:
         """`trainer` leaves its stack; the others of that stack form a new one."""

@@ -159,6 +159,7 @@ class Trainer:
         self.state = TrainState(stages=stages)
         self.checkpoint = RunCheckpoint(run_dir, self.method, self.readout, self.optimizer, self.lr_scheduler,
                                         self.randomness, pipeline.prompt_config(), writes=self.world.is_main)  # fmt: skip
+        self.stop_at: Optional[int] = None  # a successive-halving rung's step, where this round ends it
         self.fit_started = time.perf_counter()
         self.scoring_seconds = 0.0  # FPT's neuron scoring in this process (0: none, or cached)
         self.last_finite_loss: Optional[float] = None
@@ -189,20 +190,21 @@ class Trainer:
         clocks = {"train_s": self.state.train_seconds, "flops": self.state.flops,
                   "wall_s": time.perf_counter() - self.fit_started}  # fmt: skip
         self.tracker.log(self.state.step, "validation", {**metrics, **clocks})
+        if self.scheduled_eval():  # a rung's look alone leaves the best prompt and patience the full run's
+            self.keep_if_best(metrics)
+        self.save_last()
+        self.world.barrier()
+        return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
+
+    def keep_if_best(self, metrics: Dict[str, float]) -> None:
+        """The best prompt so far kept (and patience counted) by the task's main metric."""
         score = metrics[self.task.main_metric]
         if self.state.best_score is None or score > self.state.best_score:
-            self.state.best_score, self.state.best_step, self.state.best_metrics = (
-                score,
-                self.state.step,
-                metrics,
-            )
+            self.state.best_score, self.state.best_step, self.state.best_metrics = score, self.state.step, metrics
             self.state.evals_without_improvement = 0
             self.checkpoint.save_best(self.method.export_prompt())
         else:
             self.state.evals_without_improvement += 1
-        self.save_last()
-        self.world.barrier()
-        return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
 
     # --- one step ----------------------------------------------------------------------------
     def neuron_scoring_passes(self) -> Iterator[None]:
@@ -307,11 +309,19 @@ class Trainer:
             return None
         return window.log(self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops)
 
+    def scheduled_eval(self) -> bool:
+        """Whether the run alone evaluates after this step: every `eval_every` and at the end."""
+        return self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
+
     def eval_due(self) -> bool:
-        """After a step: whether it evaluates (every `eval_every` and at the end; partial models
-        are not evaluated)."""
-        due = self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
-        return due and self.stage_schedule.is_full
+        """After a step: whether it evaluates (scheduled, or at the rung it stops at; partial
+        models are not evaluated)."""
+        return (self.scheduled_eval() or self.state.step == self.stop_at) and self.stage_schedule.is_full
+
+    @property
+    def end_step(self) -> int:
+        """The step this round of training ends at: its last, or the rung it stops at."""
+        return min(self.total_steps, self.stop_at or self.total_steps)
 
     def finish_fit(self, stopped_early: bool) -> Dict[str, Any]:
         """The best prompt scored on the test split if the task has one; the run's summary."""

@@ -15,8 +15,8 @@ import os
 import socket
 from typing import Any, Dict, List, Mapping, Sequence
 
-from ptlab.cli.pack_places import PackEnded, PlacedPack, first_line, lost, run_placed_pack
 from ptlab.errors import ConfigError
+from ptlab.sweep.places import PackEnded, PlacedPack, first_line, lost, run_placed_pack
 
 log = logging.getLogger("ptlab")
 

@@ -1,7 +1,7 @@
-"""Where a packed sweep's planned packs train (ptlab/training/pack_plan.py) outside the driver:
+"""Where a packed sweep's planned packs train (ptlab/sweep/plan.py) outside the driver:
 on this machine's devices (`hydra.launcher.workers`: one process per device, packs queued), or as
 one submitit job per pack. Each place runs `run_jobs` on its packs and reports each pack as it
-ends; the driver's own process is `packed_launch.place`'s, Ray's place is ptlab/cli/ray_place.py.
+ends; the driver's own process is `packed_launch.place`'s, Ray's place is ptlab/sweep/ray_place.py.
 """
 
 from __future__ import annotations
@@ -9,13 +9,15 @@ from __future__ import annotations
 import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import sys
-from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -47,20 +49,29 @@ def cores() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def worker_start(devices: Any, threads: int) -> None:
-    """A worker dies with its driver (a kill -9 of the sweep leaves no pack training unseen), keeps
-    a termination signal for its packs to stop on, owns the GPU it takes from `devices` (None: the
-    CPU) and its share of the cores."""
+def pack_process(driver: Connection, device: Optional[int], threads: int) -> None:
+    """A pack in a process of its own: it dies with its driver (a kill -9 of the sweep leaves no
+    pack training unseen), keeps a termination signal for its pack to stop on, owns the GPU
+    `device` (None: the CPU) and `threads` cores, receives its pack (jobs, size) from `driver` and
+    sends back its outcome: ("values", each member's best) or ("preempted", signum, step)."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the driver died before the line above
         os._exit(1)
     note_signals_between_packs()
-    device = devices.get()
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
     import torch
+    import tqdm
 
     torch.set_num_threads(threads)
+    # tqdm's default lock is a multiprocessing semaphore, which a kill -9 of this process would
+    # leave to the resource tracker (a warning below the driver's last line): its bars are its own
+    tqdm.tqdm.set_lock(threading.RLock())
+    jobs, size = driver.recv()
+    try:
+        driver.send(("values", run_placed_pack(jobs, size)))
+    except Preempted as stop:  # its members' checkpoints are written
+        driver.send(("preempted", stop.signum, stop.step))
 
 
 def run_placed_pack(jobs: List[Job], size: Optional[int]) -> List[Optional[float]]:
@@ -74,47 +85,82 @@ def run_placed_pack(jobs: List[Job], size: Optional[int]) -> List[Optional[float
     return run_jobs(jobs, size)
 
 
+@dataclass
+class Running:
+    """A pack training in its process, the device it holds and where its outcome comes."""
+
+    pack: PlacedPack
+    process: BaseProcess
+    results: Connection
+    device: Optional[int]
+
+
 def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: PackEnded) -> None:
     """At most `workers` packs at once, each in a process of its own that owns one of `gpus` GPUs
-    (0: they split the cores), queued in plan order; a worker that dies fails its pack's members
-    alone (their checkpoints stay: a rerun resumes them)."""
+    (0: they split the cores), started in plan order as processes end. A process that dies (kill -9,
+    the OOM killer, a segfault) fails its pack's members alone, their checkpoints kept for the
+    rerun; the other packs, running or queued, go on. After a termination signal no pack starts,
+    and the running ones checkpoint and stop (Preempted)."""
     context = multiprocessing.get_context("spawn")
-    devices = context.Queue()
-    for worker in range(workers):
-        devices.put(worker % gpus if gpus else None)
+    free: List[Optional[int]] = [worker % gpus if gpus else None for worker in range(workers)]
     threads = max(1, cores() // workers)
     log.info("hydra.launcher.workers=%d: %d packs, each in a process of its own on %s", workers, len(packs),
              f"one of {gpus} GPUs" if gpus else f"{threads} of this machine's {cores()} cores")  # fmt: skip
-    preempted: List[Preempted] = []
-    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=worker_start, initargs=(devices, threads))
-    with signals_passed_to_workers(), pool:
-        futures = {pool.submit(run_placed_pack, pack.jobs, pack.size): pack for pack in packs}
-        for future in as_completed(futures):
-            pack = futures[future]
-            try:
-                values = future.result()
-            except CancelledError:  # not started when the sweep was stopped: the rerun trains it
-                continue
-            except Preempted as stop:  # its members' checkpoints are written
-                preempted.append(stop)
-                pool.shutdown(wait=False, cancel_futures=True)
-                continue
-            except BrokenProcessPool as error:
-                values = lost(pack, f"its pack's worker process died ({first_line(error)})")
-            ended(pack, values)
+    queued, running, preempted = list(packs), {}, []
+    with signals_passed_to_workers() as signalled:
+        while queued or running:
+            while queued and free and not (preempted or signalled):
+                pack, device = queued.pop(0), free.pop(0)
+                ours, theirs = context.Pipe()
+                process = context.Process(target=pack_process, args=(theirs, device, threads))
+                process.start()
+                theirs.close()
+                # a pack's configs fill the pipe: sent aside, so the next process starts meanwhile
+                threading.Thread(target=hand_over, args=(ours, (pack.jobs, pack.size)), daemon=True).start()
+                running[process.sentinel] = Running(pack, process, ours, device)
+            for sentinel in multiprocessing.connection.wait(list(running)):
+                done = running.pop(sentinel)
+                outcome = done.results.recv() if done.results.poll() else None
+                done.process.join()
+                free.append(done.device)
+                if outcome is not None and outcome[0] == "preempted":
+                    preempted.append(Preempted(outcome[1], outcome[2]))
+                elif outcome is not None:
+                    ended(done.pack, outcome[1])
+                elif signalled and done.process.exitcode == -signalled[0]:  # stopped before its guard was up
+                    preempted.append(Preempted(signalled[0], 0))
+                else:
+                    ended(done.pack, lost(done.pack, f"its worker process died: {exit_reason(done.process.exitcode)}"))
     if preempted:
         raise preempted[0]
 
 
+def hand_over(connection: Connection, pack: Any) -> None:
+    """Send a pack's process its pack; one that died first is reported by its exit, not here."""
+    try:
+        connection.send(pack)
+    except OSError:
+        pass
+
+
+def exit_reason(exitcode: Optional[int]) -> str:
+    if exitcode is not None and exitcode < 0:
+        return f"signal {-exitcode} ({signal.Signals(-exitcode).name})"
+    return f"exit code {exitcode}, no result"
+
+
 @contextmanager
-def signals_passed_to_workers() -> Iterator[None]:
+def signals_passed_to_workers() -> Iterator[List[int]]:
     """A termination signal to the driver (SLURM's preemption, a `kill`) goes on to its workers,
     whose packs checkpoint after their step while the driver waits for them: a stopped sweep loses
-    no step. A kill -9 of the driver still takes its workers down (worker_start)."""
+    no step. Yields the signals received (no pack starts after one). A kill -9 of the driver still
+    takes its workers down (pack_process)."""
+    received: List[int] = []
 
     def pass_on(signum: int, frame) -> None:
         log.warning("received %s: passing it to the workers; each pack checkpoints after its step",
                     signal.Signals(signum).name)  # fmt: skip
+        received.append(signum)
         for child in multiprocessing.active_children():
             try:
                 os.kill(child.pid, signum)
@@ -123,7 +169,7 @@ def signals_passed_to_workers() -> Iterator[None]:
 
     previous = {signum: signal.signal(signum, pass_on) for signum in PREEMPTION_SIGNALS}
     try:
-        yield
+        yield received
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

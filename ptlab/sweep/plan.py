@@ -1,6 +1,6 @@
 """A sweep's packs, planned in the driver before any model loads, balanced over its devices.
 
-Each group of jobs that can share a backbone (ptlab/training/packing.py) gets the fewest packs of at
+Each group of jobs that can share a backbone (ptlab/sweep/grouping.py) gets the fewest packs of at
 most its cap (`hydra.launcher.pack_size`, else an estimate of what fits one device), and then more,
 smaller packs while that takes no extra round of packs on the devices: 48 jobs that fit 10 to a GPU
 make 6 packs of 8 on 6 GPUs, not 5 packs of 10 that leave one idle, and 8 packs of 6 on 4 GPUs (two
@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import List, Sequence
 
-from ptlab.training.packing import Group
+from ptlab.sweep.grouping import Group
+from ptlab.training.pack_size import balanced
 
 
 @dataclass
@@ -23,18 +24,6 @@ class PlannedPack:
 
     group: int
     jobs: List[int]
-
-
-def balanced(jobs: Sequence[int], count: int) -> List[List[int]]:
-    """`jobs` in order, cut into `count` runs of lengths that differ by one at most."""
-    count = max(1, min(count, len(jobs)))
-    size, extra = divmod(len(jobs), count)
-    cuts, start = [], 0
-    for part in range(count):
-        end = start + size + (1 if part < extra else 0)
-        cuts.append(list(jobs[start:end]))
-        start = end
-    return cuts
 
 
 def pack_counts(sizes: Sequence[int], caps: Sequence[int], devices: int) -> List[int]:

@@ -2,12 +2,12 @@
 
 Hydra's launchers call the task function once per job; this one composes every job's config
 (as Hydra's basic launcher does: sweep config, job number, output folder), groups the jobs that
-can share a backbone (ptlab/training/packing.py), says how it packed them, and trains each group
+can share a backbone (ptlab/sweep/grouping.py), says how it packed them, and trains each group
 in packs, in this process or as one SLURM job per group through submitit. Each job still gets
 what Hydra gives a job: its folder, its `.hydra/` snapshots (written by ptlab once it starts), its
 overrides, and a `JobReturn` whose value is its best validation score (None when it failed, so an
 Optuna trial records a failure), and the sweep's per-job callbacks (`on_job_start`, `on_job_end`)
-see it start and end as under Hydra's basic launcher (ptlab/cli/job_hooks.py).
+see it start and end as under Hydra's basic launcher (ptlab/sweep/hooks.py).
 """
 
 from __future__ import annotations
@@ -18,18 +18,20 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from ptlab.cli.job_hooks import JobHooks
-from ptlab.cli.pack_places import PlacedPack, on_submitit, on_workers
-from ptlab.cli.ray_place import SETTINGS as RAY_SETTINGS
 from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
+from ptlab.sweep.halving import Scheduler, settings_of
+from ptlab.sweep.hooks import JobHooks
+from ptlab.sweep.places import PlacedPack, on_submitit, on_workers
+from ptlab.sweep.ray_place import SETTINGS as RAY_SETTINGS
 
 log = logging.getLogger("ptlab")
 
@@ -48,6 +50,9 @@ class PackedLauncherConf:
     submitit: Dict[str, Any] = field(default_factory=dict)
     # a Ray cluster (address, num_gpus, num_cpus, memory, runtime_env, max_retries): one task per pack
     ray: Dict[str, Any] = field(default_factory=dict)
+    # successive halving (ptlab/sweep/halving.py): {metric, eta, rungs, within, average}; null: off.
+    # Any: OmegaConf cannot merge a dict into a typed None; halving.settings_of checks it
+    halving: Any = None
 
 
 def check_launcher(settings: DictConfig) -> Optional[int]:
@@ -62,6 +67,7 @@ def check_launcher(settings: DictConfig) -> Optional[int]:
     if unknown:
         raise ConfigError(f"hydra.launcher.ray.{unknown[0]} is not a setting of hydra.launcher.ray "
                           f"(it takes {', '.join(sorted(RAY_SETTINGS))})")  # fmt: skip
+    settings_of(settings.get("halving"))
     places = [key for key in ("submitit", "ray") if settings.get(key)]
     places += ["workers"] if (settings.get("workers") or 1) > 1 else []
     if len(places) > 1:
@@ -97,15 +103,28 @@ def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[
     return sweep_config, facts, job_return
 
 
+def is_ptlab_training(task_function: Optional[TaskFunction]) -> bool:
+    """Whether the app's task is `ptlab-train`'s (ptlab/cli/train.py), whose jobs this launcher
+    trains in packs instead of calling it."""
+    return (getattr(task_function, "__module__", None), getattr(task_function, "__qualname__", None)) == (
+        "ptlab.cli.train", "task")
+
+
 def launch(
     settings: DictConfig, context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
     initial_job_idx: int, task_function: Optional[TaskFunction] = None,
 ) -> List[JobReturn]:  # fmt: skip
     """Compose, group, report and train the jobs; one JobReturn per job, in order, each job seen
-    by the sweep's callbacks as it starts and ends (ptlab/cli/job_hooks.py)."""
+    by the sweep's callbacks as it starts and ends (ptlab/sweep/hooks.py). Another Hydra app's jobs
+    (its task is not ptlab's training) are launched as Hydra's basic launcher would."""
+    if not is_ptlab_training(task_function):
+        basic = BasicLauncher()
+        basic.setup(hydra_context=context, task_function=task_function, config=config)
+        return list(basic.launch(job_overrides, initial_job_idx))
+    from ptlab.sweep.grouping import check_packable, group_jobs
+    from ptlab.sweep.plan import packing_report, plan_packs
     from ptlab.training.opened_run import Job, record_failed
-    from ptlab.training.pack_plan import packing_report, plan_packs
-    from ptlab.training.packing import check_packable, estimated_cap, group_jobs
+    from ptlab.training.pack_size import estimated_cap
 
     setup_globals()
     pack_size = check_launcher(settings)
@@ -126,21 +145,53 @@ def launch(
             hooks.ended(offset, None)
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])
-    groups = group_jobs([job.config for job in jobs])
+    sweep_dir = Path(str(config.hydra.sweep.dir))
+    halving = settings_of(settings.get("halving"))
+    scheduler = None
+    if halving is not None:
+        scheduler = Scheduler(halving, jobs, [job_overrides[offset] for offset in usable],
+                              [initial_job_idx + offset for offset in usable], sweep_dir)  # fmt: skip
     where = placement(settings, [job.config for job in jobs])
-    caps = [pack_size or estimated_cap([jobs[i].config for i in g.jobs], where.memory(jobs[g.jobs[0]].config))
-            for g in groups]  # fmt: skip
-    plan = plan_packs(groups, caps, where.devices)
-    log.info("hydra/launcher=packed: %d jobs in %d groups sharing a backbone setup, %d packs placed on %s%s",
-             len(jobs), len(groups), len(plan), where, "" if pack_size is None else f", packs of at most {pack_size}")  # fmt: skip
-    for line in packing_report(groups, plan, caps, where.devices, [offset + initial_job_idx for offset in usable]):
-        log.info("  %s", line)
-    if pack_size is None:
-        log.info("  (planned from an estimate: a pack sizes itself to its device once its backbone is loaded)")
-    packs = [PlacedPack(pack.group, [jobs[i] for i in pack.jobs], pack_size, [usable[i] for i in pack.jobs])
-             for pack in plan]  # fmt: skip
-    place(packs, settings, where, Path(str(config.hydra.sweep.dir)), hooks)
+    loaded: Optional[Dict[str, Any]] = {} if scheduler is not None and where.workers == 1 else None
+
+    def train(todo: List[int]) -> None:
+        """The jobs `todo` (indices into `jobs`) grouped, planned, reported and placed."""
+        groups = group_jobs([jobs[i].config for i in todo])
+        for group in groups:
+            group.jobs = [todo[i] for i in group.jobs]
+        caps = [pack_size or estimated_cap([jobs[i].config for i in g.jobs], where.memory(jobs[g.jobs[0]].config))
+                for g in groups]  # fmt: skip
+        plan = plan_packs(groups, caps, where.devices)
+        log.info("hydra/launcher=packed: %d jobs in %d groups sharing a backbone setup, %d packs placed on %s%s",
+                 len(todo), len(groups), len(plan), where, "" if pack_size is None else f", packs of at most {pack_size}")  # fmt: skip
+        for line in packing_report(groups, plan, caps, where.devices, [offset + initial_job_idx for offset in usable]):
+            log.info("  %s", line)
+        if pack_size is None:
+            log.info("  (planned from an estimate: a pack sizes itself to its device once its backbone is loaded)")
+        packs = [PlacedPack(pack.group, [jobs[i] for i in pack.jobs], pack_size, [usable[i] for i in pack.jobs])
+                 for pack in plan]  # fmt: skip
+        place(packs, settings, where, sweep_dir, hooks, loaded)
+
+    if scheduler is None:
+        train(list(range(len(jobs))))
+    else:
+        halved(scheduler, train, hooks, usable)
     return hooks.returns
+
+
+def halved(scheduler: Scheduler, train: Callable[[List[int]], None], hooks: JobHooks, usable: List[int]) -> None:
+    """Successive halving's rounds: each rung's jobs trained to it, then the decisions; a job that
+    goes no further ends there (its JobReturn: its score at the rung)."""
+    rungs = scheduler.halving.rungs
+    for rung in range(1, rungs + 1):
+        todo = scheduler.start_round(rung)
+        hooks.holding = {usable[i] for i in todo} if rung < rungs else set()
+        train(todo)
+        hooks.holding = set()
+        if rung == rungs:
+            break
+        stopped = scheduler.end_round(rung)
+        hooks.ended_if_untold([usable[i] for i in stopped], list(stopped.values()))
 
 
 @dataclass
@@ -155,7 +206,7 @@ class Placement:
     remote: str = ""
 
     def memory(self, config: Any) -> Optional[float]:
-        from ptlab.training.packing import device_bytes
+        from ptlab.training.pack_size import device_bytes
 
         return None if self.remote else device_bytes(config, self.workers)
 
@@ -170,7 +221,7 @@ def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
 
     on_gpu = any(config.hardware.device == "cuda" for config in configs)
     if settings.get("ray"):
-        from ptlab.cli.ray_place import ray_devices
+        from ptlab.sweep.ray_place import ray_devices
 
         return Placement(ray_devices(settings.ray, on_gpu), remote="the Ray cluster, {} packs at once")
     if settings.get("submitit"):
@@ -180,10 +231,14 @@ def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
     return Placement(workers, workers, gpus)
 
 
-def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep_dir: Path, hooks: JobHooks) -> None:
+def place(
+    packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep_dir: Path, hooks: JobHooks,
+    loaded: Optional[Dict[str, Any]] = None,
+) -> None:  # fmt: skip
     """Train the packs where the settings say, each pack's jobs told to the callbacks as it starts
-    and ends: here one group at a time on its backbone loaded once, else each pack on a device of
-    its own (this machine's workers, submitit jobs or Ray tasks)."""
+    and ends: here one group at a time on its backbone loaded once (kept in `loaded` across
+    halving's rounds), else each pack on a device of its own (this machine's workers, submitit jobs
+    or Ray tasks)."""
     from ptlab.training.job import run_jobs
     from ptlab.training.preemption import Preempted
 
@@ -199,14 +254,15 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
         if settings.get("submitit"):
             on_submitit(packs, OmegaConf.to_container(settings.submitit, resolve=True), sweep_dir, ended)
         elif settings.get("ray"):
-            from ptlab.cli.ray_place import on_ray
+            from ptlab.sweep.ray_place import on_ray
 
             on_ray(packs, OmegaConf.to_container(settings.ray, resolve=True), ended)
         elif where.workers > 1:
             on_workers(packs, where.workers, where.gpus, ended)
         else:
             for group in by_group(packs):
-                hooks.ended_if_untold(group.numbers, run_jobs(group.jobs, group.size, hooks.ender(group.numbers)))
+                values = run_jobs(group.jobs, group.size, hooks.ender(group.numbers), loaded=loaded)
+                hooks.ended_if_untold(group.numbers, values)
     except Preempted as stop:  # each member's checkpoint is written; the same command resumes
         print(f"ptlab: {stop}", file=sys.stderr)
         sys.exit(128 + stop.signum)
@@ -214,7 +270,7 @@ def place(packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep
 
 def by_group(packs: Sequence[PlacedPack]) -> List[PlacedPack]:
     """The packs of each group as one, for a process that trains a group on its backbone loaded once
-    (`run_jobs` cuts it into the same balanced packs)."""
+    (`run_jobs` cuts it into the same balanced packs, `pack_size.balanced`)."""
     merged: Dict[int, PlacedPack] = {}
     for pack in packs:
         if pack.group in merged:

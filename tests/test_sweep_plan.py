@@ -11,8 +11,9 @@ import torch
 from ptlab.config.schema import to_object
 from ptlab.model.flops import ModelShape
 from ptlab.model.loading import load_model_and_tokenizer, model_config
-from ptlab.training.pack_plan import balanced, pack_counts, plan_packs
-from ptlab.training.packing import MAX_AUTO_PACK, Group, estimated_cap, member_bytes, weight_bytes
+from ptlab.sweep.grouping import Group
+from ptlab.sweep.plan import pack_counts, plan_packs
+from ptlab.training.pack_size import MAX_AUTO_PACK, balanced, estimated_cap, member_bytes, weight_bytes
 
 from conftest import compose_config
 
