@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
@@ -123,7 +123,6 @@ def launch(
         return list(basic.launch(job_overrides, initial_job_idx))
     from ptlab.sweep.grouping import check_packable, group_jobs
     from ptlab.sweep.plan import packing_report, plan_packs
-    from ptlab.training.opened_run import Job, record_failed
     from ptlab.training.pack_size import estimated_cap
 
     setup_globals()
@@ -131,18 +130,7 @@ def launch(
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     hooks = JobHooks(context.callbacks, task_function)
-    jobs, usable = [], []
-    for offset, overrides in enumerate(job_overrides):
-        sweep_config, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
-        hooks.add(sweep_config, job_return)
-        log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
-        try:
-            jobs.append(Job(job_return.cfg, to_object(job_return.cfg), facts))
-            usable.append(offset)
-        except ConfigError as error:  # this job's own settings: it fails alone
-            hooks.started([offset])
-            record_failed(facts.run_dir, error)
-            hooks.ended(offset, None)
+    jobs, usable = composed_jobs(context, config, job_overrides, initial_job_idx, hooks)
     configure_log(config.hydra.job_logging, config.hydra.verbose)
     check_packable([job.config for job in jobs])
     sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -177,6 +165,29 @@ def launch(
     else:
         halved(scheduler, train, hooks, usable)
     return hooks.returns
+
+
+def composed_jobs(
+    context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+    hooks: JobHooks,
+) -> Tuple[List[Any], List[int]]:  # fmt: skip
+    """Every job composed and told to `hooks`; those whose config validates (`Job`s) and their
+    offsets in the sweep. A job whose own settings are bad fails alone, in one line."""
+    from ptlab.training.opened_run import Job, record_failed
+
+    jobs, usable = [], []
+    for offset, overrides in enumerate(job_overrides):
+        sweep_config, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
+        hooks.add(sweep_config, job_return)
+        log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
+        try:
+            jobs.append(Job(job_return.cfg, to_object(job_return.cfg), facts))
+            usable.append(offset)
+        except ConfigError as error:  # this job's own settings: it fails alone
+            hooks.started([offset])
+            record_failed(facts.run_dir, error)
+            hooks.ended(offset, None)
+    return jobs, usable
 
 
 def halved(scheduler: Scheduler, train: Callable[[List[int]], None], hooks: JobHooks, usable: List[int]) -> None:

@@ -1,7 +1,8 @@
 """Where a packed sweep's planned packs train (ptlab/sweep/plan.py) outside the driver:
-on this machine's devices (`hydra.launcher.workers`: one process per device, packs queued), or as
-one submitit job per pack. Each place runs `run_jobs` on its packs and reports each pack as it
-ends; the driver's own process is `packed_launch.place`'s, Ray's place is ptlab/sweep/ray_place.py.
+on this machine's devices (`hydra.launcher.workers`: one process per pack, at most one per device
+at a time, the rest queued), or as one submitit job per pack. Each place runs `run_jobs` on its
+packs and reports each pack as it ends; the driver's own process is `launcher.place`'s, Ray's
+place is ptlab/sweep/ray_place.py.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: Pack
                 running[process.sentinel] = Running(pack, process, ours, device)
             for sentinel in multiprocessing.connection.wait(list(running)):
                 done = running.pop(sentinel)
-                outcome = done.results.recv() if done.results.poll() else None
+                outcome = received(done.results)
                 done.process.join()
                 free.append(done.device)
                 if outcome is not None and outcome[0] == "preempted":
@@ -133,6 +134,14 @@ def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: Pack
                     ended(done.pack, lost(done.pack, f"its worker process died: {exit_reason(done.process.exitcode)}"))
     if preempted:
         raise preempted[0]
+
+
+def received(connection: Connection) -> Optional[Any]:
+    """A pack process's outcome, None when it died without sending one (its end of the pipe closed)."""
+    try:
+        return connection.recv() if connection.poll() else None
+    except EOFError:
+        return None
 
 
 def hand_over(connection: Connection, pack: Any) -> None:
@@ -207,10 +216,17 @@ def first_line(error: BaseException) -> str:
 
 
 def lost(pack: PlacedPack, why: str) -> List[Optional[float]]:
-    """A pack whose process or job ended without results: each member fails alone, its
-    checkpoints kept, and a rerun of the sweep resumes it."""
+    """A pack whose process or job ended without results: each member that had not ended (its
+    summary says so) fails alone, its checkpoints kept, and a rerun of the sweep resumes it."""
+    from ptlab.training.job import ended_value, reached_summary
     from ptlab.training.opened_run import record_failed
 
+    values: List[Optional[float]] = []
     for job in pack.jobs:
+        summary = reached_summary(job.facts.run_dir, job)
+        if summary is not None:  # it ended (finished, or stopped at its rung) before its process did
+            values.append(ended_value(job.config, summary))
+            continue
         record_failed(job.facts.run_dir, RuntimeError(f"{why}; rerun the sweep to resume it"))
-    return [None] * len(pack.jobs)
+        values.append(None)
+    return values

@@ -184,17 +184,20 @@ def held_by_main(world: World, take: Callable[[], None]) -> None:
         raise refused
 
 
+def ended_value(config: Config, summary: Dict[str, Any]) -> float:
+    """What an ended run reports: its best validation value, or its value at the rung it stopped at."""
+    return summary["final" if summary["status"] == "stopped" else "best"][config.task.main_metric]
+
+
 def skipped(run_dir: Path, config: Config, finished: Dict[str, Any]) -> float:
-    metric = config.task.main_metric
+    value, metric = ended_value(config, finished), config.task.main_metric
     if finished["status"] == "stopped":
-        value = finished["final"][metric]
         log.info("%s already stopped at rung %d, step %d (validation %s = %.4f): skipped", run_dir,
                  finished["rung"], finished["steps"], metric, value)  # fmt: skip
-        return value
-    best = finished["best"][metric]
-    log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
-             "it again", run_dir, metric, best)  # fmt: skip
-    return best
+    else:
+        log.info("%s already finished (best validation %s = %.4f): skipped; trainer.resume=false trains "
+                 "it again", run_dir, metric, value)  # fmt: skip
+    return value
 
 
 def reached_summary(run_dir: Path, job: Job) -> Optional[Dict[str, Any]]:

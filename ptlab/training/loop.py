@@ -1,8 +1,9 @@
 """The training loop, the only one: runs trained together over one frozen backbone, from each
 batch to each optimizer step. A run alone is a pack of one, on the same path.
 
-`train_runs` opens each run (ptlab/training/opened_run.py: built on the shared backbone, resumed
-from its folder, recorded), trains them as one `Pack` and closes each as it ends. A `step`:
+`train_runs` opens runs (ptlab/training/opened_run.py: built on the shared backbone, resumed,
+recorded) into a `Pack` of a number of slots; a run leaves as it ends (finished, failed, or at a
+successive-halving rung) and the next queued job joins in its place (`Pack.refill`). A `step`:
 - every run draws its `grad_accum` batches from its own stream (this rank's shard of each,
   weighted by its share of the step);
 - the rows of all runs are collated together (`Backbone.collate_runs`), one forward computes
@@ -11,22 +12,16 @@ from its folder, recorded), trains them as one `Pack` and closes each as it ends
   are disjoint, so each gets exactly the gradient of its own loss (a method whose loss takes
   several passes, `loss_in_one_pass` false, runs its own pass within the step);
 - each stack of runs (ptlab/training/stacks.py) takes one optimizer step that is every member's own.
-
-Every draw is the run's own: its method's from its streams (`RunParts.draws`), the frozen
-network's dropout addressed by its run, step, pass, row and position (ptlab/model/run_dropout.py),
-so a member equals its run alone and resumes exactly.
+Every draw is the run's own, so a member equals its run alone and resumes exactly.
 
 Failures (`OnFailure`): a fault in one run's own work (opening it, its loss check, log line,
 evaluation record, checkpoint, test split, summary) ends that run alone: a run alone raises it, a
-sweep's member records it in its folder and the others go on. A fault the pack cannot pin to one
-run (inside the joint pass or the joint evaluation) stops the pack (`PackFault`): its runs go back
-to their last checkpoints and train again in parts, halved after running out of memory (down to
-packs of one; a run alone out of memory fails with the sizes to lower), one by one after another
-error, so only a run that fails alone fails.
+sweep's member records it and the others go on. A fault the pack cannot pin to one run (the joint
+pass or evaluation) stops the pack (`PackFault`): its runs train again from their checkpoints in
+parts, halved after running out of memory, one by one after another error; then its queue.
 
-Staged runs (FPT) switch the shared backbone to their stage before a step, so they train together
-only while their partial models coincide (`stage_partitions`). A member's `train_seconds` counts
-the pack's steps it took part in; its summary's `pack_size`, how many runs trained together.
+Staged runs (FPT) train together only while their partial models coincide (`stage_partitions`).
+A member's `train_seconds` counts the pack's steps it took part in; `pack_size`, its packmates.
 """
 
 from __future__ import annotations
@@ -43,7 +38,6 @@ from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequenc
 import torch
 
 from ptlab.data.examples import Example
-from ptlab.errors import TrainingFault
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
 from ptlab.model.dropout_stream import DropoutStream
@@ -51,12 +45,12 @@ from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.training.build import SharedBackbone, evaluate_together
 from ptlab.training.distributed import World
 from ptlab.training.evaluate import to_device
-from ptlab.training.memory import reset_peak_memory
+from ptlab.training.memory import out_of_memory_error, reset_peak_memory
 from ptlab.training.opened_run import Job, OpenRun, close_run, open_run, record_failed
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
 from ptlab.training.run_folder import RunLog
-from ptlab.training.schedule import restore_full_model, stage_partitions, stage_plan
+from ptlab.training.schedule import known_scores, restore_full_model, stage_partitions
 from ptlab.training.stacks import Stacks, stacked
 from ptlab.training.trainer import LogWindow, StepTotals, Trainer, run_summary
 
@@ -133,23 +127,6 @@ class PackFault(Exception):
         super().__init__(str(error))
         self.runs, self.error, self.out_of_memory = runs, error, out_of_memory
         self.queue: List[int] = []  # the pack's jobs that had not joined it yet
-
-
-def out_of_memory_error(error: Exception) -> bool:
-    """Whether `error` is the device running out of memory (CUDA's, or the CPU allocator's words)."""
-    message = str(error)
-    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in message or "not enough memory" in message
-
-
-def out_of_memory_fault(error: Exception, trainer: Trainer) -> TrainingFault:
-    """The one-line report of a run's step that ran out of memory alone, with the sizes to lower."""
-    last = trainer.checkpoint.last_dir
-    first = str(error).strip().splitlines()[0][:160]
-    return TrainingFault(
-        f"out of memory in a training step ({first}) at trainer.batch_size={trainer.cfg.batch_size}, "
-        f"data.max_source_length={trainer.readout.max_source_length}: lower them, or raise "
-        f"trainer.grad_accum to keep the effective batch; last good checkpoint: {last if last.exists() else 'none yet'}"
-    )
 
 
 # --- the jobs, in packs that halve when they do not fit ----------------------------------------------
@@ -257,7 +234,8 @@ class Pack:
         named lines for a pack's), and its leaving if it is done."""
         with run.log.speaking():
             trainer = run.trainer
-            run.stream = trainer.start_fit(self.known_scores(run))
+            earlier = [(other.job.config, other.trainer.stage_schedule) for other in self.runs[: self.runs.index(run)]]
+            run.stream = trainer.start_fit(known_scores(run.job.config, earlier))
             run.seen = trainer.state.examples_seen
             run.progress = Progress(
                 trainer.total_steps, trainer.state.step, trainer.world.is_main, trainer.task.main_metric,
@@ -276,7 +254,7 @@ class Pack:
                 out_of_memory = out_of_memory_error(error)
                 if len(self.runs) > 1:
                     raise PackFault(list(self.runs), error, out_of_memory) from error
-                self.leave(self.runs[0], out_of_memory_fault(error, self.runs[0].trainer) if out_of_memory else error)
+                self.leave(self.runs[0], self.runs[0].trainer.out_of_memory(error) if out_of_memory else error)
             steps = [run.trainer.state.step for run in self.runs]
             guard.stop_if_signalled(self.save_all, min(steps) if steps else 0)
 
@@ -374,20 +352,6 @@ class Pack:
         for run in self.runs:
             with run.log.speaking():
                 run.trainer.save_last()
-
-    def known_scores(self, run: Run) -> Optional[List[torch.Tensor]]:
-        """FFN neuron scores a packmate started before `run` ranked from the same inputs (an FPT lr
-        grid scores once, not once per run)."""
-        plan = stage_plan(run.job.config)
-        if plan is None:
-            return None
-        for other in self.runs:
-            if other is run:
-                return None
-            partial = other.trainer.stage_schedule.partial
-            if stage_plan(other.job.config) == plan and partial.scores is not None:
-                return partial.scores
-        return None
 
 
 # --- one step: from the batches to the optimizer -----------------------------------------------------

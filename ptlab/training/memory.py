@@ -1,4 +1,5 @@
-"""Peak memory of one piece of work, even when a process runs several (a Hydra multirun's jobs).
+"""Device memory: the peak of one piece of work, even when a process runs several (a Hydra
+multirun's jobs), and an error that says the device ran out of it (`out_of_memory_error`).
 
 CUDA: the allocator's peak since a reset. CPU: the RSS high-water mark, which Linux resets through
 `/proc/self/clear_refs` after `malloc_trim` has handed freed heap pages back; without that file
@@ -39,3 +40,9 @@ def peak_memory_mb(device: torch.device) -> float:
         return proc_status_kb("VmHWM") / 1024
     except (OSError, StopIteration):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def out_of_memory_error(error: Exception) -> bool:
+    """Whether `error` is the device running out of memory (CUDA's, or the CPU allocator's words)."""
+    message = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in message or "not enough memory" in message

@@ -175,6 +175,18 @@ def stage_plan(config: Config) -> Optional[Dict[str, Any]]:
     return plan
 
 
+def known_scores(config: Config, earlier: Sequence[Tuple[Config, StageSchedule]]) -> Optional[List[torch.Tensor]]:
+    """FFN neuron scores that a packmate started before this run (`earlier`: its config and
+    schedule) ranked from the same inputs, so an FPT lr grid scores once, not once per run."""
+    plan = stage_plan(config)
+    if plan is None:
+        return None
+    for other, schedule in earlier:
+        if stage_plan(other) == plan and schedule.partial.scores is not None:
+            return schedule.partial.scores
+    return None
+
+
 def stage_partitions(runs: Sequence[Tuple[StageSchedule, int]]) -> List[List[int]]:
     """The runs (each its schedule and step), by index, in parts that train one after another: the
     runs of a part shrink and grow the shared backbone identically at every step. The launcher

@@ -323,6 +323,15 @@ class Trainer:
         """The step this round of training ends at: its last, or the rung it stops at."""
         return min(self.total_steps, self.stop_at or self.total_steps)
 
+    def out_of_memory(self, error: Exception) -> TrainingFault:
+        """The one-line report of this run's step that ran out of memory alone, with the sizes to lower."""
+        last = self.checkpoint.last_dir
+        return TrainingFault(
+            f"out of memory in a training step ({str(error).strip().splitlines()[0][:160]}) at trainer.batch_size="
+            f"{self.cfg.batch_size}, data.max_source_length={self.readout.max_source_length}: lower them, or raise "
+            f"trainer.grad_accum to keep the effective batch; last good checkpoint: {last if last.exists() else 'none yet'}"
+        )
+
     def finish_fit(self, stopped_early: bool) -> Dict[str, Any]:
         """The best prompt scored on the test split if the task has one; the run's summary."""
         test_metrics = None
