@@ -181,7 +181,7 @@ def test_a_killed_worker_takes_only_its_own_pack_and_the_queue_trains_on_a_new_o
                                   cwd=REPO, env={**os.environ, **OFFLINE_ENV}, stdout=out, stderr=subprocess.PIPE,
                                   text=True)  # fmt: skip
     deadline = time.time() + 300
-    while checkpoint_step(sweep / "0") == 0:
+    while min(checkpoint_step(sweep / "0"), checkpoint_step(sweep / "1")) == 0:  # both members checkpointed once
         assert driver.poll() is None and time.time() < deadline, output.read_text()[-3000:]
         time.sleep(0.05)
     worker = json.loads((sweep / "0" / ".ptlab.holder.json").read_text())["pid"]
