@@ -21,9 +21,11 @@ demo: setup
 	$(OFFLINE) $(VENV)/bin/ptlab-train
 
 # one pytest worker per core of the 2-core CI machine; each test file stays on one worker, so a
-# module's shared fixtures (a Ray cluster, a trained run) are built once (make test TEST_WORKERS=0: serial)
+# module's shared fixtures (a Ray cluster, a trained run) are built once (make test TEST_WORKERS=0: serial);
+# lint-imports first: the layers of docs/architecture.md (pyproject.toml's [tool.importlinter])
 TEST_WORKERS ?= 2
 test: setup
+	$(VENV)/bin/lint-imports --no-cache
 	$(OFFLINE) $(PY) -m pytest -q $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 
 # ptlab vs PEFT and vs the long prompt (docs/results/bench-cpu.md); e.g. make bench ARGS="--quick"

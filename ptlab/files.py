@@ -15,6 +15,11 @@ from typing import Callable, Iterator
 from filelock import FileLock
 
 
+def cache_dir() -> Path:
+    """ptlab's own cache (tokenized splits, dequantized GGUF models): `PTLAB_CACHE`, else ~/.cache/ptlab."""
+    return Path(os.environ.get("PTLAB_CACHE", Path.home() / ".cache" / "ptlab"))
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

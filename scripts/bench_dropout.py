@@ -25,7 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench import default_config  # noqa: E402
+from benchkit.common import default_config  # noqa: E402
 
 import ptlab  # noqa: E402
 from ptlab.config.schema import to_object  # noqa: E402

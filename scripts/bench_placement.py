@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import PACK_BACKBONES  # scripts/bench.py: the backbones, and the random-init shapes of real ones
+from benchkit.backbones import PACK_BACKBONES  # bench.py's backbones and random-init shapes of real ones
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ptlab.lab.compare import main as compare_main
+from ptlab.cli.compare import main as compare_main
 
 REPO = Path(__file__).resolve().parent.parent
 

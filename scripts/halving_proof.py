@@ -101,19 +101,21 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=None, help="data.max_train_examples (default: all)")
     parser.add_argument("--work", type=Path, default=REPO / "outputs" / "halving_proof", help="the sweeps' folders")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results" / "halving", help="records and table")
+    parser.add_argument("--sweeps", nargs="+", choices=list(ARMS), default=list(ARMS),
+                        help="which sweeps of the search to run (default: all: the AdamW arms and SMoP)")  # fmt: skip
     args = parser.parse_args()
     shutil.rmtree(args.work, ignore_errors=True)
     seconds = {"grid": 0.0, "halving": 0.0}
     for contender in ("grid", "halving"):
-        for name in ARMS:
+        for name in args.sweeps:
             seconds[contender] += sweep(args.work / contender / name, name, args, contender == "halving")
-    runs = {c: [run for name in ARMS for run in runs_of(args.work / c / name)] for c in seconds}
-    metric = json.loads(next((args.work / "grid" / "adamw").glob("*/summary.json")).read_text())["main_metric"]
+    runs = {c: [run for name in args.sweeps for run in runs_of(args.work / c / name)] for c in seconds}
+    metric = json.loads(next((args.work / "grid" / args.sweeps[0]).glob("*/summary.json")).read_text())["main_metric"]
     lines = ["Made by `python scripts/halving_proof.py " + " ".join(sys.argv[1:]) + "`", "", *table(runs["grid"], runs["halving"], seconds, metric)]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text("\n".join(lines) + "\n")
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
-    for name in ARMS:
+    for name in args.sweeps:
         shutil.copy(args.work / "halving" / name / "halving.json", args.out / f"halving_{name}.json")
     print("\n".join(lines))
     print(f"written to {args.out}")

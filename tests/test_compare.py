@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from test_scale_out import QUICK, cli
 
-from ptlab.lab.compare import main as compare_main
+from ptlab.cli.compare import main as compare_main
 from ptlab.lab.run_record import find_runs
 
 from conftest import SHARED_DATA

@@ -15,7 +15,7 @@ import torch
 from test_scale_out import QUICK, cli, trained_prompt
 
 from ptlab.training import checkpoint, loop
-from ptlab.training.evaluate import to_device
+from ptlab.training.devices import to_device
 from ptlab.training.job import run
 
 from conftest import TINY, compose_config

@@ -183,12 +183,15 @@ def test_each_bracket_keeps_its_best_configuration_and_stopped_runs_say_so(halve
     assert result.stdout.count("loaded once") == 1  # one backbone load for both rounds
 
 
-def test_on_two_workers_each_rung_is_a_round_of_packs_with_the_same_decisions(halved, tmp_path):
+def test_on_two_workers_each_rung_is_a_round_of_packs_on_workers_that_keep_their_backbone(halved, tmp_path):
     folder, _, _ = halved
     ours = tmp_path / "sweep"
     result = sweep(ours, HALVING, "hydra.launcher.workers=2", "hydra.launcher.pack_size=6")
     assert result.returncode == 0, result.stderr[-3000:]
     assert decisions(ours) == decisions(folder)
+    # rung 1's two packs load a backbone in each worker; rung 2's pack trains on one of them
+    assert result.stdout.count("hydra.launcher.workers=2: ") == 2  # two rounds
+    assert result.stdout.count("loaded once") == 2
     for job in range(JOBS):
         a, b = read_summary(ours / str(job)), read_summary(folder / str(job))
         assert (a["status"], a["steps"]) == (b["status"], b["steps"])

@@ -8,7 +8,7 @@ import pytest
 
 from ptlab.config.schema import TaskConfig
 from ptlab.data.examples import Example
-from ptlab.data.metrics import compute_metrics
+from ptlab.metrics import compute_metrics
 from ptlab.training.evaluate import baseline_metrics
 
 

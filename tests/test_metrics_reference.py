@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from ptlab.data.metrics import compute_metrics
+from ptlab.metrics import compute_metrics
 
 SEEDS = range(20)
 

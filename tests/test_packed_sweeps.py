@@ -22,9 +22,9 @@ import torch
 from safetensors.torch import load_file
 from test_scale_out import cli
 
+from ptlab.cli.compare import main as compare_main
 from ptlab.cli.tools import eval_main
 from ptlab.config.schema import to_object
-from ptlab.lab.compare import main as compare_main
 from ptlab.methods.smop import SMoP
 from ptlab.model.partial import PartialModel
 from ptlab.sweep.grouping import group_jobs

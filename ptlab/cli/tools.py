@@ -73,7 +73,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> None:
     from ptlab.config.saved import tell
     from ptlab.files import write_text_atomically
     from ptlab.lab.saved_run import load_runs
-    from ptlab.training.build import evaluate_together
+    from ptlab.training.evaluate import evaluate_together
 
     usage = "%(prog)s RUN_DIR [RUN_DIR...] [split=NAME] [OVERRIDE...] [--allow-other-weights]"
     parser = argparse.ArgumentParser(prog="ptlab-eval", usage=usage, description=eval_main.__doc__)

@@ -47,9 +47,9 @@ def one_line(error: Optional[BaseException]) -> str:
 def run_stamp() -> str:
     """The run folder's name: the time to the microsecond (no two launches collide), or, for the
     ranks of one torchrun launch, one name they all derive alike (their launcher's run id and pid)."""
-    from ptlab.training.distributed import launched_world
+    from ptlab.ranks import launched_ranks
 
-    if launched_world().size > 1:
+    if launched_ranks().size > 1:
         return f"ddp/{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.getppid()}"
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S-%f")
 

@@ -10,12 +10,13 @@ setting, `group=option` to swap a whole group's node (`task=rte_glue`, `hardware
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Callable, List, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ptlab.config.compose import compose, one_line
+from ptlab.config.difference import leaves
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 
@@ -29,15 +30,6 @@ DROPPED = ("trainer.resume",)
 def tell(line: str) -> None:
     """Notes on a reused config go to stderr: stdout may be the predictions."""
     print(f"ptlab: {line}", file=sys.stderr)
-
-
-def _leaves(node: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(node, dict):
-        found: Dict[str, Any] = {}
-        for key, value in node.items():
-            found.update(_leaves(value, f"{prefix}{key}."))
-        return found
-    return {prefix.rstrip("."): node}
 
 
 def on_todays_schemas(saved: DictConfig, source: str, say: Callable[[str], None]) -> DictConfig:
@@ -65,7 +57,7 @@ def on_todays_schemas(saved: DictConfig, source: str, say: Callable[[str], None]
     if missing:
         raise ConfigError(f"{source} lacks {', '.join(missing)}, which every run's config holds (the file "
                           "was cut short or edited): restore it from a copy")  # fmt: skip
-    added = sorted(set(_leaves(OmegaConf.to_container(merged))) - set(_leaves(OmegaConf.to_container(saved))))
+    added = sorted(set(leaves(OmegaConf.to_container(merged))) - set(leaves(OmegaConf.to_container(saved))))
     if added:
         say(
             f"{source} was written by an older ptlab; these settings take today's defaults: {', '.join(added)}"

@@ -100,11 +100,11 @@ class TaskConfig:
     # raw label (as text) -> class index. Not needed for labels that are the verbalizers themselves
     # or class indices 0..C-1 (ints, bools)
     label_map: Dict[str, int] = field(default_factory=dict)
-    metrics: List[str] = MISSING  # names in ptlab.data.metrics.METRICS
+    metrics: List[str] = MISSING  # names in ptlab.metrics.METRICS
     main_metric: str = MISSING  # the one that picks the best checkpoint
 
     def __post_init__(self) -> None:
-        from ptlab.data.metrics import METRICS
+        from ptlab.metrics import METRICS
 
         for name in self.metrics:
             check_choice("task.metrics[]", name, tuple(METRICS))

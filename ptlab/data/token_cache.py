@@ -16,8 +16,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from ptlab.files import one_writer, write_file_atomically
-from ptlab.model.loading import cache_dir
+from ptlab.files import cache_dir, one_writer, write_file_atomically
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """A comparison of runs: grouped by the settings that vary, tasks as columns, seeds as the sample;
 each cell's scores and a difference to a baseline with its test. `ptlab-compare` writes it as tables
-(ptlab/lab/compare.py) and figures (ptlab/lab/plots.py)."""
+(ptlab/lab/comparison_tables.py) and figures (ptlab/lab/plots.py)."""
 
 from __future__ import annotations
 

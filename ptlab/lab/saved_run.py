@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import yaml
 
+from ptlab.config.difference import config_difference
 from ptlab.config.saved import load_saved_config, tell
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
@@ -101,7 +102,7 @@ def check_one_backbone(run_dirs: Sequence[Path], configs: Sequence[Config]) -> N
     folder's: one loaded backbone serves them all."""
     first = shared_settings(configs[0])
     for run_dir, config in zip(run_dirs[1:], configs[1:]):
-        difference = checkpoint.config_difference(first, shared_settings(config), ignore=())
+        difference = config_difference(first, shared_settings(config), ignore=())
         if difference is not None:
             raise ConfigError(
                 f"{run_dir} differs from {run_dirs[0]} in {difference}: the folders scored together share "

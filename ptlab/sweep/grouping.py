@@ -14,10 +14,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List, Sequence
 
+from ptlab.config.difference import config_difference
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.training.build import shared_settings
-from ptlab.training.checkpoint import config_difference
 from ptlab.training.schedule import stage_plan
 
 

@@ -35,10 +35,10 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def hydra_config_of(config: DictConfig) -> Iterator[None]:
+def hydra_config_of(cfg: DictConfig) -> Iterator[None]:
     """HydraConfig is the job's while its callbacks run (as in `run_job`), and what it was after."""
     before = HydraConfig.instance().cfg
-    HydraConfig.instance().set_config(config)
+    HydraConfig.instance().set_config(cfg)
     try:
         yield
     finally:
@@ -51,22 +51,22 @@ class JobHooks:
 
     def __init__(self, callbacks: Callbacks, task_function: Optional[TaskFunction]) -> None:
         self.callbacks, self.task_function = callbacks, task_function
-        self.configs: List[DictConfig] = []
+        self.cfgs: List[DictConfig] = []
         self.returns: List[JobReturn] = []
         self.begun: Set[int] = set()
         # jobs that stop at a successive-halving rung in this round: their end waits for the decision
         self.holding: Set[int] = set()
 
-    def add(self, config: DictConfig, job_return: JobReturn) -> None:
-        self.configs.append(config)
+    def add(self, cfg: DictConfig, job_return: JobReturn) -> None:
+        self.cfgs.append(cfg)
         self.returns.append(job_return)
 
     def started(self, jobs: Sequence[int]) -> None:
         """The `jobs` start (told once: a job of several halving rounds starts with the first)."""
         for job in [job for job in jobs if job not in self.begun]:
             self.begun.add(job)
-            with hydra_config_of(self.configs[job]):
-                self.callbacks.on_job_start(config=self.configs[job], task_function=self.task_function)
+            with hydra_config_of(self.cfgs[job]):
+                self.callbacks.on_job_start(config=self.cfgs[job], task_function=self.task_function)
 
     def ended(self, job: int, value: Optional[float]) -> None:
         """A job ended with its best validation value, None when it failed: its JobReturn is
@@ -77,8 +77,8 @@ class JobHooks:
             return
         job_return = self.returns[job]
         job_return.status, job_return.return_value = JobStatus.COMPLETED, value
-        with hydra_config_of(self.configs[job]):
-            self.callbacks.on_job_end(config=self.configs[job], job_return=job_return)
+        with hydra_config_of(self.cfgs[job]):
+            self.callbacks.on_job_end(config=self.cfgs[job], job_return=job_return)
 
     def ended_if_untold(self, jobs: Sequence[int], values: Sequence[Optional[float]]) -> None:
         """`ended` for the `jobs` whose end was not told as it came (a group trained in a submitit

@@ -18,7 +18,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 from hydra.core.hydra_config import HydraConfig
@@ -30,8 +30,11 @@ from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
 from ptlab.sweep.halving import Scheduler, settings_of
 from ptlab.sweep.hooks import JobHooks
-from ptlab.sweep.places import PlacedPack, on_submitit, on_workers
+from ptlab.sweep.places import PlacedPack, Workers, on_submitit
 from ptlab.sweep.ray_place import SETTINGS as RAY_SETTINGS
+
+if TYPE_CHECKING:  # the training stack loads only when a ptlab sweep starts
+    from ptlab.training.run_folder import RunFacts
 
 log = logging.getLogger("ptlab")
 
@@ -75,32 +78,40 @@ def check_launcher(settings: DictConfig) -> Optional[int]:
     return settings.get("pack_size")
 
 
-def prepared_job(context: HydraContext, config: DictConfig, overrides: Sequence[str], number: int):
-    """One job's sweep config (`hydra:` included), Hydra facts and JobReturn (its `cfg` the task's
-    config), as Hydra's basic launcher and `run_job` make them."""
+@dataclass
+class PreparedJob:
+    """One job as Hydra's basic launcher and `run_job` make it: its sweep config (`hydra:`
+    included), its run's facts, and its JobReturn (whose `cfg` is the task's config)."""
+
+    sweep_cfg: DictConfig
+    facts: RunFacts
+    job_return: JobReturn
+
+
+def prepared_job(context: HydraContext, cfg: DictConfig, overrides: Sequence[str], number: int) -> PreparedJob:
+    """Job `number` of the sweep whose config is `cfg`, with `overrides` applied."""
     from ptlab.cli.train import run_facts
 
-    sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
-    with open_dict(sweep_config):
-        sweep_config.hydra.job.id = number
-        sweep_config.hydra.job.num = number
-    HydraConfig.instance().set_config(sweep_config)
-    output_dir = Path(str(sweep_config.hydra.sweep.dir)) / str(sweep_config.hydra.sweep.subdir)
-    with read_write(sweep_config.hydra.runtime), open_dict(sweep_config.hydra.runtime):
-        sweep_config.hydra.runtime.output_dir = os.path.abspath(output_dir)
-    HydraConfig.instance().set_config(sweep_config)
-    task_cfg = copy.deepcopy(sweep_config)
+    sweep_cfg = context.config_loader.load_sweep_config(cfg, list(overrides))
+    with open_dict(sweep_cfg):
+        sweep_cfg.hydra.job.id = number
+        sweep_cfg.hydra.job.num = number
+    HydraConfig.instance().set_config(sweep_cfg)
+    output_dir = Path(str(sweep_cfg.hydra.sweep.dir)) / str(sweep_cfg.hydra.sweep.subdir)
+    with read_write(sweep_cfg.hydra.runtime), open_dict(sweep_cfg.hydra.runtime):
+        sweep_cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
+    HydraConfig.instance().set_config(sweep_cfg)
+    task_cfg = copy.deepcopy(sweep_cfg)
     with read_write(task_cfg), open_dict(task_cfg):
         del task_cfg["hydra"]
-    facts = run_facts()
     job_return = JobReturn(
         overrides=list(overrides),
         cfg=task_cfg,
         hydra_cfg=copy.deepcopy(HydraConfig.instance().cfg),
         working_dir=os.getcwd(),
-        task_name=sweep_config.hydra.job.name,
+        task_name=sweep_cfg.hydra.job.name,
     )
-    return sweep_config, facts, job_return
+    return PreparedJob(sweep_cfg, run_facts(), job_return)
 
 
 def is_ptlab_training(task_function: Optional[TaskFunction]) -> bool:
@@ -111,7 +122,7 @@ def is_ptlab_training(task_function: Optional[TaskFunction]) -> bool:
 
 
 def launch(
-    settings: DictConfig, context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
+    settings: DictConfig, context: HydraContext, cfg: DictConfig, job_overrides: Sequence[Sequence[str]],
     initial_job_idx: int, task_function: Optional[TaskFunction] = None,
 ) -> List[JobReturn]:  # fmt: skip
     """Compose, group, report and train the jobs; one JobReturn per job, in order, each job seen
@@ -119,7 +130,7 @@ def launch(
     (its task is not ptlab's training) are launched as Hydra's basic launcher would."""
     if not is_ptlab_training(task_function):
         basic = BasicLauncher()
-        basic.setup(hydra_context=context, task_function=task_function, config=config)
+        basic.setup(hydra_context=context, task_function=task_function, config=cfg)
         return list(basic.launch(job_overrides, initial_job_idx))
     from ptlab.sweep.grouping import check_packable, group_jobs
     from ptlab.sweep.plan import packing_report, plan_packs
@@ -127,20 +138,22 @@ def launch(
 
     setup_globals()
     pack_size = check_launcher(settings)
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
-    Path(str(config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
+    configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+    Path(str(cfg.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
     hooks = JobHooks(context.callbacks, task_function)
-    jobs, usable = composed_jobs(context, config, job_overrides, initial_job_idx, hooks)
-    configure_log(config.hydra.job_logging, config.hydra.verbose)
+    jobs, usable = composed_jobs(context, cfg, job_overrides, initial_job_idx, hooks)
+    configure_log(cfg.hydra.job_logging, cfg.hydra.verbose)
     check_packable([job.config for job in jobs])
-    sweep_dir = Path(str(config.hydra.sweep.dir))
+    sweep_dir = Path(str(cfg.hydra.sweep.dir))
     halving = settings_of(settings.get("halving"))
     scheduler = None
     if halving is not None:
         scheduler = Scheduler(halving, jobs, [job_overrides[offset] for offset in usable],
                               [initial_job_idx + offset for offset in usable], sweep_dir)  # fmt: skip
     where = placement(settings, [job.config for job in jobs])
-    loaded: Optional[Dict[str, Any]] = {} if scheduler is not None and where.workers == 1 else None
+    # successive halving's rounds keep each place's backbone loaded: this process's, or its workers'
+    kept = Kept({} if scheduler is not None and where.workers == 1 else None,
+                Workers(where.workers, where.gpus, keep=True) if scheduler is not None and where.workers > 1 else None)  # fmt: skip
 
     def train(todo: List[int]) -> None:
         """The jobs `todo` (indices into `jobs`) grouped, planned, reported and placed."""
@@ -158,17 +171,21 @@ def launch(
             log.info("  (planned from an estimate: a pack sizes itself to its device once its backbone is loaded)")
         packs = [PlacedPack(pack.group, [jobs[i] for i in pack.jobs], pack_size, [usable[i] for i in pack.jobs])
                  for pack in plan]  # fmt: skip
-        place(packs, settings, where, sweep_dir, hooks, loaded)
+        place(packs, settings, where, sweep_dir, hooks, kept)
 
-    if scheduler is None:
-        train(list(range(len(jobs))))
-    else:
-        halved(scheduler, train, hooks, usable)
+    try:
+        if scheduler is None:
+            train(list(range(len(jobs))))
+        else:
+            halved(scheduler, train, hooks, usable)
+    finally:
+        if kept.workers is not None:
+            kept.workers.close()
     return hooks.returns
 
 
 def composed_jobs(
-    context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
+    context: HydraContext, cfg: DictConfig, job_overrides: Sequence[Sequence[str]], initial_job_idx: int,
     hooks: JobHooks,
 ) -> Tuple[List[Any], List[int]]:  # fmt: skip
     """Every job composed and told to `hooks`; those whose config validates (`Job`s) and their
@@ -177,15 +194,15 @@ def composed_jobs(
 
     jobs, usable = [], []
     for offset, overrides in enumerate(job_overrides):
-        sweep_config, facts, job_return = prepared_job(context, config, overrides, initial_job_idx + offset)
-        hooks.add(sweep_config, job_return)
+        prepared = prepared_job(context, cfg, overrides, initial_job_idx + offset)
+        hooks.add(prepared.sweep_cfg, prepared.job_return)
         log.info("\t#%d : %s", initial_job_idx + offset, " ".join(filter_overrides(overrides)))
         try:
-            jobs.append(Job(job_return.cfg, to_object(job_return.cfg), facts))
+            jobs.append(Job(prepared.job_return.cfg, to_object(prepared.job_return.cfg), prepared.facts))
             usable.append(offset)
         except ConfigError as error:  # this job's own settings: it fails alone
             hooks.started([offset])
-            record_failed(facts.run_dir, error)
+            record_failed(prepared.facts.run_dir, error)
             hooks.ended(offset, None)
     return jobs, usable
 
@@ -227,6 +244,15 @@ class Placement:
         return f"this machine, {self.workers} process{'es' if self.workers > 1 else ''} at once"
 
 
+@dataclass
+class Kept:
+    """What a place keeps across successive halving's rounds (None: nothing): this process's
+    backbones, by setup, or this machine's worker processes, each with its own."""
+
+    loaded: Optional[Dict[str, Any]] = None
+    workers: Optional[Workers] = None
+
+
 def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
     import torch
 
@@ -244,12 +270,12 @@ def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
 
 def place(
     packs: List[PlacedPack], settings: DictConfig, where: Placement, sweep_dir: Path, hooks: JobHooks,
-    loaded: Optional[Dict[str, Any]] = None,
+    kept: Optional[Kept] = None,
 ) -> None:  # fmt: skip
     """Train the packs where the settings say, each pack's jobs told to the callbacks as it starts
-    and ends: here one group at a time on its backbone loaded once (kept in `loaded` across
-    halving's rounds), else each pack on a device of its own (this machine's workers, submitit jobs
-    or Ray tasks)."""
+    and ends: here one group at a time on its backbone loaded once, else each pack on a device of
+    its own (this machine's workers, submitit jobs or Ray tasks); `kept`: the backbones or workers
+    kept across halving's rounds."""
     from ptlab.training.job import run_jobs
     from ptlab.training.preemption import Preempted
 
@@ -269,10 +295,11 @@ def place(
 
             on_ray(packs, OmegaConf.to_container(settings.ray, resolve=True), ended)
         elif where.workers > 1:
-            on_workers(packs, where.workers, where.gpus, ended)
+            workers = kept.workers if kept and kept.workers else Workers(where.workers, where.gpus)
+            workers.train(packs, ended)
         else:
             for group in by_group(packs):
-                values = run_jobs(group.jobs, group.size, hooks.ender(group.numbers), loaded=loaded)
+                values = run_jobs(group.jobs, group.size, hooks.ender(group.numbers), loaded=kept and kept.loaded)
                 hooks.ended_if_untold(group.numbers, values)
     except Preempted as stop:  # each member's checkpoint is written; the same command resumes
         print(f"ptlab: {stop}", file=sys.stderr)

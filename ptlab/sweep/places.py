@@ -1,6 +1,7 @@
 """Where a packed sweep's planned packs train (ptlab/sweep/plan.py) outside the driver:
-on this machine's devices (`hydra.launcher.workers`: one process per pack, at most one per device
-at a time, the rest queued), or as one submitit job per pack. Each place runs `run_jobs` on its
+on this machine's devices (`hydra.launcher.workers`: a worker process per device, one pack at a
+time, the rest queued; across successive halving's rounds a worker keeps its backbone loaded), or
+as one submitit job per pack. Each place runs `run_jobs` on its
 packs and reports each pack as it ends; the driver's own process is `launcher.place`'s, Ray's
 place is ptlab/sweep/ray_place.py.
 """
@@ -51,10 +52,12 @@ def cores() -> int:
 
 
 def pack_process(driver: Connection, device: Optional[int], threads: int) -> None:
-    """A pack in a process of its own: it dies with its driver (a kill -9 of the sweep leaves no
-    pack training unseen), keeps a termination signal for its pack to stop on, owns the GPU
-    `device` (None: the CPU) and `threads` cores, receives its pack (jobs, size) from `driver` and
-    sends back its outcome: ("values", each member's best) or ("preempted", signum, step)."""
+    """A worker process: it dies with its driver (a kill -9 of the sweep leaves no pack training
+    unseen), keeps a termination signal for its next pack to stop on, owns the GPU `device` (None:
+    the CPU) and `threads` cores, and trains the packs (jobs, size) it receives from `driver` one
+    after another on the backbones it keeps loaded, sending back each outcome: ("values", each
+    member's best) or ("preempted", signum, step), after which it ends. None, or the driver gone,
+    ends it too."""
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() == 1:  # the driver died before the line above
         os._exit(1)
@@ -68,78 +71,115 @@ def pack_process(driver: Connection, device: Optional[int], threads: int) -> Non
     # tqdm's default lock is a multiprocessing semaphore, which a kill -9 of this process would
     # leave to the resource tracker (a warning below the driver's last line): its bars are its own
     tqdm.tqdm.set_lock(threading.RLock())
-    jobs, size = driver.recv()
-    try:
-        driver.send(("values", run_placed_pack(jobs, size)))
-    except Preempted as stop:  # its members' checkpoints are written
-        driver.send(("preempted", stop.signum, stop.step))
+    loaded: Dict[str, Any] = {}  # this process's backbones, by setup, for its next packs
+    while (pack := received(driver, wait=True)) is not None:
+        jobs, size = pack
+        try:
+            driver.send(("values", run_placed_pack(jobs, size, loaded)))
+        except Preempted as stop:  # its members' checkpoints are written
+            driver.send(("preempted", stop.signum, stop.step))
+            return
 
 
-def run_placed_pack(jobs: List[Job], size: Optional[int]) -> List[Optional[float]]:
+def run_placed_pack(jobs: List[Job], size: Optional[int], loaded: Optional[Dict[str, Any]] = None) -> List[Optional[float]]:
     """`run_jobs` in a process of its own (a worker, a submitit job, a Ray task), logging as the
-    driver's jobs do: Hydra's format on stdout, and each member's lines in its train.log."""
+    driver's jobs do: Hydra's format on stdout, and each member's lines in its train.log; a worker
+    keeps its backbones in `loaded` for its next packs."""
     from ptlab.training.job import run_jobs
 
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
                         stream=sys.stdout)  # fmt: skip
     logging.getLogger().setLevel(logging.INFO)
-    return run_jobs(jobs, size)
+    return run_jobs(jobs, size, loaded=loaded)
 
 
 @dataclass
-class Running:
-    """A pack training in its process, the device it holds and where its outcome comes."""
+class Worker:
+    """A worker process, the device it holds and the pipe its packs and outcomes travel."""
 
-    pack: PlacedPack
     process: BaseProcess
-    results: Connection
+    pipe: Connection
     device: Optional[int]
 
 
-def on_workers(packs: Sequence[PlacedPack], workers: int, gpus: int, ended: PackEnded) -> None:
-    """At most `workers` packs at once, each in a process of its own that owns one of `gpus` GPUs
-    (0: they split the cores), started in plan order as processes end. A process that dies (kill -9,
-    the OOM killer, a segfault) fails its pack's members alone, their checkpoints kept for the
-    rerun; the other packs, running or queued, go on. After a termination signal no pack starts,
-    and the running ones checkpoint and stop (Preempted)."""
-    context = multiprocessing.get_context("spawn")
-    free: List[Optional[int]] = [worker % gpus if gpus else None for worker in range(workers)]
-    threads = max(1, cores() // workers)
-    log.info("hydra.launcher.workers=%d: %d packs, each in a process of its own on %s", workers, len(packs),
-             f"one of {gpus} GPUs" if gpus else f"{threads} of this machine's {cores()} cores")  # fmt: skip
-    queued, running, preempted = list(packs), {}, []
-    with signals_passed_to_workers() as signalled:
-        while queued or running:
-            while queued and free and not (preempted or signalled):
-                pack, device = queued.pop(0), free.pop(0)
-                ours, theirs = context.Pipe()
-                process = context.Process(target=pack_process, args=(theirs, device, threads))
-                process.start()
-                theirs.close()
-                # a pack's configs fill the pipe: sent aside, so the next process starts meanwhile
-                threading.Thread(target=hand_over, args=(ours, (pack.jobs, pack.size)), daemon=True).start()
-                running[process.sentinel] = Running(pack, process, ours, device)
-            for sentinel in multiprocessing.connection.wait(list(running)):
-                done = running.pop(sentinel)
-                outcome = received(done.results)
-                done.process.join()
-                free.append(done.device)
-                if outcome is not None and outcome[0] == "preempted":
-                    preempted.append(Preempted(outcome[1], outcome[2]))
-                elif outcome is not None:
-                    ended(done.pack, outcome[1])
-                elif signalled and done.process.exitcode == -signalled[0]:  # stopped before its guard was up
-                    preempted.append(Preempted(signalled[0], 0))
-                else:
-                    ended(done.pack, lost(done.pack, f"its worker process died: {exit_reason(done.process.exitcode)}"))
-    if preempted:
-        raise preempted[0]
+class Workers:
+    """This machine's worker processes (`hydra.launcher.workers`): at most `count` at once, each
+    owning one of `gpus` GPUs (0: they split the cores). A worker trains one pack at a time; with
+    `keep` (successive halving's rounds) a worker whose pack ended waits for the next pack, on the
+    backbone it has loaded, until `close`; otherwise it ends with its pack and the next pack starts
+    in a new process. A process that dies (kill -9, the OOM killer, a segfault) fails its pack's
+    members alone, their checkpoints kept for the rerun; the other packs, running or queued, go on.
+    After a termination signal no pack starts, and the running ones checkpoint and stop (Preempted)."""
+
+    def __init__(self, count: int, gpus: int, keep: bool = False) -> None:
+        self.context = multiprocessing.get_context("spawn")
+        self.free: List[Optional[int]] = [worker % gpus if gpus else None for worker in range(count)]
+        self.threads = max(1, cores() // count)
+        self.idle: List[Worker] = []
+        self.keep, self.count, self.gpus = keep, count, gpus
+
+    def worker(self) -> Worker:
+        """An idle worker (its backbones loaded), else a new process on a free device."""
+        if self.idle:
+            return self.idle.pop(0)
+        ours, theirs = self.context.Pipe()
+        device = self.free.pop(0)
+        process = self.context.Process(target=pack_process, args=(theirs, device, self.threads))
+        process.start()
+        theirs.close()
+        return Worker(process, ours, device)
+
+    def train(self, packs: Sequence[PlacedPack], ended: PackEnded) -> None:
+        """The packs in plan order, each reported to `ended` as it ends."""
+        log.info("hydra.launcher.workers=%d: %d packs, each in a worker process on %s", self.count, len(packs),
+                 f"one of {self.gpus} GPUs" if self.gpus else f"{self.threads} of this machine's {cores()} cores")  # fmt: skip
+        queued, running, preempted = list(packs), {}, []
+        with signals_passed_to_workers() as signalled:
+            while queued or running:
+                while queued and (self.idle or self.free) and not (preempted or signalled):
+                    pack, worker = queued.pop(0), self.worker()
+                    # a pack's configs fill the pipe: sent aside, so the next process starts meanwhile
+                    threading.Thread(target=hand_over, args=(worker.pipe, (pack.jobs, pack.size)), daemon=True).start()
+                    running[worker.pipe] = running[worker.process.sentinel] = (pack, worker)
+                for ready in multiprocessing.connection.wait(list(running)):
+                    if ready not in running:  # its pipe and its sentinel were both ready
+                        continue
+                    pack, worker = running.pop(ready)
+                    running.pop(worker.pipe if ready is worker.process.sentinel else worker.process.sentinel)
+                    outcome = received(worker.pipe)
+                    self.release(worker, outcome is not None and outcome[0] == "values")
+                    if outcome is not None and outcome[0] == "preempted":
+                        preempted.append(Preempted(outcome[1], outcome[2]))
+                    elif outcome is not None:
+                        ended(pack, outcome[1])
+                    elif signalled and worker.process.exitcode == -signalled[0]:  # stopped before its guard was up
+                        preempted.append(Preempted(signalled[0], 0))
+                    else:
+                        ended(pack, lost(pack, f"its worker process died: {exit_reason(worker.process.exitcode)}"))
+        if preempted:
+            raise preempted[0]
+
+    def release(self, worker: Worker, healthy: bool) -> None:
+        """A worker whose pack ended: kept for the next pack, or ended and its device freed."""
+        if healthy and self.keep:
+            self.idle.append(worker)
+            return
+        hand_over(worker.pipe, None)
+        worker.process.join()
+        self.free.append(worker.device)
+
+    def close(self) -> None:
+        """End the idle workers (their backbones go with them)."""
+        self.keep = False
+        while self.idle:
+            self.release(self.idle.pop(), healthy=True)
 
 
-def received(connection: Connection) -> Optional[Any]:
-    """A pack process's outcome, None when it died without sending one (its end of the pipe closed)."""
+def received(connection: Connection, wait: bool = False) -> Optional[Any]:
+    """What came down a pipe; None when the other end closed without sending it (a process that
+    died), or, unless `wait`, when nothing is there."""
     try:
-        return connection.recv() if connection.poll() else None
+        return connection.recv() if wait or connection.poll() else None
     except EOFError:
         return None
 

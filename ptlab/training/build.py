@@ -7,14 +7,13 @@ data, the same model and the same prompt as `ptlab-train` would.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, Optional, Sequence, Union
 
 import torch
 from datasets import DatasetDict
@@ -31,11 +30,12 @@ from ptlab.model.compile import compile_blocks
 from ptlab.model.families import build_backbone
 from ptlab.model.fingerprint import fingerprint
 from ptlab.model.prompt_fit import check_fits
-from ptlab.model.readout import RunParts, TaskReadout
+from ptlab.model.readout import TaskReadout
 from ptlab.provenance import code_version
 from ptlab.training.checkpoint import config_record, saved_prompt
+from ptlab.training.devices import run_autocast, run_device
 from ptlab.training.distributed import World
-from ptlab.training.evaluate import runs_split_metrics, split_metrics
+from ptlab.training.evaluate import split_metrics
 from ptlab.training.randomness import RunRandomness
 
 log = logging.getLogger("ptlab")
@@ -58,8 +58,7 @@ class Pipeline:
 
     def place(self) -> torch.device:
         """Move the backbone, the readout and the method to the run's device (this rank's GPU on CUDA)."""
-        cuda = self.config.hardware.device == "cuda"
-        device = torch.device(f"cuda:{self.world.local_rank}" if cuda else "cpu")
+        device = run_device(self.config.hardware, self.world)
         self.backbone.to(device)
         self.readout.to(device)
         self.method.to(device)
@@ -68,9 +67,7 @@ class Pipeline:
 
     def autocast(self) -> ContextManager:
         """bf16 autocast on CUDA when `hardware.precision=bf16` (the prompt itself stays fp32)."""
-        if self.config.hardware.precision == "bf16" and self.config.hardware.device == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return run_autocast(self.config.hardware)
 
     def evaluate(self, split: str, batch_size: Optional[int] = None) -> Dict[str, float]:
         """The task's metrics on a split, as the trainer computes them (rank or generate mode)."""
@@ -136,25 +133,6 @@ class SharedBackbone:
         if key not in self.read:
             self.read[key] = load_raw_splits(task, data)
         return self.read[key]
-
-
-def evaluate_together(pipelines: Sequence[Pipeline], split: str) -> List[Dict[str, float]]:
-    """Each pipeline's metrics on `split` (pipelines on one shared backbone: a pack's members, or
-    several run folders): those that rank are scored together, several runs' rows in one pass per
-    batch (the largest of their `trainer.eval_batch`); one that generates, or a pipeline alone, as
-    `Pipeline.evaluate`."""
-    if len(pipelines) == 1:
-        return [pipelines[0].evaluate(split)]
-    ranked = [i for i, pipeline in enumerate(pipelines) if pipeline.config.trainer.eval_mode == "rank"]
-    metrics = {i: pipeline.evaluate(split) for i, pipeline in enumerate(pipelines) if i not in ranked}
-    if ranked:
-        first = pipelines[ranked[0]]
-        runs = [(RunParts(pipelines[i].readout, pipelines[i].method), pipelines[i].data[split],
-                 pipelines[i].config.task) for i in ranked]  # fmt: skip
-        batch_size = max(pipelines[i].config.trainer.eval_batch for i in ranked)
-        together = runs_split_metrics(first.backbone, runs, batch_size, first.device, first.autocast)
-        metrics.update(zip(ranked, together))
-    return [metrics[i] for i in range(len(pipelines))]
 
 
 def shared_settings(config: Config) -> Dict[str, Any]:

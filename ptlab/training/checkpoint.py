@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ptlab.config.difference import config_difference
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.files import write_folder_atomically
@@ -94,15 +95,6 @@ NOT_IDENTITY = ("label", "init_from")
 # and those that say what its run trained on besides (a resume and a finished-run skip check both)
 PROMPT_KEYS = ("method", "backbone", "hidden_size", "verbalizers", "fingerprint")
 RUN_KEYS = (*PROMPT_KEYS, "task", "data")
-# settings a resumed (or skipped) run may change: where it reads and writes, what it logs to, the
-# machine it runs on, how far it trains; any other setting that differs from its checkpoint's stops it
-MAY_CHANGE_ON_RESUME = (
-    "trainer.resume", "trainer.max_steps", "trainer.epochs", "trainer.log_every", "trainer.eval_batch_size",
-    "trainer.compile", "trainer.lock_timeout_s", "logger.", "hardware.", "data.dir", "backbone.path",
-    "method.label", "method.init_from",
-)  # fmt: skip
-
-
 def prompt_identity(value: Any) -> Any:
     """A method config less the settings that do not change the trained prompt's meaning."""
     return {k: v for k, v in value.items() if k not in NOT_IDENTITY} if isinstance(value, dict) else value
@@ -117,30 +109,6 @@ def config_record(config: Config) -> Dict[str, Any]:
         "family": config.backbone.family,
         "verbalizers": list(config.task.verbalizers),
     }
-
-
-def _leaves(node: Any, prefix: str = "") -> Dict[str, Any]:
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _leaves(value, f"{prefix}{key}.").items()}
-    return {prefix.rstrip("."): node}
-
-
-def config_difference(
-    saved: Optional[Dict[str, Any]], current: Dict[str, Any], ignore: Sequence[str] = MAY_CHANGE_ON_RESUME
-) -> Optional[str]:
-    """The first setting (`key: saved -> current`) in which a run's config differs from the config
-    its checkpoint was trained with, the settings a resume may change (`ignore`'s key prefixes)
-    aside; None when the same (or when the checkpoint, older than the record of its config, cannot
-    say)."""
-    if saved is None:
-        return None
-    before, after = _leaves(saved), _leaves(current)
-    for key in sorted(before.keys() | after.keys()):
-        if key.startswith(tuple(ignore)):
-            continue
-        if before.get(key, "(not set)") != after.get(key, "(not set)"):
-            return f"{key}: {before.get(key, '(not set)')!r} -> {after.get(key, '(not set)')!r}"
-    return None
 
 
 def record_difference(

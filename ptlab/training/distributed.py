@@ -19,13 +19,12 @@ import torch.distributed as dist
 
 from ptlab.config.schema import HardwareConfig
 from ptlab.errors import ConfigError
+from ptlab.ranks import Ranks, launched_ranks
 
 
 @dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
+class World(Ranks):
+    """This process's ranks and the collectives every rank calls alike."""
 
     @property
     def is_main(self) -> bool:
@@ -68,20 +67,8 @@ class World:
 
 
 def launched_world() -> World:
-    """The rank facts of this process: torchrun's environment, else a submitit job's tasks
-    (`hydra.launcher.tasks_per_node=N`), else one process."""
-    if "RANK" in os.environ:
-        return World(
-            int(os.environ["RANK"]),
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
-    if "SUBMITIT_EXECUTOR" in os.environ:
-        from submitit import JobEnvironment
-
-        job = JobEnvironment()
-        return World(job.global_rank, job.num_tasks, job.local_rank)
-    return World()
+    """The ranks this process was launched with (`ptlab.ranks`), as a world to train in."""
+    return World(**vars(launched_ranks()))
 
 
 def init_world(hardware: HardwareConfig) -> World:

@@ -3,21 +3,21 @@ split's task metrics from them."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from ptlab.config.schema import TaskConfig
 from ptlab.data.examples import Example, chunks
-from ptlab.data.metrics import compute_metrics
 from ptlab.methods.base import PromptMethod
+from ptlab.metrics import compute_metrics
 from ptlab.model.backbone import Backbone
 from ptlab.model.readout import RunParts, TaskReadout
+from ptlab.training.devices import to_device
 from ptlab.training.distributed import World
 
-
-def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+if TYPE_CHECKING:  # a pipeline is built from this module's functions (build.py imports them)
+    from ptlab.training.build import Pipeline
 
 
 def predict(
@@ -204,3 +204,22 @@ def baseline_metrics(task: TaskConfig, examples: List[Example]) -> Dict[str, Any
         constant = max(sorted(set(labels)), key=labels.count)
         name = "majority class"
     return {"name": name, **task_metrics(task, [constant] * len(examples), examples)}
+
+
+def evaluate_together(pipelines: Sequence[Pipeline], split: str) -> List[Dict[str, float]]:
+    """Each pipeline's metrics on `split` (pipelines on one shared backbone: a pack's members, or
+    several run folders): those that rank are scored together, several runs' rows in one pass per
+    batch (the largest of their `trainer.eval_batch`); one that generates, or a pipeline alone, as
+    `Pipeline.evaluate`."""
+    if len(pipelines) == 1:
+        return [pipelines[0].evaluate(split)]
+    ranked = [i for i, pipeline in enumerate(pipelines) if pipeline.config.trainer.eval_mode == "rank"]
+    metrics = {i: pipeline.evaluate(split) for i, pipeline in enumerate(pipelines) if i not in ranked}
+    if ranked:
+        first = pipelines[ranked[0]]
+        runs = [(RunParts(pipelines[i].readout, pipelines[i].method), pipelines[i].data[split],
+                 pipelines[i].config.task) for i in ranked]  # fmt: skip
+        batch_size = max(pipelines[i].config.trainer.eval_batch for i in ranked)
+        together = runs_split_metrics(first.backbone, runs, batch_size, first.device, first.autocast)
+        metrics.update(zip(ranked, together))
+    return [metrics[i] for i in range(len(pipelines))]

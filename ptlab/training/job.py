@@ -25,11 +25,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from omegaconf import DictConfig
 
+from ptlab.config.difference import config_difference
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 from ptlab.training.build import SharedBackbone, frozen_backbone, shared_settings
 from ptlab.training.checkpoint import (
-    config_difference,
     config_record,
     find,
     load_training_state,

@@ -42,9 +42,10 @@ from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
 from ptlab.model.dropout_stream import DropoutStream
 from ptlab.model.readout import RunParts, TaskReadout
-from ptlab.training.build import SharedBackbone, evaluate_together
+from ptlab.training.build import SharedBackbone
+from ptlab.training.devices import to_device
 from ptlab.training.distributed import World
-from ptlab.training.evaluate import to_device
+from ptlab.training.evaluate import evaluate_together
 from ptlab.training.memory import out_of_memory_error, reset_peak_memory
 from ptlab.training.opened_run import Job, OpenRun, close_run, open_run, record_failed
 from ptlab.training.preemption import PreemptionGuard
@@ -237,10 +238,8 @@ class Pack:
             earlier = [(other.job.config, other.trainer.stage_schedule) for other in self.runs[: self.runs.index(run)]]
             run.stream = trainer.start_fit(known_scores(run.job.config, earlier))
             run.seen = trainer.state.examples_seen
-            run.progress = Progress(
-                trainer.total_steps, trainer.state.step, trainer.world.is_main, trainer.task.main_metric,
-                trainer.baseline, interactive=None if alone else False, label="" if alone else run.name,
-            )  # fmt: skip
+            run.progress = Progress(trainer.total_steps, trainer.state.step, trainer.world.is_main, trainer.task.main_metric,
+                                    trainer.baseline, interactive=None if alone else False, label="" if alone else run.name)  # fmt: skip
         if run.done:
             self.leave(run)
 

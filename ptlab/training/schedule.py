@@ -187,22 +187,31 @@ def known_scores(config: Config, earlier: Sequence[Tuple[Config, StageSchedule]]
     return None
 
 
+@dataclasses.dataclass
+class PartialModelPart:
+    """Runs that shrink and grow the shared backbone identically: one partial model (`key`, None for
+    the full model) with one set of neuron scores, and the runs' indices."""
+
+    key: Optional[Tuple]
+    scores: Optional[List[torch.Tensor]]
+    runs: List[int] = dataclasses.field(default_factory=list)
+
+
 def stage_partitions(runs: Sequence[Tuple[StageSchedule, int]]) -> List[List[int]]:
     """The runs (each its schedule and step), by index, in parts that train one after another: the
     runs of a part shrink and grow the shared backbone identically at every step. The launcher
     packs only staged jobs with one stage plan (`stage_plan`); runs resumed at other steps,
     or whose neuron scores differ after all, train after the others rather than on the wrong model."""
-    parts: List[Tuple[Optional[Tuple], Optional[List[torch.Tensor]], List[int]]] = []
+    parts: List[PartialModelPart] = []
     for index, (schedule, step) in enumerate(runs):
         key = partial_model_key(schedule, step)
         scores = None if schedule.partial is None else schedule.partial.scores
-        for part_key, part_scores, part in parts:
-            if part_key == key and same_scores(part_scores, scores):
-                part.append(index)
-                break
-        else:
-            parts.append((key, scores, [index]))
-    return [part for _, _, part in parts]
+        part = next((p for p in parts if p.key == key and same_scores(p.scores, scores)), None)
+        if part is None:
+            part = PartialModelPart(key, scores)
+            parts.append(part)
+        part.runs.append(index)
+    return [part.runs for part in parts]
 
 
 def restore_full_model(schedules: Iterable[StageSchedule]) -> None:

@@ -29,7 +29,8 @@ from ptlab.model.backbone import trainable_parameters
 from ptlab.model.dropout_stream import DropoutStream
 from ptlab.training.build import Pipeline
 from ptlab.training.checkpoint import RunCheckpoint
-from ptlab.training.evaluate import baseline_metrics, to_device
+from ptlab.training.devices import to_device
+from ptlab.training.evaluate import baseline_metrics
 from ptlab.training.memory import peak_memory_mb
 from ptlab.training.progress import TrainLine
 from ptlab.training.schedule import StageSchedule, StepFlops
