@@ -151,9 +151,7 @@ def launch(
         scheduler = Scheduler(halving, jobs, [job_overrides[offset] for offset in usable],
                               [initial_job_idx + offset for offset in usable], sweep_dir)  # fmt: skip
     where = placement(settings, [job.config for job in jobs])
-    # successive halving's rounds keep each place's backbone loaded: this process's, or its workers'
-    kept = Kept({} if scheduler is not None and where.workers == 1 else None,
-                Workers(where.workers, where.gpus, keep=True) if scheduler is not None and where.workers > 1 else None)  # fmt: skip
+    kept = Kept.across_rounds(where) if scheduler is not None else Kept()
 
     def train(todo: List[int]) -> None:
         """The jobs `todo` (indices into `jobs`) grouped, planned, reported and placed."""
@@ -179,8 +177,7 @@ def launch(
         else:
             halved(scheduler, train, hooks, usable)
     finally:
-        if kept.workers is not None:
-            kept.workers.close()
+        kept.close()
     return hooks.returns
 
 
@@ -251,6 +248,18 @@ class Kept:
 
     loaded: Optional[Dict[str, Any]] = None
     workers: Optional[Workers] = None
+
+    @classmethod
+    def across_rounds(cls, where: Placement) -> Kept:
+        """Successive halving's rounds: this process's backbones, or its workers' (submitit's and
+        Ray's rounds are new jobs and tasks: nothing is kept)."""
+        if where.remote:
+            return cls()
+        return cls(loaded={}) if where.workers == 1 else cls(workers=Workers(where.workers, where.gpus, keep=True))
+
+    def close(self) -> None:
+        if self.workers is not None:
+            self.workers.close()
 
 
 def placement(settings: DictConfig, configs: Sequence[Any]) -> Placement:
