@@ -5,14 +5,13 @@ config and the command-line overrides), `metrics.jsonl` (every logged event) and
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
-from ptlab.training.run_folder import SUMMARY_FILE, read_summary
+from ptlab.training.run_folder import SUMMARY_FILE, read_events, read_summary
 
 
 @dataclass
@@ -83,12 +82,7 @@ def read_run(path: Path) -> RunRecord:
     if (hydra_dir / "config.yaml").exists():
         record.config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
     record.summary = read_summary(path)
-    if (path / "metrics.jsonl").exists():
-        for line in (path / "metrics.jsonl").read_text().splitlines():
-            try:
-                record.events.append(json.loads(line))
-            except ValueError:  # a line torn by a kill: the rest of the file still counts
-                continue
+    record.events = read_events(path)
     return record
 
 

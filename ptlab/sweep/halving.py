@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, 
 
 from ptlab.errors import ConfigError
 from ptlab.files import write_text_atomically
-from ptlab.training.run_folder import FAILURE_FILE, is_finished, read_summary
+from ptlab.training.run_folder import FAILURE_FILE, is_finished, read_events, read_summary
 from ptlab.training.tracking import key
 
 if TYPE_CHECKING:  # the driver's --help imports no torch
@@ -141,12 +141,7 @@ def rung_score(run_dir: Path, step: int, metric: str) -> Optional[Tuple[float, f
     """The run's `metric` and validation loss at its last evaluation up to `step` (a run that
     stopped early on its own is ranked by its last one), None when it has none."""
     found = None
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
+    for event in read_events(run_dir):
         if event.get("split") == "validation" and event["step"] <= step and metric in event:
             found = (float(event[metric]), float(event.get("loss", math.inf)))
     return found

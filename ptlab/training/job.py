@@ -35,6 +35,7 @@ from ptlab.training.checkpoint import (
     load_training_state,
     record_difference,
 )
+from ptlab.training.devices import run_device
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.loop import Ended, OnFailure, train_runs, unheard
@@ -130,8 +131,7 @@ def train_held(
         if loaded is not None:
             loaded[setup] = shared
     if len(todo) > 1 and pack_size is None:
-        device = torch.device("cuda" if first.hardware.device == "cuda" else "cpu")
-        pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], device)
+        pack_size, why = auto_pack_size(shared.backbone, [jobs[i].config for i in todo], run_device(first.hardware, world))
         log.info("hydra.launcher.pack_size unset: %s", why)
     packs = balanced(todo, -(-len(todo) // (pack_size or 1)))
     if stage_plan(first) is None:  # one pack, as full as the balanced packs, that takes the next job as a member leaves

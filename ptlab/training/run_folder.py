@@ -63,6 +63,19 @@ def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
     return read_json_record(run_dir / SUMMARY_FILE)
 
 
+def read_events(run_dir: Path) -> List[Dict[str, Any]]:
+    """Every event of the folder's `metrics.jsonl`, in order; a line cut by a kill is skipped (the
+    rest of the file still counts)."""
+    path = run_dir / "metrics.jsonl"
+    events = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    return events
+
+
 def is_finished(summary: Optional[Dict[str, Any]]) -> bool:
     return summary is not None and summary.get("status") == "finished"
 
