@@ -258,8 +258,8 @@ def first_line(error: BaseException) -> str:
 def lost(pack: PlacedPack, why: str) -> List[Optional[float]]:
     """A pack whose process or job ended without results: each member that had not ended (its
     summary says so) fails alone, its checkpoints kept, and a rerun of the sweep resumes it."""
-    from ptlab.training.job import ended_value, reached_summary
-    from ptlab.training.opened_run import record_failed
+    from ptlab.training.job import reached_summary
+    from ptlab.training.opened_run import ended_value, record_failed
 
     values: List[Optional[float]] = []
     for job in pack.jobs:

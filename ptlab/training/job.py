@@ -39,7 +39,7 @@ from ptlab.training.devices import run_device
 from ptlab.training.distributed import World, close_world, init_world
 from ptlab.training.folder_lock import FolderLocks
 from ptlab.training.loop import Ended, OnFailure, train_runs, unheard
-from ptlab.training.opened_run import Job, record_failed
+from ptlab.training.opened_run import Job, ended_value, record_failed
 from ptlab.training.pack_size import auto_pack_size, balanced
 from ptlab.training.run_folder import (
     FAILURE_FILE,
@@ -182,11 +182,6 @@ def held_by_main(world: World, take: Callable[[], None]) -> None:
     refused = world.gather([refused])[0][0]
     if refused is not None:
         raise refused
-
-
-def ended_value(config: Config, summary: Dict[str, Any]) -> float:
-    """What an ended run reports: its best validation value, or its value at the rung it stopped at."""
-    return summary["final" if summary["status"] == "stopped" else "best"][config.task.main_metric]
 
 
 def skipped(run_dir: Path, config: Config, finished: Dict[str, Any]) -> float:

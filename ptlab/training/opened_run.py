@@ -90,6 +90,11 @@ def open_run(
     return OpenRun(run_dir, config, trainer, tracker, started, load_seconds)
 
 
+def ended_value(config: Config, summary: Dict[str, Any]) -> float:
+    """What an ended run reports: its best validation value, or its value at the rung it stopped at."""
+    return summary["final" if summary["status"] == "stopped" else "best"][config.task.main_metric]
+
+
 def close_run(run: OpenRun, summary: Dict[str, Any], rung: Optional[Rung] = None) -> float:
     """A trained run's summary completed and recorded (summary.json, W&B, the prompt artifact);
     returns its best validation value. Stopped at a successive-halving `rung`: its summary says so
@@ -110,9 +115,8 @@ def close_run(run: OpenRun, summary: Dict[str, Any], rung: Optional[Rung] = None
         code=code_version(),
     )
     tracker.summary(summary)
-    metric, baseline = config.task.main_metric, summary["baseline"]
+    metric, baseline, value = config.task.main_metric, summary["baseline"], ended_value(config, summary)
     if rung is not None:
-        value = summary["final"][metric]
         log.info("stopped at rung %d of %d (step %d): validation %s = %.4f; if promoted, it goes on from here; "
                  "summary: %s", rung.number, rung.of, summary["steps"], metric, value, run.run_dir / "summary.json")  # fmt: skip
         return value
@@ -120,10 +124,9 @@ def close_run(run: OpenRun, summary: Dict[str, Any], rung: Optional[Rung] = None
         name = f"prompt-{config.method.run_label}-{config.task.name}-{tracker.run_id()}"
         metadata = {"best": summary["best"], "backbone": config.backbone.name, "seed": config.seed}
         tracker.log_prompt(run.run_dir / "checkpoints" / "best", name, metadata)
-    best = summary["best"][metric]
-    log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, best, summary["best"]["step"],
+    log.info("best validation %s = %.4f (step %s; %s: %.4f); summary: %s", metric, value, summary["best"]["step"],
              baseline["name"], baseline[metric], run.run_dir / "summary.json")  # fmt: skip
-    return best
+    return value
 
 
 def record_start(run_dir: Path, cfg: DictConfig, world: World, facts: RunFacts, run_log: RunLog) -> None:
