@@ -7,12 +7,13 @@
 
 Each measurement is one real packed sweep, `ptlab-train -m hydra/launcher=packed
 hydra.launcher.pack_size=K seed=0,...,K-1 method=M` (the mixed pack: `method=prompt_tuning,smop,superpos`
-x K/3 seeds), SST-2 (all 67k training rows unless `--train-examples`; `data.max_eval_examples=16`),
-batch 8 per member, `logger=none`, one thread, evaluation only at the end, no progress line between. It runs
-in-process in a child Python process that calls `ptlab.cli.train.main` through `sys.argv` (the
-entry point every commit has), with the code of a tree on `PYTHONPATH` and this venv: the base
-commit's in a git worktree under outputs/bench/ (`bench_commits.checkout`), here's from this
-working tree (or `--here COMMIT`). Every member's `summary.json` must say `pack_size` = K.
+x K/3 seeds, `hydra.launcher.mix_widths=true` where the tree has it), SST-2 (all 67k training rows
+unless `--train-examples`; `data.max_eval_examples=16`), batch 8 per member, `logger=none`, one
+thread, evaluation only at the end, no progress line between. It runs in-process in a child Python
+process that calls `ptlab.cli.train.main` through `sys.argv` (the entry point every commit has),
+with the code of a tree on `PYTHONPATH` and this venv: the base commit's in a git worktree under
+outputs/bench/ (`bench_commits.checkout`), here's from this working tree (or `--here COMMIT`).
+Every member's `summary.json` must say `pack_size` = K.
 
 - ops/step: a `TorchDispatchMode` counts every ATen op of the whole command; the sweep is run for 4
   and for 12 steps and ops/step = (ops(12) - ops(4)) / 8, so loading, tokenizing, checkpoints and the
@@ -98,12 +99,17 @@ def child(spec_path: str) -> None:
             self.ops[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
+    from ptlab.sweep.launcher import PackedLauncherConf
+
+    # a tree that packs one prompt width by default is told to mix them (the mixed pack is one pack)
+    mixing = ["hydra.launcher.mix_widths=true"] if "mix_widths" in PackedLauncherConf.__dataclass_fields__ else []
     spec = json.loads(Path(spec_path).read_text())
     results = []
     for command in spec["commands"]:
         GlobalHydra.instance().clear()
         gc.collect()  # the last sweep's garbage (~60k objects, ~0.3 s) collected here, not in this one's steps
-        sys.argv = ["ptlab-train", *command["argv"]]
+        mixed = any(arg.startswith("method=") and "," in arg for arg in command["argv"])
+        sys.argv = ["ptlab-train", *command["argv"], *(mixing if mixed else [])]
         counter = OpCount() if command["count"] else None
         started = time.perf_counter()
         try:

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def sweep_seconds(workers: int, jobs: int, pack_size: int, steps: int, backbone: str, hardware: str) -> float:
-    """Wall seconds of one sweep of `jobs` runs (seeds x 2 methods) on `workers` processes."""
+    """Wall seconds of one sweep of `jobs` runs (seeds x 2 methods, mixed in packs) on `workers` processes."""
     seeds = ",".join(str(seed) for seed in range(jobs // 2))
     with tempfile.TemporaryDirectory() as folder:
         command = [sys.executable, "-m", "ptlab.cli.train", "-m", "hydra/launcher=packed",
@@ -35,7 +35,7 @@ def sweep_seconds(workers: int, jobs: int, pack_size: int, steps: int, backbone:
                    f"hydra.sweep.dir={folder}/sweep", *PACK_BACKBONES[backbone], f"hardware={hardware}", "logger=none",
                    "hardware.num_threads=1", "data.max_train_examples=2048", "data.max_eval_examples=128",
                    f"trainer.max_steps={steps}", f"trainer.eval_every={steps}", "trainer.log_every=1000",
-                   f"seed={seeds}", "method=prompt_tuning,smop"]  # fmt: skip
+                   f"seed={seeds}", "method=prompt_tuning,smop", "hydra.launcher.mix_widths=true"]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                "PTLAB_DATA_DIR": os.environ.get("PTLAB_DATA_DIR", str(REPO.parent / "shared" / "data"))}  # fmt: skip
         started = time.perf_counter()

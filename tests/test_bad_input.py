@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_scale_out import QUICK, cli
+from transformers import AutoModelForSeq2SeqLM
 
 from ptlab.config.schema import to_object
 from ptlab.data import examples as data_module
@@ -86,6 +87,7 @@ def one_line_error(result, code: int) -> str:
     [
         (["trainer.lr=-1"], "ptlab: error: trainer.lr=-1.0 must be a number in (0, inf]"),
         (["+trainer.foo=1"], "ptlab: error: trainer.foo is not a setting of trainer"),
+        (["backbone.family=decoder"], "ptlab: error: backbone.family='decoder' is not registered; known: ['causal', 'encoder', 'seq2seq']"),
         (
             ["hardware=multi_gpu"],
             "ptlab: error: hardware=multi_gpu needs CUDA, and no CUDA device is visible",
@@ -421,9 +423,9 @@ def test_a_model_folder_that_is_empty_or_lacks_its_tokenizer_is_one_line(tmp_pat
     )
     weights_only = tmp_path / "weights"
     tiny = to_object(compose_config(["backbone=tiny_t5"])).backbone
-    model, _ = load_model_and_tokenizer(tiny)
+    model, _ = load_model_and_tokenizer(tiny, AutoModelForSeq2SeqLM)
     model.save_pretrained(weights_only)
     with pytest.raises(
         ConfigError, match=r"it has no tokenizer \(it holds: config.json, .*model.safetensors\)"
     ):
-        load_model_and_tokenizer(dataclasses.replace(tiny, random_init=None, path=str(weights_only)))
+        load_model_and_tokenizer(dataclasses.replace(tiny, random_init=None, path=str(weights_only)), AutoModelForSeq2SeqLM)

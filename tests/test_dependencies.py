@@ -120,7 +120,7 @@ from ptlab.model.loading import load_model_and_tokenizer
 from ptlab.config.schema import BackboneConfig
 try:
     load_model_and_tokenizer(BackboneConfig(name="tiny", family="causal", path={str(tmp_path / "model")!r},
-                                            gguf_file="tiny.gguf"))
+                                            gguf_file="tiny.gguf"), AutoModelForCausalLM)
 except ConfigError as error:
     print("ptlab:", error)
 """

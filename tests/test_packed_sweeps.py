@@ -120,7 +120,7 @@ def test_each_member_of_a_mixed_pack_equals_its_run_alone(tmp_path, backbone, dr
     switch = f"backbone.dropout={str(dropout).lower()}"
     overrides = [[*COMMON, f"backbone={backbone}", switch, "hardware.num_threads=1", *m] for m in MEMBERS]
     jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(overrides)]
-    assert len(group_jobs([j.config for j in jobs])) == 1  # one backbone setup: one group
+    assert len(group_jobs([j.config for j in jobs], mix_widths=True)) == 1  # one backbone setup: one group
     results = run_jobs(jobs, pack_size=None)
     for i, member in enumerate(overrides):
         alone = run(compose_config(member), run_dir=tmp_path / "alone" / str(i))
@@ -130,6 +130,34 @@ def test_each_member_of_a_mixed_pack_equals_its_run_alone(tmp_path, backbone, dr
         # gradients equal alone's (tests/test_mixed_rows.py), so this is rounding, not masks
         loose = dropout and backbone == "tiny_bert" and "method=superpos" in member
         assert_same_run(tmp_path / "packed" / str(i), tmp_path / "alone" / str(i), prompt_tolerance=5e-5 if loose else None)
+
+
+@pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert"])
+@pytest.mark.parametrize("method", [
+    ["method=prompt_tuning", "method.prompt_length=5"], ["method=superpos"], ["method=residual"],
+    ["method=smop"], ["method=deep_prompt", "method.prompt_length=4"],
+], ids=lambda m: m[0].split("=")[1])  # fmt: skip
+def test_a_member_whose_packmates_share_its_width_and_batches_is_its_run_alone_bit_for_bit(tmp_path, backbone, method):
+    """Runs of one seed, task and method at other lrs (an lr search: the same batches, the same
+    prompt width, as `hydra.launcher.mix_widths=false` packs them): every logged number and every
+    trained tensor of a member is its run alone's, to the bit, with dropout on. Nothing in a pass
+    sums a row's numbers in an order that depends on the pack: rows go through their own run's
+    head and router one product each, gradients gather by index_add, a lone prompt is mapped as a
+    pair, and evaluation batches are each run's own."""
+    base = [*COMMON, f"backbone={backbone}", *method, "seed=3", "trainer.max_steps=6", "trainer.eval_every=2"]
+    members = [[*base, f"trainer.lr={lr}"] for lr in (0.3, 0.03, 0.1)]
+    jobs = [job(o, tmp_path / "packed" / str(i)) for i, o in enumerate(members)]
+    assert len(group_jobs([j.config for j in jobs])) == 1
+    run_jobs(jobs, pack_size=None)
+    alone = tmp_path / "alone"
+    run(compose_config(members[1]), run_dir=alone)
+    assert events(tmp_path / "packed" / "1") == [{**e, **{k: v for k, v in events(tmp_path / "packed" / "1")[i].items()
+                                                        if k.endswith("_s") or k == "examples_per_s"}}
+                                                 for i, e in enumerate(events(alone))]  # fmt: skip
+    for mine, theirs in ((exported(tmp_path / "packed" / "1"), exported(alone)),
+                         (last(tmp_path / "packed" / "1")["trainable"], last(alone)["trainable"])):  # fmt: skip
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[key], theirs[key]) for key in theirs)
 
 
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama"])
@@ -369,6 +397,19 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     assert "backbone.dropout: True -> False" in lines[4]
 
 
+def test_runs_of_another_prompt_width_pack_apart_unless_widths_mix():
+    """Rows of one width pad alike: an input block of 5, one of 3, per-layer prefixes of 5 are
+    three groups (each pays no other's padding); `mix_widths` makes them one."""
+    configs = [to_object(compose_config([*COMMON, "backbone=tiny_t5", *o])) for o in (
+        ["method.prompt_length=5"], ["method.prompt_length=3"], ["method=smop", "method.prompt_length=5", "seed=1"],
+        ["method=deep_prompt", "method.prompt_length=5"], ["method.prompt_length=3", "seed=2"])]  # fmt: skip
+    groups = group_jobs(configs)
+    assert [g.jobs for g in groups] == [[0, 2], [1, 4], [3]]
+    assert groups[1].why.startswith("another prompt width (input block of 3): a pack holds one width")
+    assert groups[2].why.startswith("another prompt width (prefixes of 5): ")
+    assert [g.jobs for g in group_jobs(configs, mix_widths=True)] == [[0, 1, 2, 3, 4]]
+
+
 def test_fpt_jobs_share_a_pack_only_when_their_partial_models_coincide():
     """FPT-CR's kept neurons come from its seed's untrained prompt: an lr grid of one seed is one
     group, another seed or step count is another; a depth-only schedule needs no scores."""
@@ -400,6 +441,16 @@ def packed_sweep(sweep: Path, *overrides: str, **kwargs):
     return cli(
         ["-m", "hydra/launcher=packed", *TINY, f"hydra.sweep.dir={sweep}", *overrides], timeout=900, **kwargs
     )
+
+
+def test_a_sweep_over_prompt_widths_packs_each_width_on_the_backbone_loaded_once(tmp_path):
+    result = packed_sweep(tmp_path / "sweep", "backbone=tiny_t5", "logger=none", "trainer.max_steps=2",
+                          "trainer.eval_every=2", "method.prompt_length=3,5", "trainer.lr=0.1,0.3")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "pack 1: jobs 0,1 (2 runs)\n" in result.stdout
+    assert "pack 2: jobs 2,3 (2 runs): another prompt width (input block of 5)" in result.stdout
+    assert result.stdout.count("loaded once") == 1, result.stdout[-3000:]
+    assert all(read_summary(tmp_path / "sweep" / str(job))["pack_size"] == 2 for job in range(4))
 
 
 def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
@@ -434,6 +485,7 @@ def test_a_packed_sweep_from_the_command_line(tmp_path, capsys):
         assert len(list((folder / "wandb").glob(f"offline-run-*-{wandb_id}/run-{wandb_id}.wandb"))) == 1
         ids.add(wandb_id)
     assert len(ids) == 2
+    assert result.stdout.count("loaded once") == 2  # one per backbone, not per pack
     again = packed_sweep(sweep, *args, env_extra={"WANDB_MODE": "offline"})
     assert again.stdout.count("already finished") == 2, again.stdout[-3000:]
     eval_main([str(sweep / "0")])

@@ -28,7 +28,8 @@ from conftest import OFFLINE_ENV, REPO, TINY
 
 # 8 jobs in 2 packs of 4; one thread in every arm, since the thread count changes rounding
 SWEEP = [*TINY, "backbone=tiny_t5", "hardware.num_threads=1", "trainer.max_steps=9", "trainer.eval_every=3",
-         "seed=0,1,2,3", "method=prompt_tuning,smop", "hydra.launcher.pack_size=4"]  # fmt: skip
+         "seed=0,1,2,3", "method=prompt_tuning,smop", "hydra.launcher.pack_size=4",
+         "hydra.launcher.mix_widths=true"]  # fmt: skip (two widths in each pack: the option mixed packs need)
 PACKS = [[0, 1, 2, 3], [4, 5, 6, 7]]
 
 

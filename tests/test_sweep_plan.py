@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ptlab.config.schema import to_object
+from ptlab.model.families import FAMILIES
 from ptlab.model.flops import ModelShape
 from ptlab.model.loading import load_model_and_tokenizer, model_config
 from ptlab.sweep.grouping import Group
@@ -55,7 +56,7 @@ def test_balanced_keeps_order_and_sizes_within_one():
 @pytest.mark.parametrize("backbone", ["tiny_t5", "tiny_llama", "tiny_bert", "minilm_l6"])
 def test_the_weights_estimate_from_the_config_alone_counts_the_loaded_models_matrices(backbone):
     config = to_object(compose_config([f"backbone={backbone}"]))
-    model, _ = load_model_and_tokenizer(config.backbone)
+    model, _ = load_model_and_tokenizer(config.backbone, FAMILIES[config.backbone.family].backbone.auto_class)
     left_out = ("position", "token_type", "pooler", "relative_attention_bias")  # tables, not matrices
     matrices = sum(
         p.numel() for name, p in model.named_parameters() if p.dim() == 2 and not any(k in name for k in left_out)

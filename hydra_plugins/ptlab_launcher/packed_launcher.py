@@ -21,11 +21,11 @@ class PackedLauncher(Launcher):
 
     def __init__(
         self, pack_size: Optional[int] = None, workers: Optional[int] = None, submitit: Optional[DictConfig] = None,
-        ray: Optional[DictConfig] = None, halving: Optional[DictConfig] = None,
+        ray: Optional[DictConfig] = None, mix_widths: bool = False, halving: Optional[DictConfig] = None,
     ) -> None:  # fmt: skip
         """`hydra.launcher.*`: see ptlab.sweep.launcher.PackedLauncherConf."""
         self.settings = DictConfig({"pack_size": pack_size, "workers": workers, "submitit": submitit, "ray": ray,
-                                    "halving": halving})  # fmt: skip
+                                    "mix_widths": mix_widths, "halving": halving})  # fmt: skip
         self.config: Optional[DictConfig] = None
         self.context: Optional[HydraContext] = None
         self.task_function: Optional[TaskFunction] = None

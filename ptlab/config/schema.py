@@ -22,7 +22,8 @@ from ptlab.errors import ConfigError, check_choice, check_encoding, check_range
 @dataclass
 class BackboneConfig:
     name: str = MISSING
-    # seq2seq (T5: prompt on the encoder input) | causal (prompt first) | encoder (prompt after [CLS])
+    # a registered family (ptlab/model/families/): seq2seq (T5: prompt on the encoder input) |
+    # causal (prompt first) | encoder (prompt after [CLS]); checked where runs are built
     family: str = MISSING
     # hub id, local folder, or pypi://<package>[/<file>] for models shipped inside PyPI packages
     path: Optional[str] = None
@@ -40,7 +41,6 @@ class BackboneConfig:
     share_prompt_states: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        check_choice("backbone.family", self.family, ("seq2seq", "causal", "encoder"))
         check_choice("backbone.head_pooling", self.head_pooling, ("mean", "cls"))
         if self.path is None and self.random_init is None:
             raise ConfigError(f"backbone {self.name!r} needs backbone.path or backbone.random_init")

@@ -18,15 +18,14 @@ import torch
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.methods import registered_methods
+from ptlab.model.families import FAMILIES
 from ptlab.training.build import Pipeline
-
-PEFT_TASK_TYPES = {"seq2seq": "SEQ_2_SEQ_LM", "causal": "CAUSAL_LM"}
 
 
 def check_exportable(config: Config) -> None:
     """A one-line reason, before any model loads, when the run's prompt has no PEFT equivalent."""
     family, label = config.backbone.family, config.method.run_label
-    if family not in PEFT_TASK_TYPES:
+    if FAMILIES[family].backbone.peft_task_type is None:
         raise ConfigError(
             f"ptlab-export: the {family} family puts the prompt after [CLS] and trains a classification "
             "head; PEFT's prompt tuning has neither: export works for seq2seq (T5) and causal backbones"
@@ -78,10 +77,10 @@ def export_peft(pipeline: Pipeline, out: Path) -> Path:
     if pipeline.method.peft_export == "prefix_tuning":
         return export_prefixes(pipeline, out)
     with torch.no_grad():
-        prompt = pipeline.method.prompt().detach().float().cpu()
+        prompt = pipeline.method.injected_prompt().detach().float().cpu()
     peft = import_peft()
     config = peft.PromptTuningConfig(
-        task_type=PEFT_TASK_TYPES[pipeline.config.backbone.family],
+        task_type=pipeline.backbone.peft_task_type,
         num_virtual_tokens=prompt.shape[0],
         token_dim=prompt.shape[1],
         num_transformer_submodules=1,  # Lester et al.'s prompt on the input only (PEFT's seq2seq default is 2)

@@ -28,6 +28,11 @@ class MethodConfig:
     def run_label(self) -> str:
         return self.label or self.name
 
+    def row_layout(self) -> Tuple:
+        """What shapes this run's rows in a pass: runs of one layout pad alike, so packs hold one
+        (ptlab/sweep/grouping.py). An input block's width here; per-layer prefixes override it."""
+        return ("input block", getattr(self, "prompt_length", None))
+
 
 KeyValue = Tuple[torch.Tensor, torch.Tensor]  # one layer's prefix keys and values
 
@@ -227,7 +232,13 @@ class SharedPromptMethod(PromptMethod):
     def prompt(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def injected_prompt(self) -> torch.Tensor:
+        """The `[n, d]` prompt as a pass injects it (`prompts_of`), so that an exported or folded
+        prompt gives the trained run's outputs bit for bit."""
+        return prompts_of([self])[0]
+
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
+        """`prompt()` for every row: what `vmapped_prompts` maps over the stacked parameters."""
         return self.prompt().unsqueeze(0).expand(source_embeds.shape[0], -1, -1)
 
     def together_key(self) -> Tuple:
@@ -261,7 +272,7 @@ def prompts_of(methods: Sequence[SharedPromptMethod]) -> torch.Tensor:
     blocks, order = [], []
     for indices in groups.values():
         members = [methods[index] for index in indices]
-        blocks.append(members[0].prompt()[None] if len(members) == 1 else vmapped_prompts(members))
+        blocks.append(vmapped_prompts(members))  # one alone too: the same bits as in any pack
         order += indices
     block = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
     if order != sorted(order):
@@ -271,16 +282,23 @@ def prompts_of(methods: Sequence[SharedPromptMethod]) -> torch.Tensor:
 
 def vmapped_prompts(methods: Sequence[SharedPromptMethod]) -> torch.Tensor:
     """The prompts of methods of one class and shapes: the first one's `prompt()` mapped over the
-    methods' tensors stacked (gradients reach each method's own parameters)."""
-    first = methods[0]
-    params = {name: stacked([dict(m.named_parameters())[name] for m in methods]) for name, _ in first.named_parameters()}
-    buffers = {name: torch.stack([dict(m.named_buffers())[name] for m in methods]) for name, _ in first.named_buffers()}
+    methods' tensors stacked (gradients reach each method's own parameters). A lone method is mapped
+    beside a detached twin: a batched product of one matrix takes another kernel than of several,
+    and its prompt would part by rounding from the same run's in a pack."""
+    first, twin = methods[0], len(methods) == 1
+
+    def together(tensors: List[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([tensors[0], tensors[0].detach()]) if twin else stacked(tensors)
+
+    params = {name: together([dict(m.named_parameters())[name] for m in methods]) for name, _ in first.named_parameters()}
+    buffers = {name: together([dict(m.named_buffers())[name] for m in methods]) for name, _ in first.named_buffers()}
     probe = torch.zeros(1, 1, first.num_tokens, device=next(iter(params.values())).device)
 
     def prompt(own_params, own_buffers):
         return torch.func.functional_call(first, (own_params, own_buffers), (probe, probe[..., 0]))[0]
 
-    return torch.vmap(prompt)(params, buffers)
+    prompts = torch.vmap(prompt)(params, buffers)
+    return prompts[:1] if twin else prompts
 
 
 @contextmanager

@@ -19,7 +19,7 @@ Parameters per stack: layers x 2 x n x kv_width (= d without grouped-query atten
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -71,6 +71,9 @@ class DeepPromptConfig(MethodConfig):
                 raise ConfigError(f"method.stacks: {stack!r} is not a stack; choose from {list(STACKS)}")
         if self.stacks is not None and (not self.stacks or len(set(self.stacks)) != len(self.stacks)):
             raise ConfigError(f"method.stacks={self.stacks} must name each stack once, at least one")
+
+    def row_layout(self) -> Tuple:
+        return ("prefixes", self.prompt_length, tuple(self.stacks or ()))
 
 
 def reparam_mlp(cfg: DeepPromptConfig, hidden: int, width: int) -> nn.Sequential:

@@ -64,4 +64,4 @@ class ResidualPrompt(SharedPromptMethod):
     def export_prompt(self):
         """The MLP folded in: a plain `[n, d]` prompt usable by any prompt-tuning code."""
         with torch.no_grad():
-            return {"prompt_embeds": self.prompt().detach().cpu().contiguous()}
+            return {"prompt_embeds": self.injected_prompt().detach().cpu().contiguous()}

@@ -150,14 +150,15 @@ class SMoP(PromptMethod):
     @classmethod
     def inject_together(cls, methods, source_embeds, source_mask, run, sizes) -> torch.Tensor:
         """Every row routed by its run's router over its run's prompts: the routers and prompts of
-        all runs side by side, each row taking its run's columns; each run's noise from its own
+        all runs side by side, each row taking its run's; each run's noise from its own
         generator at its own rows' shape (as it draws alone)."""
-        first, rows = methods[0], torch.arange(len(run), device=run.device)
-        count, runs = first.cfg.num_prompts, len(methods)
+        first, count = methods[0], methods[0].cfg.num_prompts
         mask = source_mask.unsqueeze(-1).to(source_embeds.dtype)
         sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
-        weight = stacked([method.router.weight for method in methods]).flatten(0, 1)  # [R * k, d]
-        logits = F.linear(sentence.to(weight.dtype), weight).view(len(run), runs, count)[rows, run]
+        # each row through its own run's router, one product per row: a joint [B, d] x [d, R * k]
+        # product would sum in an order that changes with R, and a member would part from its run alone
+        weight = stacked([method.router.weight for method in methods]).index_select(0, run)  # [B, k, d]
+        logits = torch.bmm(weight, sentence.to(weight.dtype).unsqueeze(-1)).squeeze(-1)
         if first.training and first.cfg.perturbation == "gaussian":
             noise = torch.cat([torch.randn((size, count), generator=method.generator)
                                for method, size in zip(methods, sizes)])  # fmt: skip
@@ -167,7 +168,10 @@ class SMoP(PromptMethod):
         gates, chosen = probs.topk(first.cfg.top_k, dim=-1)
         record_together(methods, probs, chosen[:, 0], run)
         prompts = stacked([method.prompts for method in methods]).flatten(0, 1)  # [R * k, l, d]
-        selected = prompts[run[:, None] * count + chosen]  # [B, top_k, l, d]
+        # index_select, not indexing: its gradient (index_add) sums each prompt's rows in row order
+        # whatever R; indexing's (index_put with accumulate) does not
+        picked = (run[:, None] * count + chosen).flatten()
+        selected = prompts.index_select(0, picked).view(*chosen.shape, *prompts.shape[1:])  # [B, top_k, l, d]
         return (gates[..., None, None] * selected).sum(1)
 
     def _record(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:

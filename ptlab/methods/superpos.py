@@ -78,4 +78,4 @@ class SuperPosPrompt(SharedPromptMethod):
         return self.weights @ (self.frozen_embeddings + self.delta).T
 
     def export_prompt(self):
-        return {"prompt_embeds": self.prompt().detach().cpu().contiguous(), "token_ids": self.token_ids.cpu()}
+        return {"prompt_embeds": self.injected_prompt().detach().cpu().contiguous(), "token_ids": self.token_ids.cpu()}

@@ -17,7 +17,7 @@ its run alone (`runs_logits`, `runs_scores`, `run_losses`).
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -143,7 +143,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 class Backbone(nn.Module):
     """A frozen pretrained model plus the family's rules for placing a prompt."""
 
-    family: str
+    family: str  # set by `families.register`
+    auto_class: ClassVar[type]  # the transformers Auto class that loads the family's models
+    peft_task_type: ClassVar[Optional[str]] = None  # PEFT's task_type for ptlab-export; None: no export
     input_stack = "encoder"  # the stack the input goes through first (see PromptContext)
     pad_source_left = False
     can_share_prompt_states = False  # only the causal family can reuse a shared prompt's states
@@ -270,10 +272,12 @@ class Backbone(nn.Module):
         return self.model.get_input_embeddings()(ids)
 
     def injected(self, runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> PromptInjection:
-        """Each run's injection for its own rows, as one batch's (one run's as its method made it).
-        Runs whose methods can inject together (`PromptMethod.together_key`) do, one group per key:
-        a pack of them costs the tensor ops of one run, not one set per run."""
-        if len(runs) == 1:
+        """Each run's injection for its own rows, as one batch's. Runs whose methods can inject
+        together (`PromptMethod.together_key`) do, one group per key: a pack of them costs the
+        tensor ops of one run, not one set per run. A run alone takes that path too, so a member's
+        rows get the same bits as alone (a prompt expanded over rows would sum its gradient in
+        another order than the pack's gather)."""
+        if len(runs) == 1 and runs[0].method.together_key() is None:
             with runs[0].draws():
                 return runs[0].method.inject(source_embeds, batch["source_mask"])
         return runs_injection(runs, batch, source_embeds)

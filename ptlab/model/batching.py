@@ -42,7 +42,7 @@ def collate_runs(parts: Sequence[Tuple[TaskReadout, List[Example]]], pad_id: int
 def rows_per_run(batch: Batch, count: int) -> List[int]:
     """How many rows of `batch` each of `count` runs has (a batch of one run needs no `run` index)."""
     if count == 1:
-        return [len(batch["source_ids"])]
+        return [len(batch["source_mask"])]
     run = batch["run"]
     if bool((run[1:] < run[:-1]).any()):
         raise ValueError("a batch of several runs holds their rows run by run, as collate_runs makes it")

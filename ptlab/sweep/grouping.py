@@ -5,8 +5,11 @@ dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Ev
 differ. A job with a stage schedule (FPT) changes the shared backbone at its own steps, so it packs
 only with jobs whose partial models coincide at every step (`stage_plan`,
 ptlab/training/schedule.py): the same stages, the same step count and, when a stage keeps fewer FFN
-neurons, the same neuron scores' inputs. The packs of each group are planned, and reported, in
-ptlab/sweep/plan.py; how many runs fit in one pack is ptlab/training/pack_size.py's.
+neurons, the same neuron scores' inputs. Runs of one prompt width pack together
+(`MethodConfig.row_layout`; `hydra.launcher.mix_widths=true` mixes them): rows padded alike cost no
+run another's padding and give every member its run alone's bits. The packs of each group are
+planned, and reported, in ptlab/sweep/plan.py; how many runs fit in one pack is
+ptlab/training/pack_size.py's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Dict, List, Sequence
 from ptlab.config.difference import config_difference
 from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
+from ptlab.model.families import FAMILIES
 from ptlab.training.build import shared_settings
 from ptlab.training.schedule import stage_plan
 
@@ -33,6 +37,7 @@ class Group:
 def check_packable(configs: Sequence[Config]) -> None:
     """Settings no pack can run: one line before any model loads."""
     for config in configs:
+        FAMILIES[config.backbone.family]  # an unknown family: the registry's one line
         if config.hardware.distributed:
             raise ConfigError(
                 f"hydra/launcher=packed trains each pack in one process; hardware={config.hardware.name} "
@@ -40,11 +45,13 @@ def check_packable(configs: Sequence[Config]) -> None:
             )
 
 
-def group_jobs(configs: Sequence[Config]) -> List[Group]:
-    """The sweep's jobs (by index) in groups that can share a backbone, in sweep order."""
+def group_jobs(configs: Sequence[Config], mix_widths: bool = False) -> List[Group]:
+    """The sweep's jobs (by index) in groups that can share a pack, in sweep order."""
     groups: List[Group] = []
     for index, config in enumerate(configs):
         settings = {**shared_settings(config), "stage plan": stage_plan(config)}
+        if not mix_widths:
+            settings["prompt width"] = config.method.row_layout()
         group = next((g for g in groups if g.settings == settings), None)
         if group is not None:
             group.jobs.append(index)
@@ -54,7 +61,7 @@ def group_jobs(configs: Sequence[Config]) -> List[Group]:
         else:
             plain = next((g for g in groups if g.settings["stage plan"] is None), None)
             difference = None if plain is None else config_difference(plain.settings, settings, ignore=())
-            why = "" if difference is None else f"another backbone setup: {difference}"
+            why = "" if difference is None else layout_why(plain.settings, settings, difference)
         groups.append(Group([index], settings, why))
     return groups
 
@@ -75,3 +82,13 @@ def staged_why(config: Config, settings: Dict[str, Any], groups: Sequence[Group]
         "seed, method, task and data)"
     )
 
+
+
+def layout_why(first: Dict[str, Any], settings: Dict[str, Any], difference: str) -> str:
+    """Why a job starts a group: another backbone setup, or only another prompt width."""
+    if {k: v for k, v in first.items() if k != "prompt width"} != {k: v for k, v in settings.items() if k != "prompt width"}:
+        return f"another backbone setup: {difference}"
+    kind, width, *stacks = settings["prompt width"]
+    where = f" ({', '.join(stacks[0])})" if stacks and stacks[0] else ""
+    return (f"another prompt width ({kind} of {width}{where}): a pack holds one width, on the backbone "
+            "already loaded (hydra.launcher.mix_widths=true mixes them)")

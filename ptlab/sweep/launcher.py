@@ -53,6 +53,11 @@ class PackedLauncherConf:
     submitit: Dict[str, Any] = field(default_factory=dict)
     # a Ray cluster (address, num_gpus, num_cpus, memory, runtime_env, max_retries): one task per pack
     ray: Dict[str, Any] = field(default_factory=dict)
+    # false: a pack holds runs of one prompt width (`MethodConfig.row_layout`), so none pays for
+    # another's padding and a member equals its run alone bit for bit where its packmates read the
+    # same batches; true: widths share packs (fewer pack steps on a launch-bound GPU; a member then
+    # equals its run alone to rounding, which training can amplify)
+    mix_widths: bool = False
     # successive halving (ptlab/sweep/halving.py): {metric, eta, rungs, within, average}; null: off.
     # Any: OmegaConf cannot merge a dict into a typed None; halving.settings_of checks it
     halving: Any = None
@@ -70,6 +75,8 @@ def check_launcher(settings: DictConfig) -> Optional[int]:
     if unknown:
         raise ConfigError(f"hydra.launcher.ray.{unknown[0]} is not a setting of hydra.launcher.ray "
                           f"(it takes {', '.join(sorted(RAY_SETTINGS))})")  # fmt: skip
+    if not isinstance(settings.get("mix_widths", False), bool):
+        raise ConfigError(f"hydra.launcher.mix_widths={settings.get('mix_widths')!r}: give true or false")
     settings_of(settings.get("halving"))
     places = [key for key in ("submitit", "ray") if settings.get(key)]
     places += ["workers"] if (settings.get("workers") or 1) > 1 else []
@@ -155,7 +162,7 @@ def launch(
 
     def train(todo: List[int]) -> None:
         """The jobs `todo` (indices into `jobs`) grouped, planned, reported and placed."""
-        groups = group_jobs([jobs[i].config for i in todo])
+        groups = group_jobs([jobs[i].config for i in todo], mix_widths=bool(settings.get("mix_widths", False)))
         for group in groups:
             group.jobs = [todo[i] for i in group.jobs]
         caps = [pack_size or estimated_cap([jobs[i].config for i in g.jobs], where.memory(jobs[g.jobs[0]].config))
@@ -306,9 +313,10 @@ def place(
         elif where.workers > 1:
             workers = kept.workers if kept and kept.workers else Workers(where.workers, where.gpus)
             workers.train(packs, ended)
-        else:
+        else:  # groups of one backbone setup (prompt widths) take the backbone the one before loaded
+            loaded = kept.loaded if kept and kept.loaded is not None else {}
             for group in by_group(packs):
-                values = run_jobs(group.jobs, group.size, hooks.ender(group.numbers), loaded=kept and kept.loaded)
+                values = run_jobs(group.jobs, group.size, hooks.ender(group.numbers), loaded=loaded)
                 hooks.ended_if_untold(group.numbers, values)
     except Preempted as stop:  # each member's checkpoint is written; the same command resumes
         print(f"ptlab: {stop}", file=sys.stderr)

@@ -27,7 +27,7 @@ from ptlab.methods import build_method
 from ptlab.methods.base import MethodConfig, PromptMethod
 from ptlab.model.backbone import Backbone
 from ptlab.model.compile import compile_blocks
-from ptlab.model.families import build_backbone
+from ptlab.model.families import FAMILIES, build_backbone
 from ptlab.model.fingerprint import fingerprint
 from ptlab.model.prompt_fit import check_fits
 from ptlab.model.readout import TaskReadout
@@ -165,6 +165,7 @@ def build(
     folders scored at once): only the run's own parts are built."""
     if isinstance(config, DictConfig):
         config = to_object(config)
+    FAMILIES[config.backbone.family]  # an unknown family is one line, before the data and the model
     initial = read_init_prompt(config.method) if config.method.init_from else None
     rows = {}
     if splits is None or splits:

@@ -40,17 +40,21 @@ def map_runs_batches(
     autocast,
     fn: Callable[[List[int], Dict[str, torch.Tensor]], Sequence],
 ) -> List[List]:
-    """Per run, `fn`'s per-row results for its examples, in their order. The examples of all the
-    runs go by length into batches of `batch_size` rows (little padding), each batch one pass that
-    holds several runs' rows, run by run (`collate_runs`); `fn(present, batch)` gets the indices of
-    the runs the batch holds."""
-    items = sorted(
-        ((run, i) for run, (_, examples) in enumerate(runs) for i in range(len(examples))),
-        key=lambda item: len(runs[item[0]][1][item[1]].source_ids),
-    )
+    """Per run, `fn`'s per-row results for its examples, in their order. Each run's examples go by
+    length into batches of `batch_size` rows (little padding), exactly the batches it has alone;
+    the i-th batches of all the runs make one pass, run by run (`collate_runs`), so a run's rows are
+    padded as alone wherever its packmates evaluate the same examples. `fn(present, batch)` gets
+    the indices of the runs the pass holds."""
+    per_run = [
+        list(chunks(sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids)), batch_size))
+        for _, examples in runs
+    ]
+    passes = [
+        [(run, i) for run, batches in enumerate(per_run) if step < len(batches) for i in batches[step]]
+        for step in range(max((len(batches) for batches in per_run), default=0))
+    ]
     results: List[List] = [[None] * len(examples) for _, examples in runs]
-    for chunk in chunks(items, batch_size):
-        chunk = sorted(chunk)  # run by run
+    for chunk in passes:
         present = list(dict.fromkeys(run for run, _ in chunk))
         parts = [(runs[run][0], [runs[run][1][i] for owner, i in chunk if owner == run]) for run in present]
         batch = to_device(backbone.collate_runs(parts), device)

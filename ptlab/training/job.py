@@ -87,7 +87,8 @@ def run_jobs(
     fit, `auto_pack_size`) on one backbone loaded once; each one's best validation value (None: it
     failed; at a rung, its value there), and `ended` told as each one ends. Finished jobs are
     skipped before anything loads. Each job's folder is held by this process until the group ends.
-    `loaded`: backbones kept across calls (successive halving's rounds in one process), by setup."""
+    `loaded`: the backbone kept across calls (the groups of one process, successive halving's
+    rounds), by setup; loading another setup lets it go."""
     world = world or World()
     with FolderLocks() as locks:  # held until the jobs have ended, however they end
         results: List[Optional[float]] = [None] * len(jobs)
@@ -124,6 +125,8 @@ def train_held(
     setup = json.dumps(shared_settings(first), sort_keys=True, default=str)
     shared = (loaded or {}).get(setup)
     if shared is None and (len(todo) > 1 or loaded is not None):
+        if loaded:
+            loaded.clear()  # one backbone at a time: another setup's goes before this one loads
         started = time.perf_counter()
         shared = frozen_backbone(first)
         log.info("backbone %s loaded once for %d runs (%.1f s)", first.backbone.name, len(todo),

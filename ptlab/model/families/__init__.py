@@ -48,7 +48,7 @@ def registered_families() -> Dict[str, Family]:
 def build_backbone(cfg: BackboneConfig) -> Backbone:
     """Load, freeze and wrap the configured backbone (task facts live in each run's readout)."""
     family = FAMILIES[cfg.family]
-    model, tokenizer = load_model_and_tokenizer(cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, family.backbone.auto_class)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
         raise ConfigError(f"backbone {cfg.name!r}: its tokenizer has neither a pad nor an eos token")
     return family.backbone(cfg, model, tokenizer)

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from ptlab.methods.base import KeyValue, PromptInjection, PromptMethod
 from ptlab.model.backbone import (
@@ -31,6 +31,8 @@ from ptlab.model.readout import TaskReadout
 
 @register("causal")
 class CausalBackbone(Backbone):
+    auto_class = AutoModelForCausalLM
+    peft_task_type = "CAUSAL_LM"
     input_stack = "decoder"
     pad_source_left = True  # so every source ends at the same position and targets follow it
     # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
@@ -128,6 +130,11 @@ class CausalBackbone(Backbone):
             columns = torch.cat([columns, prompts.block_mask.to(columns.dtype)], 1)
             positions = (columns.cumsum(1) - 1).clamp(min=0)[:, -block.shape[1] :]
             visible = None if bool(columns.all()) else columns
+            if len(block) == 1 and cache is None:  # a lone prompt runs as a pair (its twin's row is never
+                # selected): products of one row take other kernels than of several, and it would part
+                # by rounding from the same prompt in a pack
+                block, positions = block.expand(2, -1, -1), positions.expand(2, -1)
+                visible = None if visible is None else visible.expand(2, -1)
             _, cache = self.states(cache, attention_mask=visible, inputs_embeds=block, position_ids=positions)
         run_of_row = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
         layers = selected_rows(cache, run_of_row)

@@ -8,6 +8,7 @@ from typing import List, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import AutoModel
 
 from ptlab.methods.base import stacked
 from ptlab.model.backbone import Backbone, Runs
@@ -18,6 +19,8 @@ from ptlab.model.families import register
 @register("encoder")
 class EncoderBackbone(Backbone):
     """Encoders have no LM head here, so classes are read off each run's trainable linear head."""
+
+    auto_class = AutoModel  # no PEFT export: PEFT's prompt tuning has no [CLS] placement nor class head
 
     prefix_takes_positions = False
     reads_target_tokens = False
@@ -49,18 +52,18 @@ class EncoderBackbone(Backbone):
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
 
     def runs_logits(self, runs: Runs, batch: Batch) -> torch.Tensor:
-        """Each row's class logits from its run's head (heads of one shape: every row through
-        every head in one product, each row keeping its run's classes)."""
+        """Each row's class logits from its run's head, every row through its own run's head in one
+        batched product. A row's logits are the same bits whatever its packmates: a joint
+        `[B, d] x [d, R*C]` product would sum in an order that changes with R."""
         heads = [run.readout.head for run in runs]
-        if len(runs) > 1 and all(head.weight.shape == heads[0].weight.shape for head in heads):
-            classes = heads[0].weight.shape[0]
-            weight = stacked([head.weight for head in heads]).flatten(0, 1)  # [R * C, d]
-            bias = stacked([head.bias for head in heads]).flatten()
-            every = torch.addmm(bias, self.pooled(runs, batch).to(weight.dtype), weight.t())
-            rows = torch.arange(len(every), device=every.device)
-            return every.view(len(every), len(runs), classes)[rows, batch["run"]]
-        pooled = self.pooled(runs, batch).split(rows_per_run(batch, len(runs)))
-        logits = [run.readout.head(rows.to(run.readout.head.weight.dtype)) for run, rows in zip(runs, pooled)]
+        pooled = self.pooled(runs, batch)
+        if all(head.weight.shape == heads[0].weight.shape for head in heads):
+            run = batch["run"] if len(runs) > 1 else torch.zeros(len(pooled), dtype=torch.long, device=pooled.device)
+            weight = stacked([head.weight for head in heads]).index_select(0, run)  # [B, C, d]
+            bias = stacked([head.bias for head in heads]).index_select(0, run)  # [B, C]
+            return torch.baddbmm(bias.unsqueeze(-1), weight, pooled.to(weight.dtype).unsqueeze(-1)).squeeze(-1)
+        parts = pooled.split(rows_per_run(batch, len(runs)))
+        logits = [run.readout.head(rows.to(run.readout.head.weight.dtype)) for run, rows in zip(runs, parts)]
         width = max(part.shape[1] for part in logits)
         return torch.cat([F.pad(part, (0, width - part.shape[1]), value=float("-inf")) for part in logits])
 

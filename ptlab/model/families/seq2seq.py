@@ -8,7 +8,7 @@ from typing import List
 
 import torch
 from torch import nn
-from transformers import DynamicCache, EncoderDecoderCache
+from transformers import AutoModelForSeq2SeqLM, DynamicCache, EncoderDecoderCache
 
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import (
@@ -32,6 +32,8 @@ SEQ2SEQ_MAX_POSITIONS = 2048
 
 @register("seq2seq")
 class Seq2SeqBackbone(Backbone):
+    auto_class = AutoModelForSeq2SeqLM
+    peft_task_type = "SEQ_2_SEQ_LM"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
