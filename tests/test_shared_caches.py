@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from transformers import AutoModelForCausalLM
+
 from ptlab.model.loading import _dequantized_gguf, gguf_cache_key
 
 from helpers import write_tiny_gguf
@@ -30,7 +32,7 @@ def job(number: int, model_folder: str, start, out: str) -> None:
 
     logging.basicConfig(filename=f"{out}/job{number}.log", level=logging.INFO)
     start.wait()  # both jobs are loaded: from here on they race
-    folder = _dequantized_gguf(model_folder, "tiny.gguf", "causal")
+    folder = _dequantized_gguf(model_folder, "tiny.gguf", AutoModelForCausalLM)
     seen = sorted(item.name for item in folder.iterdir())  # what this job found when it was handed the folder
     ids = cached_tokenize(["a film", "dull"], slow_tokenize, "tok", 8)
     Path(f"{out}/job{number}.json").write_text(json.dumps({"folder": str(folder), "seen": seen, "ids": ids}))
