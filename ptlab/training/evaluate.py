@@ -49,17 +49,14 @@ def map_runs_batches(
         list(chunks(sorted(range(len(examples)), key=lambda i: len(examples[i].source_ids)), batch_size))
         for _, examples in runs
     ]
-    passes = [
-        [(run, i) for run, batches in enumerate(per_run) if step < len(batches) for i in batches[step]]
-        for step in range(max((len(batches) for batches in per_run), default=0))
-    ]
     results: List[List] = [[None] * len(examples) for _, examples in runs]
-    for chunk in passes:
-        present = list(dict.fromkeys(run for run, _ in chunk))
-        parts = [(runs[run][0], [runs[run][1][i] for owner, i in chunk if owner == run]) for run in present]
+    for step in range(max((len(batches) for batches in per_run), default=0)):
+        present = [run for run, batches in enumerate(per_run) if step < len(batches)]
+        parts = [(runs[run][0], [runs[run][1][i] for i in per_run[run][step]]) for run in present]
         batch = to_device(backbone.collate_runs(parts), device)
+        rows = [(run, i) for run in present for i in per_run[run][step]]
         with autocast():
-            for (run, i), result in zip(chunk, fn(present, batch)):
+            for (run, i), result in zip(rows, fn(present, batch)):
                 results[run][i] = result
     return results
 
