@@ -20,7 +20,7 @@ from ptlab.lab.export import check_exportable
 from ptlab.methods.base import sample_token_ids
 from ptlab.methods.deep_prompt import table_of
 from ptlab.model.anatomy import self_attentions
-from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.model.partial import PartialModel
 from ptlab.model.prefixes import EncoderPrefixes, pass_dtype
 
@@ -245,15 +245,14 @@ def test_analytic_flops_count_the_prefixes(backbone_name, extra):
     method.inject = lambda *args: injection  # the table's reshaping is not the backbone's compute
     with FlopCounterMode(display=False) as counter:
         backbone.output_logits(readout, method, batch)
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    shape = ModelShape.from_config(backbone.model.config)
     source, target = batch["source_ids"].shape[1], batch["target_ids"].shape[1]
-    analytic = (
-        train_step_flops(shape, backbone.family, len(batch["labels"]), source, target, prefixes=prefixes) / 2
-    )
+    rows = len(batch["labels"])
+    analytic = backbone.forward_flops(shape, BatchSizes(rows, source, target, prefixes=prefixes))
     if backbone.family == "encoder":  # BERT's pooler and the class head are not counted analytically
         analytic += 2 * len(batch["labels"]) * shape.d * (shape.d + 2)
     assert analytic == pytest.approx(counter.get_total_flops(), rel=1e-9)
-    without = train_step_flops(shape, backbone.family, len(batch["labels"]), source, target) / 2
+    without = backbone.forward_flops(shape, BatchSizes(rows, source, target))
     assert analytic > without
 
 

@@ -12,7 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ptlab.config.schema import to_object
 from ptlab.errors import ConfigError
-from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.model.partial import PartialModel, evenly_spaced_layers
 from ptlab.training import loop
 from ptlab.training.job import run
@@ -240,16 +240,14 @@ def test_analytic_flops_match_a_measured_count(name, per_example):
         shared = method.num_tokens if backbone.runs_prompt_once(method) else 0
         backbone.output_logits(readout, method, batch)
     assert bool(shared) == (name == "tiny_llama" and not per_example)
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    shape = ModelShape.from_config(backbone.model.config)
     source = batch["source_ids"].shape[1] + method.num_tokens
     target = batch["target_ids"].shape[1]
-    analytic = (
-        train_step_flops(shape, backbone.family, len(batch["labels"]), source, target, shared_prompt=shared)
-        / 2
-    )
+    rows = len(batch["labels"])
+    analytic = backbone.forward_flops(shape, BatchSizes(rows, source, target, shared_prompt=shared))
     if backbone.family == "encoder":  # BERT's pooler and the class head are not counted analytically
         analytic += 2 * len(batch["labels"]) * shape.d * (shape.d + 2)
     # a lone shared prompt runs as a pair (causal.prompt_cache: one row takes other kernels than
     # several); the run's FLOPs count the model's work, one prompt pass, and the twin's is measured too
-    twin = train_step_flops(shape, backbone.family, 0, source, target, shared_prompt=shared) / 2 if shared else 0
+    twin = backbone.forward_flops(shape, BatchSizes(0, source, target, shared_prompt=shared)) if shared else 0
     assert analytic + twin == pytest.approx(counter.get_total_flops(), rel=1e-9)

@@ -65,7 +65,7 @@ def test_the_weights_estimate_from_the_config_alone_counts_the_loaded_models_mat
     tied = model.get_output_embeddings() is None or (
         model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
     )
-    shape = ModelShape.from_config(model_config(config.backbone), config.backbone.family)
+    shape = ModelShape.from_config(model_config(config.backbone))
     estimate = weight_bytes(shape, 4) / 4
     # the estimate leaves out norms, biases and an untied output layer
     assert 0.8 * (matrices - (0 if tied else embeddings)) <= estimate <= matrices * 1.01
@@ -76,7 +76,7 @@ def test_the_cap_follows_the_memory_and_is_the_ceiling_where_nothing_is_known():
     assert estimated_cap(configs, None) == MAX_AUTO_PACK
     assert estimated_cap(configs, 1e12) == MAX_AUTO_PACK
     assert estimated_cap(configs, 1.0) == 1
-    shape = ModelShape.from_config(model_config(configs[0].backbone), "seq2seq")
+    shape = ModelShape.from_config(model_config(configs[0].backbone))
     weights, member = weight_bytes(shape, 4), member_bytes(shape, configs[0], 4)
     for members in (1, 3, 7):
         assert estimated_cap(configs, weights + (members + 0.5) * member) == members

@@ -25,14 +25,15 @@ from ptlab.training.build import Pipeline
 def check_exportable(config: Config) -> None:
     """A one-line reason, before any model loads, when the run's prompt has no PEFT equivalent."""
     family, label = config.backbone.family, config.method.run_label
-    if FAMILIES[family].backbone.peft_task_type is None:
+    backbone_cls = FAMILIES[family].backbone
+    if backbone_cls.peft_task_type is None:
         raise ConfigError(
             f"ptlab-export: the {family} family puts the prompt after [CLS] and trains a classification "
             "head; PEFT's prompt tuning has neither: export works for seq2seq (T5) and causal backbones"
         )
     method_cls = registered_methods()[config.method.name].module
     if method_cls.peft_export == "prefix_tuning":
-        if family != "causal":
+        if "prefix_tuning" not in backbone_cls.peft_exports:
             raise ConfigError(
                 f"ptlab-export: PEFT's prefix tuning on {family} models places prefixes otherwise than "
                 "ptlab (T5: its table maps to decoder layers 0, 2, 4, ..., 1, 3, ...): deep prompts "

@@ -38,9 +38,10 @@ class Layout:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         return heads, getattr(config, "num_key_value_heads", None) or heads, head_dim
 
-    def ffn_shape(self, config, family: str) -> Tuple[int, int]:
-        """(FFN width, input projections: 2 when gated)."""
-        return config.intermediate_size, 2 if family == "causal" and config.model_type != "gpt2" else 1
+    def ffn_shape(self, config) -> Tuple[int, int]:
+        """(FFN width, input projections: 2 when gated; a kind ptlab knows only the sizes of counts
+        as ungated)."""
+        return config.intermediate_size, 1
 
     def layers(self, config) -> Tuple[int, int]:
         """(encoder or only stack's blocks, decoder blocks: 0 without a decoder)."""
@@ -71,7 +72,7 @@ class T5Layout(Layout):
     def attention(self, config) -> Tuple[int, int, int]:
         return config.num_heads, config.num_heads, config.d_kv
 
-    def ffn_shape(self, config, family: str) -> Tuple[int, int]:
+    def ffn_shape(self, config) -> Tuple[int, int]:
         return config.d_ff, 2 if config.feed_forward_proj.startswith("gated") else 1
 
     def layers(self, config) -> Tuple[int, int]:
@@ -94,6 +95,9 @@ class T5Layout(Layout):
 
 class LlamaLayout(Layout):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
+
+    def ffn_shape(self, config) -> Tuple[int, int]:
+        return config.intermediate_size, 2  # gate_proj and up_proj
 
     def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
         return [(model.base_model, "layers")]

@@ -30,6 +30,7 @@ from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptM
 from ptlab.model.anatomy import key_value_heads, self_attentions
 from ptlab.model.batching import Batch, collate_runs, pad, rows_per_run
 from ptlab.model.dropout_stream import DropoutStream
+from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.model.prefixes import EncoderPrefixSite, encoder_key_values
 from ptlab.model.readout import RunParts, TaskReadout
 from ptlab.model.run_dropout import NO_DROPOUT, FrozenDropout
@@ -146,6 +147,7 @@ class Backbone(nn.Module):
     family: str  # set by `families.register`
     auto_class: ClassVar[type]  # the transformers Auto class that loads the family's models
     peft_task_type: ClassVar[Optional[str]] = None  # PEFT's task_type for ptlab-export; None: no export
+    peft_exports: ClassVar[Tuple[str, ...]] = ("prompt_tuning",)  # PEFT methods its prompts export to
     input_stack = "encoder"  # the stack the input goes through first (see PromptContext)
     pad_source_left = False
     can_share_prompt_states = False  # only the causal family can reuse a shared prompt's states
@@ -326,6 +328,18 @@ class Backbone(nn.Module):
     def runs_scores(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """Each row's `[C]` verbalizer scores as in its run alone (-inf where its run has fewer)."""
         raise NotImplementedError
+
+    @classmethod
+    def forward_flops(cls, shape: ModelShape, sizes: BatchSizes) -> float:
+        """The analytic FLOPs of the model's forward pass on a batch (`model/flops.py` counts the
+        parts: blocks, cross-attention, the LM head); how the family's stacks run them."""
+        raise NotImplementedError
+
+    @classmethod
+    def train_step_flops(cls, shape: ModelShape, sizes: BatchSizes) -> float:
+        """A training step's FLOPs: the forward pass and a backward pass for activation gradients
+        only (the backbone's weights are frozen), 2 x forward."""
+        return 2.0 * cls.forward_flops(shape, sizes)
 
     def row_losses(self, logits: torch.Tensor, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """Each row's summed target-token loss and its token count, so that each run of a batch

@@ -4,19 +4,20 @@ Counted (a multiply-add = 2 FLOPs), per transformer block over T positions with 
 attention width a (heads x head dim), key/value width k (smaller with grouped queries), FFN width
 f with 1 input projection (2 when gated):
   projections 2T(2da + 2dk), attention scores and mixing 4T^2 a, FFN 2Tdf(inputs + 1);
-T5 decoder blocks add cross-attention over the encoder's positions; the LM head costs 2TdV on the
-positions scored; a causal LM runs a shared prompt once per batch and the rest attends to its
-cached keys/values. Per-layer prefixes of n positions (deep prompts) add attention to n more keys
+cross-attention over C positions adds 2T(2da) + 2C(2dk) + 4TCa; an LM head costs 2TdV on the
+positions scored. Per-layer prefixes of n positions (deep prompts) add attention to n more keys
 in each block of their stack: 4Tna. Embedding lookups, norms and softmaxes are left out (< 1% at
 these sizes), and so is a method's own compute before the prefixes (once per batch).
+How a family's stacks put these together is the family's own `forward_flops` (model/families/).
 A training step with a frozen backbone = forward + the backward pass for activation gradients
-(no weight gradients) = 2 x forward. Partial models (FPT) count their kept blocks and neurons.
+(no weight gradients) = 2 x forward. Partial models (FPT) count their kept blocks and neurons
+(`ModelShape.shrunk`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Optional
+from dataclasses import dataclass, field, replace
+from typing import Mapping
 
 from ptlab.model.anatomy import layout_of
 
@@ -29,17 +30,38 @@ class ModelShape:
     ffn: int
     ffn_inputs: int
     vocab: int
-    encoder_layers: int
+    encoder_layers: int  # the encoder's blocks, or a causal LM's
     decoder_layers: int  # seq2seq only; 0 otherwise
+    decoder_ffn: int  # the decoder's FFN width (a partial model may cut only the encoder's)
 
     @classmethod
-    def from_config(cls, config, family: str) -> ModelShape:
+    def from_config(cls, config) -> ModelShape:
         layout = layout_of(config)
         heads, kv_heads, head_dim = layout.attention(config)
-        ffn, ffn_inputs = layout.ffn_shape(config, family)
+        ffn, ffn_inputs = layout.ffn_shape(config)
         encoder_layers, decoder_layers = layout.layers(config)
         return cls(layout.width(config), heads * head_dim, kv_heads * head_dim, ffn, ffn_inputs,
-                   config.vocab_size, encoder_layers, decoder_layers)  # fmt: skip
+                   config.vocab_size, encoder_layers, decoder_layers, ffn)  # fmt: skip
+
+    def shrunk(self, encoder_layers: int, decoder_layers: int, ffn: int, decoder_ffn: int) -> ModelShape:
+        """A partial model's shape (FPT): its kept blocks and FFN neurons."""
+        return replace(self, encoder_layers=encoder_layers, decoder_layers=decoder_layers, ffn=ffn,
+                       decoder_ffn=decoder_ffn)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """A batch's sizes that a step's FLOPs depend on."""
+
+    rows: int
+    source_tokens: int  # padded, the prompt included
+    target_tokens: int  # padded
+    shared_prompt: int = 0  # leading prompt tokens run once per batch (a causal LM's shared prompt)
+    prefixes: Mapping[str, int] = field(default_factory=dict)  # per-layer prefix positions by stack
+
+    def prefix(self, stack: str) -> int:
+        """The per-layer prefix positions in `stack` (`encoder`, `decoder`: a causal LM's layers)."""
+        return self.prefixes.get(stack, 0)
 
 
 def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0, cached: int = 0) -> float:
@@ -56,42 +78,6 @@ def block_flops(shape: ModelShape, tokens: int, ffn: int, context: int = 0, cach
     return flops
 
 
-def train_step_flops(
-    shape: ModelShape,
-    family: str,
-    batch: int,
-    source_tokens: int,
-    target_tokens: int,
-    encoder_layers: int | None = None,
-    decoder_layers: int | None = None,
-    ffn: int | None = None,
-    decoder_ffn: int | None = None,
-    shared_prompt: int = 0,
-    prefixes: Optional[Mapping[str, int]] = None,
-) -> float:
-    """FLOPs of one training step on `batch` sequences of the given (padded) lengths, the prompt
-    included in `source_tokens`; layer and FFN counts default to the full model's.
-    `shared_prompt`: that many leading (prompt) tokens run once per batch, not per example
-    (causal backbones with a prompt shared by every input). `prefixes`: positions of the per-layer
-    prefix in each stack (`encoder`, `decoder`; a causal LM's layers are its `decoder`)."""
-    ffn = shape.ffn if ffn is None else ffn
-    decoder_ffn = shape.ffn if decoder_ffn is None else decoder_ffn
-    encoder_layers = shape.encoder_layers if encoder_layers is None else encoder_layers
-    decoder_layers = shape.decoder_layers if decoder_layers is None else decoder_layers
-    prefix = {"encoder": 0, "decoder": 0, **(prefixes or {})}
-    if family == "seq2seq":
-        forward = encoder_layers * block_flops(shape, source_tokens, ffn, cached=prefix["encoder"])
-        forward += decoder_layers * block_flops(
-            shape, target_tokens, decoder_ffn, context=source_tokens, cached=prefix["decoder"]
-        )
-        forward += 2 * target_tokens * shape.d * shape.vocab
-    elif family == "causal":
-        rest = source_tokens + target_tokens - 1 - shared_prompt  # the last target is only predicted
-        cached = prefix["decoder"] + shared_prompt
-        forward = encoder_layers * block_flops(shape, rest, ffn, cached=cached)
-        forward += 2 * target_tokens * shape.d * shape.vocab
-        once = encoder_layers * block_flops(shape, shared_prompt, ffn, cached=prefix["decoder"])
-        return 2.0 * (batch * forward + once)
-    else:
-        forward = encoder_layers * block_flops(shape, source_tokens, ffn, cached=prefix["encoder"])
-    return 2.0 * batch * forward
+def lm_head_flops(shape: ModelShape, tokens: int) -> float:
+    """The LM head's product on `tokens` scored positions."""
+    return 2 * tokens * shape.d * shape.vocab

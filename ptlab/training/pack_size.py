@@ -76,7 +76,7 @@ def members_fitting(shape: ModelShape, configs: Sequence[Config], usable: float,
 
 def auto_pack_size(backbone: Backbone, configs: Sequence[Config], device: torch.device) -> Tuple[int, str]:
     """A pack's size once its backbone is loaded: what fits in the memory left beside it."""
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
+    shape = ModelShape.from_config(backbone.model.config)
     return members_fitting(shape, configs, available_bytes(device), f"on {device.type}")
 
 
@@ -97,7 +97,7 @@ def estimated_cap(configs: Sequence[Config], memory: Optional[float]) -> int:
     shape_config = model_config(configs[0].backbone) if memory is not None else None
     if shape_config is None:
         return MAX_AUTO_PACK
-    shape = ModelShape.from_config(shape_config, configs[0].backbone.family)
+    shape = ModelShape.from_config(shape_config)
     usable = memory - weight_bytes(shape, bytes_per_value(configs[0]))
     return members_fitting(shape, configs, usable, "per device")[0]
 

@@ -18,7 +18,7 @@ from ptlab.config.schema import Config, ScheduleConfig
 from ptlab.files import write_file_atomically
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
-from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.model.partial import PartialModel
 from ptlab.training.checkpoint import read_plain
 
@@ -53,8 +53,8 @@ def partial_at(cfg: ScheduleConfig, total_steps: int, step: int) -> bool:
 class StageSchedule:
     def __init__(self, cfg: ScheduleConfig, backbone: Backbone, total_steps: int) -> None:
         self.cfg = cfg
-        self.family = backbone.family
-        self.shape = ModelShape.from_config(backbone.model.config, backbone.family)
+        self.family = type(backbone)  # its analytic FLOPs
+        self.shape = ModelShape.from_config(backbone.model.config)
         self.stage_ends = stage_ends(cfg, total_steps)
         self.partial = PartialModel(backbone.model, cfg.with_decoder) if cfg.shrinks_model else None
         self.current: Optional[int] = None
@@ -112,27 +112,24 @@ class StageSchedule:
         """A training step's FLOPs on a batch of `rows` padded to `source_width` and `target_width`
         tokens, on the current model and on the full one; `shared_prompt`: the method's block runs
         once per batch (a causal LM's shared prompt)."""
-        sizes = dict(
-            batch=rows,
+        sizes = BatchSizes(
+            rows=rows,
             source_tokens=source_width + method.num_tokens,
             target_tokens=target_width,
             shared_prompt=method.num_tokens if shared_prompt else 0,
             prefixes=method.prefix_positions,
         )
-        full = train_step_flops(self.shape, self.family, **sizes)
+        full = self.family.train_step_flops(self.shape, sizes)
         if self.is_full:
             return StepFlops(full, full)
         layers: List[List[int]] = self.partial.kept_layers
-        actual = train_step_flops(
-            self.shape,
-            self.family,
+        kept = self.shape.shrunk(
             encoder_layers=len(layers[0]),
-            decoder_layers=len(layers[1]) if len(layers) > 1 else None,
+            decoder_layers=len(layers[1]) if len(layers) > 1 else self.shape.decoder_layers,
             ffn=self.partial.kept_neurons,
-            decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else None,
-            **sizes,
+            decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else self.shape.decoder_ffn,
         )
-        return StepFlops(actual, full)
+        return StepFlops(self.family.train_step_flops(kept, sizes), full)
 
 
 # --- staged runs sharing one backbone ------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 from benchkit.backbones import BACKBONES
 from benchkit.common import Bench, build, peft_for, train_step
 from ptlab.data.examples import Example
-from ptlab.model.flops import ModelShape, train_step_flops
+from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.training.devices import to_device
 
 if TYPE_CHECKING:
@@ -135,9 +135,9 @@ def setup_backbone(bench: Bench, name: str) -> Setup:
     backbone, method = pipeline.backbone.to(device), pipeline.method.to(device)
     readout = pipeline.readout.to(device)
     batch = to_device(batch_of(backbone, readout, args.batch, args.seq_len), device)
-    shape = ModelShape.from_config(backbone.model.config, backbone.family)
-    step_flops = train_step_flops(
-        shape, backbone.family, args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1]
+    shape = ModelShape.from_config(backbone.model.config)
+    step_flops = backbone.train_step_flops(
+        shape, BatchSizes(args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1])
     )
     optimizer = torch.optim.AdamW(method.parameters(), lr=1e-3)
     peft = peft_for(backbone, method, args.prompt).to(device)

@@ -11,7 +11,7 @@ from benchkit.common import Bench, default_config, step_memory_mb, train_step
 from benchkit.contenders import Setup
 from ptlab.config.schema import to_object
 from ptlab.methods import build_method
-from ptlab.model.flops import train_step_flops
+from ptlab.model.flops import BatchSizes
 from ptlab.model.partial import PartialModel
 
 if TYPE_CHECKING:
@@ -101,14 +101,11 @@ def fpt_stages(bench: Bench, setup: Setup) -> None:
     for depth in (0.25, 0.5, 0.75, 1.0):
         partial.set_stage(depth, depth)
         stage_times[depth] = bench.interleaved({"step": setup.ours_step})["step"]
-        stage_flops[depth] = train_step_flops(
-            setup.shape,
-            backbone.family,
-            args.batch,
-            args.seq_len + args.prompt,
-            batch["target_ids"].shape[1],
-            encoder_layers=len(partial.kept_layers[0]),
-            ffn=partial.kept_neurons,
+        shape = setup.shape
+        layers, neurons = len(partial.kept_layers[0]), partial.kept_neurons
+        kept = shape.shrunk(layers, shape.decoder_layers, neurons, shape.decoder_ffn)
+        stage_flops[depth] = backbone.train_step_flops(
+            kept, BatchSizes(args.batch, args.seq_len + args.prompt, batch["target_ids"].shape[1])
         )
     partial.restore()
     bench.results[setup.name].update(fpt_stage_s=stage_times, fpt_stage_flops=stage_flops)

@@ -25,6 +25,7 @@ from ptlab.model.backbone import (
 )
 from ptlab.model.batching import Batch, rows_per_run
 from ptlab.model.families import register
+from ptlab.model.flops import BatchSizes, ModelShape, block_flops, lm_head_flops
 from ptlab.model.prefixes import batch_of, cache_parameter, decoder_cache, pass_dtype, selected_rows
 from ptlab.model.readout import TaskReadout
 
@@ -33,6 +34,7 @@ from ptlab.model.readout import TaskReadout
 class CausalBackbone(Backbone):
     auto_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"
+    peft_exports = ("prompt_tuning", "prefix_tuning")  # per-layer prefixes are PEFT's past_key_values
     input_stack = "decoder"
     pad_source_left = True  # so every source ends at the same position and targets follow it
     # a prompt shared by every input sits at positions 0..n-1 and attends only to itself, so its
@@ -50,6 +52,17 @@ class CausalBackbone(Backbone):
             isinstance(module, nn.Dropout) and module.p > 0 for module in self.model.modules()
         )
         self.cache_key = cache_parameter(self.model.base_model.forward)
+
+    @classmethod
+    def forward_flops(cls, shape: ModelShape, sizes: BatchSizes) -> float:
+        """One stack over [prompt][source][target] (the last target is only predicted), the LM head
+        on the target positions; a shared prompt runs once per batch and each row attends to its
+        cached keys/values, as do the per-layer prefixes."""
+        prefix, shared = sizes.prefix("decoder"), sizes.shared_prompt
+        rest = sizes.source_tokens + sizes.target_tokens - 1 - shared
+        row = shape.encoder_layers * block_flops(shape, rest, shape.ffn, cached=prefix + shared)
+        once = shape.encoder_layers * block_flops(shape, shared, shape.ffn, cached=prefix)
+        return sizes.rows * (row + lm_head_flops(shape, sizes.target_tokens)) + once
 
     def runs_prompt_once(self, method: PromptMethod) -> bool:
         wanted = self.cfg.share_prompt_states

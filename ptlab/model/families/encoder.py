@@ -14,6 +14,7 @@ from ptlab.methods.base import stacked
 from ptlab.model.backbone import Backbone, Runs
 from ptlab.model.batching import Batch, rows_per_run
 from ptlab.model.families import register
+from ptlab.model.flops import BatchSizes, ModelShape, block_flops
 
 
 @register("encoder")
@@ -32,6 +33,14 @@ class EncoderBackbone(Backbone):
 
     def tokenize_target(self, text: str) -> List[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    @classmethod
+    def forward_flops(cls, shape: ModelShape, sizes: BatchSizes) -> float:
+        """The one stack over [CLS][prompt][rest]; the pooler and the class heads are left out, as
+        an LM head's norms are (d x (d + classes) per row)."""
+        return sizes.rows * shape.encoder_layers * block_flops(
+            shape, sizes.source_tokens, shape.ffn, cached=sizes.prefix("encoder")
+        )
 
     def pooled(self, runs: Runs, batch: Batch) -> torch.Tensor:
         """`[B, d]` pooled final states of [CLS][block][source]. Position ids count each row's

@@ -22,6 +22,7 @@ from ptlab.model.backbone import (
 )
 from ptlab.model.batching import Batch
 from ptlab.model.families import register
+from ptlab.model.flops import BatchSizes, ModelShape, block_flops, lm_head_flops
 from ptlab.model.prefixes import cache_parameter, decoder_cache, pass_dtype, rows_of
 from ptlab.model.readout import TaskReadout
 
@@ -47,6 +48,17 @@ class Seq2SeqBackbone(Backbone):
 
     def dropout_stack(self, module_name: str) -> str:
         return "decoder" if module_name.startswith("decoder") else "encoder"
+
+    @classmethod
+    def forward_flops(cls, shape: ModelShape, sizes: BatchSizes) -> float:
+        """The encoder over the source; the decoder over the targets, with cross-attention to the
+        source; the LM head on every target position."""
+        source, target = sizes.source_tokens, sizes.target_tokens
+        encoder = shape.encoder_layers * block_flops(shape, source, shape.ffn, cached=sizes.prefix("encoder"))
+        decoder = shape.decoder_layers * block_flops(
+            shape, target, shape.decoder_ffn, context=source, cached=sizes.prefix("decoder")
+        )
+        return sizes.rows * (encoder + decoder + lm_head_flops(shape, target))
 
     def prompted(self, runs: Runs, batch: Batch, at: int = 0):
         """As the base's, with each row's real positions first: T5's relative positions count
