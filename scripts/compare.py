@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 # preset -> (experiment, the group the others are tested against, steps-to-score target)
 PRESETS = {
     "methods": ("minilm_methods", "recipe=pt20", 0.75),
-    "fpt": ("minilm_fpt", "schedule=constant", 0.75),
+    "fpt": ("minilm_fpt", "stages=constant", 0.75),
     "smollm2": ("smollm2_methods", "recipe=pt20", 0.7),
 }
 

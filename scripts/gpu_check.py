@@ -5,7 +5,7 @@
 
 Installs the kit's wheels with no network, then runs, each step with its own time limit and all
 within --budget-s (8 minutes; --no-time-limits lifts both): the CUDA tests (`pytest -m cuda`), `scripts/bench.py --device cuda
---quick` against PEFT, the default job with `hardware=gpu logger=none`, a `schedule=fpt` run, a
+--quick` against PEFT, the default job with `hardware=gpu logger=none`, a `stages=fpt` run, a
 `method=smop` run, a `method=deep_prompt` run, the default job with `trainer.compile=true` and
 `scripts/bench.py --sections packed` (packed sweeps vs the same runs one after another, T5-base
 shape; last, so a tight budget skips it first: `--only packed` runs it alone). It writes one results file,
@@ -258,7 +258,7 @@ def plan(args: argparse.Namespace, site: Path) -> List[Step]:
         ),
         Step("bench", [*bench, "--backbones", *bench_backbones, *shlex.split(args.bench_args)], 180),
         training("default job", [], 120),
-        training("fpt", ["schedule=fpt"], 90),
+        training("fpt", ["stages=fpt"], 90),
         training("smop", ["method=smop"], 90),
         training("deep_prompt", ["method=deep_prompt"], 90),
         training("compile", ["trainer.compile=true"], 120),

@@ -45,7 +45,7 @@ OUT_OF_RANGE = [
     (["data.max_eval_examples=-5"], r"data.max_eval_examples=-5 must be"),
     (["data.validation_fraction=1.5"], r"data.validation_fraction=1.5 must be a number in \(0, 1\)"),
     (["data.validation_fraction=0"], r"data.validation_fraction=0.0 must be"),
-    (["schedule=fpt", "schedule.score_examples=0"], r"schedule.score_examples=0 must be"),
+    (["stages=fpt", "stages.score_examples=0"], r"stages.score_examples=0 must be"),
     (["method=smop", "method.noise_sigma=-1"], r"method.noise_sigma=-1.0 must be"),
     (["method=smop", "method.router_dropout=1"], r"method.router_dropout=1.0 must be a number in \[0, 1\)"),
     (["method=smop", "method.consistency_weight=-1"], r"method.consistency_weight=-1.0 must be"),
@@ -59,7 +59,7 @@ UNKNOWN_KEYS = [
     (["+method.lenght=5"], r"method.lenght is not a setting of method"),
     (["+hardware.gpus=2"], r"hardware.gpus is not a setting of hardware"),
     (["+task.local.split=x"], r"task.local.split is not a setting of task.local"),
-    (["+schedule.stages.0.extra=1", "schedule=fpt"], r"schedule.stages.0.extra is not a setting"),
+    (["+stages.stages.0.extra=1", "stages=fpt"], r"stages.stages.0.extra is not a setting"),
     (["+seeds=3"], r"seeds is not a setting of the config"),
 ]
 

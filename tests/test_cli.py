@@ -164,7 +164,7 @@ def test_help_is_ptlabs_own_and_lists_every_user_facing_value_and_no_schema():
         "method",
         "optim",
         "recipe",
-        "schedule",
+        "stages",
         "task",
     ):
         (line,) = [line for line in text.splitlines() if line.startswith(f"{group}: ")]

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
@@ -17,7 +18,7 @@ from conftest import METHOD_ALIASES, OFFLINE_ENV, REPO, compose_config, group_va
     "group,value",
     [
         (group, value)
-        for group in ("method", "backbone", "task", "hardware", "logger", "schedule")
+        for group in ("method", "backbone", "task", "hardware", "logger", "stages")
         for value in group_values(group)
     ],
 )
@@ -109,6 +110,9 @@ def run_cli(*args, env_extra=None, cwd=None):
         (["method=nope"], "available in 'method': deep_prompt prompt_tuning"),
         (["method.prompt_length=0"], "ptlab: error: method.prompt_length=0 must be >= 1"),
         (["backbone=tiny_bert", "data.max_source_length=1020"], "exceeds the backbone's 1024 positions"),
+        (["schedule=fpt"], "ptlab: error: 'schedule=fpt': the group 'schedule' is now 'stages' (FPT's stages "
+                           "of partial models; the lr schedule is trainer.lr_schedule): write 'stages=fpt'"),
+        (["-m", "schedule.score_examples=8,16"], "write 'stages.score_examples=8,16'"),
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_one_clear_message(args, message, tmp_path):
@@ -142,3 +146,33 @@ def test_missing_local_model_folder_is_a_clear_error(tmp_path):
         "backbone=t5_small", f"backbone.path={tmp_path}/nope", "logger=none", f"hydra.run.dir={tmp_path}"
     )
     assert result.returncode == 2 and "backbone.path=" in result.stderr and "no such folder" in result.stderr
+
+
+def test_a_run_saved_under_the_old_group_name_reads_resumes_and_compares_as_todays(tmp_path):
+    """Runs written while FPT's stages were the `schedule` group: their config validates under
+    `stages` with no note of settings taking defaults, a resume finds no difference, ptlab-compare
+    reads their overrides under today's name; an old name in a reuse's overrides is one line."""
+    from ptlab.config.difference import config_difference
+    from ptlab.config.saved import load_saved_config
+    from ptlab.lab.run_record import read_run
+
+    composed = compose_config(["backbone=tiny_t5", "stages=fpt"])
+    today = OmegaConf.to_container(composed)
+    old = {("schedule" if key == "stages" else key): value for key, value in today.items()}
+    assert list(old)[list(today).index("stages")] == "schedule"
+    said = []
+    config = load_saved_config(old, "old/config.yaml", say=said.append)
+    assert config.stages == to_object(composed).stages and config.stages.name == "fpt"
+    assert said == []
+    with pytest.raises(ConfigError, match=r"^'schedule=constant': the group 'schedule' is now 'stages' .*"
+                                          r"write 'stages=constant'$"):  # fmt: skip
+        load_saved_config(old, "old/config.yaml", ["schedule=constant"])
+    assert config_difference(old, today) is None
+    current = {**today, "stages": {**today["stages"], "score_examples": 7}}
+    assert config_difference(old, current) == "stages.score_examples: 1000 -> 7"
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- schedule=fpt\n- +schedule.with_decoder=true\n")
+    OmegaConf.save(OmegaConf.create(old), tmp_path / ".hydra" / "config.yaml")
+    record = read_run(tmp_path)
+    assert record.overrides == {"stages": "fpt", "stages.with_decoder": "true"}
+    assert "schedule" not in record.config and record.config["stages"]["name"] == "fpt"

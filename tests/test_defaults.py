@@ -16,7 +16,7 @@ from ptlab.config.schema import (
     DataConfig,
     HardwareConfig,
     LoggerConfig,
-    ScheduleConfig,
+    StagesConfig,
     TaskConfig,
     TrainerConfig,
     to_object,
@@ -30,7 +30,7 @@ GROUP_SCHEMAS = {
     "task": TaskConfig,
     "hardware": HardwareConfig,
     "logger": LoggerConfig,
-    "schedule": ScheduleConfig,
+    "stages": StagesConfig,
 }
 
 
@@ -98,4 +98,4 @@ def test_the_default_config_is_the_schemas_defaults():
         "sst2",
         "prompt_tuning",
     )
-    assert (config.hardware.name, config.logger.name, config.schedule.name) == ("cpu", "wandb", "constant")
+    assert (config.hardware.name, config.logger.name, config.stages.name) == ("cpu", "wandb", "constant")

@@ -130,13 +130,13 @@ def fpt_run(tmp_path, name, backbone="tiny_t5", extra=()):
     overrides = [
         *TINY,
         *deep(backbone),
-        "schedule=fpt",
+        "stages=fpt",
         "trainer.max_steps=10",
         "trainer.eval_every=2",
         "trainer.log_every=1",
         "trainer.batch_size=8",
         "trainer.optimizer=adamw",
-        "schedule.score_examples=32",
+        "stages.score_examples=32",
         *extra,
     ]
     run(compose_config(overrides), run_dir=tmp_path / name)
@@ -177,7 +177,7 @@ def test_fpt_saves_flops_and_reports_them(tmp_path):
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [e["stage"] for e in events if e["split"] == "stage"] == [0, 1, 2, 3]
     assert {e["step"] for e in events if e["split"] == "validation"} == {8, 10}  # full model only
-    _, constant = fpt_run(tmp_path, "b", extra=["schedule=constant"])
+    _, constant = fpt_run(tmp_path, "b", extra=["stages=constant"])
     assert constant["flops_ratio"] == 1.0
 
 
@@ -211,21 +211,21 @@ def test_fpt_composes_with_every_method(tmp_path, method):
 
 def test_method_fpt_is_prompt_tuning_on_the_fpt_schedule():
     config = to_object(compose_config(["recipe=fpt"]))
-    assert config.method.name == "prompt_tuning" and config.schedule.name == "fpt"
+    assert config.method.name == "prompt_tuning" and config.stages.name == "fpt"
     assert config.method.init == "random" and config.backbone.dropout is False
 
 
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("schedule.stages.0.steps_fraction=0.5", "add up to 1.3"),
-        ("schedule.stages.3.depth=0.5", "last schedule stage must train the full model"),
-        ("schedule.stages.0.width=0", r"schedule.stages\[0\].width=0.0 must be in"),
+        ("stages.stages.0.steps_fraction=0.5", "add up to 1.3"),
+        ("stages.stages.3.depth=0.5", "last stage must train the full model"),
+        ("stages.stages.0.width=0", r"stages.stages\[0\].width=0.0 must be in"),
     ],
 )
 def test_bad_schedules_are_clear_config_errors(override, message):
     with pytest.raises(ConfigError, match=message):
-        to_object(compose_config(["schedule=fpt", override]))
+        to_object(compose_config(["stages=fpt", override]))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -131,7 +131,7 @@ def halving_jobs(*swept: str, **settings) -> None:
         ({"average": ["data.seed"]}, ["seed=0,1"], "hydra.launcher.halving.average: no override sets 'data.seed'"),
         ({"rungs": 4}, ["seed=0,1"], "rung 1 of 4 would be at step 0 of 9"),
         ({"within": ["trainer.lr"]}, ["trainer.lr=0.1,0.3", "trainer.max_steps=9,18"], "mixes trainer.max_steps [9, 18]"),
-        ({"rungs": 2}, ["seed=0,1", "schedule=fpt"], "rung step 3 falls inside a partial-model stage of schedule=fpt"),
+        ({"rungs": 2}, ["seed=0,1", "stages=fpt"], "rung step 3 falls inside a partial-model stage of stages=fpt"),
     ],
 )  # fmt: skip
 def test_bad_halving_settings_are_refused_before_anything_trains(settings, swept, message):

@@ -165,7 +165,7 @@ def test_fpt_members_with_one_stage_plan_train_in_one_pack_each_as_alone(tmp_pat
     """FPT-CR members of one seed at other lrs, optimizers and eval cadences train together, each
     equal to its run alone; a member resumed at step 8 (another stage than its packmates at step 0)
     trains after them, on its own stage, and ends equal to its uninterrupted run."""
-    base = [*COMMON, f"backbone={backbone}", "schedule=fpt", "trainer.max_steps=10"]
+    base = [*COMMON, f"backbone={backbone}", "stages=fpt", "trainer.max_steps=10"]
     members = [
         [*base, "trainer.lr=0.3", "trainer.eval_every=4"],
         [*base, "trainer.lr=0.1", "trainer.eval_every=2", "trainer.optimizer=adafactor"],
@@ -383,7 +383,7 @@ def test_the_report_says_why_jobs_are_in_other_packs():
         to_object(compose_config([*COMMON, "backbone=tiny_t5", f"seed={seed}"])) for seed in range(3)
     ] + [
         to_object(compose_config([*COMMON, "backbone=tiny_llama"])),
-        to_object(compose_config([*COMMON, "backbone=tiny_t5", "schedule=fpt_depth"])),
+        to_object(compose_config([*COMMON, "backbone=tiny_t5", "stages=fpt_depth"])),
         to_object(compose_config([*COMMON, "backbone=tiny_t5", "backbone.dropout=false"])),
     ]
     groups = group_jobs(configs)
@@ -393,7 +393,7 @@ def test_the_report_says_why_jobs_are_in_other_packs():
     assert lines[0] == "pack 1: jobs 10,11 (2 runs)"
     assert lines[1] == "pack 2: jobs 12 (1 runs): 3 jobs in 2 packs (pack_size=2, 1 device)"
     assert "another backbone setup: backbone.family: 'seq2seq' -> 'causal'" in lines[2]
-    assert "schedule=fpt_depth: its partial models change the backbone at its own steps" in lines[3]
+    assert "stages=fpt_depth: its partial models change the backbone at its own steps" in lines[3]
     assert "backbone.dropout: True -> False" in lines[4]
 
 
@@ -418,12 +418,12 @@ def test_fpt_jobs_share_a_pack_only_when_their_partial_models_coincide():
         return to_object(compose_config([*COMMON, "backbone=tiny_t5", "trainer.max_steps=10", *overrides]))
 
     configs = [
-        config("schedule=fpt", "trainer.lr=0.1"),
-        config("schedule=fpt", "trainer.lr=0.3", "trainer.optimizer=adafactor", "trainer.eval_every=3"),
-        config("schedule=fpt", "seed=1"),
-        config("schedule=fpt", "trainer.max_steps=12"),
-        config("schedule=fpt_depth", "seed=0"),
-        config("schedule=fpt_depth", "seed=1"),
+        config("stages=fpt", "trainer.lr=0.1"),
+        config("stages=fpt", "trainer.lr=0.3", "trainer.optimizer=adafactor", "trainer.eval_every=3"),
+        config("stages=fpt", "seed=1"),
+        config("stages=fpt", "trainer.max_steps=12"),
+        config("stages=fpt_depth", "seed=0"),
+        config("stages=fpt_depth", "seed=1"),
         config(),
     ]
     groups = group_jobs(configs)
@@ -431,7 +431,7 @@ def test_fpt_jobs_share_a_pack_only_when_their_partial_models_coincide():
     assert [g.why for g in groups[1:]] == [
         "other partial models: stage plan.neuron scores.seed: 0 -> 1",
         "other partial models: stage plan.steps.max_steps: 10 -> 12",
-        "other partial models: schedule=fpt_depth",
+        "other partial models: stages=fpt_depth",
         "",
     ]
 

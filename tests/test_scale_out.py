@@ -204,7 +204,7 @@ def test_experiments_take_their_papers_optimizer_recipe():
     smop = to_object(compose_config(["experiment=smop_superglue"])).trainer
     assert (smop.lr, smop.warmup_ratio, smop.lr_schedule, smop.batch_size) == (0.5, 0.06, "linear", 32)
     fpt = to_object(compose_config(["experiment=fpt_t5large", "recipe=fpt"]))  # as its sweep sets it
-    assert (fpt.trainer.lr, fpt.trainer.grad_clip, fpt.method.run_label, fpt.schedule.name) == (
+    assert (fpt.trainer.lr, fpt.trainer.grad_clip, fpt.method.run_label, fpt.stages.name) == (
         0.3,
         1.0,
         "fpt",
@@ -230,7 +230,7 @@ def test_comparison_experiments_compose_every_recipe(experiment, jobs):
             if key == "recipe":
                 assert config.backbone.dropout == (option == "superpos_dropout_on")
                 assert config.method.run_label == {"pt20": "pt20", "fpt_cr": "fpt_cr"}.get(option, option)
-                assert (config.schedule.name == "fpt") == (option == "fpt_cr")
+                assert (config.stages.name == "fpt") == (option == "fpt_cr")
     assert count == jobs
 
 

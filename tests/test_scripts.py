@@ -117,7 +117,7 @@ def test_bench_packed_sweeps_table_their_ratios_and_equal_their_runs_alone(tmp_p
 def test_compare_preset_runs_its_experiment_and_tables_it(tmp_path):
     runs = tmp_path / "runs"
     overrides = ["backbone=tiny_t5", "seed=0", "trainer.max_steps=4", "trainer.eval_every=2",
-                 "data.max_eval_examples=16", "data.max_train_examples=64", "schedule.score_examples=16"]  # fmt: skip
+                 "data.max_eval_examples=16", "data.max_train_examples=64", "stages.score_examples=16"]  # fmt: skip
     result = script("scripts/compare.py", "fpt", "--runs-dir", str(runs), *overrides)
     assert result.returncode == 0, result.stderr[-3000:]
     table = (runs / "compare" / "table.md").read_text()

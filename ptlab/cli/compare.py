@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ptlab.config.renamed import check_override_names
+from ptlab.errors import ConfigError
 from ptlab.lab.comparison import Comparison
 from ptlab.lab.comparison_tables import markdown, natural_key, varying_keys, write_csv
 from ptlab.lab.run_record import find_runs
@@ -74,7 +76,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"ptlab-compare: {error}") from None
     if not runs:
         raise SystemExit(f"ptlab-compare: no run folders under {' '.join(map(str, args.paths))}")
-    by = [key for item in args.by or [] for key in item.split(",") if key] or varying_keys(runs) or ["method"]
+    by = [key for item in args.by or [] for key in item.split(",") if key]
+    try:
+        check_override_names([*by, *([args.baseline] if args.baseline else [])])
+    except ConfigError as error:
+        raise SystemExit(f"ptlab-compare: {error}") from None
+    by = by or varying_keys(runs) or ["method"]
     comp = Comparison(runs, by, args.metric, args.stat)
     baseline = comp.find_group(args.baseline) if args.baseline else None
     out = args.out or args.paths[0] / "compare"

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ptlab.config.compose import CONF_DIR, one_line, register_schemas
+from ptlab.config.renamed import check_override_names
 from ptlab.errors import ConfigError, TrainingFault
 from ptlab.training.preemption import Preempted
 from ptlab.training.run_folder import RunFacts, record_failure
@@ -94,6 +95,7 @@ def main() -> None:
         return
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises its errors instead of printing them
     try:
+        check_override_names([arg for arg in sys.argv[1:] if not arg.startswith("-")])
         task()
     except (HydraException, OmegaConfBaseException, ConfigError) as error:  # ConfigError: a launcher's
         print(f"ptlab: error: {one_line(error)}", file=sys.stderr)

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
+from ptlab.config.renamed import check_override_names
+
 _PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"  # an installed wheel
 _CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"  # a checkout (editable install)
 CONF: Path = _PACKAGE_CONF if _PACKAGE_CONF.is_dir() else _CHECKOUT_CONF
@@ -71,7 +73,7 @@ def compose(
     """The config `ptlab-train` composes for these command-line overrides (not yet validated by
     the schemas: `to_object` does that). `with_hydra` keeps the `hydra` node, for code that reads
     its runtime facts; `config_dirs` are further folders on the search path (a user's `--config-dir`).
-    Hydra's errors become a one-line `ConfigError`."""
+    Hydra's errors, and an old group name (config/renamed.py), become a one-line `ConfigError`."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -80,6 +82,7 @@ def compose(
 
     from ptlab.errors import ConfigError
 
+    check_override_names(overrides)
     register_schemas()
     searchpath = [f"hydra.searchpath=[{','.join('file://' + str(Path(d).resolve()) for d in config_dirs)}]"]
     GlobalHydra.instance().clear()

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Sequence
 
+from ptlab.config.renamed import with_todays_names
+
 # settings a resumed (or skipped) run may change: where it reads and writes, what it logs to, the
 # machine it runs on, how far it trains; any other setting that differs from its checkpoint's stops it
 MAY_CHANGE_ON_RESUME = (
@@ -31,7 +33,7 @@ def config_difference(
     say)."""
     if saved is None:
         return None
-    before, after = leaves(saved), leaves(current)
+    before, after = leaves(with_todays_names(saved)), leaves(current)
     for key in sorted(before.keys() | after.keys()):
         if key.startswith(tuple(ignore)):
             continue

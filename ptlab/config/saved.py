@@ -1,6 +1,7 @@
 """A run's own composed config read back, so that reusing a run (ptlab-eval, -predict, -export,
 method.init_from) scores it exactly as it ran, whatever has changed in conf/ or in ptlab's defaults
-since: the saved config is validated by today's schemas, and command-line overrides go on top.
+since: the saved config is validated by today's schemas (under today's node names,
+config/renamed.py), and command-line overrides go on top.
 
 A key added to a schema since the run was written takes its default (said once); a key the run has
 and today's schemas do not is one line naming it. Overrides are `ptlab-train`'s: `key=value` for a
@@ -17,12 +18,13 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from ptlab.config.compose import compose, one_line
 from ptlab.config.difference import leaves
+from ptlab.config.renamed import check_override_names, with_todays_names
 from ptlab.config.schema import Config, to_object
 from ptlab.errors import ConfigError
 
 # the groups whose option is a node of the same name; recipe, optim and experiment set several
 # nodes at once (what was trained), so they are not overrides of a run's config
-NODE_GROUPS = ("method", "backbone", "task", "hardware", "logger", "schedule")
+NODE_GROUPS = ("method", "backbone", "task", "hardware", "logger", "stages")
 # what a reuse never inherits: whether the run resumed
 DROPPED = ("trainer.resume",)
 
@@ -70,6 +72,7 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str], say: Callable[[st
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    check_override_names(overrides)
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException as error:
@@ -103,7 +106,8 @@ def load_saved_config(
 ) -> Config:
     """A run's composed config (a DictConfig or plain dict, as `.hydra/config.yaml` or a prompt
     record holds it) on today's schemas with `overrides` on top, validated."""
-    node = saved if isinstance(saved, DictConfig) else OmegaConf.create(saved)
+    plain = OmegaConf.to_container(saved) if isinstance(saved, DictConfig) else saved
+    node = OmegaConf.create(with_todays_names(plain))
     for key in DROPPED:
         if OmegaConf.select(node, key, default=None) is not None:
             OmegaConf.update(node, key, False)

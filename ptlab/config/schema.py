@@ -173,7 +173,7 @@ class StageConfig:
 
 
 @dataclass
-class ScheduleConfig:
+class StagesConfig:
     name: str = MISSING
     stages: List[StageConfig] = field(default_factory=lambda: [StageConfig()])
     with_decoder: bool = False  # seq2seq: shrink the decoder too (FPT: encoder only by default)
@@ -191,19 +191,19 @@ class ScheduleConfig:
 
     def __post_init__(self) -> None:
         if not self.stages:
-            raise ConfigError("schedule.stages is empty: give at least one stage")
+            raise ConfigError("stages.stages is empty: give at least one stage")
         total = sum(stage.steps_fraction for stage in self.stages)
         if abs(total - 1.0) > 1e-6:
             fractions = [stage.steps_fraction for stage in self.stages]
-            raise ConfigError(f"schedule.stages steps_fraction {fractions} add up to {total:g}, not 1")
+            raise ConfigError(f"stages.stages steps_fraction {fractions} add up to {total:g}, not 1")
         for i, stage in enumerate(self.stages):
             for key in ("steps_fraction", "depth", "width"):
                 if not 0.0 < getattr(stage, key) <= 1.0:
-                    raise ConfigError(f"schedule.stages[{i}].{key}={getattr(stage, key)} must be in (0, 1]")
-        check_range("schedule.score_examples", self.score_examples, 1)
+                    raise ConfigError(f"stages.stages[{i}].{key}={getattr(stage, key)} must be in (0, 1]")
+        check_range("stages.score_examples", self.score_examples, 1)
         last = self.stages[-1]
         if (last.depth, last.width) != (1.0, 1.0):
-            raise ConfigError("the last schedule stage must train the full model (depth: 1.0, width: 1.0)")
+            raise ConfigError("the last stage must train the full model (depth: 1.0, width: 1.0)")
 
 
 @dataclass
@@ -293,7 +293,7 @@ class Config:
     task: TaskConfig = MISSING
     hardware: HardwareConfig = MISSING
     logger: LoggerConfig = MISSING
-    schedule: ScheduleConfig = MISSING
+    stages: StagesConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
@@ -312,7 +312,7 @@ def register_configs() -> None:
         ("task", TaskConfig),
         ("hardware", HardwareConfig),
         ("logger", LoggerConfig),
-        ("schedule", ScheduleConfig),
+        ("stages", StagesConfig),
     ):
         store.store(name=f"schema_{group}", node=node)
     for name, method in registered_methods().items():

@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 import yaml
 
+from ptlab.config.renamed import todays_key, with_todays_names
 from ptlab.training.run_folder import SUMMARY_FILE, read_events, read_summary
 
 
@@ -78,9 +79,9 @@ def read_run(path: Path) -> RunRecord:
     if (hydra_dir / "overrides.yaml").exists():
         for item in yaml.safe_load((hydra_dir / "overrides.yaml").read_text()) or []:
             key, _, value = str(item).partition("=")
-            record.overrides[key.lstrip("+~")] = value
+            record.overrides[todays_key(key.lstrip("+~"))] = value
     if (hydra_dir / "config.yaml").exists():
-        record.config = yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {}
+        record.config = with_todays_names(yaml.safe_load((hydra_dir / "config.yaml").read_text()) or {})
     record.summary = read_summary(path)
     record.events = read_events(path)
     return record

@@ -50,7 +50,7 @@ class Layout:
     def stacks(self, model: nn.Module, with_decoder: bool) -> List[Place]:
         raise ConfigError(
             f"model_type={model.config.model_type!r}: ptlab knows the blocks of t5, llama and bert models "
-            "only, which partial models (schedule=fpt) and trainer.compile=true need"
+            "only, which partial models (stages=fpt) and trainer.compile=true need"
         )
 
     def ffn(self, block: nn.Module) -> FFN:

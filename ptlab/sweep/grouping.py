@@ -4,7 +4,7 @@ Jobs share a pass when they share the frozen backbone with the same settings: `b
 dtype, dropout, ...), `hardware.*` (device, precision) and `trainer.compile`. Everything else may
 differ. A job with a stage schedule (FPT) changes the shared backbone at its own steps, so it packs
 only with jobs whose partial models coincide at every step (`stage_plan`,
-ptlab/training/schedule.py): the same stages, the same step count and, when a stage keeps fewer FFN
+ptlab/training/stages.py): the same stages, the same step count and, when a stage keeps fewer FFN
 neurons, the same neuron scores' inputs. Runs of one prompt width pack together
 (`MethodConfig.row_layout`; `hydra.launcher.mix_widths=true` mixes them): rows padded alike cost no
 run another's padding and give every member its run alone's bits. The packs of each group are
@@ -22,7 +22,7 @@ from ptlab.config.schema import Config
 from ptlab.errors import ConfigError
 from ptlab.model.families import FAMILIES
 from ptlab.training.build import shared_settings
-from ptlab.training.schedule import stage_plan
+from ptlab.training.stages import stage_plan
 
 
 @dataclasses.dataclass
@@ -71,13 +71,13 @@ def staged_why(config: Config, settings: Dict[str, Any], groups: Sequence[Group]
     one names what differs from the first group on the same schedule."""
     plan = settings["stage plan"]
     staged = [g for g in groups if g.settings["stage plan"] is not None]
-    same = next((g for g in staged if g.settings["stage plan"]["schedule"] == plan["schedule"]), None)
+    same = next((g for g in staged if g.settings["stage plan"]["stages"] == plan["stages"]), None)
     if same is not None:
         return f"other partial models: {config_difference(same.settings, settings, ignore=())}"
     if staged:
-        return f"other partial models: schedule={config.schedule.name}"
+        return f"other partial models: stages={config.stages.name}"
     return (
-        f"schedule={config.schedule.name}: its partial models change the backbone at its own steps; "
+        f"stages={config.stages.name}: its partial models change the backbone at its own steps; "
         "it packs only with jobs whose partial models coincide (same stages, steps and neuron scores' "
         "seed, method, task and data)"
     )

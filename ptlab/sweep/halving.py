@@ -94,7 +94,7 @@ def brackets(halving: Halving, jobs: Sequence[Job], overrides: Sequence[Sequence
     """The jobs' brackets and configurations, in job order, checked before anything trains: the
     metric each task reports, the keys some override sets, one max_steps per bracket, and no rung
     inside an FPT partial-model stage."""
-    from ptlab.training.schedule import partial_at
+    from ptlab.training.stages import partial_at
 
     given = {key(item) for items in overrides for item in items}
     for name in ("within", "average"):
@@ -120,10 +120,10 @@ def brackets(halving: Halving, jobs: Sequence[Job], overrides: Sequence[Sequence
             raise ConfigError(f"hydra.launcher.halving: rung 1 of {halving.rungs} would be at step 0 of "
                               f"{lengths[0]}: give fewer rungs, a smaller eta or more steps")  # fmt: skip
         for job in members:
-            inside = [step for step in steps[:-1] if partial_at(job.config.schedule, lengths[0], step)]
+            inside = [step for step in steps[:-1] if partial_at(job.config.stages, lengths[0], step)]
             if inside:
                 raise ConfigError(f"hydra.launcher.halving: rung step {inside[0]} falls inside a partial-model "
-                                  f"stage of schedule={job.config.schedule.name}: rungs evaluate the full model")  # fmt: skip
+                                  f"stage of stages={job.config.stages.name}: rungs evaluate the full model")  # fmt: skip
         result.append(Bracket(within, steps, [Configuration(c, i) for c, i in configurations.items()]))
     return result
 

@@ -49,7 +49,7 @@ from ptlab.training.run_folder import (
     read_summary,
     unwritable,
 )
-from ptlab.training.schedule import stage_plan
+from ptlab.training.stages import stage_plan
 
 __all__ = ["Job", "run", "run_jobs"]
 

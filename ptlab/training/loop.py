@@ -51,8 +51,8 @@ from ptlab.training.opened_run import Job, OpenRun, close_run, open_run, record_
 from ptlab.training.preemption import PreemptionGuard
 from ptlab.training.progress import Progress
 from ptlab.training.run_folder import RunLog
-from ptlab.training.schedule import known_scores, restore_full_model, stage_partitions
 from ptlab.training.stacks import Stacks, stacked
+from ptlab.training.stages import known_scores, restore_full_model, stage_partitions
 from ptlab.training.trainer import LogWindow, StepTotals, Trainer, run_summary
 
 log = logging.getLogger("ptlab")

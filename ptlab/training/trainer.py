@@ -33,8 +33,8 @@ from ptlab.training.devices import to_device
 from ptlab.training.evaluate import baseline_metrics
 from ptlab.training.memory import peak_memory_mb
 from ptlab.training.progress import TrainLine
-from ptlab.training.schedule import StageSchedule, StepFlops
 from ptlab.training.stacks import Stack
+from ptlab.training.stages import StageSchedule, StepFlops
 from ptlab.training.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -155,8 +155,8 @@ class Trainer:
         self.total_steps = total_steps(self.cfg, len(self.data["train"]))
         self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
         self.eval_batch_size = self.cfg.eval_batch
-        self.stage_schedule = StageSchedule(config.schedule, self.backbone, self.total_steps)
-        stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.schedule.stages]
+        self.stage_schedule = StageSchedule(config.stages, self.backbone, self.total_steps)
+        stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.stages.stages]
         self.state = TrainState(stages=stages)
         self.checkpoint = RunCheckpoint(run_dir, self.method, self.readout, self.optimizer, self.lr_scheduler,
                                         self.randomness, pipeline.prompt_config(), writes=self.world.is_main)  # fmt: skip

@@ -1,6 +1,6 @@
 """Training schedules: which (partial) model each step trains, and what each step costs in FLOPs.
 
-`schedule=constant` is one stage on the full model; `schedule=fpt*` (Huang et al. 2022) trains on
+`stages=constant` is one stage on the full model; `stages=fpt*` (Huang et al. 2022) trains on
 partial models first and grows them stage by stage. The prompt and the optimizer are untouched by
 a stage change: the same tensors and the same optimizer state carry over ("prompt recycling").
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Se
 
 import torch
 
-from ptlab.config.schema import Config, ScheduleConfig
+from ptlab.config.schema import Config, StagesConfig
 from ptlab.files import write_file_atomically
 from ptlab.methods.base import PromptMethod
 from ptlab.model.backbone import Backbone
@@ -33,7 +33,7 @@ class StepFlops(NamedTuple):
     full: float
 
 
-def stage_ends(cfg: ScheduleConfig, total_steps: int) -> List[int]:
+def stage_ends(cfg: StagesConfig, total_steps: int) -> List[int]:
     """The step each stage ends at (exclusive): its share of `total_steps`, the last at the end."""
     ends, done = [], 0.0
     for stage in cfg.stages:
@@ -43,7 +43,7 @@ def stage_ends(cfg: ScheduleConfig, total_steps: int) -> List[int]:
     return ends
 
 
-def partial_at(cfg: ScheduleConfig, total_steps: int, step: int) -> bool:
+def partial_at(cfg: StagesConfig, total_steps: int, step: int) -> bool:
     """Whether the model a run evaluates after `step` steps is a partial one (FPT's early stages)."""
     ends = stage_ends(cfg, total_steps)
     stage = cfg.stages[next(i for i, end in enumerate(ends) if step - 1 < end or i == len(ends) - 1)]
@@ -51,7 +51,7 @@ def partial_at(cfg: ScheduleConfig, total_steps: int, step: int) -> bool:
 
 
 class StageSchedule:
-    def __init__(self, cfg: ScheduleConfig, backbone: Backbone, total_steps: int) -> None:
+    def __init__(self, cfg: StagesConfig, backbone: Backbone, total_steps: int) -> None:
         self.cfg = cfg
         self.family = type(backbone)  # its analytic FLOPs
         self.shape = ModelShape.from_config(backbone.model.config)
@@ -153,12 +153,12 @@ def stage_plan(config: Config) -> Optional[Dict[str, Any]]:
     equal plans shrink and grow the backbone identically at the same steps, so they can share a
     pack. The kept FFN neurons come from scores of the untrained prompt on the first training
     examples (`StageSchedule.prepare_scores`): what makes them is part of the plan."""
-    schedule = config.schedule
+    schedule = config.stages
     if not schedule.shrinks_model:
         return None
     trainer = config.trainer
     plan: Dict[str, Any] = {
-        "schedule": dataclasses.asdict(schedule),
+        "stages": dataclasses.asdict(schedule),
         "steps": {key: getattr(trainer, key) for key in ("max_steps", "epochs", "batch_size", "grad_accum")},
     }
     if schedule.cuts_ffn_width:
