@@ -119,6 +119,25 @@ def test_every_file_fits_in_450_lines_and_every_function_in_60():
     assert too_long == []
 
 
+def test_cfg_is_only_ever_a_composed_dictconfig():
+    """One name for each kind of config (docs/architecture.md, "Names"): a parameter or field named
+    `cfg` is a DictConfig, and no object keeps a structured config as `self.cfg`."""
+    wrong = []
+    for path in sorted((REPO / "ptlab").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(REPO)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, ast.arg) and node.arg == "cfg":
+                typed = ast.unparse(node.annotation) if node.annotation else "no type"
+                if typed != "DictConfig":
+                    wrong.append(f"{where} parameter cfg: {typed}")
+            if isinstance(node, ast.AnnAssign) and ast.unparse(node.target) == "cfg":
+                if ast.unparse(node.annotation) != "DictConfig":
+                    wrong.append(f"{where} field cfg: {ast.unparse(node.annotation)}")
+            if isinstance(node, ast.Attribute) and node.attr == "cfg" and ast.unparse(node.value) == "self":
+                wrong.append(f"{where} self.cfg")
+    assert wrong == []
+
+
 DROPPED = {  # a registry's package, the module dropped into it, and what it registers
     "methods": (
         "ptlab.methods", "echo_prompt", "method.name",

@@ -201,10 +201,10 @@ def test_causal_prompt_is_run_per_example_when_dropout_or_routing_makes_examples
 def test_prompt_state_sharing_is_auto_by_device_and_can_be_forced():
     _, backbone, _, method = build(["backbone=tiny_llama", "backbone.dropout=false"])
     backbone.eval()
-    assert backbone.cfg.share_prompt_states is None and backbone.runs_prompt_once(method)  # CPU: on
+    assert backbone.config.share_prompt_states is None and backbone.runs_prompt_once(method)  # CPU: on
     meta = build(["backbone=tiny_llama", "backbone.dropout=false"])[1].to("meta").eval()
     assert not meta.runs_prompt_once(method)  # auto: on for the CPU only (off on CUDA)
-    meta.cfg.share_prompt_states = True
+    meta.config.share_prompt_states = True
     assert meta.runs_prompt_once(method)
     _, forced_off, _, method = build(["backbone=tiny_llama", "backbone.share_prompt_states=false"])
     forced_off.eval()
@@ -233,5 +233,5 @@ def test_a_backbone_is_built_by_the_family_its_config_names(name):
     from ptlab.model.families import registered_families
 
     _, backbone, _, _ = build([f"backbone={name}"])
-    family = registered_families()[backbone.cfg.family]
-    assert type(backbone) is family.backbone and backbone.family == family.name == backbone.cfg.family
+    family = registered_families()[backbone.config.family]
+    assert type(backbone) is family.backbone and backbone.family == family.name == backbone.config.family

@@ -152,7 +152,7 @@ def test_shared_prompts_of_several_runs_run_once_per_batch_on_a_causal_backbone(
     rows, source = batch["source_ids"].shape
     smop_tokens, targets_fed = 2, batch["target_ids"].shape[1] - 1
     assert fed == [(len(runs), 7), (rows, smop_tokens + source + targets_fed)]
-    backbone.cfg.share_prompt_states = False  # the per-row pass: every block in every row's input
+    backbone.config.share_prompt_states = False  # the per-row pass: every block in every row's input
     fed.clear()
     with torch.no_grad():
         backbone.runs_logits(parts, batch)

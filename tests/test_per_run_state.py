@@ -34,7 +34,7 @@ def trainer_for(tmp_path, seed: int) -> Trainer:
 
 def stepping(trainer: Trainer, losses: list):
     """The trainer's steps, one per `next`, each loss appended to `losses`."""
-    stream = training_batches(trainer.train_lengths, trainer.cfg, trainer.seed, trainer.state)
+    stream = training_batches(trainer.train_lengths, trainer.config, trainer.seed, trainer.state)
     window = LogWindow(losses=losses)
     for _ in range(STEPS):
         elapsed, (loss,) = loop.step([(trainer, stream)])  # a step of the run alone

@@ -70,7 +70,7 @@ def test_training_perturbs_the_router_multiplicatively():
     method.eval()
     clean = method.router_probs(embeds, mask)
     assert not torch.allclose(noisy, clean)
-    method.cfg.noise_sigma = 0.0
+    method.config.noise_sigma = 0.0
     method.train()
     assert torch.allclose(method.router_probs(embeds, mask), clean)
 

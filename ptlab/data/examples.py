@@ -402,15 +402,15 @@ def epoch_batches(
 
 
 def training_batches(
-    lengths: List[int], cfg: TrainerConfig, seed: int, position: DataPosition
+    lengths: List[int], config: TrainerConfig, seed: int, position: DataPosition
 ) -> Iterator[List[int]]:
     """Endless stream of training index batches from `position` on, which it advances. Batches
     are drawn per optimizer step and then split into micro-batches, so an optimizer step sees the
     same examples whatever `grad_accum` is."""
-    step_size = cfg.batch_size * cfg.grad_accum
+    step_size = config.batch_size * config.grad_accum
     while True:
-        steps = epoch_batches(lengths, step_size, seed, position.epoch, cfg.group_by_length)
-        batches = [batch for step in steps for batch in chunks(step, cfg.batch_size)]
+        steps = epoch_batches(lengths, step_size, seed, position.epoch, config.group_by_length)
+        batches = [batch for step in steps for batch in chunks(step, config.batch_size)]
         while position.batch_in_epoch < len(batches):
             indices = batches[position.batch_in_epoch]
             position.batch_in_epoch += 1

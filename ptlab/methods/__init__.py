@@ -39,9 +39,9 @@ def registered_methods() -> Dict[str, Method]:
     return METHODS.all()
 
 
-def build_method(cfg: MethodConfig, context: PromptContext) -> PromptMethod:
-    """Instantiate the method named by ``cfg.name`` for the given backbone facts."""
-    return METHODS[cfg.name].module(cfg, context)
+def build_method(config: MethodConfig, context: PromptContext) -> PromptMethod:
+    """Instantiate the method named by ``config.name`` for the given backbone facts."""
+    return METHODS[config.name].module(config, context)
 
 
 __all__ = [

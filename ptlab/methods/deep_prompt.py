@@ -76,9 +76,9 @@ class DeepPromptConfig(MethodConfig):
         return ("prefixes", self.prompt_length, tuple(self.stacks or ()))
 
 
-def reparam_mlp(cfg: DeepPromptConfig, hidden: int, width: int) -> nn.Sequential:
+def reparam_mlp(config: DeepPromptConfig, hidden: int, width: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Linear(hidden, cfg.reparam_hidden), nn.Tanh(), nn.Linear(cfg.reparam_hidden, width)
+        nn.Linear(hidden, config.reparam_hidden), nn.Tanh(), nn.Linear(config.reparam_hidden, width)
     )
 
 
@@ -92,19 +92,19 @@ class StackPrefix(nn.Module):
     """One stack's prefixes: the `[n, layers*2*kv_width]` table, or the MLP that computes it."""
 
     def __init__(
-        self, cfg: DeepPromptConfig, shape: StackShape, hidden: int, initial: Optional[List[KeyValue]] = None
+        self, config: DeepPromptConfig, shape: StackShape, hidden: int, initial: Optional[List[KeyValue]] = None
     ) -> None:
         super().__init__()
-        self.shape, self.length = shape, cfg.prompt_length
+        self.shape, self.length = shape, config.prompt_length
         width = shape.layers * 2 * shape.kv_width
-        if cfg.reparam:  # as PEFT's PrefixEncoder: embeddings N(0, 1), PyTorch's Linear init
-            self.embedding = nn.Parameter(torch.randn(cfg.prompt_length, hidden))
-            self.mlp = reparam_mlp(cfg, hidden, width)
+        if config.reparam:  # as PEFT's PrefixEncoder: embeddings N(0, 1), PyTorch's Linear init
+            self.embedding = nn.Parameter(torch.randn(config.prompt_length, hidden))
+            self.mlp = reparam_mlp(config, hidden, width)
         elif initial is not None:
             self.table = nn.Parameter(table_of(initial))
         else:
-            self.table = nn.Parameter(torch.randn(cfg.prompt_length, width))
-        self.dropout = nn.Dropout(cfg.dropout)
+            self.table = nn.Parameter(torch.randn(config.prompt_length, width))
+        self.dropout = nn.Dropout(config.dropout)
 
     def rows(self) -> torch.Tensor:
         return self.mlp(self.embedding) if hasattr(self, "mlp") else self.table
@@ -118,10 +118,10 @@ class StackPrefix(nn.Module):
 
 
 def initial_activations(
-    cfg: DeepPromptConfig, context: PromptContext, stacks: List[str]
+    config: DeepPromptConfig, context: PromptContext, stacks: List[str]
 ) -> Dict[str, List[KeyValue]]:
     """Each stack's keys and values of n vocabulary tokens (drawn as prompt tuning's vocab init)."""
-    ids = sample_token_ids(context, cfg.prompt_length, cfg.init_vocab_top, context.seed)
+    ids = sample_token_ids(context, config.prompt_length, config.init_vocab_top, context.seed)
     computed = context.token_key_values(ids) if context.token_key_values else {}
     missing = [stack for stack in stacks if stack not in computed]
     if missing:
@@ -136,9 +136,9 @@ def initial_activations(
 class DeepPrompt(PromptMethod):
     peft_export = "prefix_tuning"  # causal backbones only (ptlab.lab.export)
 
-    def __init__(self, cfg: DeepPromptConfig, context: PromptContext) -> None:
+    def __init__(self, config: DeepPromptConfig, context: PromptContext) -> None:
         super().__init__()
-        stacks = cfg.stacks or [context.input_stack]
+        stacks = config.stacks or [context.input_stack]
         for stack in stacks:
             if stack not in context.stacks:
                 known = (
@@ -147,13 +147,13 @@ class DeepPrompt(PromptMethod):
                 raise ConfigError(
                     f"method.stacks: this backbone has no {stack} stack to prefix (it has: {known})"
                 )
-        self.prefix_length = cfg.prompt_length
+        self.prefix_length = config.prompt_length
         self.prefix_stacks = tuple(stacks)
-        initial = initial_activations(cfg, context, stacks) if cfg.init == "activations" else {}
+        initial = initial_activations(config, context, stacks) if config.init == "activations" else {}
         with seeded_init(context.seed):
             self.stacks = nn.ModuleDict(
                 {
-                    stack: StackPrefix(cfg, context.stacks[stack], context.hidden_size, initial.get(stack))
+                    stack: StackPrefix(config, context.stacks[stack], context.hidden_size, initial.get(stack))
                     for stack in stacks
                 }
             )

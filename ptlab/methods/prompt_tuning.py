@@ -35,19 +35,19 @@ class PromptTuningConfig(MethodConfig):
             raise ConfigError("method.init=text needs method.init_text='...'")
 
 
-def initial_prompt(cfg: PromptTuningConfig, context: PromptContext, length: int) -> torch.Tensor:
+def initial_prompt(config: PromptTuningConfig, context: PromptContext, length: int) -> torch.Tensor:
     """The `[length, d]` starting values for a prompt under the configured init option."""
     embeddings = context.input_embeddings.detach().float()
     generator = torch.Generator().manual_seed(context.seed)
-    if cfg.init == "random":
-        if cfg.random_dist == "normal":
+    if config.init == "random":
+        if config.random_dist == "normal":
             return torch.randn(length, context.hidden_size, generator=generator)
         bound = math.sqrt(1.0 / context.hidden_size)
         return (torch.rand(length, context.hidden_size, generator=generator) * 2 - 1) * bound
-    if cfg.init == "vocab":
-        return embeddings[sample_token_ids(context, length, cfg.init_vocab_top, context.seed)].clone()
-    if cfg.init == "text":
-        ids = context.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+    if config.init == "vocab":
+        return embeddings[sample_token_ids(context, length, config.init_vocab_top, context.seed)].clone()
+    if config.init == "text":
+        ids = context.tokenizer(config.init_text, add_special_tokens=False)["input_ids"]
     else:  # labels: verbalizer tokens first, then vocab samples (Lester et al. 2021, sec. 3)
         ids = [
             i
@@ -55,20 +55,20 @@ def initial_prompt(cfg: PromptTuningConfig, context: PromptContext, length: int)
             for i in context.tokenizer(text, add_special_tokens=False)["input_ids"]
         ]
         ids = ids[:length]
-        extra = sample_token_ids(context, length - len(ids), cfg.init_vocab_top, context.seed)
+        extra = sample_token_ids(context, length - len(ids), config.init_vocab_top, context.seed)
         ids = ids + extra.tolist()
     if not ids:
-        raise ConfigError(f"method.init_text={cfg.init_text!r} tokenizes to nothing")
+        raise ConfigError(f"method.init_text={config.init_text!r} tokenizes to nothing")
     repeats = math.ceil(length / len(ids))
     return embeddings[torch.tensor((ids * repeats)[:length])].clone()
 
 
 @register("prompt_tuning", PromptTuningConfig)
 class PromptTuning(SharedPromptMethod):
-    def __init__(self, cfg: PromptTuningConfig, context: PromptContext) -> None:
+    def __init__(self, config: PromptTuningConfig, context: PromptContext) -> None:
         super().__init__()
-        self.num_tokens = cfg.prompt_length
-        self.prompt_embeds = nn.Parameter(initial_prompt(cfg, context, cfg.prompt_length))
+        self.num_tokens = config.prompt_length
+        self.prompt_embeds = nn.Parameter(initial_prompt(config, context, config.prompt_length))
 
     def prompt(self) -> torch.Tensor:
         return self.prompt_embeds

@@ -44,14 +44,14 @@ def residual_mlp(hidden: int, bottleneck: int, layer_norm: bool) -> nn.Sequentia
 
 @register("residual", ResidualConfig)
 class ResidualPrompt(SharedPromptMethod):
-    def __init__(self, cfg: ResidualConfig, context: PromptContext) -> None:
+    def __init__(self, config: ResidualConfig, context: PromptContext) -> None:
         super().__init__()
-        self.num_tokens = cfg.prompt_length
-        self.prompt_embeds = nn.Parameter(initial_prompt(cfg, context, cfg.prompt_length))
+        self.num_tokens = config.prompt_length
+        self.prompt_embeds = nn.Parameter(initial_prompt(config, context, config.prompt_length))
         with seeded_init(context.seed):
-            count = cfg.prompt_length if cfg.per_token_mlp else 1
+            count = config.prompt_length if config.per_token_mlp else 1
             self.mlps = nn.ModuleList(
-                residual_mlp(context.hidden_size, cfg.bottleneck, cfg.layer_norm) for _ in range(count)
+                residual_mlp(context.hidden_size, config.bottleneck, config.layer_norm) for _ in range(count)
             )
 
     def prompt(self) -> torch.Tensor:

@@ -84,18 +84,18 @@ def like(values: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
 
 @register("smop", SMoPConfig)
 class SMoP(PromptMethod):
-    def __init__(self, cfg: SMoPConfig, context: PromptContext) -> None:
+    def __init__(self, config: SMoPConfig, context: PromptContext) -> None:
         super().__init__()
-        self.cfg = cfg
-        self.num_tokens = cfg.prompt_length
-        prompts = initial_prompt(cfg, context, cfg.num_prompts * cfg.prompt_length)
-        self.prompts = nn.Parameter(prompts.view(cfg.num_prompts, cfg.prompt_length, context.hidden_size))
+        self.config = config
+        self.num_tokens = config.prompt_length
+        prompts = initial_prompt(config, context, config.num_prompts * config.prompt_length)
+        self.prompts = nn.Parameter(prompts.view(config.num_prompts, config.prompt_length, context.hidden_size))
         self.router = None
-        if cfg.routing != "stochastic":  # skip_init: no default init drawn, the orthogonal one is it
-            self.router = nn.utils.skip_init(nn.Linear, context.hidden_size, cfg.num_prompts, bias=False)
+        if config.routing != "stochastic":  # skip_init: no default init drawn, the orthogonal one is it
+            self.router = nn.utils.skip_init(nn.Linear, context.hidden_size, config.num_prompts, bias=False)
             nn.init.orthogonal_(self.router.weight, generator=torch.Generator().manual_seed(context.seed))
         self.generator = context.generator  # the run's stream: noise, Gumbel samples, random prompts
-        self.register_buffer("routed_counts", torch.zeros(cfg.num_prompts), persistent=False)
+        self.register_buffer("routed_counts", torch.zeros(config.num_prompts), persistent=False)
         self.register_buffer("entropy_sum", torch.zeros(()), persistent=False)
         self._aux_loss: Optional[torch.Tensor] = None
 
@@ -104,68 +104,68 @@ class SMoP(PromptMethod):
         mask = source_mask.unsqueeze(-1).to(source_embeds.dtype)
         sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
         logits = self.router(sentence.to(self.router.weight.dtype))
-        if self.training and self.cfg.perturbation == "gaussian":
+        if self.training and self.config.perturbation == "gaussian":
             noise = like(torch.randn(logits.shape, generator=self.generator), logits)
-            logits = logits + self.cfg.noise_sigma * noise * logits.detach()
-        elif self.training and self.cfg.perturbation == "dropout":
-            logits = F.dropout(logits, p=self.cfg.router_dropout, training=True)
+            logits = logits + self.config.noise_sigma * noise * logits.detach()
+        elif self.training and self.config.perturbation == "dropout":
+            logits = F.dropout(logits, p=self.config.router_dropout, training=True)
         return torch.softmax(logits, dim=-1)
 
     def forward(self, source_embeds: torch.Tensor, source_mask: torch.Tensor) -> torch.Tensor:
         batch = source_embeds.shape[0]
-        if self.cfg.routing == "stochastic":
+        if self.config.routing == "stochastic":
             if not self.training:
                 return self.prompts.mean(0).unsqueeze(0).expand(batch, -1, -1)
-            chosen = torch.randint(self.cfg.num_prompts, (batch,), generator=self.generator)
+            chosen = torch.randint(self.config.num_prompts, (batch,), generator=self.generator)
             return self.prompts[chosen.to(self.prompts.device, non_blocking=True)]
 
         probs = self.router_probs(source_embeds, source_mask)
-        if self.cfg.routing == "gumbel" and self.training:
+        if self.config.routing == "gumbel" and self.training:
             uniform = like(torch.rand(probs.shape, generator=self.generator), probs)
             soft = torch.softmax(
                 torch.log(probs.clamp(min=1e-20)) - torch.log(-torch.log(uniform.clamp(min=1e-20))),
                 -1,
             )
-            hard = F.one_hot(soft.argmax(-1), self.cfg.num_prompts).to(soft.dtype)
+            hard = F.one_hot(soft.argmax(-1), self.config.num_prompts).to(soft.dtype)
             selection = hard - soft.detach() + soft  # forward: one-hot; backward: soft gradients
             gates, chosen = selection.max(-1, keepdim=True)
         else:
-            gates, chosen = probs.topk(self.cfg.top_k, dim=-1)  # [B, top_k]
+            gates, chosen = probs.topk(self.config.top_k, dim=-1)  # [B, top_k]
         self._record(probs, chosen[:, 0])
         selected = self.prompts[chosen]  # [B, top_k, l, d]
-        if self.cfg.compat_batch_sum_bug and self.cfg.top_k == 1:
+        if self.config.compat_batch_sum_bug and self.config.top_k == 1:
             return gates[:, :1, None] * selected[:, 0].sum(0, keepdim=True)
         return (gates[..., None, None] * selected).sum(1)
 
     def together_key(self) -> Optional[Tuple]:
         """Learned top-k routing with Gaussian noise or none: runs of one shape route their rows
         together (`inject_together`); the other variants inject run by run."""
-        cfg = self.cfg
-        if cfg.routing != "learned" or cfg.perturbation not in ("gaussian", "none") or cfg.compat_batch_sum_bug:
+        config = self.config
+        if config.routing != "learned" or config.perturbation not in ("gaussian", "none") or config.compat_batch_sum_bug:
             return None
-        if cfg.load_balancing_weight > 0:
+        if config.load_balancing_weight > 0:
             return None
-        return "smop", cfg.num_prompts, cfg.prompt_length, cfg.top_k, cfg.perturbation
+        return "smop", config.num_prompts, config.prompt_length, config.top_k, config.perturbation
 
     @classmethod
     def inject_together(cls, methods, source_embeds, source_mask, run, sizes) -> torch.Tensor:
         """Every row routed by its run's router over its run's prompts: the routers and prompts of
         all runs side by side, each row taking its run's; each run's noise from its own
         generator at its own rows' shape (as it draws alone)."""
-        first, count = methods[0], methods[0].cfg.num_prompts
+        first, count = methods[0], methods[0].config.num_prompts
         mask = source_mask.unsqueeze(-1).to(source_embeds.dtype)
         sentence = (source_embeds * mask).sum(1) / mask.sum(1).clamp(min=1)
         # each row through its own run's router, one product per row: a joint [B, d] x [d, R * k]
         # product would sum in an order that changes with R, and a member would part from its run alone
         weight = stacked([method.router.weight for method in methods]).index_select(0, run)  # [B, k, d]
         logits = torch.bmm(weight, sentence.to(weight.dtype).unsqueeze(-1)).squeeze(-1)
-        if first.training and first.cfg.perturbation == "gaussian":
+        if first.training and first.config.perturbation == "gaussian":
             noise = torch.cat([torch.randn((size, count), generator=method.generator)
                                for method, size in zip(methods, sizes)])  # fmt: skip
-            sigma = like(torch.tensor([method.cfg.noise_sigma for method in methods]), logits)[run]
+            sigma = like(torch.tensor([method.config.noise_sigma for method in methods]), logits)[run]
             logits = logits + sigma[:, None] * like(noise, logits) * logits.detach()
         probs = torch.softmax(logits, dim=-1)
-        gates, chosen = probs.topk(first.cfg.top_k, dim=-1)
+        gates, chosen = probs.topk(first.config.top_k, dim=-1)
         record_together(methods, probs, chosen[:, 0], run)
         prompts = stacked([method.prompts for method in methods]).flatten(0, 1)  # [R * k, l, d]
         # index_select, not indexing: its gradient (index_add) sums each prompt's rows in row order
@@ -175,11 +175,11 @@ class SMoP(PromptMethod):
         return (gates[..., None, None] * selected).sum(1)
 
     def _record(self, probs: torch.Tensor, chosen: torch.Tensor) -> None:
-        load = torch.bincount(chosen, minlength=self.cfg.num_prompts).to(probs.dtype) / len(chosen)
+        load = torch.bincount(chosen, minlength=self.config.num_prompts).to(probs.dtype) / len(chosen)
         if self.training:
-            weight = self.cfg.load_balancing_weight
+            weight = self.config.load_balancing_weight
             self._aux_loss = (
-                weight * self.cfg.num_prompts * (probs.mean(0) * load).sum() if weight > 0 else None
+                weight * self.config.num_prompts * (probs.mean(0) * load).sum() if weight > 0 else None
             )
         else:
             self.routed_counts += load.detach() * len(chosen)
@@ -191,7 +191,7 @@ class SMoP(PromptMethod):
 
     @property
     def loss_in_one_pass(self) -> bool:
-        return self.cfg.routing != "stochastic" or self.cfg.consistency_weight == 0
+        return self.config.routing != "stochastic" or self.config.consistency_weight == 0
 
     def training_loss(self, backbone, readout, batch, dropout=None) -> torch.Tensor:
         """Stochastic routing trains two draws against each other (official `consistency_alpha`)."""
@@ -204,7 +204,7 @@ class SMoP(PromptMethod):
         if backbone.reads_target_tokens:  # target-token logits: compare the scored positions only
             valid = batch["target_ids"] != -100
             logits_a, logits_b = logits_a[valid], logits_b[valid]
-        return task_loss + self.cfg.consistency_weight * symmetric_kl(logits_a, logits_b, batch_size)
+        return task_loss + self.config.consistency_weight * symmetric_kl(logits_a, logits_b, batch_size)
 
     def eval_stats(self) -> Dict[str, float]:
         """Fraction of evaluated examples routed to each prompt and the mean router entropy."""

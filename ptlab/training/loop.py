@@ -376,7 +376,7 @@ def step(runs: Sequence[Stepping]) -> Tuple[float, List[float]]:
     backbone.train()
     totals = [StepTotals() for _ in trainers]
     started = time.perf_counter()
-    for round_ in range(max(t.cfg.grad_accum for t in trainers)):
+    for round_ in range(max(t.config.grad_accum for t in trainers)):
         takers = micro_batch(runs, totals, round_)
         for taker in takers:  # FLOPs as alone: on the run's own batch
             taker.totals.add_flops(taker.trainer.batch_flops(taker.examples))
@@ -401,7 +401,7 @@ def micro_batch(runs: Sequence[Stepping], totals: Sequence[StepTotals], round_: 
     them; a rank's shard may be empty), with their examples and their losses' weights."""
     takers = []
     for (trainer, stream), run_totals in zip(runs, totals):
-        if round_ < trainer.cfg.grad_accum:
+        if round_ < trainer.config.grad_accum:
             rows, weight = trainer.next_examples(stream)
             if rows:
                 takers.append(Taker(trainer, run_totals, rows, weight))

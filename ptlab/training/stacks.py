@@ -32,7 +32,7 @@ STACKED_OPTIMIZERS = {"adamw": StackedAdamW, "adafactor": StackedAdafactor}
 class Trainer(Protocol):
     """What a stack needs of a run's trainer (ptlab/training/trainer.py)."""
 
-    cfg: TrainerConfig
+    config: TrainerConfig
     method: nn.Module
     params: List[nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -43,7 +43,7 @@ def stack_key(trainer: Trainer) -> Tuple:
     """What members of one stack share: the method's class, the optimizer, every trainable
     tensor's shape, dtype and device."""
     shapes = tuple((tuple(p.shape), p.dtype, str(p.device)) for p in trainer.params)
-    return type(trainer.method).__name__, trainer.cfg.optimizer, shapes
+    return type(trainer.method).__name__, trainer.config.optimizer, shapes
 
 
 class Stack:
@@ -63,11 +63,11 @@ class Stack:
                 param.stack_slice = (tensor, index)  # a pass over several members takes the tensor
             # it steps through this stack now: torch's LRScheduler checks this flag, else warns
             trainer.optimizer._opt_called = True
-        hypers = [MemberHyper(t.optimizer.param_groups[0]["lr"], t.cfg.weight_decay, t.cfg.grad_clip)
+        hypers = [MemberHyper(t.optimizer.param_groups[0]["lr"], t.config.weight_decay, t.config.grad_clip)
                   for t in self.trainers]  # fmt: skip
         states = states or [t.optimizer.state_dict() for t in self.trainers]
-        self.optimizer = STACKED_OPTIMIZERS[trainers[0].cfg.optimizer](self.tensors, hypers, states)
-        self.clips = any(t.cfg.grad_clip for t in self.trainers)
+        self.optimizer = STACKED_OPTIMIZERS[trainers[0].config.optimizer](self.tensors, hypers, states)
+        self.clips = any(t.config.grad_clip for t in self.trainers)
 
     def step(self) -> None:
         """Every member's optimizer step on its gradients (after clipping them per member, where its

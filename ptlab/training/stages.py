@@ -33,35 +33,35 @@ class StepFlops(NamedTuple):
     full: float
 
 
-def stage_ends(cfg: StagesConfig, total_steps: int) -> List[int]:
+def stage_ends(config: StagesConfig, total_steps: int) -> List[int]:
     """The step each stage ends at (exclusive): its share of `total_steps`, the last at the end."""
     ends, done = [], 0.0
-    for stage in cfg.stages:
+    for stage in config.stages:
         done += stage.steps_fraction
         ends.append(round(done * total_steps))
     ends[-1] = total_steps
     return ends
 
 
-def partial_at(cfg: StagesConfig, total_steps: int, step: int) -> bool:
+def partial_at(config: StagesConfig, total_steps: int, step: int) -> bool:
     """Whether the model a run evaluates after `step` steps is a partial one (FPT's early stages)."""
-    ends = stage_ends(cfg, total_steps)
-    stage = cfg.stages[next(i for i, end in enumerate(ends) if step - 1 < end or i == len(ends) - 1)]
+    ends = stage_ends(config, total_steps)
+    stage = config.stages[next(i for i, end in enumerate(ends) if step - 1 < end or i == len(ends) - 1)]
     return (stage.depth, stage.width) != (1.0, 1.0)
 
 
 class StageSchedule:
-    def __init__(self, cfg: StagesConfig, backbone: Backbone, total_steps: int) -> None:
-        self.cfg = cfg
+    def __init__(self, config: StagesConfig, backbone: Backbone, total_steps: int) -> None:
+        self.config = config
         self.family = type(backbone)  # its analytic FLOPs
         self.shape = ModelShape.from_config(backbone.model.config)
-        self.stage_ends = stage_ends(cfg, total_steps)
-        self.partial = PartialModel(backbone.model, cfg.with_decoder) if cfg.shrinks_model else None
+        self.stage_ends = stage_ends(config, total_steps)
+        self.partial = PartialModel(backbone.model, config.with_decoder) if config.shrinks_model else None
         self.current: Optional[int] = None
 
     @property
     def needs_scores(self) -> bool:
-        return self.cfg.cuts_ffn_width
+        return self.config.cuts_ffn_width
 
     @property
     def is_full(self) -> bool:
@@ -87,7 +87,7 @@ class StageSchedule:
         if known is not None:
             scores = self.partial.scores = known
         else:
-            log.info("scoring FFN neurons on %d training examples", self.cfg.score_examples)
+            log.info("scoring FFN neurons on %d training examples", self.config.score_examples)
             scores = self.partial.score_neurons(run_batches)
         if not write:  # ranks other than 0 compute the same scores and leave the file to rank 0
             return
@@ -99,7 +99,7 @@ class StageSchedule:
         if index == self.current:
             return None
         self.current = index
-        stage = self.cfg.stages[index]
+        stage = self.config.stages[index]
         if self.partial is not None:
             self.partial.set_stage(stage.depth, stage.width)
         facts = {"stage": index, "depth": stage.depth, "width": stage.width}
@@ -127,7 +127,7 @@ class StageSchedule:
             encoder_layers=len(layers[0]),
             decoder_layers=len(layers[1]) if len(layers) > 1 else self.shape.decoder_layers,
             ffn=self.partial.kept_neurons,
-            decoder_ffn=self.partial.kept_neurons if self.cfg.with_decoder else self.shape.decoder_ffn,
+            decoder_ffn=self.partial.kept_neurons if self.config.with_decoder else self.shape.decoder_ffn,
         )
         return StepFlops(self.family.train_step_flops(kept, sizes), full)
 
@@ -138,8 +138,8 @@ def partial_model_key(schedule: StageSchedule, step: int) -> Optional[Tuple]:
     ends, its neuron scores' use (None: no stage schedule, the full model throughout)."""
     if schedule.partial is None:
         return None
-    stages = tuple((stage.depth, stage.width) for stage in schedule.cfg.stages)
-    return step, stages, tuple(schedule.stage_ends), schedule.cfg.with_decoder
+    stages = tuple((stage.depth, stage.width) for stage in schedule.config.stages)
+    return step, stages, tuple(schedule.stage_ends), schedule.config.with_decoder
 
 
 def same_scores(a: Optional[List[torch.Tensor]], b: Optional[List[torch.Tensor]]) -> bool:

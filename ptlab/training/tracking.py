@@ -12,11 +12,14 @@ import netrc
 import os
 import secrets
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from ptlab.config.schema import LoggerConfig
+from ptlab.config.schema import Config, LoggerConfig
 from ptlab.files import write_text_atomically
 from ptlab.training.run_folder import write_summary
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,8 @@ def has_wandb_key() -> bool:
         return False
 
 
-def wandb_mode(cfg: LoggerConfig) -> str:
-    return cfg.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
+def wandb_mode(config: LoggerConfig) -> str:
+    return config.mode or os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
 
 
 NOT_IN_NAMES = ("hydra.", "logger.", "logger=", "trainer.resume")
@@ -61,7 +64,7 @@ def run_name(overrides: List[str], swept: Sequence[str] = (), limit: int = 128) 
     return name or None
 
 
-def wandb_config(cfg: Any, config: Any, experiment: Optional[str]) -> Dict[str, Any]:
+def wandb_config(cfg: DictConfig, config: Config, experiment: Optional[str]) -> Dict[str, Any]:
     """The resolved config for W&B, with what a dashboard groups by at the top: the method's label,
     the backbone, the task, the seed and the experiment (each group's full settings under
     `<group>_config`)."""
@@ -87,7 +90,7 @@ class Tracker:
     def __init__(
         self,
         run_dir: Path,
-        cfg: LoggerConfig,
+        config: LoggerConfig,
         wandb_init: Optional[Dict[str, Any]] = None,
         enabled: bool = True,
     ):
@@ -97,11 +100,11 @@ class Tracker:
         self.enabled = enabled
         self.metrics_file = run_dir / "metrics.jsonl"
         self.wandb_run = None
-        self.cfg, self.wandb_init = cfg, wandb_init
+        self.config, self.wandb_init = config, wandb_init
 
     def start(self) -> None:
-        if self.enabled and self.cfg.name == "wandb" and self.wandb_init is not None:
-            self._start_wandb(self.cfg, self.wandb_init)
+        if self.enabled and self.config.name == "wandb" and self.wandb_init is not None:
+            self._start_wandb(self.config, self.wandb_init)
 
     def run_id(self) -> str:
         """The W&B run this run folder owns: made once, stored in the folder, continued by every
@@ -111,16 +114,16 @@ class Tracker:
             write_text_atomically(id_file, secrets.token_hex(4))
         return id_file.read_text().strip()
 
-    def _start_wandb(self, cfg: LoggerConfig, init: Dict[str, Any]) -> None:
-        mode = wandb_mode(cfg)
+    def _start_wandb(self, config: LoggerConfig, init: Dict[str, Any]) -> None:
+        mode = wandb_mode(config)
         try:
             import wandb
 
             os.environ.setdefault("WANDB_START_METHOD", "thread")  # W&B hangs under Hydra otherwise
             kwargs = dict(
-                project=cfg.project, entity=cfg.entity, dir=str(self.run_dir), id=self.run_id(), resume="allow",
+                project=config.project, entity=config.entity, dir=str(self.run_dir), id=self.run_id(), resume="allow",
                 reinit="create_new",  # this tracker's own run: other runs open in the process go on
-                settings=wandb.Settings(silent=cfg.quiet, init_timeout=cfg.init_timeout),
+                settings=wandb.Settings(silent=config.quiet, init_timeout=config.init_timeout),
                 tags=[tag[:64] for tag in init.pop("tags", [])], **init,
             )  # fmt: skip
             try:

@@ -90,24 +90,24 @@ class LogWindow:
 
 
 def build_optimizer(
-    params: List[torch.nn.Parameter], cfg: TrainerConfig, device: torch.device
+    params: List[torch.nn.Parameter], config: TrainerConfig, device: torch.device
 ) -> torch.optim.Optimizer:
-    if cfg.optimizer == "adafactor":
+    if config.optimizer == "adafactor":
         # the prompt-tuning recipe: fixed lr, no relative step, no parameter scaling (Lester et al.)
         return Adafactor(
             params,
-            lr=cfg.lr,
-            weight_decay=cfg.weight_decay,
+            lr=config.lr,
+            weight_decay=config.weight_decay,
             scale_parameter=False,
             relative_step=False,
             warmup_init=False,
         )
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=device.type == "cuda")
 
 
-def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainerConfig, total_steps: int):
-    warmup = int(cfg.warmup_ratio * total_steps)
-    if cfg.lr_schedule == "linear":
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig, total_steps: int):
+    warmup = int(config.warmup_ratio * total_steps)
+    if config.lr_schedule == "linear":
         return get_linear_schedule_with_warmup(optimizer, warmup, num_training_steps=total_steps)
     return get_constant_schedule_with_warmup(optimizer, num_warmup_steps=warmup)
 
@@ -123,11 +123,11 @@ def non_finite_loss(
     )
 
 
-def total_steps(cfg: TrainerConfig, num_train_examples: int) -> int:
-    if cfg.max_steps is not None:
-        return cfg.max_steps
-    per_epoch = math.ceil(num_train_examples / cfg.batch_size / cfg.grad_accum)
-    return max(1, math.ceil(cfg.epochs * per_epoch))
+def total_steps(config: TrainerConfig, num_train_examples: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    per_epoch = math.ceil(num_train_examples / config.batch_size / config.grad_accum)
+    return max(1, math.ceil(config.epochs * per_epoch))
 
 
 class Trainer:
@@ -135,7 +135,7 @@ class Trainer:
     (a step's start and its optimizer update, the log line, evaluation, checkpoints, the end)."""
 
     def __init__(self, *, config: Config, pipeline: Pipeline, tracker: Tracker, run_dir: Path) -> None:
-        self.cfg, self.task, self.seed = config.trainer, config.task, config.seed
+        self.config, self.task, self.seed = config.trainer, config.task, config.seed
         self.pipeline, self.backbone, self.method = pipeline, pipeline.backbone, pipeline.method
         self.readout = pipeline.readout
         self.data, self.world, self.randomness = pipeline.data, pipeline.world, pipeline.randomness
@@ -150,11 +150,11 @@ class Trainer:
         self.num_trainable = sum(p.numel() for p in self.params)
         # the run's optimizer in a solo run's format: its lr schedule writes the lr there, its state is
         # kept there between packs; a pack steps it as a slice of a stack (ptlab/training/stacks.py)
-        self.optimizer = build_optimizer(self.params, self.cfg, self.device)
+        self.optimizer = build_optimizer(self.params, self.config, self.device)
         self.stack: Optional[Stack] = None
-        self.total_steps = total_steps(self.cfg, len(self.data["train"]))
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.cfg, self.total_steps)
-        self.eval_batch_size = self.cfg.eval_batch
+        self.total_steps = total_steps(self.config, len(self.data["train"]))
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, self.config, self.total_steps)
+        self.eval_batch_size = self.config.eval_batch
         self.stage_schedule = StageSchedule(config.stages, self.backbone, self.total_steps)
         stages = [{"steps": 0, "flops": 0.0, "seconds": 0.0} for _ in config.stages.stages]
         self.state = TrainState(stages=stages)
@@ -195,7 +195,7 @@ class Trainer:
             self.keep_if_best(metrics)
         self.save_last()
         self.world.barrier()
-        return self.cfg.patience is not None and self.state.evals_without_improvement >= self.cfg.patience
+        return self.config.patience is not None and self.state.evals_without_improvement >= self.config.patience
 
     def keep_if_best(self, metrics: Dict[str, float]) -> None:
         """The best prompt so far kept (and patience counted) by the task's main metric."""
@@ -211,7 +211,7 @@ class Trainer:
     def neuron_scoring_passes(self) -> Iterator[None]:
         """Forward passes with the untrained prompt over the first training examples (FPT's
         neuron importance); yields after each batch."""
-        examples = self.data["train"][: self.stage_schedule.cfg.score_examples]
+        examples = self.data["train"][: self.stage_schedule.config.score_examples]
         self.backbone.eval()
         self.method.eval()
         with torch.no_grad(), self.backbone.per_example_prompt_states():
@@ -239,7 +239,7 @@ class Trainer:
         indices = next(stream)
         mine = self.world.shard(indices)
         self.state.examples_seen += len(indices)
-        weight = len(mine) / len(indices) / self.cfg.grad_accum
+        weight = len(mine) / len(indices) / self.config.grad_accum
         return [self.data["train"][i] for i in mine], weight
 
     def batch_flops(self, examples: List[Example]) -> StepFlops:
@@ -295,7 +295,7 @@ class Trainer:
         """The stream of training batches from where the run stands (and FPT's neuron scores;
         `neuron_scores`: ones a packmate with the same inputs has computed)."""
         self.fit_started = time.perf_counter()
-        stream = training_batches(self.train_lengths, self.cfg, self.seed, self.state)
+        stream = training_batches(self.train_lengths, self.config, self.seed, self.state)
         if self.stage_schedule.needs_scores:  # FPT's width reduction: a fixed cost outside train_seconds
             started = time.perf_counter()
             self.stage_schedule.prepare_scores(
@@ -306,13 +306,13 @@ class Trainer:
 
     def log_if_due(self, window: LogWindow) -> Optional[TrainLine]:
         """After a step: the train log line when one is due (its means), else None."""
-        if self.state.step % self.cfg.log_every and self.state.step != self.total_steps:
+        if self.state.step % self.config.log_every and self.state.step != self.total_steps:
             return None
         return window.log(self.tracker, self.state.step, self.lr_scheduler.get_last_lr()[0], self.state.flops)
 
     def scheduled_eval(self) -> bool:
         """Whether the run alone evaluates after this step: every `eval_every` and at the end."""
-        return self.state.step % self.cfg.eval_every == 0 or self.state.step == self.total_steps
+        return self.state.step % self.config.eval_every == 0 or self.state.step == self.total_steps
 
     def eval_due(self) -> bool:
         """After a step: whether it evaluates (scheduled, or at the rung it stops at; partial
@@ -329,7 +329,7 @@ class Trainer:
         last = self.checkpoint.last_dir
         return TrainingFault(
             f"out of memory in a training step ({str(error).strip().splitlines()[0][:160]}) at trainer.batch_size="
-            f"{self.cfg.batch_size}, data.max_source_length={self.readout.max_source_length}: lower them, or raise "
+            f"{self.config.batch_size}, data.max_source_length={self.readout.max_source_length}: lower them, or raise "
             f"trainer.grad_accum to keep the effective batch; last good checkpoint: {last if last.exists() else 'none yet'}"
         )
 
@@ -368,6 +368,6 @@ def run_summary(
         "flops_ratio": state.flops / max(state.full_model_flops, 1.0),
         "stages": [
             {**asdict(stage), **stats}
-            for stage, stats in zip(trainer.stage_schedule.cfg.stages, state.stages)
+            for stage, stats in zip(trainer.stage_schedule.config.stages, state.stages)
         ],
     }

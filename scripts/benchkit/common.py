@@ -70,11 +70,11 @@ def sharing(backbone: Backbone, share: bool, fn: Callable[[], Any]) -> Callable[
     """`fn` run with a causal backbone's prompt-state sharing forced on or off (not auto)."""
 
     def call():
-        previous, backbone.cfg.share_prompt_states = backbone.cfg.share_prompt_states, share
+        previous, backbone.config.share_prompt_states = backbone.config.share_prompt_states, share
         try:
             return fn()
         finally:
-            backbone.cfg.share_prompt_states = previous
+            backbone.config.share_prompt_states = previous
 
     return call
 

@@ -45,13 +45,13 @@ def registered_families() -> Dict[str, Family]:
     return FAMILIES.all()
 
 
-def build_backbone(cfg: BackboneConfig) -> Backbone:
+def build_backbone(config: BackboneConfig) -> Backbone:
     """Load, freeze and wrap the configured backbone (task facts live in each run's readout)."""
-    family = FAMILIES[cfg.family]
-    model, tokenizer = load_model_and_tokenizer(cfg, family.backbone.auto_class)
+    family = FAMILIES[config.family]
+    model, tokenizer = load_model_and_tokenizer(config, family.backbone.auto_class)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
-        raise ConfigError(f"backbone {cfg.name!r}: its tokenizer has neither a pad nor an eos token")
-    return family.backbone(cfg, model, tokenizer)
+        raise ConfigError(f"backbone {config.name!r}: its tokenizer has neither a pad nor an eos token")
+    return family.backbone(config, model, tokenizer)
 
 
 __all__ = ["FAMILIES", "Family", "build_backbone", "register", "registered_families"]

@@ -65,7 +65,7 @@ class CausalBackbone(Backbone):
         return sizes.rows * (row + lm_head_flops(shape, sizes.target_tokens)) + once
 
     def runs_prompt_once(self, method: PromptMethod) -> bool:
-        wanted = self.cfg.share_prompt_states
+        wanted = self.config.share_prompt_states
         if wanted is None:  # auto: where it measured faster
             wanted = self.model.device.type == "cpu"
         return (

@@ -55,7 +55,7 @@ class EncoderBackbone(Backbone):
             hidden = self.model(
                 inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=positions
             ).last_hidden_state
-        if self.cfg.head_pooling == "cls":
+        if self.config.head_pooling == "cls":
             return hidden[:, 0]
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
