@@ -182,3 +182,20 @@ def test_a_module_dropped_into_a_registry_package_registers_itself(registry, tmp
             table["nothing"]
     finally:
         sys.modules.pop(f"{package_name}.{name}", None)
+
+
+def test_a_family_without_what_every_family_must_define_is_refused_at_import_naming_it():
+    from ptlab.model.backbone import Backbone
+    from ptlab.model.families import register
+    from ptlab.model.families.encoder import EncoderBackbone
+
+    with pytest.raises(TypeError, match=r"^family 'bare' \(Bare\) must define auto_class, runs_logits, "
+                                        r"runs_scores, forward_flops \(docs/architecture.md, 'A family'\)$"):  # fmt: skip
+        register("bare")(type("Bare", (Backbone,), {}))
+    with pytest.raises(TypeError, match=r"must define forward_flops "):
+
+        @register("uncounted")
+        class Uncounted(Backbone):
+            auto_class = object
+            runs_logits = EncoderBackbone.runs_logits
+            runs_scores = EncoderBackbone.runs_scores

@@ -27,12 +27,21 @@ class Family:
 
 
 FAMILIES: Registry[Family] = Registry(__name__, "backbone.family")
+# what the base class cannot do for a family (docs/architecture.md, "A family")
+REQUIRED = ("auto_class", "runs_logits", "runs_scores", "forward_flops")
 
 
 def register(name: str) -> Callable[[Type[Backbone]], Type[Backbone]]:
-    """Register a `Backbone` subclass as the family `name` (its `family` attribute)."""
+    """Register a `Backbone` subclass as the family `name` (its `family` attribute); one that lacks
+    what every family must have is refused at import, naming it."""
 
     def wrap(backbone_cls: Type[Backbone]) -> Type[Backbone]:
+        base = backbone_cls.__mro__.index(Backbone)  # what the family's own classes define
+        own = [vars(klass) for klass in backbone_cls.__mro__[:base]]
+        missing = [attribute for attribute in REQUIRED if not any(attribute in names for names in own)]
+        if missing:
+            raise TypeError(f"family {name!r} ({backbone_cls.__name__}) must define {', '.join(missing)} "
+                            "(docs/architecture.md, 'A family')")  # fmt: skip
         backbone_cls.family = name
         FAMILIES.add(name, Family(name, backbone_cls))
         return backbone_cls
