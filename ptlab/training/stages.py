@@ -1,8 +1,8 @@
-"""Training schedules: which (partial) model each step trains, and what each step costs in FLOPs.
-
-`stages=constant` is one stage on the full model; `stages=fpt*` (Huang et al. 2022) trains on
-partial models first and grows them stage by stage. The prompt and the optimizer are untouched by
-a stage change: the same tensors and the same optimizer state carry over ("prompt recycling").
+"""FPT's stages (the `stages` group): which (partial) model each step trains, and what each step
+costs in FLOPs. `stages=constant` is one stage on the full model; `stages=fpt*` (Huang et al.
+2022) trains on partial models first and grows them stage by stage. The prompt and the optimizer
+are untouched by a stage change: the same tensors and the same optimizer state carry over
+("prompt recycling").
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def partial_at(config: StagesConfig, total_steps: int, step: int) -> bool:
 class StageSchedule:
     def __init__(self, config: StagesConfig, backbone: Backbone, total_steps: int) -> None:
         self.config = config
-        self.family = type(backbone)  # its analytic FLOPs
+        self.family = type(backbone)  # the family's class, which counts its analytic FLOPs
         self.shape = ModelShape.from_config(backbone.model.config)
         self.stage_ends = stage_ends(config, total_steps)
         self.partial = PartialModel(backbone.model, config.with_decoder) if config.shrinks_model else None
