@@ -151,7 +151,9 @@ def test_missing_local_model_folder_is_a_clear_error(tmp_path):
 def test_a_run_saved_under_the_old_group_name_reads_resumes_and_compares_as_todays(tmp_path):
     """Runs written while FPT's stages were the `schedule` group: their config validates under
     `stages` with no note of settings taking defaults, a resume finds no difference, ptlab-compare
-    reads their overrides under today's name; an old name in a reuse's overrides is one line."""
+    reads their overrides under today's name; an old name in a reuse's overrides or in a user's
+    experiment file is one line that names the new one."""
+    from ptlab.config.compose import compose
     from ptlab.config.difference import config_difference
     from ptlab.config.saved import load_saved_config
     from ptlab.lab.run_record import read_run
@@ -176,3 +178,12 @@ def test_a_run_saved_under_the_old_group_name_reads_resumes_and_compares_as_toda
     record = read_run(tmp_path)
     assert record.overrides == {"stages": "fpt", "stages.with_decoder": "true"}
     assert "schedule" not in record.config and record.config["stages"]["name"] == "fpt"
+
+    # a user's own experiment file that still names the old group: Hydra's line, pointed to the new name
+    (tmp_path / "conf" / "experiment").mkdir(parents=True)
+    for name, body in {"old_override": "defaults:\n  - override /schedule: fpt\n",
+                       "old_node": "schedule:\n  score_examples: 8\n"}.items():  # fmt: skip
+        (tmp_path / "conf" / "experiment" / f"{name}.yaml").write_text("# @package _global_\n" + body)
+        pointer = r"\(the group 'schedule' is now 'stages': FPT's stages of partial models; .*\)$"
+        with pytest.raises(ConfigError, match=rf"^In 'experiment/{name}': .*'schedule'.* {pointer}"):
+            compose([f"experiment={name}"], config_dirs=[str(tmp_path / "conf")])

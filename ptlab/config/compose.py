@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig
 
-from ptlab.config.renamed import check_override_names
+from ptlab.config.renamed import check_override_names, with_pointer
 
 _PACKAGE_CONF = Path(__file__).resolve().parent.parent / "conf"  # an installed wheel
 _CHECKOUT_CONF = Path(__file__).resolve().parents[2] / "conf"  # a checkout (editable install)
@@ -34,7 +34,8 @@ NOISE = (
 
 def one_line(error: Optional[BaseException]) -> str:
     """Hydra's multi-line message and its causes (an unknown group value with its options, a
-    misspelled key, a value of the wrong type) folded into one line, search paths left out."""
+    misspelled key, a value of the wrong type) folded into one line, search paths left out, and
+    an old group name pointed to its new one."""
     parts = []
     while error is not None:
         for line in str(error).splitlines():
@@ -43,7 +44,7 @@ def one_line(error: Optional[BaseException]) -> str:
                 continue
             parts.append(line)
         error = error.__cause__
-    return " ".join(parts).replace(" Available options in", "; available in")
+    return with_pointer(" ".join(parts).replace(" Available options in", "; available in"))
 
 
 def run_stamp() -> str:

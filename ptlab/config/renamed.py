@@ -4,6 +4,7 @@ command never breaks silently, nor trains with a setting ignored."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Sequence
 
@@ -46,3 +47,13 @@ def check_override_names(overrides: Sequence[str]) -> None:
             new = f"{sign}{renamed.name}{key[len(head) :]}{equals}{value}"
             raise ConfigError(f"{override!r}: the group {head!r} is now {renamed.name!r} ({renamed.why}): "
                               f"write {new!r}")  # fmt: skip
+
+
+def with_pointer(message: str) -> str:
+    """Hydra's one-line error about an old group in a YAML file (`override /schedule: fpt`,
+    a `schedule:` node: "Could not override 'schedule'", "Key 'schedule' not in 'Config'") with
+    the new name added."""
+    for old, renamed in RENAMED_NODES.items():
+        if re.search(rf"'/?{re.escape(old)}(/[^']*)?'", message):
+            return f"{message} (the group {old!r} is now {renamed.name!r}: {renamed.why})"
+    return message
