@@ -120,6 +120,7 @@ def test_cli_bad_input_exits_nonzero_with_one_clear_message(args, message, tmp_p
     assert result.returncode == 2
     (line,) = result.stderr.strip().splitlines()  # Hydra's errors and ptlab's read alike
     assert line.startswith("ptlab: error:") and message in line
+    assert line.count(" is now ") <= 1  # a renamed group's pointer is said once
     assert "Traceback" not in result.stderr
 
 

@@ -54,6 +54,7 @@ def with_pointer(message: str) -> str:
     a `schedule:` node: "Could not override 'schedule'", "Key 'schedule' not in 'Config'") with
     the new name added."""
     for old, renamed in RENAMED_NODES.items():
-        if re.search(rf"'/?{re.escape(old)}(/[^']*)?'", message):
+        said = f"is now {renamed.name!r}" in message  # check_override_names's own line
+        if not said and re.search(rf"'/?{re.escape(old)}(/[^']*)?'", message):
             return f"{message} (the group {old!r} is now {renamed.name!r}: {renamed.why})"
     return message
