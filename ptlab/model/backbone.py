@@ -28,7 +28,7 @@ from ptlab.data.examples import Example
 from ptlab.errors import ConfigError
 from ptlab.methods.base import KeyValue, PromptContext, PromptInjection, PromptMethod, StackShape
 from ptlab.model.anatomy import key_value_heads, self_attentions
-from ptlab.model.batching import Batch, collate_runs, pad, rows_per_run
+from ptlab.model.batching import Batch, collate_runs, pad, row_runs, rows_per_run
 from ptlab.model.dropout_stream import DropoutStream
 from ptlab.model.flops import BatchSizes, ModelShape
 from ptlab.model.prefixes import EncoderPrefixSite, encoder_key_values
@@ -77,7 +77,8 @@ def runs_injection(runs: Runs, batch: Batch, source_embeds: torch.Tensor) -> Pro
     groups = keyed_groups(runs, [True] * len(runs))
     if len(groups) == 1:
         methods = [run.method for run in runs]
-        block = type(methods[0]).inject_together(methods, source_embeds, batch["source_mask"], batch["run"], sizes)
+        run = row_runs(batch, len(runs))
+        block = type(methods[0]).inject_together(methods, source_embeds, batch["source_mask"], run, sizes)
         return PromptInjection(block=block)
     return together_in_groups(runs, groups, batch, source_embeds, sizes)
 

@@ -39,6 +39,11 @@ def collate_runs(parts: Sequence[Tuple[TaskReadout, List[Example]]], pad_id: int
     }
 
 
+def row_runs(batch: Batch, count: int) -> torch.Tensor:
+    """Each row's run index, `[B]` (all 0 in a batch of one run, which needs no `run` index)."""
+    return batch["run"] if count > 1 else torch.zeros_like(batch["source_mask"][:, 0])
+
+
 def rows_per_run(batch: Batch, count: int) -> List[int]:
     """How many rows of `batch` each of `count` runs has (a batch of one run needs no `run` index)."""
     if count == 1:

@@ -36,7 +36,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from ptlab.model.batching import Batch
+from ptlab.model.batching import Batch, row_runs
 from ptlab.model.counter_hash import GOLDEN, combine, counters, keep_below, mix
 from ptlab.model.readout import RunParts
 
@@ -227,8 +227,7 @@ class FrozenDropout:
         if any(run.dropout is None for run in runs):
             raise RuntimeError("a training pass with the frozen network's dropout on needs each run's "
                                "dropout stream (RunParts.dropout)")  # fmt: skip
-        run = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
-        rows = row_keys([r.dropout.next_key() for r in runs], run)
+        rows = row_keys([r.dropout.next_key() for r in runs], row_runs(batch, len(runs)))
         self.layout = DropoutLayout(rows, real, self)
         previous = {key: config._attn_implementation_internal for key, config in self.configs.items()}
         for config in self.configs.values() if self.in_attention else ():

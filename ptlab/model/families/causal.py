@@ -23,7 +23,7 @@ from ptlab.model.backbone import (
     together_in_groups,
     verbalizer_scores,
 )
-from ptlab.model.batching import Batch, rows_per_run
+from ptlab.model.batching import Batch, row_runs, rows_per_run
 from ptlab.model.families import register
 from ptlab.model.flops import BatchSizes, ModelShape, block_flops, lm_head_flops
 from ptlab.model.prefixes import batch_of, cache_parameter, decoder_cache, pass_dtype, selected_rows
@@ -149,7 +149,7 @@ class CausalBackbone(Backbone):
                 block, positions = block.expand(2, -1, -1), positions.expand(2, -1)
                 visible = None if visible is None else visible.expand(2, -1)
             _, cache = self.states(cache, attention_mask=visible, inputs_embeds=block, position_ids=positions)
-        run_of_row = batch["run"] if len(runs) > 1 else torch.zeros_like(batch["source_mask"][:, 0])
+        run_of_row = row_runs(batch, len(runs))
         layers = selected_rows(cache, run_of_row)
         columns = columns.index_select(0, run_of_row)
         row_prefixes = rows.prefixes.get("decoder")

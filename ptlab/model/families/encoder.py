@@ -12,7 +12,7 @@ from transformers import AutoModel
 
 from ptlab.methods.base import stacked
 from ptlab.model.backbone import Backbone, Runs
-from ptlab.model.batching import Batch, rows_per_run
+from ptlab.model.batching import Batch, row_runs, rows_per_run
 from ptlab.model.families import register
 from ptlab.model.flops import BatchSizes, ModelShape, block_flops
 
@@ -67,7 +67,7 @@ class EncoderBackbone(Backbone):
         heads = [run.readout.head for run in runs]
         pooled = self.pooled(runs, batch)
         if all(head.weight.shape == heads[0].weight.shape for head in heads):
-            run = batch["run"] if len(runs) > 1 else torch.zeros(len(pooled), dtype=torch.long, device=pooled.device)
+            run = row_runs(batch, len(runs))
             weight = stacked([head.weight for head in heads]).index_select(0, run)  # [B, C, d]
             bias = stacked([head.bias for head in heads]).index_select(0, run)  # [B, C]
             return torch.baddbmm(bias.unsqueeze(-1), weight, pooled.to(weight.dtype).unsqueeze(-1)).squeeze(-1)
