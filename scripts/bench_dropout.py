@@ -7,14 +7,16 @@ A training pass (forward + backward) of K PT-20 runs of SST-2 rows in one batch,
 loop makes it (each run's `DropoutStream`, `run_losses`), on one backbone built twice:
 `backbone.dropout=true` (every row's masks addressed by a counter-based hash, attention through
 the eager `attention_with_run_dropout`) and `=false` (the model's SDPA, no masks).
-Per K: the median seconds of a pass of each arm (their passes alternate), the extra seconds per member, and the ATen ops
+Per K: the median seconds of a pass of each arm (their passes alternate), the extra seconds per member, the ATen ops
 (on a GPU: about one kernel launch each) per layer that dropout on adds, counted by a
-TorchDispatchMode over the same pass.
+TorchDispatchMode over the same pass, and the memory each arm's forward keeps for its backward
+(what bounds a pack's size on a GPU): the tensors autograd saves, beyond the model's weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -68,6 +70,24 @@ def one_pass(backbone, runs, batch) -> None:
     backbone.run_losses(runs, batch).sum().backward()
 
 
+def held_for_backward(backbone, runs, batch) -> float:
+    """MiB of the distinct storages a pass saves for its backward, the frozen weights left out."""
+    model = backbone.model
+    weights = {t.untyped_storage().data_ptr() for t in itertools.chain(model.parameters(), model.buffers())}
+    held = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:
+            held[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        loss = backbone.run_losses(runs, batch).sum()
+    loss.backward()
+    return sum(held.values()) / 2**20
+
+
 def layers_of(config) -> int:
     """Transformer blocks of a model (T5: encoder + decoder)."""
     if hasattr(config, "num_decoder_layers"):
@@ -78,9 +98,10 @@ def layers_of(config) -> int:
 def measure(backbone_name: str, size: int, batch: int, repeats: int) -> dict:
     """Both arms built once, then their passes alternate (on, off, on, ...): noise hits both alike."""
     arms = {dropout: pack_on(backbone_name, dropout, size, batch) for dropout in (True, False)}
-    ops, seconds = {}, {True: [], False: []}
+    ops, held, seconds = {}, {}, {True: [], False: []}
     for dropout, arm in arms.items():
         one_pass(*arm)  # warm-up
+        held[dropout] = held_for_backward(*arm)
         counter = OpCount()
         with counter:
             one_pass(*arm)
@@ -92,7 +113,8 @@ def measure(backbone_name: str, size: int, batch: int, repeats: int) -> dict:
             seconds[dropout].append(time.perf_counter() - started)
     on, off = statistics.median(seconds[True]), statistics.median(seconds[False])
     layers = layers_of(arms[True][0].model.config)
-    return {"on": on, "off": off, "per_member": (on - off) / size, "ops_per_layer": (ops[True] - ops[False]) / layers}
+    return {"on": on, "off": off, "per_member": (on - off) / size, "ops_per_layer": (ops[True] - ops[False]) / layers,
+            "held_off": held[False], "held_on": held[True]}
 
 
 def main() -> None:
@@ -104,13 +126,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"training pass (forward + backward), {args.batch} rows per member, median of {args.repeats}, one thread\n")
-    print("| backbone | K | dropout off ms | dropout on ms | on / off | extra ms per member | ops added per layer (fwd+bwd) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| backbone | K | dropout off ms | dropout on ms | on / off | extra ms per member | ops added per layer (fwd+bwd) "
+          "| MiB held for backward, off | on | on / off |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name in args.backbones:
         for size in args.sizes:
             row = measure(name, size, args.batch, args.repeats)
             print(f"| {name} | {size} | {row['off'] * 1e3:.0f} | {row['on'] * 1e3:.0f} | {row['on'] / row['off']:.2f}x | "
-                  f"{row['per_member'] * 1e3:.1f} | {row['ops_per_layer']:.0f} |", flush=True)  # fmt: skip
+                  f"{row['per_member'] * 1e3:.1f} | {row['ops_per_layer']:.0f} | {row['held_off']:.1f} | {row['held_on']:.1f} | "
+              f"{row['held_on'] / row['held_off']:.2f}x |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

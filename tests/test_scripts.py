@@ -128,14 +128,17 @@ def test_compare_preset_runs_its_experiment_and_tables_it(tmp_path):
 
 
 def test_bench_dropout_tables_what_each_member_adds():
-    """A pack's dropout on tiny T5 at K = 1, 2: a row per K, and a second member adds no ops of
-    its own (every row's masks are addressed in one set of tensor ops)."""
+    """A pack's dropout on tiny T5 at K = 1, 2: a row per K, a second member adds no ops of its own
+    (every row's masks are addressed in one set of tensor ops), and the memory held for the
+    backward grows with the rows and is larger with dropout on (its masks, eager attention)."""
     result = script("scripts/bench_dropout.py", "--backbones", "tiny_t5", "--sizes", "1", "2", "--repeats", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line.strip("|").split("|") for line in result.stdout.splitlines() if line.startswith("| tiny_t5 |")]
     assert [int(cells[1]) for cells in rows] == [1, 2]
-    added = [float(cells[-1]) for cells in rows]
+    added = [float(cells[6]) for cells in rows]
     assert 0 < added[0] == added[1]
+    held = [(float(cells[7]), float(cells[8])) for cells in rows]
+    assert all(0 < off < on for off, on in held) and held[1][0] > held[0][0] and held[1][1] > held[0][1]
 
 
 def test_bench_commits_times_a_commit_against_the_tree():
