@@ -55,12 +55,14 @@ UNKNOWN_KEYS = [
         ["+trainer.foo=1"],
         r"trainer.foo is not a setting of trainer \(it has: batch_size, .*\): fix its spelling",
     ),
-    (["+data.max_len=5"], r"data.max_len is not a setting of data"),
-    (["+method.lenght=5"], r"method.lenght is not a setting of method"),
+    (["+data.max_len=5"], r"data.max_len is not a setting of data \(did you mean data.max_source_length\?"),
+    (["+trainer.learning_rate=0.3"], r"trainer.learning_rate is not a setting of trainer \(did you mean trainer.lr\?"),
+    (["+method.num_virtual_tokens=5"], r"did you mean method.prompt_length\?"),
+    (["+method.lenght=5"], r"method.lenght is not a setting of method \(did you mean method.prompt_length\? it has: "),
     (["+hardware.gpus=2"], r"hardware.gpus is not a setting of hardware"),
     (["+task.local.split=x"], r"task.local.split is not a setting of task.local"),
     (["+stages.stages.0.extra=1", "stages=fpt"], r"stages.stages.0.extra is not a setting"),
-    (["+seeds=3"], r"seeds is not a setting of the config"),
+    (["+seeds=3"], r"seeds is not a setting of the config \(did you mean seed\? it has: backbone, data, "),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -80,10 +81,12 @@ def test_wrong_type_is_rejected_at_composition():
         ("data.split_protocol=random", "data.split_protocol='random'"),
         ("trainer.max_steps=0", "trainer.max_steps=0"),
         ("method.init=text", "method.init=text needs method.init_text"),
+        ("seed=-1", "seed=-1 must be an integer in [0, 2**32 - 1]"),
+        ("seed=4294967296", "seed=4294967296 must be an integer in [0, 2**32 - 1]"),
     ],
 )
 def test_bad_values_raise_config_error_naming_them(override, message):
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         to_object(compose_config([override]))
 
 
@@ -105,10 +108,13 @@ def run_cli(*args, env_extra=None, cwd=None):
         (["method=nope"], "Could not find 'method/nope'"),
         (["task=nope"], "Could not find 'task/nope'"),
         (["backbone=nope"], "Could not find 'backbone/nope'"),
-        (["trainer.lrr=0.1"], "Key 'lrr' not in 'TrainerConfig'"),
+        (["trainer.lrr=0.1"], "Key 'lrr' not in 'TrainerConfig' (did you mean trainer.lr? it has: batch_size, "),
+        (["method=superpos", "method.sample=3"], "Key 'sample' not in 'SuperPosConfig' (did you mean method.sample_seed? "
+                                                 "it has: init_from, label, name, num_vocab_samples, "),
         (["trainer.lr=abc"], "trainer.lr=abc"),
         (["method=nope"], "available in 'method': deep_prompt prompt_tuning"),
         (["method.prompt_length=0"], "ptlab: error: method.prompt_length=0 must be >= 1"),
+        (["seed=-1"], "ptlab: error: seed=-1 must be an integer in [0, 2**32 - 1]"),
         (["backbone=tiny_bert", "data.max_source_length=1020"], "exceeds the backbone's 1024 positions"),
         (["schedule=fpt"], "ptlab: error: 'schedule=fpt': the group 'schedule' is now 'stages' (FPT's stages "
                            "of partial models; the lr schedule is trainer.lr_schedule): write 'stages=fpt'"),

@@ -7,6 +7,7 @@ Hydra's own multi-line errors are folded into ptlab's one line here too.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from datetime import datetime
 from pathlib import Path
@@ -34,8 +35,10 @@ NOISE = (
 
 def one_line(error: Optional[BaseException]) -> str:
     """Hydra's multi-line message and its causes (an unknown group value with its options, a
-    misspelled key, a value of the wrong type) folded into one line, search paths left out, and
-    an old group name pointed to its new one."""
+    misspelled key with the closest setting and them all, a value of the wrong type) folded into
+    one line, search paths left out, and an old group name pointed to its new one."""
+    from ptlab.config.schema import unknown_key_hint
+
     parts = []
     while error is not None:
         for line in str(error).splitlines():
@@ -43,6 +46,10 @@ def one_line(error: Optional[BaseException]) -> str:
             if not line or line.startswith(NOISE) or line in parts:
                 continue
             parts.append(line)
+        schema, key = getattr(error, "object_type", None), getattr(error, "key", None)
+        if "not in" in str(error) and dataclasses.is_dataclass(schema) and isinstance(key, str):  # a misspelled key
+            full_key = str(getattr(error, "full_key", "") or key)
+            parts.append(f"({unknown_key_hint(schema, key, full_key[: len(full_key) - len(key)])})")
         error = error.__cause__
     return with_pointer(" ".join(parts).replace(" Available options in", "; available in"))
 

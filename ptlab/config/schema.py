@@ -10,6 +10,7 @@ Method schemas live beside their modules in ``ptlab/methods/`` and register them
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
@@ -286,6 +287,9 @@ class DataConfig:
             check_range(f"data.{key}", getattr(self, key), 1, off="null: every example")
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy range; the data order's generator takes seed * 100,003 + epoch
+
+
 @dataclass
 class Config:
     method: Any = MISSING
@@ -296,7 +300,11 @@ class Config:
     stages: StagesConfig = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    seed: int = 0
+    seed: int = 0  # seeds torch, numpy, the data order and the dropout's addresses
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed={self.seed} must be an integer in [0, 2**32 - 1]")
 
 
 def register_configs() -> None:
@@ -319,6 +327,31 @@ def register_configs() -> None:
         store.store(name=f"schema_method_{name}", node=method.config)
 
 
+# HF TrainingArguments' and PEFT's names for settings ptlab calls otherwise: what their users type.
+HF_NAMES = {
+    "learning_rate": "lr", "num_train_epochs": "epochs", "max_grad_norm": "grad_clip",
+    "gradient_accumulation_steps": "grad_accum", "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size", "max_length": "max_source_length",
+    "max_seq_length": "max_source_length", "num_virtual_tokens": "prompt_length",
+}
+
+
+def unknown_key_hint(schema: type, key: str, path: str = "") -> str:
+    """What a key that `schema` lacks may have meant: HF's or PEFT's name for it, else the setting
+    sharing most of its words (`max_len` finds `max_source_length`, `lenght` finds
+    `prompt_length`), ties going to the closest spelling; and them all."""
+    known = sorted(field.name for field in dataclasses.fields(schema))
+
+    def likeness(name: str) -> tuple:
+        shared = sum(bool(difflib.get_close_matches(word, name.split("_"), n=1)) for word in key.split("_"))
+        return shared, difflib.SequenceMatcher(None, key, name).ratio()
+
+    best = HF_NAMES[key] if HF_NAMES.get(key) in known else max(known, key=likeness)
+    close = [best] if best == HF_NAMES.get(key) or likeness(best)[0] or likeness(best)[1] >= 0.6 else []
+    meant = f"did you mean {path}{close[0]}? " if close else ""
+    return f"{meant}it has: {', '.join(known)}"
+
+
 def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> None:
     """A key no schema knows (`+trainer.foo=1`) is an error, not a setting silently ignored."""
     schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
@@ -328,7 +361,7 @@ def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> 
             if key not in known:
                 group = path.rstrip(".") or "the config"
                 raise ConfigError(
-                    f"{path}{key} is not a setting of {group} (it has: {', '.join(sorted(known))}): "
+                    f"{path}{key} is not a setting of {group} ({unknown_key_hint(schema, str(key), path)}): "
                     "fix its spelling or drop it"
                 )
     children = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
