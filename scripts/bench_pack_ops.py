@@ -19,10 +19,12 @@ Every member's `summary.json` must say `pack_size` = K.
   and for 12 steps and ops/step = (ops(12) - ops(4)) / 8, so loading, tokenizing, checkpoints and the
   final evaluation cancel out. Counted once per row and side (the count is deterministic).
 - ms/step: a sweep of `--timing-steps` steps without the dispatch mode, after a 1-step warm-up sweep
-  in the same process and a `gc.collect()` (else the previous sweep's garbage, ~0.3 s to collect,
-  may land in one of the timed steps); the pack's `train_seconds / steps` from its members' summary.json (the
-  pack's wall time of the steps alone: no load, tokenization or evaluation, which the sweep's own
-  wall time would add), median of `--repeats`.
+  in the same process, with Python's garbage collector run before each sweep and off during it:
+  else a full collection (the previous sweep's garbage, or the objects this sweep's setup made
+  long-lived: ~0.25 s) lands in whichever timed step it falls due, on one side and not the other
+  (it put tiny T5 K = 8 at 33 ms/step and K = 16 at 11). The pack's `train_seconds / steps` from its
+  members' summary.json (the pack's wall time of the steps alone: no load, tokenization or
+  evaluation, which the sweep's own wall time would add), median of `--repeats`.
 
 Sides alternate (base, here, base, here, ... one child process each) so a busy machine slows both
 alike. The table gives both sides, here/base (< 1: cheaper here) and, per side, ops(K) / ops(K0),
@@ -99,15 +101,16 @@ def child(spec_path: str) -> None:
             self.ops[str(func.overloadpacket)] += 1
             return func(*args, **(kwargs or {}))
 
-    from ptlab.sweep.launcher import PackedLauncherConf
-
-    # a tree that packs one prompt width by default is told to mix them (the mixed pack is one pack)
-    mixing = ["hydra.launcher.mix_widths=true"] if "mix_widths" in PackedLauncherConf.__dataclass_fields__ else []
+    # a tree that packs one prompt width by default is told to mix them (the mixed pack is one pack);
+    # read from its source, since the launcher's module moved (ptlab/cli/packed_launch.py at 22e2f2c)
+    sources = Path(ptlab.__file__).parent.rglob("*.py")
+    mixing = ["hydra.launcher.mix_widths=true"] if any("mix_widths: bool" in path.read_text() for path in sources) else []
     spec = json.loads(Path(spec_path).read_text())
     results = []
     for command in spec["commands"]:
         GlobalHydra.instance().clear()
         gc.collect()  # the last sweep's garbage (~60k objects, ~0.3 s) collected here, not in this one's steps
+        gc.disable()  # nor the full collection that this sweep's setup makes due (~0.25 s, in whichever step)
         mixed = any(arg.startswith("method=") and "," in arg for arg in command["argv"])
         sys.argv = ["ptlab-train", *command["argv"], *(mixing if mixed else [])]
         counter = OpCount() if command["count"] else None
@@ -118,6 +121,8 @@ def child(spec_path: str) -> None:
         except SystemExit as stop:
             if stop.code not in (None, 0):
                 raise
+        finally:
+            gc.enable()
         ops = dict(counter.ops) if counter is not None else None
         results.append({"wall_s": time.perf_counter() - started, "ops": ops})
     Path(spec["out"]).write_text(json.dumps({"ptlab": ptlab.__file__, "results": results}))
