@@ -346,10 +346,12 @@ def unknown_key_hint(schema: type, key: str, path: str = "") -> str:
         shared = sum(bool(difflib.get_close_matches(word, name.split("_"), n=1)) for word in key.split("_"))
         return shared, difflib.SequenceMatcher(None, key, name).ratio()
 
-    best = HF_NAMES[key] if HF_NAMES.get(key) in known else max(known, key=likeness)
-    close = [best] if best == HF_NAMES.get(key) or likeness(best)[0] or likeness(best)[1] >= 0.6 else []
-    meant = f"did you mean {path}{close[0]}? " if close else ""
-    return f"{meant}it has: {', '.join(known)}"
+    meant = HF_NAMES.get(key)
+    if meant not in known:
+        meant = max(known, key=likeness)
+        shared, ratio = likeness(meant)
+        meant = meant if shared or ratio >= 0.6 else None
+    return f"{f'did you mean {path}{meant}? ' if meant else ''}it has: {', '.join(known)}"
 
 
 def refuse_unknown_keys(node: Union[DictConfig, ListConfig], path: str = "") -> None:
